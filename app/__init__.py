@@ -1,0 +1,1 @@
+"""Qt (PySide6) desktop app; talks to the engine only through expertswap.engine."""

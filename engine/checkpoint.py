@@ -1,0 +1,143 @@
+"""Read a model folder's safetensors headers and single experts' bytes without loading whole files.
+
+Expert bytes are read with plain positioned reads straight into a tensor (pinned on CUDA), so
+nothing but the experts asked for is ever brought into memory and file pages do not pile up in
+the process's resident set the way a long-lived mmap would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelFormatError, ModelNotFoundError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie: file, absolute byte offset, dtype and shape."""
+
+    file: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def check_model_folder(folder: str | os.PathLike) -> Path:
+    """Fail early and clearly when the folder, its config or its weights are missing."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise ModelNotFoundError(f"not a folder: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelFormatError(f"no config.json in {path}: not a Hugging Face model folder")
+    if not any(path.glob("*.safetensors")):
+        found = "pytorch_model.bin" if any(path.glob("*.bin")) else "none"
+        raise ModelFormatError(
+            f"no .safetensors weights in {path} (found: {found}); ExpertSwap loads safetensors only"
+        )
+    return path
+
+
+class Checkpoint:
+    """Index of every tensor in a folder's safetensors files, validated against the file sizes."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.entries: dict[str, TensorEntry] = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            self.entries.update(_read_header(file))
+        self._handles: dict[Path, tuple[threading.Lock, object]] = {}
+        self._handles_lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def entry(self, key: str) -> TensorEntry:
+        try:
+            return self.entries[key]
+        except KeyError:
+            raise ModelFormatError(f"weight {key!r} is missing from the safetensors files in {self.folder}") from None
+
+    def read(self, entry: TensorEntry, index: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read a whole tensor, or slice ``index`` of its first dimension, into ``out`` if given."""
+        shape, offset = entry.shape, entry.offset
+        if index is not None:
+            shape = shape[1:]
+            offset += index * (entry.nbytes // entry.shape[0])
+        result = out if out is not None else torch.empty(shape, dtype=entry.dtype)
+        if tuple(result.shape) != tuple(shape) or result.dtype != entry.dtype:
+            raise ValueError(f"buffer {tuple(result.shape)} {result.dtype} does not fit {shape} {entry.dtype}")
+        view = memoryview(result.view(-1).view(torch.uint8).numpy())
+        lock, handle = self._handle(entry.file)
+        with lock:
+            handle.seek(offset)
+            got = handle.readinto(view)
+        if got != len(view):
+            raise ModelFormatError(f"{entry.file.name} ended early: it is truncated or corrupt")
+        return result
+
+    def close(self) -> None:
+        with self._handles_lock:
+            for _, handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
+
+    def _handle(self, file: Path) -> tuple[threading.Lock, object]:
+        with self._handles_lock:
+            if file not in self._handles:
+                self._handles[file] = (threading.Lock(), open(file, "rb", buffering=0))
+            return self._handles[file]
+
+
+def _read_header(file: Path) -> dict[str, TensorEntry]:
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise ModelFormatError(f"{file.name} is empty or truncated (not a safetensors file)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise ModelFormatError(f"{file.name} has a corrupt header (not a safetensors file, or truncated)")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelFormatError(f"{file.name} has a corrupt header (not a safetensors file)") from None
+    base = 8 + header_len
+    entries: dict[str, TensorEntry] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if base + end > size:
+            raise ModelFormatError(
+                f"{file.name} is truncated: {key!r} needs bytes up to {base + end}, the file has {size}"
+            )
+        if info["dtype"] not in _DTYPES:
+            raise ModelFormatError(f"{file.name}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        entry = TensorEntry(file, base + begin, _DTYPES[info["dtype"]], tuple(info["shape"]))
+        if entry.nbytes != end - begin:
+            raise ModelFormatError(f"{file.name}: tensor {key!r} has inconsistent size in its header")
+        entries[key] = entry
+    return entries

@@ -1,0 +1,302 @@
+"""The engine's public face: load a model under a budget, stream replies, report stats."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+from .budget import parse_budget
+from .checkpoint import Checkpoint, check_model_folder
+from .committee import POLICIES, Committee, Runtime
+from .errors import DeviceError, EngineBusyError, ModelFormatError, PolicyError
+from .families import Family, family_for
+from .generation import IncrementalDecoder, SamplingSettings, decode_loop
+from .memory import peak_rss_bytes
+from .planner import LayerShape, minimum_bytes, plan_capacities
+from .skeleton import load_skeleton
+from .store import ExpertStore, resolve_layer
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One generated token and the text it completed (empty while a character is still partial)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Everything the CLI and GUI report, read in one consistent go."""
+
+    budget_bytes: int
+    total_expert_bytes: int
+    minimum_budget_bytes: int
+    resident_expert_bytes: int
+    peak_resident_expert_bytes: int
+    expert_loads: int
+    bytes_loaded: int
+    hits: int
+    misses: int
+    substituted: int
+    tokens_generated: int
+    tokens_per_s: float
+    time_to_first_token_s: float
+    peak_rss_bytes: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device from a user's string, or a clear error if it is unknown or absent."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {name!r}: use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {name!r} is not supported: use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device cuda was asked for, but no CUDA GPU is available to this torch build")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) found")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class Engine:
+    """A MoE model whose experts live in per-layer committees sized by a byte budget."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: object | None,
+        family: Family,
+        committees: list[Committee],
+        store: ExpertStore,
+        runtime: Runtime,
+        budget_bytes: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = family
+        self.committees = committees
+        self.store = store
+        self.runtime = runtime
+        self.budget_bytes = budget_bytes
+        self.device = model.device
+        self._busy = threading.Lock()
+        self._cancel = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-generate")
+        self._peak_resident = self.resident_expert_bytes()
+        self._tokens = 0
+        self._tokens_per_s = 0.0
+        self._ttft = 0.0
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        budget: str | int = "100%",
+        device: str = "cpu",
+        policy: str = "exact",
+        ram_tier: bool = False,
+        dtype: str | torch.dtype = "auto",
+    ) -> Engine:
+        """Load ``model_dir`` with only a budget's worth of experts resident on ``device``."""
+        if policy not in POLICIES:
+            raise PolicyError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
+        torch_device = resolve_device(device)
+        folder = check_model_folder(model_dir)
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelFormatError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+        family = family_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
+        checkpoint = Checkpoint(folder)
+        model, sites = load_skeleton(str(folder), family, torch_device, dtype)
+        top_k = int(config.num_experts_per_tok)
+        layers = {
+            site.layer: resolve_layer(checkpoint, family, site.layer, int(site.module.num_experts), top_k, site.params)
+            for site in sites
+        }
+        store = ExpertStore(checkpoint, layers, pin_memory=torch_device.type == "cuda")
+        shapes = [LayerShape(spec.num_experts, spec.top_k, spec.expert_bytes) for spec in layers.values()]
+        budget_bytes = parse_budget(budget, store.total_expert_bytes)
+        capacities = plan_capacities(budget_bytes, shapes)
+        if ram_tier:
+            store.fill_ram_tier()
+        runtime = Runtime(policy=policy)
+        committees = []
+        for site, capacity in zip(sites, capacities):
+            attr = site.name.rpartition(".")[2]
+            router = next((m for m in (getattr(site.parent, n, None) for n in ("gate", "router")) if m is not None), None)
+            committee = Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router)
+            setattr(site.parent, attr, committee)
+            committees.append(committee)
+        tokenizer = _load_tokenizer(folder)
+        return cls(model, tokenizer, family, committees, store, runtime, budget_bytes)
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.store.total_expert_bytes
+
+    @property
+    def minimum_budget_bytes(self) -> int:
+        return minimum_bytes([LayerShape(c.num_experts, c.top_k, c.spec.expert_bytes) for c in self.committees])
+
+    def resident_expert_bytes(self) -> int:
+        """Bytes held by every committee's slot tensors right now."""
+        return sum(c.resident_bytes for c in self.committees)
+
+    # ---- text ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self._require_tokenizer()(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of a conversation wrapped in the tokenizer's chat template, ready for the reply."""
+        tokenizer = self._require_tokenizer()
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelFormatError("this model's tokenizer has no chat template; use plain prompts")
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._require_tokenizer().decode(list(ids), skip_special_tokens=True)
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate(
+        self, input_ids: Sequence[int], settings: SamplingSettings = SamplingSettings(),
+        cancel: threading.Event | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids (synchronously) until EOS, ``max_new_tokens`` or cancellation."""
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusyError("a reply is already being generated")
+        cancel = cancel or self._cancel
+        cancel.clear()
+        try:
+            start = time.perf_counter()
+            first = last = start
+            count = 0
+            for token in decode_loop(self.model, list(input_ids), settings, self._stop_ids(), cancel,
+                                     self._before_step, self.runtime.lock):
+                last = time.perf_counter()
+                if count == 0:
+                    first = last
+                count += 1
+                self._peak_resident = max(self._peak_resident, self.resident_expert_bytes())
+                self._tokens = count
+                self._ttft = first - start
+                self._tokens_per_s = (count - 1) / (last - first) if count > 1 and last > first else 0.0
+                yield token
+        finally:
+            self._busy.release()
+
+    async def stream_chat(
+        self, messages: Sequence[Message], settings: SamplingSettings = SamplingSettings()
+    ) -> AsyncIterator[TokenChunk]:
+        """Stream a reply to a conversation; closing or cancelling the iterator stops generation."""
+        async for chunk in self.stream_ids(self.encode_chat(messages), settings):
+            yield chunk
+
+    async def stream_ids(
+        self, input_ids: Sequence[int], settings: SamplingSettings = SamplingSettings()
+    ) -> AsyncIterator[TokenChunk]:
+        """Run generation on the engine's worker thread and hand tokens to the event loop as they come."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+        decoder = IncrementalDecoder(self._require_tokenizer())
+
+        def work() -> None:
+            try:
+                for token in self.generate(input_ids, settings, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, TokenChunk(token, decoder.push(token)))
+            except BaseException as exc:  # handed to the consumer, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        self._cancel = cancel
+        future = loop.run_in_executor(self._executor, work)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            cancel.set()
+            await asyncio.wait([future])
+
+    def cancel(self) -> None:
+        """Stop the reply in progress after its current token; safe from any thread."""
+        self._cancel.set()
+
+    def stats(self) -> EngineStats:
+        c = self.runtime.counters
+        return EngineStats(
+            budget_bytes=self.budget_bytes,
+            total_expert_bytes=self.total_expert_bytes,
+            minimum_budget_bytes=self.minimum_budget_bytes,
+            resident_expert_bytes=self.resident_expert_bytes(),
+            peak_resident_expert_bytes=self._peak_resident,
+            expert_loads=c.loads,
+            bytes_loaded=c.bytes_loaded,
+            hits=c.hits,
+            misses=c.misses,
+            substituted=c.substituted,
+            tokens_generated=self._tokens,
+            tokens_per_s=self._tokens_per_s,
+            time_to_first_token_s=self._ttft,
+            peak_rss_bytes=peak_rss_bytes(),
+        )
+
+    def close(self) -> None:
+        self.cancel()
+        self._executor.shutdown(wait=True)
+        self.store.checkpoint.close()
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _before_step(self, is_prefill: bool) -> None:
+        # substitute keeps the prompt exact (it loads what the prompt needs) and never loads while decoding
+        self.runtime.allow_loads = is_prefill or self.runtime.policy == "exact"
+
+    def _stop_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def _require_tokenizer(self) -> object:
+        if self.tokenizer is None:
+            raise ModelFormatError("this model folder has no tokenizer; text prompts need one")
+        return self.tokenizer
+
+
+def _load_tokenizer(folder: Path) -> object | None:
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"cannot read the tokenizer in {folder}: {exc}") from exc

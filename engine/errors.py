@@ -1,0 +1,53 @@
+"""Typed errors: every failure a user can cause has its own class and a one-line message."""
+
+from __future__ import annotations
+
+
+class ExpertSwapError(Exception):
+    """Base of every error the engine raises on purpose; the message is meant for the user."""
+
+
+class ModelNotFoundError(ExpertSwapError):
+    """The model folder (or a file it must hold) does not exist."""
+
+
+class ModelFormatError(ExpertSwapError):
+    """The model folder exists but its config or weights are missing, corrupt or truncated."""
+
+
+class UnsupportedArchitectureError(ExpertSwapError):
+    """The checkpoint is not one of the MoE families the engine knows how to swap."""
+
+
+class BudgetError(ExpertSwapError):
+    """A budget string could not be parsed."""
+
+
+class BudgetTooSmallError(BudgetError):
+    """The budget cannot hold what one token needs (top-k experts in every MoE layer)."""
+
+    def __init__(self, budget_bytes: int, minimum_bytes: int) -> None:
+        from .budget import format_bytes
+
+        self.budget_bytes = budget_bytes
+        self.minimum_bytes = minimum_bytes
+        super().__init__(
+            f"budget {format_bytes(budget_bytes)} is below the minimum of {format_bytes(minimum_bytes)} "
+            f"({minimum_bytes} bytes: top-k experts in every MoE layer)"
+        )
+
+
+class DeviceError(ExpertSwapError):
+    """The requested compute device is unknown or not available on this machine."""
+
+
+class PolicyError(ExpertSwapError):
+    """An unknown miss policy was requested."""
+
+
+class GenerationCancelled(ExpertSwapError):
+    """The reply was stopped by the user; the tokens produced so far are kept."""
+
+
+class EngineBusyError(ExpertSwapError):
+    """A reply is already being generated; the engine runs one at a time."""

@@ -1,0 +1,81 @@
+"""A compact decoding loop (prefill, then one token at a time on a KV cache) that can be stopped."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the next token is picked; temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> int:
+    """Greedy, or temperature + nucleus sampling, from one row of logits."""
+    if settings.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < settings.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def decode_loop(
+    model: PreTrainedModel,
+    input_ids: list[int],
+    settings: SamplingSettings,
+    stop_ids: set[int],
+    cancel: threading.Event,
+    before_step: Callable[[bool], None],
+    step_lock: threading.RLock,
+) -> Iterator[int]:
+    """Yield new token ids; ``before_step(is_prefill)`` runs before each forward, under ``step_lock``."""
+    device = model.device
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator().manual_seed(settings.seed)
+    cache = DynamicCache(config=model.config)
+    tokens = torch.tensor([input_ids], device=device)
+    for step in range(settings.max_new_tokens):
+        if cancel.is_set():
+            return
+        with step_lock, torch.inference_mode():
+            before_step(step == 0)
+            out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = pick_token(out.logits[0, -1], settings, generator)
+        yield token
+        if token in stop_ids:
+            return
+        tokens = torch.tensor([[token]], device=device)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        decode = self.tokenizer.decode  # type: ignore[attr-defined]
+        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        text = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(before) :]

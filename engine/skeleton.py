@@ -1,0 +1,102 @@
+"""Load a checkpoint's non-expert weights through transformers while leaving every expert on disk.
+
+transformers converts each family's hub layout on load (renames, fused experts). We keep that
+machinery for the small, non-expert part by loading with the family's experts class patched to
+own no parameters: the expert keys then have no target and are never read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from .errors import ModelFormatError
+from .families import Family
+from .store import ParamSpec
+
+_PATCH_LOCK = threading.Lock()
+_SPECS_ATTR = "_expertswap_param_specs"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class ExpertsSite:
+    """Where one experts module sits in the model, with the parameters it no longer owns."""
+
+    layer: int
+    name: str
+    parent: nn.Module
+    module: nn.Module
+    params: tuple[ParamSpec, ...]
+
+
+def experts_class(family: Family) -> type[nn.Module]:
+    """The transformers class that holds one layer's experts for this family."""
+    module = importlib.import_module(f"transformers.models.{family.model_type}.modeling_{family.model_type}")
+    return getattr(module, family.experts_class)
+
+
+@contextmanager
+def _experts_without_weights(cls: type[nn.Module]) -> Iterator[None]:
+    """Make ``cls`` drop its parameters right after construction, remembering their shapes."""
+    original = cls.__init__
+
+    def init(self: nn.Module, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        specs = tuple(
+            ParamSpec(name, tuple(p.shape[1:]), p.dtype) for name, p in self.named_parameters(recurse=False)
+        )
+        for spec in specs:
+            del self._parameters[spec.name]
+        setattr(self, _SPECS_ATTR, specs)
+        self._is_hf_initialized = True  # nothing left for transformers to initialise
+
+    with _PATCH_LOCK:
+        cls.__init__ = init  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            cls.__init__ = original  # type: ignore[method-assign]
+
+
+def load_skeleton(
+    folder: str, family: Family, device: torch.device, dtype: torch.dtype | str
+) -> tuple[PreTrainedModel, list[ExpertsSite]]:
+    """The model with non-expert weights on ``device`` and empty experts modules, and where those sit."""
+    cls = experts_class(family)
+    kwargs: dict[str, object] = {"dtype": dtype}
+    if device.type != "cpu":
+        kwargs["device_map"] = {"": device}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report would list every expert key as unexpected
+    try:
+        with _experts_without_weights(cls):
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, trust_remote_code=False, output_loading_info=True, **kwargs
+            )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelFormatError(f"cannot load the non-expert weights of {folder}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        bad = sorted(info["missing_keys"]) + [k for k, *_ in info["mismatched_keys"]]
+        raise ModelFormatError(f"{folder} lacks or has wrong-shaped weights: {', '.join(bad[:5])}")
+    model.eval()
+    sites = []
+    for name, module in model.named_modules():
+        if isinstance(module, cls):
+            match = _LAYER.search(name + ".")
+            parent_name, _, attr = name.rpartition(".")
+            assert match and attr, f"unexpected experts module path {name}"
+            sites.append(ExpertsSite(int(match.group(1)), name, model.get_submodule(parent_name), module,
+                                     getattr(module, _SPECS_ATTR)))
+    return model, sites

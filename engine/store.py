@@ -1,0 +1,132 @@
+"""Expert store: one expert's weights on demand, from disk or from an optional RAM tier.
+
+Sizes are computed from the checkpoint headers and the in-memory parameter shapes, never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import ModelFormatError
+from .families import Family, Layout
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One fused expert parameter as transformers holds it: per-expert shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    """The experts of one MoE layer: how many, their parameters, and the disk entries of each part."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    params: tuple[ParamSpec, ...]
+    keys: dict[str, tuple[str, ...]]  # param -> key templates with {expert}
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params)
+
+
+class ExpertStore:
+    """Reads experts of every MoE layer; keeps a host copy of all of them when the RAM tier is on."""
+
+    def __init__(self, checkpoint: Checkpoint, layers: dict[int, LayerExperts], pin_memory: bool = False) -> None:
+        self.checkpoint = checkpoint
+        self.layers = layers
+        self.pin_memory = pin_memory
+        self._ram: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return sum(spec.num_experts * spec.expert_bytes for spec in self.layers.values())
+
+    @property
+    def ram_tier_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self._ram.values() for t in d.values())
+
+    def fill_ram_tier(self) -> None:
+        """Copy every expert into host RAM (pinned on CUDA) so later swaps never touch the disk."""
+        for layer, spec in self.layers.items():
+            for expert in range(spec.num_experts):
+                self._ram[(layer, expert)] = self._read_disk(layer, expert, pin=self.pin_memory)
+
+    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Host tensors of one expert, per in-memory parameter, in the model's dtype."""
+        cached = self._ram.get((layer, expert))
+        return cached if cached is not None else self._read_disk(layer, expert, pin=False)
+
+    def _read_disk(self, layer: int, expert: int, pin: bool) -> dict[str, torch.Tensor]:
+        spec = self.layers[layer]
+        out: dict[str, torch.Tensor] = {}
+        for param in spec.params:
+            parts = []
+            for template in spec.keys[param.name]:
+                fused = "{expert}" not in template
+                entry = self.checkpoint.entry(template.format(expert=expert))
+                parts.append(self.checkpoint.read(entry, index=expert if fused else None))
+            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            tensor = tensor.to(param.dtype).reshape(param.shape)
+            out[param.name] = tensor.pin_memory() if pin else tensor
+        return out
+
+
+def resolve_layer(
+    checkpoint: Checkpoint, family: Family, layer: int, num_experts: int, top_k: int, params: tuple[ParamSpec, ...]
+) -> LayerExperts:
+    """Find which of the family's disk layouts this checkpoint uses and check every expert is present."""
+    prefix = family.disk_prefix.format(layer=layer)
+    tried = []
+    for layout in family.layouts:
+        keys = _layout_keys(layout, prefix)
+        first = [k.format(expert=0) for ks in keys.values() for k in ks]
+        tried.append(first[0])
+        if all(k in checkpoint for k in first) and set(keys) == {p.name for p in params}:
+            _check_shapes(checkpoint, keys, params, num_experts, layer)
+            return LayerExperts(layer, num_experts, top_k, params, keys)
+    raise ModelFormatError(
+        f"expert weights of MoE layer {layer} not found in {checkpoint.folder} (looked for {', '.join(tried)})"
+    )
+
+
+def _layout_keys(layout: Layout, prefix: str) -> dict[str, tuple[str, ...]]:
+    return {
+        name: tuple(t.replace("{prefix}", prefix) for t in templates) for name, templates in layout.items()
+    }
+
+
+def _check_shapes(
+    checkpoint: Checkpoint, keys: dict[str, tuple[str, ...]], params: tuple[ParamSpec, ...], num_experts: int, layer: int
+) -> None:
+    for param in params:
+        templates = keys[param.name]
+        for expert in range(num_experts):
+            rows = 0
+            for template in templates:
+                fused = "{expert}" not in template
+                entry = checkpoint.entry(template.format(expert=expert))
+                shape = entry.shape[1:] if fused else entry.shape
+                if fused and entry.shape[0] != num_experts:
+                    raise ModelFormatError(f"{template}: {entry.shape[0]} experts on disk, config says {num_experts}")
+                if tuple(shape[1:]) != tuple(param.shape[1:]):
+                    raise ModelFormatError(f"layer {layer} expert {expert}: {param.name} has shape {shape} on disk")
+                rows += shape[0]
+            if rows != param.shape[0]:
+                raise ModelFormatError(f"layer {layer} expert {expert}: {param.name} has {rows} rows on disk")
+            if not templates[0].count("{expert}"):
+                break  # fused tensors: one check covers every expert
