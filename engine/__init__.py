@@ -1,1 +1,24 @@
 """Inference engine: a resident committee of MoE experts under a byte budget. Never imports Qt."""
+
+from .budget import format_bytes, parse_budget
+from .engine import Engine, EngineStats, TokenChunk, resolve_device
+from .errors import (
+    BudgetError,
+    BudgetTooSmallError,
+    DeviceError,
+    EngineBusyError,
+    ExpertSwapError,
+    ModelFormatError,
+    ModelNotFoundError,
+    PolicyError,
+    UnsupportedArchitectureError,
+)
+from .families import FAMILIES, supported_names
+from .generation import SamplingSettings
+
+__all__ = [
+    "FAMILIES", "BudgetError", "BudgetTooSmallError", "DeviceError", "Engine", "EngineBusyError", "EngineStats",
+    "ExpertSwapError", "ModelFormatError", "ModelNotFoundError", "PolicyError",
+    "SamplingSettings", "TokenChunk", "UnsupportedArchitectureError", "format_bytes", "parse_budget",
+    "resolve_device", "supported_names",
+]

@@ -45,9 +45,5 @@ class PolicyError(ExpertSwapError):
     """An unknown miss policy was requested."""
 
 
-class GenerationCancelled(ExpertSwapError):
-    """The reply was stopped by the user; the tokens produced so far are kept."""
-
-
 class EngineBusyError(ExpertSwapError):
     """A reply is already being generated; the engine runs one at a time."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import psutil
+
+_STATUS = Path("/proc/self/status")
 
 
 def current_rss_bytes() -> int:
@@ -12,10 +15,17 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Highest resident set size of this process so far."""
+    """Highest resident set size of this process so far.
+
+    On Linux this reads VmHWM: getrusage's ru_maxrss survives exec, so a process started by a big
+    parent would report the parent's peak.
+    """
+    if _STATUS.exists():
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     if sys.platform == "win32":
         return int(psutil.Process().memory_info().peak_wset)
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # bytes on macOS

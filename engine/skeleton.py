@@ -76,8 +76,9 @@ def load_skeleton(
     kwargs: dict[str, object] = {"dtype": dtype}
     if device.type != "cpu":
         kwargs["device_map"] = {"": device}
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report would list every expert key as unexpected
+    hf_logging.disable_progress_bar()
     try:
         with _experts_without_weights(cls):
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -87,6 +88,8 @@ def load_skeleton(
         raise ModelFormatError(f"cannot load the non-expert weights of {folder}: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if info["missing_keys"] or info["mismatched_keys"]:
         bad = sorted(info["missing_keys"]) + [k for k, *_ in info["mismatched_keys"]]
         raise ModelFormatError(f"{folder} lacks or has wrong-shaped weights: {', '.join(bad[:5])}")

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random MoE checkpoints of every family, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from expertswap.engine.synthetic import FAMILY_NAMES, build_model
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+# DeepSeek keeps its first layer dense: give it three layers so two are MoE.
+LAYERS = {"deepseek_v3": 3, "deepseek_v2": 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``tiny_model(family)`` -> folder of a saved random model of that family (8 experts, top-2)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            built[family] = build_model(family, folder, layers=LAYERS.get(family, 2))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference() -> Callable[[Path], PreTrainedModel]:
+    """Plain transformers loading of a folder: the ground truth the engine must reproduce."""
+    cache: dict[Path, PreTrainedModel] = {}
+
+    def get(folder: Path) -> PreTrainedModel:
+        if folder not in cache:
+            cache[folder] = AutoModelForCausalLM.from_pretrained(folder).eval()
+        return cache[folder]
+
+    return get
+
+
+ALL_FAMILIES = FAMILY_NAMES

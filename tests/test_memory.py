@@ -1,0 +1,58 @@
+"""Loading at a small budget must not hold all experts, not even for a moment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expertswap.engine.synthetic import build_model
+
+MiB = 2**20
+
+FULL = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from expertswap.engine.memory import peak_rss_bytes
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(json.dumps({"peak": peak_rss_bytes()}))
+"""
+OURS = """
+import json, sys
+from expertswap.engine import Engine
+from expertswap.engine.memory import peak_rss_bytes
+engine = Engine.load(sys.argv[1], budget="25%")
+print(json.dumps({"peak": peak_rss_bytes(), "total": engine.total_expert_bytes,
+                  "resident": engine.resident_expert_bytes()}))
+"""
+BARE = """
+import json, torch, transformers, expertswap.engine
+from expertswap.engine.memory import peak_rss_bytes
+print(json.dumps({"peak": peak_rss_bytes()}))
+"""
+
+
+def _peak(script: str, *args: str) -> dict[str, int]:
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_peak_rss_at_quarter_budget(tmp_path: Path) -> None:
+    folder = build_model("qwen3_moe", tmp_path / "big", num_experts=48, layers=3, hidden=256, intermediate=512,
+                         heads=4)
+    bare = _peak(BARE)["peak"]
+    full = _peak(FULL, str(folder))["peak"] - bare
+    ours = _peak(OURS, str(folder))
+    total, resident = ours["total"], ours["resident"]
+    assert total >= 200 * MiB
+    assert resident <= total // 4
+    grown = ours["peak"] - bare
+    print(f"\nexperts {total / MiB:.0f} MiB; over a bare import: full load +{full / MiB:.0f} MiB, "
+          f"ExpertSwap 25% +{grown / MiB:.0f} MiB (resident experts {resident / MiB:.0f} MiB)")
+    assert full >= total, "the plain load should hold every expert"
+    assert grown < resident + 0.25 * total, "loading must not materialise the experts it does not keep"

@@ -1,0 +1,77 @@
+"""The async chat stream the GUI consumes: tokens arrive in order, text adds up, cancel stops it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from expertswap.engine import Engine, EngineBusyError, SamplingSettings
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a tuple?"}]
+
+
+def test_stream_chat_matches_sync_generation(tiny_model) -> None:
+    engine = Engine.load(tiny_model("mixtral"), budget="50%")
+    settings = SamplingSettings(max_new_tokens=16)
+
+    async def collect() -> list:
+        return [chunk async for chunk in engine.stream_chat(MESSAGES, settings)]
+
+    chunks = asyncio.run(collect())
+    expected = list(engine.generate(engine.encode_chat(MESSAGES), settings))
+    assert [c.token_id for c in chunks] == expected
+    assert "".join(c.text for c in chunks) == engine.decode(expected)
+    engine.close()
+
+
+def test_cancel_stops_the_reply_and_frees_the_engine(tiny_model) -> None:
+    engine = Engine.load(tiny_model("mixtral"), budget="50%")
+    settings = SamplingSettings(max_new_tokens=200)
+
+    async def stop_after_three() -> int:
+        seen = 0
+        async for _ in engine.stream_chat(MESSAGES, settings):
+            seen += 1
+            if seen == 3:
+                engine.cancel()
+        return seen
+
+    seen = asyncio.run(stop_after_three())
+    assert 3 <= seen <= 4  # the token being computed when cancel arrived may still come
+    # the engine is free again: a new reply runs
+    assert len(list(engine.generate(engine.encode("x"), SamplingSettings(max_new_tokens=2)))) >= 1
+    engine.close()
+
+
+def test_closing_the_stream_cancels(tiny_model) -> None:
+    engine = Engine.load(tiny_model("mixtral"), budget="50%")
+
+    async def take_two() -> None:
+        stream = engine.stream_chat(MESSAGES, SamplingSettings(max_new_tokens=200))
+        async for chunk in stream:
+            if chunk.token_id >= 0:
+                break
+        await stream.aclose()
+
+    asyncio.run(take_two())
+    assert engine.stats().tokens_generated < 200
+    engine.close()
+
+
+def test_one_reply_at_a_time(tiny_model) -> None:
+    engine = Engine.load(tiny_model("mixtral"))
+    first = engine.generate(engine.encode("a"), SamplingSettings(max_new_tokens=5))
+    next(first)
+    with pytest.raises(EngineBusyError):
+        next(engine.generate(engine.encode("b"), SamplingSettings(max_new_tokens=5)))
+    first.close()
+    engine.close()
+
+
+def test_sampling_is_seeded(tiny_model) -> None:
+    engine = Engine.load(tiny_model("mixtral"))
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    ids = engine.encode("Sampling")
+    assert list(engine.generate(ids, settings)) == list(engine.generate(ids, settings))
+    engine.close()
