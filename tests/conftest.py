@@ -48,3 +48,13 @@ def reference() -> Callable[[Path], PreTrainedModel]:
 
 
 ALL_FAMILIES = FAMILY_NAMES
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` run on the lent GPU; CI (no GPU) skips them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

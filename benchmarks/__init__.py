@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and quality of ExpertSwap, written to benchmarks/results/."""

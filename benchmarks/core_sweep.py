@@ -1,0 +1,76 @@
+"""Peak RSS and decode speed of each policy at 100/50/25% budget on a small synthetic MoE.
+
+Each configuration runs in its own process so that peak RSS belongs to that configuration alone.
+Usage: python -m benchmarks.core_sweep [--device cpu|cuda] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+RESULTS = Path(__file__).parent / "results"
+SHAPE = dict(num_experts=32, top_k=4, layers=4, hidden=256, intermediate=256, heads=4)
+
+RUN = """
+import json, sys
+from expertswap.engine import Engine, SamplingSettings
+folder, budget, policy, device, tokens = sys.argv[1:6]
+engine = Engine.load(folder, budget=budget, policy=policy, device=device)
+ids = engine.encode("Exceptions are raised when an error is detected during execution; a handler")
+out = list(engine.generate(ids, SamplingSettings(max_new_tokens=int(tokens))))
+engine.stats()
+s = engine.stats()
+print(json.dumps({"tokens": len(out), "tok_s": s.tokens_per_s, "ttft": s.time_to_first_token_s,
+                  "peak_rss": s.peak_rss_bytes, "hit_rate": s.hit_rate, "loads": s.expert_loads,
+                  "resident": s.peak_resident_expert_bytes, "budget_bytes": s.budget_bytes,
+                  "total": s.total_expert_bytes}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    from expertswap.engine.synthetic import build_model
+
+    folder = build_model("qwen3_moe", Path(tempfile.mkdtemp()) / "m", init_std=0.02, **SHAPE)
+    rows = []
+    for policy in ("exact", "substitute"):
+        for budget in ("100%", "50%", "25%"):
+            run = subprocess.run([sys.executable, "-c", RUN, str(folder), budget, policy, args.device,
+                                  str(args.tokens)], capture_output=True, text=True, check=True)
+            rows.append({"policy": policy, "budget": budget, **json.loads(run.stdout.strip().splitlines()[-1])})
+            print(rows[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    lines = [
+        f"# Engine core sweep ({args.device})",
+        "",
+        f"{time.strftime('%Y-%m-%d')}, {device_name}, {platform.platform()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}. Synthetic Qwen3-MoE {SHAPE}, fp32, greedy, "
+        f"{args.tokens} new tokens; experts {rows[0]['total'] / 2**20:.1f} MiB in all.",
+        "",
+        "| policy | budget | tokens/s | first token (s) | hit rate | expert loads | peak resident experts (MiB) | peak RSS (MiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['budget']} | {r['tok_s']:.1f} | {r['ttft']:.3f} | {r['hit_rate']:.2f} | "
+                     f"{r['loads']} | {r['resident'] / 2**20:.1f} | {r['peak_rss'] / 2**20:.0f} |")
+    out = RESULTS / f"core-sweep-{args.device.split(':')[0]}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()

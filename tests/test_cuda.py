@@ -1,0 +1,47 @@
+"""The CUDA path: committees live on the GPU, host tiers are pinned, output still matches transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertswap.engine import Engine, SamplingSettings
+
+pytestmark = pytest.mark.cuda
+PROMPT = "Dictionaries map hashable keys to arbitrary values; a lookup"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("budget", ["100%", "50%", "min"])
+def test_exact_on_cuda_matches_transformers(tiny_model, reference, family: str, budget: str) -> None:
+    folder = tiny_model(family)
+    ref = reference(folder)
+    probe = Engine.load(folder)
+    engine = Engine.load(folder, budget=probe.minimum_budget_bytes if budget == "min" else budget, device="cuda")
+    probe.close()
+    assert all(p.is_cuda for c in engine.committees for p in c.inner.parameters())
+    ids = engine.encode(PROMPT)
+    with torch.inference_mode():
+        got = engine.model(torch.tensor([ids], device="cuda")).logits.cpu()
+        expected = ref(torch.tensor([ids])).logits
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    tokens = []
+    for token in engine.generate(ids, SamplingSettings(max_new_tokens=12)):
+        tokens.append(token)
+        assert engine.resident_expert_bytes() <= engine.budget_bytes
+    expected_tokens = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert tokens == expected_tokens
+    engine.close()
+
+
+def test_ram_tier_is_pinned_and_substitute_never_loads_while_decoding(tiny_model) -> None:
+    engine = Engine.load(tiny_model("qwen3_moe"), budget="50%", device="cuda", policy="substitute", ram_tier=True)
+    tensor = next(iter(engine.store.read(engine.committees[0].layer, 0).values()))
+    assert tensor.is_pinned()
+    ids = engine.encode(PROMPT)
+    stream = engine.generate(ids, SamplingSettings(max_new_tokens=10))
+    next(stream)
+    loads = engine.stats().expert_loads
+    rest = list(stream)
+    assert rest and engine.stats().expert_loads == loads
+    engine.close()
