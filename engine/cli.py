@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from .committee import POLICIES
 from .engine import Engine
 from .errors import ExpertSwapError
-from .generation import SamplingSettings
+from .generation import IncrementalDecoder, SamplingSettings
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +48,11 @@ def _generate(args: argparse.Namespace) -> int:
         ids = engine.encode(args.prompt)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
     tokens = []
+    decoder = IncrementalDecoder(engine.tokenizer)
     for token in engine.generate(ids, settings):
         tokens.append(token)
         if not args.json:
-            print(engine.decode([token]), end="", flush=True)
+            print(decoder.push(token), end="", flush=True)
     text = engine.decode(tokens)
     stats = engine.stats()
     if args.json:
@@ -88,11 +89,12 @@ def _chat(args: argparse.Namespace) -> int:
             break
         messages.append({"role": "user", "content": line})
         tokens = []
+        decoder = IncrementalDecoder(engine.tokenizer)
         print("bot> ", end="", flush=True)
         try:
             for token in engine.generate(engine.encode_chat(messages), settings):
                 tokens.append(token)
-                print(engine.decode([token]), end="", flush=True)
+                print(decoder.push(token), end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print()
