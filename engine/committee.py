@@ -2,48 +2,54 @@
 
 It replaces a transformers experts module. The router still runs untouched; the committee only
 remaps the expert ids it returns onto slots and calls the original experts forward, so every
-family's quirks (biases, clamped SwiGLU, transposed weights) keep working. Misses are handled
-by the runtime's policy before the layer computes.
+family's quirks (biases, clamped SwiGLU, transposed weights) keep working. Misses are handled by
+the runtime's policy before the layer computes. Routing-only bookkeeping (importance, hit counts,
+substitution, skipping) stays on the device: no host sync unless an expert must be loaded.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .host_compute import HostExperts
 from .store import ExpertStore, LayerExperts
+from .telemetry import SwapEvent, Telemetry
 
-POLICIES = ("exact", "substitute")
-_DECAY = 0.9
+POLICIES = ("exact", "substitute", "skip", "cpu")
+DECAY_PER_TOKEN = 0.95
+SWAP_HYSTERESIS = 1.25
 
 
 @dataclass
 class Counters:
-    """Routing outcomes since the engine loaded; read by stats and telemetry."""
+    """Host-side counts of work done on the host (loads); routing counts live on the device."""
 
-    hits: int = 0
-    misses: int = 0
     loads: int = 0
     bytes_loaded: int = 0
-    substituted: int = 0
     extra_passes: int = 0
 
 
 @dataclass
 class Runtime:
-    """State every committee of one engine shares: the policy, whether misses may load, the counters."""
+    """State every committee of one engine shares: policy, whether misses may load, lock, telemetry."""
 
     policy: str = "exact"
+    skip_threshold: float = 0.0
     allow_loads: bool = True
     counters: Counters = field(default_factory=Counters)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    active_layers: int = 0  # committees inside forward right now; swaps must only happen at 0
+    swaps_during_forward: int = 0  # must stay 0: counted by apply_swap as an invariant check
 
 
 class Committee(nn.Module):
-    """Resident slots for one MoE layer plus the expert <-> slot maps."""
+    """Resident slots for one MoE layer plus the expert <-> slot maps and importance scores."""
 
     def __init__(
         self,
@@ -64,17 +70,28 @@ class Committee(nn.Module):
         self.store = store
         self.runtime = runtime
         self.device = device
-        self.importance = torch.zeros(self.num_experts)
-        self.expert_to_slot = torch.full((self.num_experts,), -1, dtype=torch.long, device=device)
-        self._slot_of = [-1] * self.num_experts
+        E = self.num_experts
+        self.importance = torch.zeros(E, device=device)
+        self.norms = torch.ones(E, device=device)
+        self._norm_known = [False] * E
+        self.resident_mask = torch.zeros(E, dtype=torch.bool, device=device)
+        self.expert_to_slot = torch.full((E,), -1, dtype=torch.long, device=device)
+        self.routing_counts = torch.zeros(4, dtype=torch.long, device=device)  # hits, misses, skipped, substituted
+        self.cpu_computed = 0
+        self._slot_of = [-1] * E
         self.slot_to_expert: list[int] = []
+        self.version = 0  # bumped by resize: a swap planned against an older layout is dropped
         self._router_logits: torch.Tensor | None = None
+        self._host: HostExperts | None = None
+        self._sentinel_ok = getattr(inner.config, "_experts_implementation", None) in ("grouped_mm", "batched_mm")
+        inner._is_expert_parallel = self._sentinel_ok  # grouped_mm then skips ids >= num_experts
         if router is not None:
             router.register_forward_hook(self._capture_router_logits)
         self._allocate(capacity)
         for slot in range(capacity):
-            self._load(slot, slot)
+            self._install(slot, slot, self.store.read(self.layer, slot))
 
+    # ---- what is resident ---------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         return len(self.slot_to_expert)
@@ -88,30 +105,56 @@ class Committee(nn.Module):
         """Bytes the slot tensors really occupy, read off the parameters themselves."""
         return sum(getattr(self.inner, p.name).nbytes for p in self.spec.params)
 
+    def scores(self) -> torch.Tensor:
+        """SwapMoE importance per expert on the host: decayed sum of |x| * routing weight, times |expert|."""
+        known = [n for n, k in zip(self.norms.tolist(), self._norm_known) if k]
+        default = sum(known) / len(known) if known else 1.0
+        norms = torch.tensor([n if k else default for n, k in zip(self.norms.tolist(), self._norm_known)])
+        return self.importance.float().cpu() * norms
+
+    # ---- forward -----------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        index = top_k_index.to("cpu")
-        self._note_usage(index, top_k_weights)
-        slot_of = torch.tensor(self._slot_of)
-        hit = slot_of[index] >= 0
-        counters = self.runtime.counters
-        counters.hits += int(hit.sum())
-        counters.misses += int((~hit).sum())
-        if bool(hit.all()):
-            return self._run(hidden, top_k_index, top_k_weights)
-        if self.runtime.policy == "substitute" and not self.runtime.allow_loads:
-            counters.substituted += int((~hit).sum())
-            return self._run(hidden, self._substitute(index, hit).to(top_k_index.device), top_k_weights)
-        needed = torch.unique(index).tolist()
+        self.runtime.active_layers += 1
+        try:
+            return self._forward(hidden, top_k_index, top_k_weights)
+        finally:
+            self.runtime.active_layers -= 1
+
+    def _forward(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        runtime = self.runtime
+        self._note_importance(hidden, index, weights)
+        if runtime.policy == "skip" and runtime.skip_threshold > 0:
+            index, weights = self._skip(index, weights, runtime.skip_threshold)
+        valid = index >= 0
+        resident = self.resident_mask[index.clamp(min=0)] & valid
+        self.routing_counts[0] += resident.sum()
+        self.routing_counts[1] += (valid & ~resident).sum()
+        if self.capacity == self.num_experts:
+            return self._run(hidden, index, weights)
+        if not runtime.allow_loads and runtime.policy == "substitute":
+            self.routing_counts[3] += (valid & ~resident).sum()
+            return self._run(hidden, self._substitute(index, resident), weights)
+        if not runtime.allow_loads and runtime.policy == "cpu":
+            return self._run_with_host(hidden, index, weights, resident)
+        host_index = index.cpu()
+        needed = torch.unique(host_index[host_index >= 0]).tolist()
         if len(needed) <= self.capacity:
             self._make_resident(needed)
-            return self._run(hidden, top_k_index, top_k_weights)
-        return self._run_in_passes(hidden, top_k_index, top_k_weights, needed)
+            return self._run(hidden, index, weights)
+        return self._run_in_passes(hidden, index, weights, needed)
 
     def _run(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.inner(hidden, self.expert_to_slot[expert_index], weights)
+        """Call the original experts forward on slot ids; ids < 0 (skipped, other pass) contribute nothing."""
+        slot = self.expert_to_slot[expert_index.clamp(min=0)]
+        dropped = (expert_index < 0) | (slot < 0)
+        if self._sentinel_ok:
+            slot = slot.masked_fill(dropped, self.capacity)
+        else:
+            slot = slot.masked_fill(dropped, 0)
+        return self.inner(hidden, slot, weights.masked_fill(dropped, 0))
 
     def _run_in_passes(
-        self, hidden: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor, needed: list[int]
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, needed: list[int]
     ) -> torch.Tensor:
         """More experts needed than slots (a long prompt at a small budget): compute in groups of C."""
         order = sorted(needed, key=lambda e: self._slot_of[e] < 0)  # resident ones first: fewer loads
@@ -120,42 +163,173 @@ class Committee(nn.Module):
         out: torch.Tensor | None = None
         for group in groups:
             self._make_resident(group)
-            member = torch.zeros(self.num_experts, dtype=torch.bool, device=top_k_index.device)
+            member = torch.zeros(self.num_experts, dtype=torch.bool, device=index.device)
             member[group] = True
-            inside = member[top_k_index]
-            part = self._run(
-                hidden,
-                torch.where(inside, top_k_index, group[0]),
-                torch.where(inside, weights, torch.zeros_like(weights)),
-            )
+            part = self._run(hidden, index.masked_fill(~member[index.clamp(min=0)], -1), weights)
             out = part if out is None else out + part
         assert out is not None
         return out
 
+    def _run_with_host(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, resident: torch.Tensor
+    ) -> torch.Tensor:
+        """``cpu`` policy: resident experts on the device, misses on the CPU from their host copy."""
+        out = self._run(hidden, index.masked_fill(~resident, -1), weights)  # queued on the GPU, runs meanwhile
+        missing = (index >= 0) & ~resident
+        host_index, host_missing = index.cpu(), missing.cpu()
+        if not bool(host_missing.any()):
+            return out
+        if self._host is None:
+            self._host = HostExperts(self.inner, self.spec)
+        host_hidden, host_weights = hidden.cpu(), weights.cpu()
+        extra = torch.zeros_like(host_hidden)
+        for expert in torch.unique(host_index[host_missing]).tolist():
+            rows, cols = ((host_index == expert) & host_missing).nonzero(as_tuple=True)
+            y = self._host.compute(self.store.read(self.layer, expert), host_hidden[rows])
+            extra.index_add_(0, rows, (y * host_weights[rows, cols, None]).to(extra.dtype))
+            self.cpu_computed += int(rows.numel())
+        return out + extra.to(out.device, non_blocking=True)
+
+    # ---- policies on the device ----------------------------------------------------------------
+    def _skip(self, index: torch.Tensor, weights: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """PC-MoE skippable computation: drop routings below ``threshold`` (never a token's strongest)."""
+        keep = (weights >= threshold) | (weights == weights.max(dim=1, keepdim=True).values)
+        dropped = ~keep
+        self.routing_counts[2] += dropped.sum()
+        total = weights.sum(dim=1, keepdim=True)
+        kept = (weights * keep).sum(dim=1, keepdim=True)
+        renormalised = weights * keep * (total / kept)
+        weights = torch.where(dropped.any(dim=1, keepdim=True), renormalised, weights)
+        return index.masked_fill(dropped, -1), weights
+
+    def _substitute(self, index: torch.Tensor, resident: torch.Tensor) -> torch.Tensor:
+        """SwapMoE virtual experts: each miss goes to the resident expert the router ranks highest, unused."""
+        logits = self._router_logits
+        if logits is not None and logits.shape[0] == index.shape[0]:
+            scores = logits.detach().float()
+        else:
+            scores = self.importance.expand(index.shape[0], -1).clone()
+        scores = scores.masked_fill(~self.resident_mask, float("-inf"))
+        taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, resident)
+        out = index.clone()
+        for k in range(index.shape[1]):
+            miss = ~resident[:, k]
+            choice = scores.masked_fill(taken, float("-inf")).argmax(dim=1)
+            out[:, k] = torch.where(miss, choice, index[:, k])
+            taken |= nn.functional.one_hot(choice, self.num_experts).bool() & miss[:, None]
+        return out
+
+    def _note_importance(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        contribution = weights.detach().float() * hidden.detach().float().norm(dim=-1, keepdim=True)
+        self.importance.mul_(DECAY_PER_TOKEN ** hidden.shape[0])
+        self.importance.index_add_(0, index.reshape(-1), contribution.reshape(-1))
+
+    def _capture_router_logits(self, _module: nn.Module, _inputs: object, output: object) -> None:
+        self._router_logits = output[0] if isinstance(output, tuple) else None
+
+    # ---- loading and swapping (the caller holds the runtime lock) -------------------------------
     def _make_resident(self, wanted: list[int]) -> None:
         """Load the wanted experts that are missing into the least important slots not wanted now."""
         missing = [e for e in wanted if self._slot_of[e] < 0]
         if not missing:
             return
         keep = set(wanted)
+        scores = self.scores()
         free = [s for s, e in enumerate(self.slot_to_expert) if e not in keep]
-        free.sort(key=lambda s: -1.0 if self.slot_to_expert[s] < 0 else float(self.importance[self.slot_to_expert[s]]))
+        free.sort(key=lambda s: -1.0 if self.slot_to_expert[s] < 0 else float(scores[self.slot_to_expert[s]]))
         for expert, slot in zip(missing, free):
-            self._load(expert, slot)
+            start = time.perf_counter()
+            self.apply_swap(expert, slot, self.store.read(self.layer, expert), "miss", start)
 
-    def _load(self, expert: int, slot: int) -> None:
-        tensors = self.store.read(self.layer, expert)
-        for p in self.spec.params:
-            getattr(self.inner, p.name).data[slot].copy_(tensors[p.name])
-        old = self.slot_to_expert[slot]
-        if old >= 0:
-            self._slot_of[old] = -1
-            self.expert_to_slot[old] = -1
-        self.slot_to_expert[slot] = expert
-        self._slot_of[expert] = slot
-        self.expert_to_slot[expert] = slot
+    def plan_swaps(self, limit: int) -> list[tuple[int, int, int]]:
+        """(expert in, slot, expert out) pairs that raise the committee's importance, best first."""
+        scores = self.scores()
+        empty = [s for s, e in enumerate(self.slot_to_expert) if e < 0]
+        resident = sorted((s for s, e in enumerate(self.slot_to_expert) if e >= 0),
+                          key=lambda s: float(scores[self.slot_to_expert[s]]))
+        outside = sorted((e for e in range(self.num_experts) if self._slot_of[e] < 0),
+                         key=lambda e: -float(scores[e]))
+        plan = []
+        victims = empty + resident
+        for expert, slot in zip(outside, victims):
+            if len(plan) >= limit:
+                break
+            victim = self.slot_to_expert[slot]
+            if victim >= 0 and float(scores[expert]) <= SWAP_HYSTERESIS * float(scores[victim]) + 1e-12:
+                break
+            plan.append((expert, slot, victim))
+        return plan
+
+    def apply_swap(
+        self, expert: int, slot: int, tensors: dict[str, torch.Tensor], reason: str, start: float,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        """Copy an expert into a slot and update the maps; only between layers, under the runtime lock."""
+        if self.runtime.active_layers and reason != "miss":
+            self.runtime.swaps_during_forward += 1
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                self._copy_in(slot, tensors, non_blocking=True)
+            stream.synchronize()
+        else:
+            self._copy_in(slot, tensors, non_blocking=False)
+        old = self._install(slot, expert, tensors, copied=True)
         self.runtime.counters.loads += 1
         self.runtime.counters.bytes_loaded += self.spec.expert_bytes
+        self.runtime.telemetry.emit(SwapEvent(
+            layer=self.layer, expert_in=expert, expert_out=old, bytes=self.spec.expert_bytes,
+            ms=(time.perf_counter() - start) * 1000, reason=reason,
+        ))
+
+    def resize(self, capacity: int) -> None:
+        """Change the number of slots, keeping the most important residents; new slots start empty."""
+        if capacity == self.capacity:
+            return
+        scores = self.scores()
+        order = sorted(range(self.capacity), key=lambda s: (self.slot_to_expert[s] < 0,
+                                                            -float(scores[max(self.slot_to_expert[s], 0)])))
+        kept, evicted = order[:capacity], order[capacity:]
+        for slot in evicted:
+            expert = self.slot_to_expert[slot]
+            if expert >= 0:
+                self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=-1, expert_out=expert,
+                                                      bytes=self.spec.expert_bytes, ms=0.0, reason="shrink"))
+        old_params = {p.name: getattr(self.inner, p.name).data for p in self.spec.params}
+        old_map = list(self.slot_to_expert)
+        for expert in old_map:
+            if expert >= 0:
+                self._set_slot(expert, -1)
+        self._allocate(capacity)
+        for new_slot, old_slot in enumerate(kept):
+            for name, data in old_params.items():
+                getattr(self.inner, name).data[new_slot].copy_(data[old_slot])
+            if old_map[old_slot] >= 0:
+                self.slot_to_expert[new_slot] = old_map[old_slot]
+                self._set_slot(old_map[old_slot], new_slot)
+        del old_params
+        self.version += 1
+
+    def _copy_in(self, slot: int, tensors: dict[str, torch.Tensor], non_blocking: bool) -> None:
+        for p in self.spec.params:
+            getattr(self.inner, p.name).data[slot].copy_(tensors[p.name], non_blocking=non_blocking)
+
+    def _install(self, slot: int, expert: int, tensors: dict[str, torch.Tensor], copied: bool = False) -> int:
+        if not copied:
+            self._copy_in(slot, tensors, non_blocking=False)
+        if not self._norm_known[expert]:
+            self.norms[expert] = float(torch.sqrt(sum((t.float() ** 2).sum() for t in tensors.values())))
+            self._norm_known[expert] = True
+        old = self.slot_to_expert[slot]
+        if old >= 0:
+            self._set_slot(old, -1)
+        self.slot_to_expert[slot] = expert
+        self._set_slot(expert, slot)
+        return old
+
+    def _set_slot(self, expert: int, slot: int) -> None:
+        self._slot_of[expert] = slot
+        self.expert_to_slot[expert] = slot
+        self.resident_mask[expert] = slot >= 0
 
     def _allocate(self, capacity: int) -> None:
         for p in self.spec.params:
@@ -163,32 +337,3 @@ class Committee(nn.Module):
             self.inner.register_parameter(p.name, nn.Parameter(slots, requires_grad=False))
         self.inner.num_experts = capacity
         self.slot_to_expert = [-1] * capacity
-
-    def _note_usage(self, index: torch.Tensor, weights: torch.Tensor) -> None:
-        """Decayed routing mass per expert: which residents are least useful when a slot is needed."""
-        self.importance.mul_(_DECAY).index_add_(0, index.reshape(-1), weights.detach().reshape(-1).float().cpu())
-
-    def _substitute(self, index: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
-        """Map each miss to the resident expert the router ranks highest for that token, unused by it."""
-        resident = torch.tensor(self._slot_of) >= 0
-        if self._router_logits is not None and self._router_logits.shape[0] == index.shape[0]:
-            scores = self._router_logits.detach().float().cpu().clone()
-        else:
-            scores = self.importance.expand(index.shape[0], -1).clone()
-        scores[:, ~resident] = float("-inf")
-        taken = torch.zeros_like(scores, dtype=torch.bool)
-        for k in range(index.shape[1]):
-            rows = hit[:, k].nonzero().flatten()
-            taken[rows, index[rows, k]] = True
-        out = index.clone()
-        for k in range(index.shape[1]):
-            rows = (~hit[:, k]).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            choice = scores[rows].masked_fill(taken[rows], float("-inf")).argmax(dim=1)
-            out[rows, k] = choice
-            taken[rows, choice] = True
-        return out
-
-    def _capture_router_logits(self, _module: nn.Module, _inputs: object, output: object) -> None:
-        self._router_logits = output[0] if isinstance(output, tuple) else None

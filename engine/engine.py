@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,18 +15,24 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+import psutil
+
 from .budget import parse_budget
 from .checkpoint import Checkpoint, check_model_folder
 from .committee import POLICIES, Committee, Runtime
-from .errors import DeviceError, EngineBusyError, ModelFormatError, PolicyError
+from .errors import BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError
 from .families import Family, family_for
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop
-from .memory import peak_rss_bytes
-from .planner import LayerShape, minimum_bytes, plan_capacities
+from .memory import current_rss_bytes, peak_rss_bytes
+from .planner import LayerShape, effective_experts, minimum_bytes, plan_capacities
 from .skeleton import load_skeleton
 from .store import ExpertStore, resolve_layer
+from .swapper import Swapper
+from .telemetry import BudgetChange, MemorySample, ResidencySnapshot, Subscription, TokenStats
+from .watcher import MemoryWatcher, free_memory_probe
 
 Message = dict[str, str]
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,10 @@ class EngineStats:
     bytes_loaded: int
     hits: int
     misses: int
+    skipped: int
     substituted: int
+    cpu_computed: int
+    background_swaps: int
     tokens_generated: int
     tokens_per_s: float
     time_to_first_token_s: float
@@ -90,6 +101,7 @@ class Engine:
         store: ExpertStore,
         runtime: Runtime,
         budget_bytes: int,
+        swapper: bool,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -102,10 +114,19 @@ class Engine:
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-generate")
+        self.telemetry = runtime.telemetry
         self._peak_resident = self.resident_expert_bytes()
         self._tokens = 0
         self._tokens_per_s = 0.0
         self._ttft = 0.0
+        self._pending_budget: int | None = None
+        self._budget_lock = threading.Lock()
+        self.swapper = Swapper(committees, store, runtime, self.device)
+        self.swapper.enabled = swapper
+        self.swapper.start()
+        self.watcher = MemoryWatcher(self._emit_memory_sample, self._follow, free_memory_probe(self.device))
+        self.watcher.start()
+        _LIVE.add(self)
 
     @classmethod
     def load(
@@ -116,11 +137,12 @@ class Engine:
         policy: str = "exact",
         ram_tier: bool = False,
         dtype: str | torch.dtype = "auto",
+        skip_threshold: float = 0.0,
+        swapper: bool = True,
     ) -> Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``."""
-        if policy not in POLICIES:
-            raise PolicyError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
         torch_device = resolve_device(device)
+        _check_policy(policy, torch_device, skip_threshold)
         folder = check_model_folder(model_dir)
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -140,7 +162,7 @@ class Engine:
         capacities = plan_capacities(budget_bytes, shapes)
         if ram_tier:
             store.fill_ram_tier()
-        runtime = Runtime(policy=policy)
+        runtime = Runtime(policy=policy, skip_threshold=skip_threshold)
         committees = []
         for site, capacity in zip(sites, capacities):
             attr = site.name.rpartition(".")[2]
@@ -149,7 +171,7 @@ class Engine:
             setattr(site.parent, attr, committee)
             committees.append(committee)
         tokenizer = _load_tokenizer(folder)
-        return cls(model, tokenizer, family, committees, store, runtime, budget_bytes)
+        return cls(model, tokenizer, family, committees, store, runtime, budget_bytes, swapper)
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -203,6 +225,7 @@ class Engine:
                 self._tokens = count
                 self._ttft = first - start
                 self._tokens_per_s = (count - 1) / (last - first) if count > 1 and last > first else 0.0
+                self._after_token(count)
                 yield token
         finally:
             self._busy.release()
@@ -248,8 +271,55 @@ class Engine:
         """Stop the reply in progress after its current token; safe from any thread."""
         self._cancel.set()
 
+    # ---- live committee -----------------------------------------------------------------------
+    def subscribe(self, maxsize: int = 100_000) -> Subscription:
+        """A queue of every telemetry event from now on; ``drain()`` it from any thread."""
+        return self.telemetry.subscribe(maxsize)
+
+    def set_budget(self, budget: str | int) -> int:
+        """Ask for a new budget from any thread, also mid-reply; it is in force before the next token.
+
+        Returns the budget in bytes. Raises ``BudgetTooSmallError`` below the minimum.
+        """
+        new = parse_budget(budget, self.total_expert_bytes)
+        if new < self.minimum_budget_bytes:
+            raise BudgetTooSmallError(new, self.minimum_budget_bytes)
+        with self._budget_lock:
+            self._pending_budget = new
+        self.telemetry.emit(BudgetChange(old_bytes=self.budget_bytes, new_bytes=new, applied=False,
+                                         capacities=[c.capacity for c in self.committees]))
+        if self.runtime.lock.acquire(blocking=False):  # idle: apply now; else the next step applies it
+            try:
+                self._apply_pending_budget()
+            finally:
+                self.runtime.lock.release()
+        self.swapper.wake()
+        return new
+
+    def set_policy(self, policy: str, skip_threshold: float | None = None) -> None:
+        """Switch the miss policy; takes effect at the next token."""
+        threshold = self.runtime.skip_threshold if skip_threshold is None else skip_threshold
+        _check_policy(policy, self.device, threshold)
+        with self.runtime.lock:
+            self.runtime.policy, self.runtime.skip_threshold = policy, threshold
+
+    def follow_free_memory(self, enabled: bool, margin_bytes: int | None = None) -> None:
+        """Let the budget track free RAM (CPU) or VRAM (CUDA), keeping ``margin_bytes`` free."""
+        self.follow_margin = margin_bytes if margin_bytes is not None else self._default_margin()
+        self.watcher.following = enabled
+
+    def residency(self) -> ResidencySnapshot:
+        """The resident experts and importance of every MoE layer, taken consistently under the step lock."""
+        with self.runtime.lock:
+            return ResidencySnapshot(
+                resident={c.layer: sorted(c.resident_experts) for c in self.committees},
+                importance={c.layer: [round(float(v), 6) for v in c.scores()] for c in self.committees},
+                capacity={c.layer: c.capacity for c in self.committees},
+            )
+
     def stats(self) -> EngineStats:
         c = self.runtime.counters
+        routing = [int(v) for v in sum(m.routing_counts.cpu() for m in self.committees)]
         return EngineStats(
             budget_bytes=self.budget_bytes,
             total_expert_bytes=self.total_expert_bytes,
@@ -258,24 +328,88 @@ class Engine:
             peak_resident_expert_bytes=self._peak_resident,
             expert_loads=c.loads,
             bytes_loaded=c.bytes_loaded,
-            hits=c.hits,
-            misses=c.misses,
-            substituted=c.substituted,
+            hits=routing[0],
+            misses=routing[1],
+            skipped=routing[2],
+            substituted=routing[3],
+            cpu_computed=sum(m.cpu_computed for m in self.committees),
+            background_swaps=self.swapper.swaps,
             tokens_generated=self._tokens,
             tokens_per_s=self._tokens_per_s,
             time_to_first_token_s=self._ttft,
             peak_rss_bytes=peak_rss_bytes(),
         )
 
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Stop the background threads and release file handles; safe to call twice."""
         self.cancel()
+        self.watcher.stop()
+        self.swapper.stop()
         self._executor.shutdown(wait=True)
         self.store.checkpoint.close()
 
     # ---- internals ---------------------------------------------------------------------------
     def _before_step(self, is_prefill: bool) -> None:
-        # substitute keeps the prompt exact (it loads what the prompt needs) and never loads while decoding
-        self.runtime.allow_loads = is_prefill or self.runtime.policy == "exact"
+        """Runs under the step lock before each forward: budget changes land here, between tokens."""
+        self._apply_pending_budget()
+        # substitute and cpu keep the prompt exact (loading what it needs) and never load while decoding
+        self.runtime.allow_loads = is_prefill or self.runtime.policy in ("exact", "skip")
+
+    def _after_token(self, count: int) -> None:
+        stats = self.stats()
+        self.telemetry.emit(TokenStats(tokens=count, tokens_per_s=stats.tokens_per_s, hit_rate=stats.hit_rate,
+                                       expert_loads=stats.expert_loads, skipped=stats.skipped,
+                                       substituted=stats.substituted, cpu_computed=stats.cpu_computed))
+        self.telemetry.emit(self.residency())
+        self.swapper.wake()
+
+    def _apply_pending_budget(self) -> None:
+        """Resize every committee to the pending budget (caller holds the step lock)."""
+        with self._budget_lock:
+            new, self._pending_budget = self._pending_budget, None
+        if new is None:
+            return
+        shapes = [LayerShape(c.num_experts, c.top_k, c.spec.expert_bytes) for c in self.committees]
+        demand = [effective_experts(c.scores(), c.top_k) for c in self.committees]
+        capacities = plan_capacities(new, shapes, demand)
+        # shrink first so that the transient copies of a resize never stack up
+        for committee, capacity in sorted(zip(self.committees, capacities), key=lambda p: p[1] - p[0].capacity):
+            committee.resize(capacity)
+        old, self.budget_bytes = self.budget_bytes, new
+        self.telemetry.emit(BudgetChange(old_bytes=old, new_bytes=new, applied=True, capacities=capacities))
+        self.telemetry.emit(self.residency())
+
+    def _follow(self, free_bytes: int) -> None:
+        target = self.resident_expert_bytes() + free_bytes - self.follow_margin
+        target = max(self.minimum_budget_bytes, min(self.total_expert_bytes, target))
+        step = max(c.spec.expert_bytes for c in self.committees)
+        if abs(target - self.budget_bytes) >= step:
+            self.set_budget(target)
+
+    def _default_margin(self) -> int:
+        return max(512 * 2**20, self.total_expert_bytes // 10)
+
+    def memory_sample(self) -> MemorySample:
+        cuda = self.device.type == "cuda"
+        return MemorySample(
+            rss_bytes=current_rss_bytes(),
+            available_ram_bytes=int(psutil.virtual_memory().available),
+            cuda_allocated_bytes=torch.cuda.memory_allocated(self.device) if cuda else 0,
+            cuda_reserved_bytes=torch.cuda.memory_reserved(self.device) if cuda else 0,
+            cuda_free_bytes=int(torch.cuda.mem_get_info(self.device)[0]) if cuda else 0,
+            budget_bytes=self.budget_bytes,
+            resident_expert_bytes=self.resident_expert_bytes(),
+        )
+
+    def _emit_memory_sample(self) -> None:
+        if self.telemetry.active:
+            self.telemetry.emit(self.memory_sample())
 
     def _stop_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -291,6 +425,22 @@ class Engine:
         if self.tokenizer is None:
             raise ModelFormatError("this model folder has no tokenizer; text prompts need one")
         return self.tokenizer
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    """Background threads must not be inside torch when the interpreter tears down."""
+    for engine in list(_LIVE):
+        engine.close()
+
+
+def _check_policy(policy: str, device: torch.device, skip_threshold: float) -> None:
+    if policy not in POLICIES:
+        raise PolicyError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
+    if policy == "cpu" and device.type != "cuda":
+        raise PolicyError("policy cpu computes misses on the CPU while the GPU works: it needs --device cuda")
+    if not 0.0 <= skip_threshold < 1.0:
+        raise PolicyError(f"skip threshold must be in [0, 1), got {skip_threshold}")
 
 
 def _load_tokenizer(folder: Path) -> object | None:

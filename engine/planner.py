@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from .errors import BudgetTooSmallError
 
@@ -23,14 +26,21 @@ def minimum_bytes(layers: Sequence[LayerShape]) -> int:
     return sum(layer.top_k * layer.expert_bytes for layer in layers)
 
 
-def plan_capacities(budget_bytes: int, layers: Sequence[LayerShape]) -> list[int]:
-    """Committee sizes within ``budget_bytes``: top-k everywhere, then one slot at a time to the emptiest layer."""
+def plan_capacities(
+    budget_bytes: int, layers: Sequence[LayerShape], demand: Sequence[float] | None = None
+) -> list[int]:
+    """Committee sizes within ``budget_bytes``: top-k everywhere, then one slot at a time where it is scarcest.
+
+    ``demand`` is how many experts each layer effectively uses (see ``effective_experts``); a slot
+    goes to the layer with the fewest slots per unit of demand. Without it every expert counts.
+    """
     floor = minimum_bytes(layers)
     if budget_bytes < floor:
         raise BudgetTooSmallError(budget_bytes, floor)
     sizes = [layer.top_k for layer in layers]
     left = budget_bytes - floor
-    heap = [(size / layer.num_experts, i) for i, (size, layer) in enumerate(zip(sizes, layers))]
+    want = list(demand) if demand is not None else [float(layer.num_experts) for layer in layers]
+    heap = [(size / want[i], i) for i, size in enumerate(sizes)]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
@@ -39,5 +49,15 @@ def plan_capacities(budget_bytes: int, layers: Sequence[LayerShape]) -> list[int
             continue
         sizes[i] += 1
         left -= layer.expert_bytes
-        heapq.heappush(heap, (sizes[i] / layer.num_experts, i))
+        heapq.heappush(heap, (sizes[i] / want[i], i))
     return sizes
+
+
+def effective_experts(scores: torch.Tensor, top_k: int) -> float:
+    """exp(entropy) of a layer's importance: how many experts its routing is spread over (>= top_k)."""
+    total = float(scores.sum())
+    if total <= 0:
+        return float(scores.numel())
+    p = scores.double() / total
+    entropy = -float((p[p > 0] * p[p > 0].log()).sum())
+    return max(float(top_k), math.exp(entropy))

@@ -23,11 +23,11 @@ def _slot_bytes(engine: Engine) -> int:
     return sum(p.numel() * p.element_size() for c in engine.committees for p in c.inner.parameters())
 
 
-def _load(folder, budget: str, policy: str = "exact") -> Engine:
-    probe = Engine.load(folder, budget="100%")
+def _load(folder, budget: str, policy: str = "exact", swapper: bool = True) -> Engine:
+    probe = Engine.load(folder, budget="100%", swapper=False)
     minimum = probe.minimum_budget_bytes
     probe.close()
-    return Engine.load(folder, budget=minimum if budget == "min" else budget, policy=policy)
+    return Engine.load(folder, budget=minimum if budget == "min" else budget, policy=policy, swapper=swapper)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -69,19 +69,25 @@ def test_substitute_full_budget_is_identical(tiny_model, reference, family: str)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_substitute_half_budget_never_loads_while_decoding(tiny_model, family: str) -> None:
-    engine = _load(tiny_model(family), "50%", policy="substitute")
+@pytest.mark.parametrize("swapper", [False, True])
+def test_substitute_half_budget_never_loads_while_decoding(tiny_model, family: str, swapper: bool) -> None:
+    """No decode step waits for a load; only the background swapper (when on) changes the committee."""
+    engine = _load(tiny_model(family), "50%", policy="substitute", swapper=swapper)
+    events = engine.subscribe()
     ids = engine.encode(PROMPT)
     loads_after_prompt = None
     count = 0
     for count, _ in enumerate(engine.generate(ids, SamplingSettings(max_new_tokens=NEW_TOKENS)), start=1):
         if loads_after_prompt is None:
             loads_after_prompt = engine.stats().expert_loads
+            events.drain()
         assert engine.resident_expert_bytes() <= engine.budget_bytes
     stats = engine.stats()
     assert count > 1
-    assert stats.expert_loads == loads_after_prompt, "substitute must not load during decode"
     assert stats.substituted > 0, "at half the experts some routings must be substituted"
+    assert not [e for e in events.drain() if e.type == "swap" and e.reason == "miss"]
+    if not swapper:
+        assert stats.expert_loads == loads_after_prompt, "substitute must not load during decode"
     engine.close()
 
 
