@@ -6,12 +6,15 @@ import argparse
 import json
 import os
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from .committee import POLICIES
 from .engine import Engine
 from .errors import ExpertSwapError
 from .generation import IncrementalDecoder, SamplingSettings
+from .telemetry import Subscription
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +22,10 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", default="100%", help='expert memory: bytes with a unit ("300MiB", "1.5GB") or "50%%"')
     parser.add_argument("--policy", choices=POLICIES, default="exact", help="what a missing expert does")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--skip-threshold", type=float, default=0.0,
+                        help="policy skip: drop routings whose weight is below this (0 = drop none)")
     parser.add_argument("--ram-tier", action="store_true", help="keep every expert in host RAM (faster swaps)")
+    parser.add_argument("--no-swapper", action="store_true", help="no background swapping (misses only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--max-new-tokens", type=int, required=True)
     gen.add_argument("--json", action="store_true", help="print one JSON object with the reply and stats")
+    gen.add_argument("--budget-schedule", type=parse_schedule, default=[],
+                     help='change the budget at generated-token counts, e.g. "0:100%%,8:30%%,16:80%%"')
+    gen.add_argument("--events", type=Path, help="write every telemetry event to this file as JSON lines")
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
     _add_load_options(chat)
     chat.add_argument("--max-new-tokens", type=int, default=256)
@@ -39,9 +48,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_schedule(text: str) -> list[tuple[int, str]]:
+    """ "0:100%,8:30%" -> [(0, "100%"), (8, "30%")], sorted by token count."""
+    steps = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        count, sep, budget = part.partition(":")
+        if not sep or not count.strip().isdigit() or not budget.strip():
+            raise argparse.ArgumentTypeError(f"bad schedule entry {part!r}: use TOKENS:BUDGET, e.g. 8:30%")
+        steps.append((int(count), budget.strip()))
+    return sorted(steps)
+
+
+def _load(args: argparse.Namespace, budget: str | None = None) -> Engine:
+    return Engine.load(args.model, budget=budget or args.budget, device=args.device, policy=args.policy,
+                       ram_tier=args.ram_tier, skip_threshold=args.skip_threshold, swapper=not args.no_swapper)
+
+
+def _write_events(subscription: Subscription, path: Path, stop: threading.Event) -> None:
+    """Write events as JSON lines until ``stop`` is set and nothing is left to write."""
+    with path.open("w") as fh:
+        while True:
+            event = subscription.get(timeout=0.05)
+            if event is not None:
+                fh.write(json.dumps(event.to_json()) + "\n")
+            elif stop.is_set():
+                return
+
+
 def _generate(args: argparse.Namespace) -> int:
-    engine = Engine.load(args.model, budget=args.budget, device=args.device, policy=args.policy,
-                         ram_tier=args.ram_tier)
+    schedule = list(args.budget_schedule)
+    engine = _load(args, schedule[0][1] if schedule and schedule[0][0] == 0 else None)
+    writer_stop = threading.Event()
+    writer = None
+    if args.events:
+        subscription = engine.subscribe()
+        engine.telemetry.emit(engine.residency())
+        writer = threading.Thread(target=_write_events, args=(subscription, args.events, writer_stop))
+        writer.start()
+    pending = [(n, b) for n, b in schedule if n > 0]
     if args.chat:
         ids = engine.encode_chat([{"role": "user", "content": args.prompt}])
     else:
@@ -49,10 +93,18 @@ def _generate(args: argparse.Namespace) -> int:
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
     tokens = []
     decoder = IncrementalDecoder(engine.tokenizer)
-    for token in engine.generate(ids, settings):
-        tokens.append(token)
-        if not args.json:
-            print(decoder.push(token), end="", flush=True)
+    try:
+        for token in engine.generate(ids, settings):
+            tokens.append(token)
+            while pending and pending[0][0] <= len(tokens):
+                engine.set_budget(pending.pop(0)[1])
+            if not args.json:
+                print(decoder.push(token), end="", flush=True)
+    finally:
+        engine.close()
+        writer_stop.set()
+        if writer is not None:
+            writer.join()
     text = engine.decode(tokens)
     stats = engine.stats()
     if args.json:
@@ -70,13 +122,11 @@ def _generate(args: argparse.Namespace) -> int:
         }))
     else:
         print()
-    engine.close()
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    engine = Engine.load(args.model, budget=args.budget, device=args.device, policy=args.policy,
-                         ram_tier=args.ram_tier)
+    engine = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     print(f"{engine.family.name} model, {len(engine.committees)} MoE layers. Empty line or Ctrl+D quits.")

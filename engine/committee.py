@@ -79,6 +79,7 @@ class Committee(nn.Module):
         self.routing_counts = torch.zeros(4, dtype=torch.long, device=device)  # hits, misses, skipped, substituted
         self.cpu_computed = 0
         self._slot_of = [-1] * E
+        self._resident_count = 0
         self.slot_to_expert: list[int] = []
         self.version = 0  # bumped by resize: a swap planned against an older layout is dropped
         self._router_logits: torch.Tensor | None = None
@@ -129,7 +130,7 @@ class Committee(nn.Module):
         resident = self.resident_mask[index.clamp(min=0)] & valid
         self.routing_counts[0] += resident.sum()
         self.routing_counts[1] += (valid & ~resident).sum()
-        if self.capacity == self.num_experts:
+        if self._resident_count == self.num_experts:
             return self._run(hidden, index, weights)
         if not runtime.allow_loads and runtime.policy == "substitute":
             self.routing_counts[3] += (valid & ~resident).sum()
@@ -260,6 +261,7 @@ class Committee(nn.Module):
             plan.append((expert, slot, victim))
         return plan
 
+    @torch.inference_mode()
     def apply_swap(
         self, expert: int, slot: int, tensors: dict[str, torch.Tensor], reason: str, start: float,
         stream: torch.cuda.Stream | None = None,
@@ -281,6 +283,7 @@ class Committee(nn.Module):
             ms=(time.perf_counter() - start) * 1000, reason=reason,
         ))
 
+    @torch.inference_mode()
     def resize(self, capacity: int) -> None:
         """Change the number of slots, keeping the most important residents; new slots start empty."""
         if capacity == self.capacity:
@@ -313,6 +316,7 @@ class Committee(nn.Module):
         for p in self.spec.params:
             getattr(self.inner, p.name).data[slot].copy_(tensors[p.name], non_blocking=non_blocking)
 
+    @torch.inference_mode()
     def _install(self, slot: int, expert: int, tensors: dict[str, torch.Tensor], copied: bool = False) -> int:
         if not copied:
             self._copy_in(slot, tensors, non_blocking=False)
@@ -327,6 +331,7 @@ class Committee(nn.Module):
         return old
 
     def _set_slot(self, expert: int, slot: int) -> None:
+        self._resident_count += (slot >= 0) - (self._slot_of[expert] >= 0)
         self._slot_of[expert] = slot
         self.expert_to_slot[expert] = slot
         self.resident_mask[expert] = slot >= 0

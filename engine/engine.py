@@ -202,6 +202,14 @@ class Engine:
         return self._require_tokenizer().decode(list(ids), skip_special_tokens=True)
 
     # ---- generation --------------------------------------------------------------------------
+    def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
+        """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
+        with self.runtime.lock, torch.inference_mode():
+            self._apply_pending_budget()
+            self.runtime.allow_loads = True
+            out = self.model(input_ids=torch.tensor([list(input_ids)], device=self.device))
+        return out.logits[0].float().cpu()
+
     def generate(
         self, input_ids: Sequence[int], settings: SamplingSettings = SamplingSettings(),
         cancel: threading.Event | None = None,

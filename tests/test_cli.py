@@ -67,3 +67,36 @@ def test_errors_exit_2_with_one_line(tiny_model, tmp_path: Path) -> None:
         assert run.stdout == ""
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert run.stderr.startswith("expertswap-cli: error:")
+
+
+def test_budget_schedule_and_events(tiny_model, reference, tmp_path: Path) -> None:
+    folder = tiny_model("mixtral")
+    events_file = tmp_path / "events.jsonl"
+    run = _cli("generate", "--model", str(folder), "--budget", "100%", "--prompt", "Lists are mutable",
+               "--max-new-tokens", "20", "--json", "--budget-schedule", "0:100%,6:30%,12:80%",
+               "--events", str(events_file))
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder)("Lists are mutable")["input_ids"]
+    expected = reference(folder).generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
+    assert out["token_ids"] == expected[0, len(ids):].tolist()
+    lines = [json.loads(line) for line in events_file.read_text().splitlines()]
+    assert all("type" in e and isinstance(e["t"], float) for e in lines)
+    assert [e["t"] for e in lines] == sorted(e["t"] for e in lines)
+    applied = [e["new_bytes"] for e in lines if e["type"] == "budget" and e["applied"]]
+    total = out["total_expert_bytes"]
+    assert applied == [int(total * 0.3), int(total * 0.8)]
+    assert sum(e["type"] == "token" for e in lines) == len(out["token_ids"])
+    assert {"swap", "residency", "token", "budget"} <= {e["type"] for e in lines}
+
+
+def test_skip_policy_flags(tiny_model) -> None:
+    run = _cli("generate", "--model", str(tiny_model("mixtral")), "--budget", "50%", "--policy", "skip",
+               "--skip-threshold", "0.4", "--prompt", "x", "--max-new-tokens", "4", "--json")
+    assert run.returncode == 0, run.stderr
+    bad = _cli("generate", "--model", str(tiny_model("mixtral")), "--budget", "50%", "--policy", "cpu",
+               "--prompt", "x", "--max-new-tokens", "4", "--json")
+    if not torch.cuda.is_available():
+        assert bad.returncode == 2 and "needs --device cuda" in bad.stderr

@@ -1,0 +1,243 @@
+"""The live committee: budgets that move mid-reply, background swaps, telemetry that adds up."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from expertswap.engine import BudgetTooSmallError, Engine, SamplingSettings
+from expertswap.engine.memory import current_rss_bytes
+from expertswap.engine.telemetry import Event
+
+PROMPT = "A class definition is an executable statement; the inheritance list"
+MiB = 2**20
+
+
+def _reference_tokens(ref, ids: list[int], n: int) -> list[int]:
+    return ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+
+
+def _slot_bytes(engine: Engine) -> int:
+    return sum(p.numel() * p.element_size() for c in engine.committees for p in c.inner.parameters())
+
+
+def _run_schedule(engine: Engine, ids: list[int], n: int, schedule: dict[int, int | str]) -> list[int]:
+    """Generate, calling set_budget after the given token counts; check bytes against the budget in force."""
+    tokens = []
+    for token in engine.generate(ids, SamplingSettings(max_new_tokens=n)):
+        tokens.append(token)
+        assert _slot_bytes(engine) <= engine.budget_bytes
+        if len(tokens) in schedule:
+            engine.set_budget(schedule[len(tokens)])
+    return tokens
+
+
+def _replay_and_check(events: list[Event], expert_bytes: dict[int, int]) -> int:
+    """Replaying swaps from each snapshot must give the next one; returns the number of snapshots checked."""
+    state: dict[int, set[int]] | None = None
+    budget = None
+    checked = 0
+    asked: list[int] = []
+    for event in events:
+        if event.type == "residency":
+            snapshot = {layer: set(experts) for layer, experts in event.resident.items()}
+            if state is not None:
+                assert snapshot == state, "swap events do not add up to the next snapshot"
+                checked += 1
+            state = snapshot
+            if budget is not None:
+                used = sum(len(experts) * expert_bytes[layer] for layer, experts in snapshot.items())
+                assert used <= budget
+        elif event.type == "swap" and state is not None:
+            if event.expert_out >= 0:
+                assert event.expert_out in state[event.layer]
+                state[event.layer].discard(event.expert_out)
+            if event.expert_in >= 0:
+                assert event.expert_in not in state[event.layer]
+                state[event.layer].add(event.expert_in)
+        elif event.type == "budget":
+            if event.applied:
+                budget = event.new_bytes
+                assert event.new_bytes in asked, "applied a budget nobody asked for"
+                asked = asked[asked.index(event.new_bytes) + 1:]
+            else:
+                asked.append(event.new_bytes)
+    assert not asked, f"budget changes never applied: {asked}"
+    return checked
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("swapper", [False, True])
+def test_exact_with_shrinking_and_growing_budget(tiny_model, reference, family: str, swapper: bool) -> None:
+    folder = tiny_model(family)
+    with Engine.load(folder, budget="100%", swapper=swapper) as engine:
+        events = engine.subscribe()
+        engine.telemetry.emit(engine.residency())
+        ids = engine.encode(PROMPT)
+        minimum = engine.minimum_budget_bytes
+        schedule = {4: "30%", 8: "80%", 12: minimum, 16: "55%", 20: "100%"}
+        tokens = _run_schedule(engine, ids, 24, schedule)
+        assert tokens == _reference_tokens(reference(folder), ids, 24)
+        capacities = [c.capacity for c in engine.committees]
+        assert capacities == [c.num_experts for c in engine.committees], "back at 100% every expert has a slot"
+        expert_bytes = {c.layer: c.spec.expert_bytes for c in engine.committees}
+        log = events.drain()
+    assert _replay_and_check(log, expert_bytes) >= 20
+    assert sum(1 for e in log if e.type == "budget" and e.applied) == len(schedule)
+    assert any(e.type == "swap" and e.reason == "shrink" for e in log)
+    if swapper:
+        assert any(e.type == "swap" and e.reason in ("grow", "prefetch") for e in log)
+
+
+def test_budget_change_applies_before_the_next_token(tiny_model) -> None:
+    with Engine.load(tiny_model("qwen3_moe"), budget="100%", swapper=False) as engine:
+        stream = engine.generate(engine.encode(PROMPT), SamplingSettings(max_new_tokens=6))
+        next(stream)
+        with engine.runtime.lock:  # as if a step were running: the GUI thread's call must not block
+            caller = threading.Thread(target=engine.set_budget, args=("25%",))
+            caller.start()
+            caller.join(timeout=10)
+            assert not caller.is_alive()
+            assert engine.budget_bytes == engine.total_expert_bytes, "a running step is never resized"
+        next(stream)
+        assert engine.budget_bytes == engine.total_expert_bytes // 4
+        assert _slot_bytes(engine) <= engine.budget_bytes
+        stream.close()
+        engine.set_budget("50%")  # idle engine: applied at once
+        assert engine.budget_bytes == engine.total_expert_bytes // 2
+
+
+def test_budget_below_minimum_is_refused_and_nothing_changes(tiny_model) -> None:
+    with Engine.load(tiny_model("qwen3_moe"), budget="50%") as engine:
+        before = [c.capacity for c in engine.committees]
+        with pytest.raises(BudgetTooSmallError):
+            engine.set_budget(engine.minimum_budget_bytes - 1)
+        assert [c.capacity for c in engine.committees] == before
+
+
+def test_stress_500_budget_changes_from_another_thread(tiny_model, reference) -> None:
+    folder = tiny_model("olmoe")
+    with Engine.load(folder, budget="50%") as engine:
+        ids = engine.encode(PROMPT)
+        list(engine.generate(ids, SamplingSettings(max_new_tokens=4)))  # warm up allocator and caches
+        rss_before = current_rss_bytes()
+        low, high = engine.minimum_budget_bytes, engine.total_expert_bytes
+        rng = random.Random(1)
+        errors: list[BaseException] = []
+        calls = 0
+
+        def hammer() -> None:
+            nonlocal calls
+            try:
+                while calls < 500:
+                    engine.set_budget(rng.randint(low, high))
+                    calls += 1
+            except BaseException as exc:  # reported to the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        tokens = []
+        for token in engine.generate(ids, SamplingSettings(max_new_tokens=48)):
+            tokens.append(token)
+            assert _slot_bytes(engine) <= engine.budget_bytes
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "deadlock: set_budget never returned"
+        assert not errors, errors
+        assert calls == 500
+        assert tokens == _reference_tokens(reference(folder), ids, 48)
+        engine.set_budget("50%")
+        assert _slot_bytes(engine) <= engine.budget_bytes
+        assert current_rss_bytes() - rss_before < 64 * MiB
+
+
+def test_skip_threshold_zero_is_exact_and_high_threshold_computes_less(tiny_model, reference) -> None:
+    folder = tiny_model("mixtral")
+    ids = None
+    results = {}
+    for policy, threshold in (("exact", 0.0), ("skip", 0.0), ("skip", 0.45)):
+        with Engine.load(folder, budget="50%", policy=policy, skip_threshold=threshold, swapper=False) as engine:
+            ids = ids or engine.encode(PROMPT)
+            tokens = list(engine.generate(ids, SamplingSettings(max_new_tokens=16)))
+            results[(policy, threshold)] = (tokens, engine.stats())
+    exact_tokens, exact_stats = results[("exact", 0.0)]
+    zero_tokens, zero_stats = results[("skip", 0.0)]
+    high_tokens, high_stats = results[("skip", 0.45)]
+    assert zero_tokens == exact_tokens == _reference_tokens(reference(folder), ids, 16)
+    assert zero_stats.skipped == 0
+    assert high_stats.skipped > 0
+    computed = lambda s: s.hits + s.misses  # noqa: E731 - routings that reached an expert
+    assert computed(high_stats) + high_stats.skipped == computed(exact_stats)
+    assert computed(high_stats) < computed(exact_stats)
+
+
+def test_swapper_never_swaps_while_a_layer_runs(tiny_model, monkeypatch) -> None:
+    from expertswap.engine import committee as committee_module
+
+    seen_active: list[int] = []
+    original = committee_module.Committee._copy_in
+
+    def spy(self, slot, tensors, non_blocking):  # records what was running when a copy happened
+        if threading.current_thread().name == "expertswap-swapper":
+            seen_active.append(self.runtime.active_layers)
+        return original(self, slot, tensors, non_blocking)
+
+    monkeypatch.setattr(committee_module.Committee, "_copy_in", spy)
+    with Engine.load(tiny_model("qwen3_moe"), budget="50%", policy="substitute") as engine:
+        ids = engine.encode(PROMPT * 2)
+        for _ in range(3):
+            list(engine.generate(ids, SamplingSettings(max_new_tokens=24)))
+        assert engine.swapper.swaps > 0
+        assert engine.runtime.swaps_during_forward == 0
+    assert seen_active and set(seen_active) == {0}
+
+
+def test_background_swapper_raises_the_hit_rate(tiny_model) -> None:
+    rates = {}
+    for swapper in (False, True):
+        with Engine.load(tiny_model("qwen3_moe"), budget="50%", policy="substitute", swapper=swapper) as engine:
+            ids = engine.encode(PROMPT)
+            for _ in range(3):
+                list(engine.generate(ids, SamplingSettings(max_new_tokens=24)))
+                if swapper:
+                    engine.swapper.run_once()  # deterministic: at least one full round between replies
+            rates[swapper] = engine.stats().hit_rate
+    assert rates[True] >= rates[False]
+
+
+def test_follow_free_memory(tiny_model) -> None:
+    with Engine.load(tiny_model("qwen3_moe"), budget="100%", swapper=False) as engine:
+        events = engine.subscribe()
+        total = engine.total_expert_bytes
+        free = {"bytes": 10 * total}
+        engine.watcher.probe = lambda: free["bytes"]
+        engine.follow_free_memory(True, margin_bytes=total // 8)
+        engine.watcher.tick()
+        assert engine.budget_bytes == total, "plenty free: keep everything"
+        free["bytes"] = 0  # another program took the memory
+        engine.watcher.tick()
+        assert engine.budget_bytes <= total - total // 8
+        assert _slot_bytes(engine) <= engine.budget_bytes
+        shrunk = engine.budget_bytes
+        free["bytes"] = 10 * total  # and gave it back
+        engine.watcher.tick()
+        assert engine.budget_bytes == total > shrunk
+        engine.follow_free_memory(False)
+        free["bytes"] = 0
+        engine.watcher.tick()
+        assert engine.budget_bytes == total
+        types = {e.type for e in events.drain()}
+    assert {"memory", "budget", "residency"} <= types
+
+
+def test_memory_samples_are_emitted(tiny_model) -> None:
+    with Engine.load(tiny_model("qwen3_moe"), budget="50%") as engine:
+        events = engine.subscribe()
+        engine.watcher.tick()
+        samples = [e for e in events.drain() if e.type == "memory"]
+    assert samples and samples[0].rss_bytes > 0 and samples[0].available_ram_bytes > 0
+    assert samples[0].budget_bytes == engine.budget_bytes
+    assert samples[0].resident_expert_bytes <= samples[0].budget_bytes
