@@ -24,11 +24,10 @@ SHAPE = dict(num_experts=32, top_k=4, layers=4, hidden=256, intermediate=256, he
 RUN = """
 import json, sys
 from expertswap.engine import Engine, SamplingSettings
-folder, budget, policy, device, tokens = sys.argv[1:6]
-engine = Engine.load(folder, budget=budget, policy=policy, device=device)
+folder, budget, policy, device, tokens, swapper = sys.argv[1:7]
+engine = Engine.load(folder, budget=budget, policy=policy, device=device, swapper=swapper == "on")
 ids = engine.encode("Exceptions are raised when an error is detected during execution; a handler")
 out = list(engine.generate(ids, SamplingSettings(max_new_tokens=int(tokens))))
-engine.stats()
 s = engine.stats()
 print(json.dumps({"tokens": len(out), "tok_s": s.tokens_per_s, "ttft": s.time_to_first_token_s,
                   "peak_rss": s.peak_rss_bytes, "hit_rate": s.hit_rate, "loads": s.expert_loads,
@@ -47,11 +46,13 @@ def main() -> None:
     folder = build_model("qwen3_moe", Path(tempfile.mkdtemp()) / "m", init_std=0.02, **SHAPE)
     rows = []
     for policy in ("exact", "substitute"):
-        for budget in ("100%", "50%", "25%"):
-            run = subprocess.run([sys.executable, "-c", RUN, str(folder), budget, policy, args.device,
-                                  str(args.tokens)], capture_output=True, text=True, check=True)
-            rows.append({"policy": policy, "budget": budget, **json.loads(run.stdout.strip().splitlines()[-1])})
-            print(rows[-1], flush=True)
+        for swapper in ("off", "on"):
+            for budget in ("100%", "50%", "25%"):
+                run = subprocess.run([sys.executable, "-c", RUN, str(folder), budget, policy, args.device,
+                                      str(args.tokens), swapper], capture_output=True, text=True, check=True)
+                result = json.loads(run.stdout.strip().splitlines()[-1])
+                rows.append({"policy": policy, "swapper": swapper, "budget": budget, **result})
+                print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     lines = [
@@ -61,11 +62,11 @@ def main() -> None:
         f"transformers {transformers.__version__}. Synthetic Qwen3-MoE {SHAPE}, fp32, greedy, "
         f"{args.tokens} new tokens; experts {rows[0]['total'] / 2**20:.1f} MiB in all.",
         "",
-        "| policy | budget | tokens/s | first token (s) | hit rate | expert loads | peak resident experts (MiB) | peak RSS (MiB) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| policy | swapper | budget | tokens/s | first token (s) | hit rate | expert loads | peak resident experts (MiB) | peak RSS (MiB) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['budget']} | {r['tok_s']:.1f} | {r['ttft']:.3f} | {r['hit_rate']:.2f} | "
+        lines.append(f"| {r['policy']} | {r['swapper']} | {r['budget']} | {r['tok_s']:.1f} | {r['ttft']:.3f} | {r['hit_rate']:.2f} | "
                      f"{r['loads']} | {r['resident'] / 2**20:.1f} | {r['peak_rss'] / 2**20:.0f} |")
     out = RESULTS / f"core-sweep-{args.device.split(':')[0]}.md"
     out.write_text("\n".join(lines) + "\n")

@@ -44,3 +44,37 @@ def test_ram_tier_is_pinned_and_substitute_never_loads_while_decoding(tiny_model
     rest = list(stream)
     assert rest and engine.stats().expert_loads == loads
     engine.close()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_cpu_policy_computes_misses_on_the_host_exactly(tiny_model, reference, family: str) -> None:
+    folder = tiny_model(family)
+    with Engine.load(folder, budget="50%", device="cuda", policy="cpu", swapper=False) as engine:
+        ids = engine.encode(PROMPT)
+        stream = engine.generate(ids, SamplingSettings(max_new_tokens=12))
+        tokens = [next(stream)]
+        loads = engine.stats().expert_loads
+        tokens += list(stream)
+        stats = engine.stats()
+    expected = reference(folder).generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    assert tokens == expected[0, len(ids):].tolist()
+    assert stats.cpu_computed > 0
+    assert stats.expert_loads == loads, "cpu policy never transfers an expert while decoding"
+
+
+def test_budget_schedule_with_swapper_stream_on_cuda(tiny_model, reference) -> None:
+    folder = tiny_model("mixtral")
+    with Engine.load(folder, budget="100%", device="cuda") as engine:
+        assert engine.swapper.stream is not None
+        ids = engine.encode(PROMPT)
+        tokens = []
+        for token in engine.generate(ids, SamplingSettings(max_new_tokens=24)):
+            tokens.append(token)
+            assert engine.resident_expert_bytes() <= engine.budget_bytes
+            if len(tokens) in (4, 12):
+                engine.set_budget({4: "30%", 12: "80%"}[len(tokens)])
+        engine.swapper.run_once()
+        assert engine.swapper.swaps > 0
+        assert engine.runtime.swaps_during_forward == 0
+    expected = reference(folder).generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+    assert tokens == expected[0, len(ids):].tolist()
