@@ -244,6 +244,8 @@ class Committee(nn.Module):
 
     def plan_swaps(self, limit: int) -> list[tuple[int, int, int]]:
         """(expert in, slot, expert out) pairs that raise the committee's importance, best first."""
+        if self._resident_count == self.num_experts:
+            return []
         scores = self.scores()
         empty = [s for s, e in enumerate(self.slot_to_expert) if e < 0]
         resident = sorted((s for s, e in enumerate(self.slot_to_expert) if e >= 0),

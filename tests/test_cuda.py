@@ -34,7 +34,8 @@ def test_exact_on_cuda_matches_transformers(tiny_model, reference, family: str, 
 
 
 def test_ram_tier_is_pinned_and_substitute_never_loads_while_decoding(tiny_model) -> None:
-    engine = Engine.load(tiny_model("qwen3_moe"), budget="50%", device="cuda", policy="substitute", ram_tier=True)
+    engine = Engine.load(tiny_model("qwen3_moe"), budget="50%", device="cuda", policy="substitute", ram_tier=True,
+                         swapper=False)
     tensor = next(iter(engine.store.read(engine.committees[0].layer, 0).values()))
     assert tensor.is_pinned()
     ids = engine.encode(PROMPT)
