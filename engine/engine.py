@@ -370,12 +370,14 @@ class Engine:
         self.runtime.allow_loads = is_prefill or self.runtime.policy in ("exact", "skip")
 
     def _after_token(self, count: int) -> None:
+        self.swapper.wake()
+        if not self.telemetry.active:  # nobody listens: skip the device sync and the snapshot
+            return
         stats = self.stats()
         self.telemetry.emit(TokenStats(tokens=count, tokens_per_s=stats.tokens_per_s, hit_rate=stats.hit_rate,
                                        expert_loads=stats.expert_loads, skipped=stats.skipped,
                                        substituted=stats.substituted, cpu_computed=stats.cpu_computed))
         self.telemetry.emit(self.residency())
-        self.swapper.wake()
 
     def _apply_pending_budget(self) -> None:
         """Resize every committee to the pending budget (caller holds the step lock)."""
