@@ -72,9 +72,7 @@ class Committee(nn.Module):
         self.device = device
         E = self.num_experts
         self.importance = torch.zeros(E, device=device)
-        self.norms = torch.ones(E, device=device)
-        self._norm_known = [False] * E
-        self.resident_mask = torch.zeros(E, dtype=torch.bool, device=device)
+        self.norms = torch.full((E,), float("nan"))  # host; |expert| is known once it has been loaded
         self.expert_to_slot = torch.full((E,), -1, dtype=torch.long, device=device)
         self.routing_counts = torch.zeros(4, dtype=torch.long, device=device)  # hits, misses, skipped, substituted
         self.cpu_computed = 0
@@ -90,7 +88,9 @@ class Committee(nn.Module):
             router.register_forward_hook(self._capture_router_logits)
         self._allocate(capacity)
         for slot in range(capacity):
-            self._install(slot, slot, self.store.read(self.layer, slot))
+            tensors = self.store.read(self.layer, slot)
+            self._copy_in(slot, tensors, non_blocking=False)
+            self._install(slot, slot, tensors)
 
     # ---- what is resident ---------------------------------------------------------------------
     @property
@@ -108,10 +108,9 @@ class Committee(nn.Module):
 
     def scores(self) -> torch.Tensor:
         """SwapMoE importance per expert on the host: decayed sum of |x| * routing weight, times |expert|."""
-        known = [n for n, k in zip(self.norms.tolist(), self._norm_known) if k]
-        default = sum(known) / len(known) if known else 1.0
-        norms = torch.tensor([n if k else default for n, k in zip(self.norms.tolist(), self._norm_known)])
-        return self.importance.float().cpu() * norms
+        known = ~self.norms.isnan()
+        default = self.norms[known].mean() if bool(known.any()) else 1.0
+        return self.importance.float().cpu() * self.norms.nan_to_num(float(default))
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -127,7 +126,7 @@ class Committee(nn.Module):
         if runtime.policy == "skip" and runtime.skip_threshold > 0:
             index, weights = self._skip(index, weights, runtime.skip_threshold)
         valid = index >= 0
-        resident = self.resident_mask[index.clamp(min=0)] & valid
+        resident = (self.expert_to_slot[index.clamp(min=0)] >= 0) & valid
         self.routing_counts[0] += resident.sum()
         self.routing_counts[1] += (valid & ~resident).sum()
         if self._resident_count == self.num_experts:
@@ -210,7 +209,7 @@ class Committee(nn.Module):
             scores = logits.detach().float()
         else:
             scores = self.importance.expand(index.shape[0], -1).clone()
-        scores = scores.masked_fill(~self.resident_mask, float("-inf"))
+        scores = scores.masked_fill(self.expert_to_slot < 0, float("-inf"))
         taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, resident)
         out = index.clone()
         for k in range(index.shape[1]):
@@ -277,7 +276,7 @@ class Committee(nn.Module):
             stream.synchronize()
         else:
             self._copy_in(slot, tensors, non_blocking=False)
-        old = self._install(slot, expert, tensors, copied=True)
+        old = self._install(slot, expert, tensors)
         self.runtime.counters.loads += 1
         self.runtime.counters.bytes_loaded += self.spec.expert_bytes
         self.runtime.telemetry.emit(SwapEvent(
@@ -318,13 +317,10 @@ class Committee(nn.Module):
         for p in self.spec.params:
             getattr(self.inner, p.name).data[slot].copy_(tensors[p.name], non_blocking=non_blocking)
 
-    @torch.inference_mode()
-    def _install(self, slot: int, expert: int, tensors: dict[str, torch.Tensor], copied: bool = False) -> int:
-        if not copied:
-            self._copy_in(slot, tensors, non_blocking=False)
-        if not self._norm_known[expert]:
+    def _install(self, slot: int, expert: int, tensors: dict[str, torch.Tensor]) -> int:
+        """Record that ``slot`` now holds ``expert`` (already copied in); returns the expert it held."""
+        if self.norms[expert].isnan():
             self.norms[expert] = float(torch.sqrt(sum((t.float() ** 2).sum() for t in tensors.values())))
-            self._norm_known[expert] = True
         old = self.slot_to_expert[slot]
         if old >= 0:
             self._set_slot(old, -1)
@@ -336,7 +332,6 @@ class Committee(nn.Module):
         self._resident_count += (slot >= 0) - (self._slot_of[expert] >= 0)
         self._slot_of[expert] = slot
         self.expert_to_slot[expert] = slot
-        self.resident_mask[expert] = slot >= 0
 
     def _allocate(self, capacity: int) -> None:
         for p in self.spec.params:

@@ -121,6 +121,7 @@ class Engine:
         self._ttft = 0.0
         self._pending_budget: int | None = None
         self._budget_lock = threading.Lock()
+        self.follow_margin = self._default_margin()
         self.swapper = Swapper(committees, store, runtime, self.device)
         self.swapper.enabled = swapper
         self.swapper.start()
@@ -327,7 +328,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         c = self.runtime.counters
-        routing = [int(v) for v in sum(m.routing_counts.cpu() for m in self.committees)]
+        routing = torch.stack([m.routing_counts for m in self.committees]).sum(dim=0).tolist()  # one transfer
         return EngineStats(
             budget_bytes=self.budget_bytes,
             total_expert_bytes=self.total_expert_bytes,
