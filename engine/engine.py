@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, DynamicCache, PreTrainedModel
 
 import psutil
 
@@ -210,6 +210,36 @@ class Engine:
             self.runtime.allow_loads = True
             out = self.model(input_ids=torch.tensor([list(input_ids)], device=self.device))
         return out.logits[0].float().cpu()
+
+    def score(self, input_ids: Sequence[int], chunk: int = 16, prompt: int = 1) -> torch.Tensor:
+        """Negative log-likelihood of each token after the first, read the way a reply is decoded.
+
+        The first ``prompt`` tokens run as a prefill; the rest go in ``chunk`` at a time through the
+        KV cache under decode rules (substitute and cpu never load) with the swapper woken between
+        chunks, so a budget's quality cost is measured as a chat would pay it.
+        """
+        ids = list(input_ids)
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusyError("a reply is already being generated")
+        try:
+            cache = DynamicCache(config=self.model.config)
+            pieces = [ids[:prompt]] + [ids[i : i + chunk] for i in range(prompt, len(ids), chunk)]
+            losses: list[torch.Tensor] = []
+            last: torch.Tensor | None = None
+            for n, piece in enumerate(pieces):
+                with self.runtime.lock, torch.inference_mode():
+                    self._before_step(n == 0)
+                    out = self.model(input_ids=torch.tensor([piece], device=self.device), past_key_values=cache,
+                                     use_cache=True)
+                logits = out.logits[0].float().cpu()
+                predictors = logits[:-1] if last is None else torch.cat([last[None], logits[:-1]])
+                targets = torch.tensor(piece[1:] if last is None else piece, dtype=torch.long)
+                losses.append(torch.nn.functional.cross_entropy(predictors, targets, reduction="none"))
+                last = logits[-1]
+                self.swapper.wake()
+            return torch.cat(losses)
+        finally:
+            self._busy.release()
 
     def generate(
         self, input_ids: Sequence[int], settings: SamplingSettings = SamplingSettings(),

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelFormatError
@@ -106,6 +106,6 @@ def load(folder: Path) -> tuple[MoeDesign, dict[int, LayerPlan], dict]:
                     layer, suffix = name.split(".", 1)
                     packed, scale = handle.get_tensor(f"{name}.q"), handle.get_tensor(f"{name}.s")
                     plans[int(layer)].deltas[suffix] = dequantize4(packed, scale, tuple(shape))
-    except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+    except (KeyError, ValueError, OSError, SafetensorError) as exc:
         raise ModelFormatError(f"the default model's shipped files in {folder} are damaged: {exc}") from exc
     return design, plans, recipe
