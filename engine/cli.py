@@ -61,18 +61,25 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
     return sorted(steps)
 
 
-def _build_progress(stage: str, done: int, total: int) -> None:
-    """A one-line text progress bar on stderr while the default model is built."""
-    if stage == "checking":
-        return
-    filled = int(30 * done / max(total, 1))
-    end = "\n" if stage == "writing" and done == total else ""
-    print(f"\rbuilding the default model: {stage:<12} [{'#' * filled}{'.' * (30 - filled)}]", end=end,
-          file=sys.stderr, flush=True)
+class _BuildBar:
+    """A one-line text progress bar on stderr while the default model is built (redrawn on change only)."""
+
+    def __init__(self) -> None:
+        self.shown = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "checking":
+            return
+        filled = int(30 * done / max(total, 1))
+        bar = f"\rbuilding the default model: {stage:<12} [{'#' * filled}{'.' * (30 - filled)}]"
+        if bar != self.shown:
+            self.shown = bar
+            print(bar, end="\n" if stage == "writing" and done == total else "", file=sys.stderr, flush=True)
 
 
 def _load(args: argparse.Namespace, budget: str | None = None) -> Engine:
-    return Engine.load(resolve_model(args.model, _build_progress), budget=budget or args.budget, device=args.device, policy=args.policy,
+    folder = resolve_model(args.model, _BuildBar())
+    return Engine.load(folder, budget=budget or args.budget, device=args.device, policy=args.policy,
                        ram_tier=args.ram_tier, skip_threshold=args.skip_threshold, swapper=not args.no_swapper)
 
 

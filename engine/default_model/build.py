@@ -99,14 +99,13 @@ def build(target: Path, gguf: Path, shipped_dir: Path, report: BuildProgress,
     """
     design, plans, recipe = shipped.load(shipped_dir)
     shape, dense = read_dense(gguf, lambda done, total: report("reading GGUF", done, total))
-    state = convert(shape, dense, design, plans)
+    state = convert(shape, dense, design, plans, consume=True)
     del dense
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
         report("writing", 0, 3)
-        tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
-        del state
+        tensors = {k: state.pop(k).to(dtype).contiguous() for k in list(state)}  # frees float32 as it goes
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         del tensors
         report("writing", 1, 3)

@@ -92,10 +92,11 @@ def qwen2_moe_config(shape: LlamaShape, design: MoeDesign, top_k: int | None = N
 
 
 def _split_layer(
-    dense: dict[str, torch.Tensor], layer: int, plan: LayerPlan, design: MoeDesign, routed: int
+    dense: dict[str, torch.Tensor], layer: int, plan: LayerPlan, design: MoeDesign, routed: int, consume: bool
 ) -> dict[str, torch.Tensor]:
     src = f"model.layers.{layer}.mlp"
-    gate, up, down = (dense[f"{src}.{p}_proj.weight"] for p in ("gate", "up", "down"))
+    take = dense.pop if consume else dense.__getitem__
+    gate, up, down = (take(f"{src}.{p}_proj.weight") for p in ("gate", "up", "down"))
     order = plan.order
     gate, up, down = gate[order], up[order], down[:, order]
     out: dict[str, torch.Tensor] = {f"{src}.gate.weight": plan.router, f"{src}.shared_expert_gate.weight": plan.shared_gate}
@@ -109,16 +110,21 @@ def _split_layer(
         out[f"{key}.gate_proj.weight"] = gate[cut]
         out[f"{key}.up_proj.weight"] = up[cut]
         out[f"{key}.down_proj.weight"] = down[:, cut] * float(design.num_experts)
-    for suffix, delta in plan.deltas.items():
+    for suffix in list(plan.deltas):
         name = f"{src}.{suffix}"
+        delta = plan.deltas.pop(suffix) if consume else plan.deltas[suffix]
         out[name] = out[name] + delta.to(out[name].dtype)
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def convert(
-    shape: LlamaShape, dense: dict[str, torch.Tensor], design: MoeDesign, plans: dict[int, LayerPlan]
+    shape: LlamaShape, dense: dict[str, torch.Tensor], design: MoeDesign, plans: dict[int, LayerPlan],
+    consume: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Qwen2-MoE tensors in the hub layout (per-expert keys), from dense Llama tensors and the plans."""
+    """Qwen2-MoE tensors in the hub layout (per-expert keys), from dense Llama tensors and the plans.
+
+    ``consume`` pops each dense MLP and delta once used, so a build never holds two copies of the experts.
+    """
     routed = design.routed(shape)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in dense.items():
@@ -126,7 +132,7 @@ def convert(
             continue
         out[name] = tensor
     for layer, plan in plans.items():
-        out.update(_split_layer(dense, layer, plan, design, routed))
+        out.update(_split_layer(dense, layer, plan, design, routed, consume))
         if plan.norm is not None:
             out[f"model.layers.{layer}.post_attention_layernorm.weight"] = plan.norm
     return out

@@ -106,15 +106,15 @@ def calibrate(net: Distiller, tokens: np.ndarray, windows: int, design: MoeDesig
     ids = torch.from_numpy(np.stack([tokens[s:s + SEQ] for s in starts]).astype(np.int64)).to(_device())
     routed = design.routed(shape)
     plans: dict[int, LayerPlan] = {}
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[int, list[torch.Tensor]] = {}
     with torch.no_grad(), torch.autocast(ids.device.type, torch.bfloat16, enabled=ids.device.type == "cuda"):
         for chunk in ids.split(16):
             part: dict[int, torch.Tensor] = {}
             net(chunk, student=False, capture=part)
             for layer, x in part.items():
-                captured.setdefault(layer, []).append(x.reshape(-1, shape.hidden).float())  # type: ignore[attr-defined]
+                captured.setdefault(layer, []).append(x.reshape(-1, shape.hidden).float())
     for layer in design.moe_layers(shape):
-        x = torch.cat(captured.pop(layer))  # type: ignore[arg-type]
+        x = torch.cat(captured.pop(layer))
         p = f"model.layers.{layer}.mlp"
         gate, up, down = (net._b(f"{p}.{n}_proj.weight").float() for n in ("gate", "up", "down"))
         contrib = (F.silu(x @ gate.T) * (x @ up.T)).abs() * down.norm(dim=0)  # [T, I]
