@@ -5,6 +5,10 @@
     python -m expertswap.engine.default_model.recipe.distill train --gguf G --work build/recipe \\
         --minutes 6 --out resources/default_model
 
+The shipped file came from ``prepare --samples 3``, then ``train --minutes 5.5 --balance 1e-2``, then
+``train --resume <that output> --minutes 7.2 --lr 1.5e-4 --balance 1e-2`` on one H100 (the lent GPU's
+10-minute command limit split training in two); both runs' settings and logs are in its metadata.
+
 ``prepare`` has the teacher answer ``data.chat_prompts()`` (sampled, seeded) and cuts every MoE layer:
 the neurons that matter most on calibration text form the shared expert; the rest are grouped by
 co-activation (balanced cosine k-means) into equal routed experts; each router starts as a
