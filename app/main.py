@@ -1,0 +1,38 @@
+"""``expertswap``: the desktop app. Opens the window at once and loads the default model in the background."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from PySide6.QtWidgets import QApplication
+
+
+def main(argv: list[str] | None = None) -> int:
+    import qasync
+
+    from .main_window import MainWindow
+
+    parser = argparse.ArgumentParser(prog="expertswap", description="Chat with MoE models on small machines.")
+    parser.add_argument("--model", default="default", help='model folder, or "default" (the built-in model)')
+    parser.add_argument("--budget", default="50%", help='starting expert budget ("50%%", "300MiB")')
+    args, qt_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    app = QApplication.instance() or QApplication([sys.argv[0], *qt_args])
+    app.setApplicationName("ExpertSwap")
+    window = MainWindow()
+    window.show()
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
+    closed = asyncio.Event()
+    app.aboutToQuit.connect(closed.set)
+    with loop:
+        loop.create_task(window.load_model(args.model, args.budget))
+        loop.run_until_complete(closed.wait())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The main window: chat on the left; budget, expert map and swap log on the right; stats below."""
+
+from __future__ import annotations
+
+import asyncio
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressDialog, QPushButton, QSplitter, QVBoxLayout,
+    QWidget,
+)
+
+from expertswap.engine import SamplingSettings
+
+from .budget_panel import BudgetPanel
+from .chat_view import ChatView
+from .expert_map import ExpertMap
+from .session import EngineSession
+from .swap_log import SwapLog
+
+
+class MainWindow(QMainWindow):
+    """Wires the widgets to one EngineSession; holds the conversation of the current chat."""
+
+    def __init__(self, session: EngineSession | None = None) -> None:
+        super().__init__()
+        self.setWindowTitle("ExpertSwap")
+        self.session = session or EngineSession(self)
+        self.messages: list[dict[str, str]] = []
+        self.settings = SamplingSettings(max_new_tokens=256)
+        self.model_name = ""
+        self._reply_task: asyncio.Task | None = None
+        self._progress: QProgressDialog | None = None
+
+        self.chat = ChatView()
+        self.prompt = QPlainTextEdit()
+        self.prompt.setPlaceholderText("Message (Ctrl+Enter to send, Esc to stop)")
+        self.prompt.setAccessibleName("Message")
+        self.prompt.setMaximumHeight(110)
+        self.send_button = QPushButton("Send")
+        self.send_button.setAccessibleName("Send message")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setAccessibleName("Stop reply")
+        self.stop_button.setEnabled(False)
+        self.budget = BudgetPanel()
+        self.map = ExpertMap()
+        self.log = SwapLog()
+
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.send_button)
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.addWidget(self.chat, 1)
+        left_layout.addWidget(self.prompt)
+        left_layout.addLayout(buttons)
+        legend = QLabel("Expert map: a row per MoE layer, a cell per expert. Blue: resident (darker = more "
+                        "important); orange: swapped in or out just now. Hover for details.")
+        legend.setWordWrap(True)
+        map_box = QWidget()
+        map_layout = QVBoxLayout(map_box)
+        map_layout.setContentsMargins(0, 0, 0, 0)
+        map_layout.addWidget(self.map, 1)
+        map_layout.addWidget(legend)
+        right = QSplitter(Qt.Orientation.Vertical)
+        right.addWidget(self.budget)
+        right.addWidget(map_box)
+        right.addWidget(self.log)
+        right.setSizes([120, 260, 260])
+        self.splitter = QSplitter()
+        self.splitter.addWidget(left)
+        self.splitter.addWidget(right)
+        self.splitter.setSizes([640, 480])
+        self.setCentralWidget(self.splitter)
+        self.resize(1200, 780)
+        self.statusBar().showMessage("No model loaded")
+
+        self.send_button.clicked.connect(self.send)
+        self.stop_button.clicked.connect(self.session.stop)
+        QShortcut(QKeySequence("Ctrl+Return"), self, activated=self.send)
+        QShortcut(QKeySequence(Qt.Key.Key_Escape), self, activated=self.session.stop)
+        QShortcut(QKeySequence.StandardKey.New, self, activated=self.new_chat)
+        self.budget.budget_requested.connect(self.session.set_budget)
+        self.budget.policy_changed.connect(self._set_policy)
+        s = self.session
+        s.reply_chunk.connect(self.chat.append_chunk)
+        s.residency.connect(self.map.show_residency)
+        s.swap.connect(self.map.flash_swap)
+        s.swap.connect(self.log.add)
+        s.token_stats.connect(self._show_stats)
+        s.budget.connect(lambda event: event.applied and self.budget.show_budget(event.new_bytes))
+        s.load_failed.connect(self._load_failed)
+        s.build_progress.connect(self._build_progress)
+
+    # ---- model ---------------------------------------------------------------------------------
+    async def load_model(self, model: str, budget: str = "50%") -> bool:
+        self.statusBar().showMessage(f"Loading {model}…")
+        ok = await self.session.load(model, budget, self.budget.policy.currentText())
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        if not ok:
+            return False
+        engine = self.session.engine
+        assert engine is not None
+        stats = engine.stats()
+        snapshot = engine.residency()
+        experts = sum(len(v) for v in snapshot.importance.values())
+        self.budget.configure(stats.minimum_budget_bytes, stats.total_expert_bytes, experts, stats.budget_bytes)
+        self.log.set_layers(sorted(snapshot.resident))
+        self.model_name = model
+        self._status()
+        return True
+
+    def _build_progress(self, stage: str, done: int, total: int) -> None:
+        if stage == "checking":
+            return
+        if self._progress is None:
+            self._progress = QProgressDialog("Building the default model (first launch only)…", "", 0, 100, self)
+            self._progress.setCancelButton(None)
+            self._progress.setWindowModality(Qt.WindowModality.WindowModal)
+            self._progress.setMinimumDuration(0)
+        share = done / max(total, 1)
+        self._progress.setLabelText(f"Building the default model (first launch only): {stage}")
+        self._progress.setValue(int(100 * (share if stage == "reading GGUF" else 0.9 + 0.1 * share)))
+
+    def _load_failed(self, message: str) -> None:
+        self.statusBar().showMessage("Model not loaded")
+        QMessageBox.warning(self, "Could not load the model", message)
+
+    # ---- chat ----------------------------------------------------------------------------------
+    def send(self) -> None:
+        text = self.prompt.toPlainText().strip()
+        if not text or self.session.engine is None or self._reply_task is not None:
+            return
+        self.prompt.clear()
+        self._reply_task = asyncio.ensure_future(self._reply(text))
+
+    async def _reply(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        self.chat.add_message("user", text)
+        self.chat.begin_reply()
+        self.send_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        try:
+            reply = await self.session.reply(self.messages, self.settings)
+            self.messages.append({"role": "assistant", "content": reply})
+        finally:
+            self.send_button.setEnabled(True)
+            self.stop_button.setEnabled(False)
+            self._reply_task = None
+
+    def new_chat(self) -> None:
+        self.session.stop()
+        self.messages.clear()
+        self.chat.clear()
+
+    def _set_policy(self, policy: str) -> None:
+        self.session.set_policy(policy)
+        self._status()
+
+    # ---- status --------------------------------------------------------------------------------
+    def _show_stats(self, stats) -> None:
+        self._status(f"{stats.tokens_per_s:.1f} tok/s · hit rate {stats.hit_rate:.0%}")
+
+    def _status(self, extra: str = "") -> None:
+        engine = self.session.engine
+        if engine is None:
+            return
+        parts = [self.model_name, str(engine.device), self.budget.policy.currentText()] + ([extra] if extra else [])
+        self.statusBar().showMessage(" · ".join(parts))
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self.session.stop()
+        self.session.close()
+        super().closeEvent(event)

@@ -1,0 +1,107 @@
+"""The GUI's one door to the engine: loads, replies and telemetry as Qt signals, never blocking the GUI.
+
+Blocking work (building the default model, loading, generating) runs on worker threads through
+asyncio (qasync's loop is Qt's loop); telemetry is drained on a timer and re-emitted as typed signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from PySide6.QtCore import QObject, QTimer, Signal
+
+from expertswap.engine import Engine, ExpertSwapError, SamplingSettings
+from expertswap.engine.default_model import resolve_model
+from expertswap.engine.telemetry import BudgetChange, MemorySample, ResidencySnapshot, SwapEvent, TokenStats
+
+DRAIN_MS = 100
+
+
+class EngineSession(QObject):
+    """Owns at most one Engine; every state change is announced by a signal."""
+
+    build_progress = Signal(str, int, int)
+    loaded = Signal(object)  # the Engine
+    load_failed = Signal(str)
+    reply_chunk = Signal(str)
+    reply_finished = Signal(str)  # "done" | "stopped" | an error in words
+    swap = Signal(object)
+    residency = Signal(object)
+    token_stats = Signal(object)
+    memory = Signal(object)
+    budget = Signal(object)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.engine: Engine | None = None
+        self._stopping = False
+        self._subscription = None
+        self._timer = QTimer(self)
+        self._timer.setInterval(DRAIN_MS)
+        self._timer.timeout.connect(self.drain)
+
+    async def load(self, model: str, budget: str = "50%", policy: str = "exact") -> bool:
+        """Build (if "default") and load ``model``; on failure the old engine stays and ``load_failed`` says why."""
+        try:
+            folder = await asyncio.to_thread(resolve_model, model, self.build_progress.emit)
+            engine = await asyncio.to_thread(Engine.load, folder, budget, "cpu", policy)
+        except ExpertSwapError as exc:
+            self.load_failed.emit(f"{type(exc).__name__}: {exc}")
+            return False
+        self.close()
+        self.engine = engine
+        self._subscription = engine.subscribe()
+        self._timer.start()
+        self.loaded.emit(engine)
+        self.residency.emit(engine.residency())
+        return True
+
+    async def reply(self, messages: Sequence[dict[str, str]], settings: SamplingSettings) -> str:
+        """Stream a reply into ``reply_chunk``; returns the full text (also when stopped)."""
+        assert self.engine is not None, "no model loaded"
+        parts: list[str] = []
+        outcome = "done"
+        self._stopping = False
+        try:
+            async for chunk in self.engine.stream_chat(messages, settings):
+                parts.append(chunk.text)
+                self.reply_chunk.emit(chunk.text)
+        except ExpertSwapError as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        if outcome == "done" and self._stopping:
+            outcome = "stopped"
+        self.drain()
+        self.reply_finished.emit(outcome)
+        return "".join(parts)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self.engine is not None:
+            self.engine.cancel()
+
+    def set_budget(self, budget_bytes: int) -> None:
+        if self.engine is not None:
+            self.engine.set_budget(int(budget_bytes))
+
+    def set_policy(self, policy: str) -> None:
+        if self.engine is not None:
+            self.engine.set_policy(policy)
+
+    def drain(self) -> None:
+        """Re-emit queued telemetry on the GUI thread, each event on its own signal."""
+        if self._subscription is None:
+            return
+        signals = {SwapEvent: self.swap, ResidencySnapshot: self.residency, TokenStats: self.token_stats,
+                   MemorySample: self.memory, BudgetChange: self.budget}
+        for event in self._subscription.drain():
+            signal = signals.get(type(event))
+            if signal is not None:
+                signal.emit(event)
+
+    def close(self) -> None:
+        self._timer.stop()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            self._subscription = None

@@ -1,0 +1,60 @@
+"""Newest-first, bounded log of swap events, filterable by layer."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtWidgets import QComboBox, QHeaderView, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+
+from expertswap.engine import format_bytes
+
+MAX_ROWS = 500
+COLUMNS = ["time", "layer", "in", "out", "bytes", "ms", "reason"]
+
+
+class SwapLog(QWidget):
+    """Keeps the last ``MAX_ROWS`` events; the layer filter hides the other layers' rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filter = QComboBox()
+        self.filter.addItem("all layers", None)
+        self.filter.setAccessibleName("Swap log layer filter")
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setAccessibleName("Swap log")
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.filter.currentIndexChanged.connect(self._apply_filter)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.filter)
+        layout.addWidget(self.table)
+
+    def set_layers(self, layers: list[int]) -> None:
+        self.filter.blockSignals(True)
+        self.filter.clear()
+        self.filter.addItem("all layers", None)
+        for layer in layers:
+            self.filter.addItem(f"layer {layer}", layer)
+        self.filter.blockSignals(False)
+
+    def add(self, event) -> None:
+        self.table.insertRow(0)
+        values = [time.strftime("%H:%M:%S"), str(event.layer), _expert(event.expert_in), _expert(event.expert_out),
+                  format_bytes(event.bytes), f"{event.ms:.1f}", event.reason]
+        for column, value in enumerate(values):
+            self.table.setItem(0, column, QTableWidgetItem(value))
+        if self.table.rowCount() > MAX_ROWS:
+            self.table.removeRow(self.table.rowCount() - 1)
+        wanted = self.filter.currentData()
+        self.table.setRowHidden(0, wanted is not None and event.layer != wanted)
+
+    def _apply_filter(self) -> None:
+        wanted = self.filter.currentData()
+        for row in range(self.table.rowCount()):
+            self.table.setRowHidden(row, wanted is not None and self.table.item(row, 1).text() != str(wanted))
+
+
+def _expert(index: int) -> str:
+    return "-" if index < 0 else str(index)

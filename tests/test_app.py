@@ -1,0 +1,112 @@
+"""The desktop app, offscreen, on a tiny random model: streaming, stop, slider, map, log, load errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import qasync
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QMessageBox
+
+from expertswap.app.main_window import MainWindow
+from expertswap.engine import SamplingSettings
+
+
+@pytest.fixture
+def loop(qapp):
+    loop = qasync.QEventLoop(qapp)
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()  # joins the executor threads that asyncio.to_thread started
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def window(qtbot, loop, tiny_model):
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    assert loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe")), budget="100%"))
+    yield win
+    win.session.close()
+
+
+def _run_reply(loop, window: MainWindow, text: str, stop_after: int | None = None) -> tuple[list[str], list[str], int]:
+    chunks, finished, ticks = [], [], [0]
+    timer = QTimer(interval=5)
+    timer.timeout.connect(lambda: ticks.__setitem__(0, ticks[0] + 1))
+    window.session.reply_chunk.connect(chunks.append)
+    window.session.reply_finished.connect(finished.append)
+    if stop_after is not None:
+        window.session.reply_chunk.connect(lambda _: len(chunks) >= stop_after and window.session.stop())
+    timer.start()
+    window.prompt.setPlainText(text)
+    window.send()
+    loop.run_until_complete(window._reply_task)
+    timer.stop()
+    return chunks, finished, ticks[0]
+
+
+def test_reply_streams_into_the_view_and_gui_stays_responsive(window: MainWindow, loop) -> None:
+    window.settings = SamplingSettings(max_new_tokens=24)
+    chunks, finished, ticks = _run_reply(loop, window, "Hello there")
+    assert len(chunks) == 24 and finished == ["done"]
+    assert ticks > 3  # the GUI thread kept running timers while tokens were generated
+    reply = "".join(chunks)
+    assert window.messages[-1] == {"role": "assistant", "content": reply}
+    assert reply.strip()[:10] in window.chat.toPlainText()
+    assert window.send_button.isEnabled() and not window.stop_button.isEnabled()
+
+
+def test_stop_ends_the_reply(window: MainWindow, loop) -> None:
+    window.settings = SamplingSettings(max_new_tokens=200)
+    chunks, finished, _ = _run_reply(loop, window, "Tell me everything", stop_after=3)
+    assert finished == ["stopped"] and 3 <= len(chunks) < 200
+
+
+def test_slider_resizes_the_committee_and_telemetry_reaches_map_and_log(window: MainWindow, loop, qtbot) -> None:
+    engine = window.session.engine
+    before = sum(engine.residency().capacity.values())
+    window.budget.slider.setValue(0)  # the minimum committee
+    qtbot.waitUntil(lambda: engine.stats().budget_bytes == engine.stats().minimum_budget_bytes, timeout=3000)
+    assert sum(engine.residency().capacity.values()) < before
+    assert "experts" in window.budget.label.text()
+    window.settings = SamplingSettings(max_new_tokens=16)
+    _run_reply(loop, window, "Swap some experts please")
+    window.session.drain()
+    assert window.log.table.rowCount() > 0  # swap events arrived
+    shown = {layer: experts for layer, experts in window.map.resident.items()}
+    assert shown == {layer: set(experts) for layer, experts in engine.residency().resident.items()}
+    assert all(len(v) <= engine.residency().capacity[k] for k, v in shown.items())
+
+
+def test_broken_model_folder_shows_the_error_and_app_stays_usable(
+    qtbot, loop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown: list[str] = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: shown.append(text))
+    win = MainWindow()
+    qtbot.addWidget(win)
+    (tmp_path / "config.json").write_text("{not json")
+    assert not loop.run_until_complete(win.load_model(str(tmp_path)))
+    assert shown and "ModelFormatError" in shown[0]
+    assert win.session.engine is None and win.isEnabled()
+
+
+def test_expert_map_survives_long_painting(qtbot) -> None:
+    """Hundreds of thousands of painted cells (a long session) must not corrupt the interpreter."""
+    from types import SimpleNamespace
+
+    from expertswap.app.expert_map import ExpertMap
+
+    view = ExpertMap()
+    qtbot.addWidget(view)
+    view.resize(400, 300)
+    view.show_residency(SimpleNamespace(resident={layer: [0, 1] for layer in range(28)},
+                                        importance={layer: [1.0] * 8 for layer in range(28)}, capacity={}))
+    for i in range(1200):
+        view.flash_swap(SimpleNamespace(layer=i % 28, expert_in=i % 8, expert_out=(i + 3) % 8))
+        view.repaint()
+    assert view.resident[0]  # still alive, state intact
