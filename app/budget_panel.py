@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
 
 from expertswap.engine import format_bytes
 
@@ -28,6 +28,9 @@ class BudgetPanel(QWidget):
         self.policy = QComboBox()
         self.policy.addItems(["exact", "substitute", "skip", "cpu"])
         self.policy.setAccessibleName("Miss policy")
+        self.follow = QCheckBox("Follow free memory")
+        self.follow.setAccessibleName("Follow free memory")
+        self.follow.setToolTip("Grow or shrink the budget by itself as other programs use or free memory")
         self._debounce = QTimer(self, singleShot=True, interval=150)
         self._debounce.timeout.connect(lambda: self.budget_requested.emit(self.requested_bytes()))
         self.slider.valueChanged.connect(self._moved)
@@ -35,6 +38,7 @@ class BudgetPanel(QWidget):
         row = QHBoxLayout()
         row.addWidget(QLabel("Policy"))
         row.addWidget(self.policy)
+        row.addWidget(self.follow)
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("Memory budget for experts"))
         layout.addWidget(self.slider)

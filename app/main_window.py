@@ -1,39 +1,54 @@
-"""The main window: chat on the left; budget, expert map and swap log on the right; stats below."""
+"""The main window: conversations, chat and reply settings on the left; budget, expert map, swap log right."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QSettings, QStandardPaths, Qt
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressDialog, QPushButton, QSplitter, QVBoxLayout,
-    QWidget,
+    QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressDialog, QPushButton,
+    QSplitter, QVBoxLayout, QWidget,
 )
-
-from expertswap.engine import SamplingSettings
 
 from .budget_panel import BudgetPanel
 from .chat_view import ChatView
+from .conversations import ConversationStore
 from .expert_map import ExpertMap
+from .history_panel import HistoryPanel
+from .reply_settings import ReplySettings
 from .session import EngineSession
 from .swap_log import SwapLog
 
+TITLE_CHARS = 48
+
+
+def default_store() -> ConversationStore:
+    """conversations.sqlite3 in the platform's app-data folder."""
+    folder = Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppDataLocation))
+    return ConversationStore(folder / "conversations.sqlite3")
+
 
 class MainWindow(QMainWindow):
-    """Wires the widgets to one EngineSession; holds the conversation of the current chat."""
+    """Wires the widgets to one EngineSession and one ConversationStore."""
 
-    def __init__(self, session: EngineSession | None = None) -> None:
+    def __init__(self, session: EngineSession | None = None, store: ConversationStore | None = None,
+                 settings: QSettings | None = None) -> None:
         super().__init__()
         self.setWindowTitle("ExpertSwap")
         self.session = session or EngineSession(self)
+        self.store = store or default_store()
+        self.state = settings or QSettings("ExpertSwap", "ExpertSwap")
         self.messages: list[dict[str, str]] = []
-        self.settings = SamplingSettings(max_new_tokens=256)
+        self.conversation: int | None = None
         self.model_name = ""
         self._reply_task: asyncio.Task | None = None
         self._progress: QProgressDialog | None = None
 
+        self.history = HistoryPanel(self.store)
         self.chat = ChatView()
+        self.reply_settings = ReplySettings()
         self.prompt = QPlainTextEdit()
         self.prompt.setPlaceholderText("Message (Ctrl+Enter to send, Esc to stop)")
         self.prompt.setAccessibleName("Message")
@@ -46,16 +61,24 @@ class MainWindow(QMainWindow):
         self.budget = BudgetPanel()
         self.map = ExpertMap()
         self.log = SwapLog()
+        self._build_layout()
+        self._connect()
+        self._restore_state()
 
+    def _build_layout(self) -> None:
         buttons = QHBoxLayout()
         buttons.addStretch(1)
         buttons.addWidget(self.stop_button)
         buttons.addWidget(self.send_button)
-        left = QWidget()
-        left_layout = QVBoxLayout(left)
-        left_layout.addWidget(self.chat, 1)
-        left_layout.addWidget(self.prompt)
-        left_layout.addLayout(buttons)
+        chat_box = QWidget()
+        chat_layout = QVBoxLayout(chat_box)
+        chat_layout.addWidget(self.chat, 1)
+        chat_layout.addWidget(self.prompt)
+        chat_layout.addLayout(buttons)
+        left = QSplitter(Qt.Orientation.Vertical)
+        left.addWidget(chat_box)
+        left.addWidget(self.reply_settings)
+        left.setSizes([640, 120])
         legend = QLabel("Expert map: a row per MoE layer, a cell per expert. Blue: resident (darker = more "
                         "important); orange: swapped in or out just now. Hover for details.")
         legend.setWordWrap(True)
@@ -68,15 +91,17 @@ class MainWindow(QMainWindow):
         right.addWidget(self.budget)
         right.addWidget(map_box)
         right.addWidget(self.log)
-        right.setSizes([120, 260, 260])
+        right.setSizes([150, 260, 260])
         self.splitter = QSplitter()
+        self.splitter.addWidget(self.history)
         self.splitter.addWidget(left)
         self.splitter.addWidget(right)
-        self.splitter.setSizes([640, 480])
+        self.splitter.setSizes([200, 560, 460])
         self.setCentralWidget(self.splitter)
-        self.resize(1200, 780)
+        self.resize(1280, 800)
         self.statusBar().showMessage("No model loaded")
 
+    def _connect(self) -> None:
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.session.stop)
         QShortcut(QKeySequence("Ctrl+Return"), self, activated=self.send)
@@ -84,6 +109,11 @@ class MainWindow(QMainWindow):
         QShortcut(QKeySequence.StandardKey.New, self, activated=self.new_chat)
         self.budget.budget_requested.connect(self.session.set_budget)
         self.budget.policy_changed.connect(self._set_policy)
+        self.budget.follow.toggled.connect(self.session.follow_free_memory)
+        self.history.opened.connect(self.open_conversation)
+        self.history.new_requested.connect(self.new_chat)
+        self.history.export_requested.connect(self._ask_export)
+        self.history.delete_requested.connect(self._delete_conversation)
         s = self.session
         s.reply_chunk.connect(self.chat.append_chunk)
         s.residency.connect(self.map.show_residency)
@@ -93,6 +123,21 @@ class MainWindow(QMainWindow):
         s.budget.connect(lambda event: event.applied and self.budget.show_budget(event.new_bytes))
         s.load_failed.connect(self._load_failed)
         s.build_progress.connect(self._build_progress)
+
+    # ---- window state ------------------------------------------------------------------------
+    def _restore_state(self) -> None:
+        if (geometry := self.state.value("geometry")) is not None:
+            self.restoreGeometry(geometry)
+        if (splitter := self.state.value("splitter")) is not None:
+            self.splitter.restoreState(splitter)
+
+    def _save_state(self) -> None:
+        self.state.setValue("geometry", self.saveGeometry())
+        self.state.setValue("splitter", self.splitter.saveState())
+        if self.session.engine is not None:
+            self.state.setValue("model", self.model_name)
+            self.state.setValue("budget", str(self.session.engine.stats().budget_bytes))
+        self.state.sync()
 
     # ---- model ---------------------------------------------------------------------------------
     async def load_model(self, model: str, budget: str = "50%") -> bool:
@@ -124,7 +169,7 @@ class MainWindow(QMainWindow):
             self._progress.setMinimumDuration(0)
         share = done / max(total, 1)
         self._progress.setLabelText(f"Building the default model (first launch only): {stage}")
-        self._progress.setValue(int(100 * (share if stage == "reading GGUF" else 0.9 + 0.1 * share)))
+        self._progress.setValue(int(100 * (0.9 * share if stage == "reading GGUF" else 0.9 + 0.1 * share)))
 
     def _load_failed(self, message: str) -> None:
         self.statusBar().showMessage("Model not loaded")
@@ -139,23 +184,54 @@ class MainWindow(QMainWindow):
         self._reply_task = asyncio.ensure_future(self._reply(text))
 
     async def _reply(self, text: str) -> None:
+        if self.conversation is None:
+            self.conversation = self.store.create(text[:TITLE_CHARS], self.reply_settings.system.text().strip())
+        self.store.add(self.conversation, "user", text)
         self.messages.append({"role": "user", "content": text})
         self.chat.add_message("user", text)
         self.chat.begin_reply()
         self.send_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         try:
-            reply = await self.session.reply(self.messages, self.settings)
+            system = self.store.get(self.conversation).system
+            context = ([{"role": "system", "content": system}] if system else []) + self.messages
+            reply = await self.session.reply(context, self.reply_settings.sampling())
             self.messages.append({"role": "assistant", "content": reply})
+            self.store.add(self.conversation, "assistant", reply)
         finally:
             self.send_button.setEnabled(True)
             self.stop_button.setEnabled(False)
             self._reply_task = None
+            self.history.refresh()
 
     def new_chat(self) -> None:
         self.session.stop()
+        self.conversation = None
         self.messages.clear()
         self.chat.clear()
+
+    def open_conversation(self, conversation: int) -> None:
+        if self._reply_task is not None:
+            return
+        self.conversation = conversation
+        self.messages = self.store.messages(conversation)
+        self.chat.clear()
+        for message in self.messages:
+            self.chat.add_message(message["role"], message["content"])
+
+    def export_conversation(self, conversation: int, path: Path) -> None:
+        path.write_text(self.store.to_markdown(conversation), encoding="utf-8")
+
+    def _ask_export(self, conversation: int) -> None:
+        name, _ = QFileDialog.getSaveFileName(self, "Export conversation", "conversation.md", "Markdown (*.md)")
+        if name:
+            self.export_conversation(conversation, Path(name))
+
+    def _delete_conversation(self, conversation: int) -> None:
+        self.store.delete(conversation)
+        if conversation == self.conversation:
+            self.new_chat()
+        self.history.refresh()
 
     def _set_policy(self, policy: str) -> None:
         self.session.set_policy(policy)
@@ -173,6 +249,8 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(" · ".join(parts))
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self._save_state()
         self.session.stop()
         self.session.close()
+        self.store.close()
         super().closeEvent(event)

@@ -88,6 +88,10 @@ class EngineSession(QObject):
         if self.engine is not None:
             self.engine.set_policy(policy)
 
+    def follow_free_memory(self, enabled: bool) -> None:
+        if self.engine is not None:
+            self.engine.follow_free_memory(enabled)
+
     def drain(self) -> None:
         """Re-emit queued telemetry on the GUI thread, each event on its own signal."""
         if self._subscription is None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import qasync
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import QSettings, QTimer
 from PySide6.QtWidgets import QMessageBox
 
+from expertswap.app.conversations import ConversationStore
 from expertswap.app.main_window import MainWindow
-from expertswap.engine import SamplingSettings
 
 
 @pytest.fixture
@@ -23,10 +23,16 @@ def loop(qapp):
     asyncio.set_event_loop(None)
 
 
-@pytest.fixture
-def window(qtbot, loop, tiny_model):
-    win = MainWindow()
+def _make_window(qtbot, folder: Path) -> MainWindow:
+    settings = QSettings(str(folder / "state.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(store=ConversationStore(folder / "conversations.sqlite3"), settings=settings)
     qtbot.addWidget(win)
+    return win
+
+
+@pytest.fixture
+def window(qtbot, loop, tiny_model, tmp_path: Path):
+    win = _make_window(qtbot, tmp_path)
     win.show()
     assert loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe")), budget="100%"))
     yield win
@@ -50,7 +56,7 @@ def _run_reply(loop, window: MainWindow, text: str, stop_after: int | None = Non
 
 
 def test_reply_streams_into_the_view_and_gui_stays_responsive(window: MainWindow, loop) -> None:
-    window.settings = SamplingSettings(max_new_tokens=24)
+    window.reply_settings.max_tokens.setValue(24)
     chunks, finished, ticks = _run_reply(loop, window, "Hello there")
     assert len(chunks) == 24 and finished == ["done"]
     assert ticks > 3  # the GUI thread kept running timers while tokens were generated
@@ -61,7 +67,7 @@ def test_reply_streams_into_the_view_and_gui_stays_responsive(window: MainWindow
 
 
 def test_stop_ends_the_reply(window: MainWindow, loop) -> None:
-    window.settings = SamplingSettings(max_new_tokens=200)
+    window.reply_settings.max_tokens.setValue(200)
     chunks, finished, _ = _run_reply(loop, window, "Tell me everything", stop_after=3)
     assert finished == ["stopped"] and 3 <= len(chunks) < 200
 
@@ -73,7 +79,7 @@ def test_slider_resizes_the_committee_and_telemetry_reaches_map_and_log(window: 
     qtbot.waitUntil(lambda: engine.stats().budget_bytes == engine.stats().minimum_budget_bytes, timeout=3000)
     assert sum(engine.residency().capacity.values()) < before
     assert "experts" in window.budget.label.text()
-    window.settings = SamplingSettings(max_new_tokens=16)
+    window.reply_settings.max_tokens.setValue(16)
     _run_reply(loop, window, "Swap some experts please")
     window.session.drain()
     assert window.log.table.rowCount() > 0  # swap events arrived
@@ -87,8 +93,7 @@ def test_broken_model_folder_shows_the_error_and_app_stays_usable(
 ) -> None:
     shown: list[str] = []
     monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: shown.append(text))
-    win = MainWindow()
-    qtbot.addWidget(win)
+    win = _make_window(qtbot, tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     assert not loop.run_until_complete(win.load_model(str(tmp_path)))
     assert shown and "ModelFormatError" in shown[0]
@@ -110,3 +115,31 @@ def test_expert_map_survives_long_painting(qtbot) -> None:
         view.flash_swap(SimpleNamespace(layer=i % 28, expert_in=i % 8, expert_out=(i + 3) % 8))
         view.repaint()
     assert view.resident[0]  # still alive, state intact
+
+
+def test_conversations_and_window_state_survive_a_restart(qtbot, loop, tiny_model, tmp_path: Path) -> None:
+    first = _make_window(qtbot, tmp_path)
+    assert loop.run_until_complete(first.load_model(str(tiny_model("qwen3_moe")), budget="100%"))
+    first.reply_settings.system.setText("Be brief.")
+    first.reply_settings.max_tokens.setValue(8)
+    _run_reply(loop, first, "First question")
+    _run_reply(loop, first, "Second question")
+    saved = list(first.messages)
+    first.resize(700, 500)  # inside the offscreen screen, which restoreGeometry clamps to
+    first.close()
+
+    second = _make_window(qtbot, tmp_path)
+    assert (second.size().width(), second.size().height()) == (700, 500)
+    assert second.history.list.count() == 1
+    second.open_conversation(second.history.list.item(0).data(0x0100))
+    assert second.messages == saved and [m["role"] for m in saved] == ["user", "assistant"] * 2
+    assert "Second question" in second.chat.toPlainText()
+    second.history.search.setText("nothing like this")
+    assert second.history.list.count() == 0
+    second.history.search.setText("Second")
+    assert second.history.list.count() == 1
+    exported = tmp_path / "chat.md"
+    second.export_conversation(second.conversation, exported)
+    text = exported.read_text()
+    assert text.startswith("# First question") and "*System:* Be brief." in text
+    assert saved[-1]["content"].strip() in text
