@@ -9,10 +9,11 @@ from PySide6.QtCore import QSettings, QStandardPaths, Qt
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressDialog, QPushButton,
-    QSplitter, QVBoxLayout, QWidget,
+    QSplitter, QTabWidget, QVBoxLayout, QWidget,
 )
 
 from .budget_panel import BudgetPanel
+from .charts import Charts
 from .chat_view import ChatView
 from .conversations import ConversationStore
 from .expert_map import ExpertMap
@@ -61,6 +62,7 @@ class MainWindow(QMainWindow):
         self.budget = BudgetPanel()
         self.map = ExpertMap()
         self.log = SwapLog()
+        self.charts = Charts()
         self._build_layout()
         self._connect()
         self._restore_state()
@@ -90,7 +92,10 @@ class MainWindow(QMainWindow):
         right = QSplitter(Qt.Orientation.Vertical)
         right.addWidget(self.budget)
         right.addWidget(map_box)
-        right.addWidget(self.log)
+        tabs = QTabWidget()
+        tabs.addTab(self.log, "Swap log")
+        tabs.addTab(self.charts, "Memory and speed")
+        right.addWidget(tabs)
         right.setSizes([150, 260, 260])
         self.splitter = QSplitter()
         self.splitter.addWidget(self.history)
@@ -120,6 +125,8 @@ class MainWindow(QMainWindow):
         s.swap.connect(self.map.flash_swap)
         s.swap.connect(self.log.add)
         s.token_stats.connect(self._show_stats)
+        s.token_stats.connect(self.charts.add_token)
+        s.memory.connect(self.charts.add_memory)
         s.budget.connect(lambda event: event.applied and self.budget.show_budget(event.new_bytes))
         s.load_failed.connect(self._load_failed)
         s.build_progress.connect(self._build_progress)

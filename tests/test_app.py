@@ -88,6 +88,20 @@ def test_slider_resizes_the_committee_and_telemetry_reaches_map_and_log(window: 
     assert all(len(v) <= engine.residency().capacity[k] for k, v in shown.items())
 
 
+def test_charts_follow_memory_samples_and_token_stats(window: MainWindow, loop, qtbot) -> None:
+    samples, stats = [], []
+    window.session.memory.connect(samples.append)
+    window.session.token_stats.connect(stats.append)
+    window.reply_settings.max_tokens.setValue(12)
+    _run_reply(loop, window, "Charts please")
+    qtbot.waitUntil(lambda: len(samples) >= 1, timeout=3000)  # memory is sampled every 0.5 s
+    memory, speed = window.charts.memory, window.charts.speed
+    assert list(memory.y["process RSS"])[-1] == samples[-1].rss_bytes / 2**20
+    assert list(memory.y["budget"])[-1] == samples[-1].budget_bytes / 2**20
+    assert len(speed.x) == len(stats) == 12
+    assert list(speed.y["hit rate %"])[-1] == 100.0 * stats[-1].hit_rate
+
+
 def test_broken_model_folder_shows_the_error_and_app_stays_usable(
     qtbot, loop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
