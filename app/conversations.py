@@ -53,6 +53,14 @@ class ConversationStore:
         rows = self.db.execute("SELECT role, content FROM messages WHERE conversation = ? ORDER BY id", (conversation,))
         return [{"role": role, "content": content} for role, content in rows]
 
+    def truncate(self, conversation: int, keep: int) -> None:
+        """Keep only the first ``keep`` messages (regenerate and edit rewrite the tail)."""
+        with self.db:
+            self.db.execute(
+                "DELETE FROM messages WHERE conversation = ? AND id NOT IN "
+                "(SELECT id FROM messages WHERE conversation = ? ORDER BY id LIMIT ?)",
+                (conversation, conversation, keep))
+
     def get(self, conversation: int) -> Conversation:
         row = self.db.execute("SELECT id, title, system, updated FROM conversations WHERE id = ?",
                               (conversation,)).fetchone()

@@ -8,7 +8,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, QStandardPaths, Qt
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressDialog, QPushButton,
+    QApplication, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressDialog, QPushButton,
     QSplitter, QTabWidget, QVBoxLayout, QWidget,
 )
 
@@ -59,6 +59,12 @@ class MainWindow(QMainWindow):
         self.stop_button = QPushButton("Stop")
         self.stop_button.setAccessibleName("Stop reply")
         self.stop_button.setEnabled(False)
+        self.regenerate_button = QPushButton("Regenerate")
+        self.regenerate_button.setAccessibleName("Regenerate the last reply")
+        self.edit_button = QPushButton("Edit last")
+        self.edit_button.setAccessibleName("Edit the last message")
+        self.copy_button = QPushButton("Copy reply")
+        self.copy_button.setAccessibleName("Copy the last reply")
         self.budget = BudgetPanel()
         self.map = ExpertMap()
         self.log = SwapLog()
@@ -69,6 +75,8 @@ class MainWindow(QMainWindow):
 
     def _build_layout(self) -> None:
         buttons = QHBoxLayout()
+        for button in (self.copy_button, self.edit_button, self.regenerate_button):
+            buttons.addWidget(button)
         buttons.addStretch(1)
         buttons.addWidget(self.stop_button)
         buttons.addWidget(self.send_button)
@@ -109,6 +117,9 @@ class MainWindow(QMainWindow):
     def _connect(self) -> None:
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.session.stop)
+        self.regenerate_button.clicked.connect(self.regenerate)
+        self.edit_button.clicked.connect(self.edit_last)
+        self.copy_button.clicked.connect(self.copy_last_reply)
         QShortcut(QKeySequence("Ctrl+Return"), self, activated=self.send)
         QShortcut(QKeySequence(Qt.Key.Key_Escape), self, activated=self.session.stop)
         QShortcut(QKeySequence.StandardKey.New, self, activated=self.new_chat)
@@ -185,10 +196,45 @@ class MainWindow(QMainWindow):
     # ---- chat ----------------------------------------------------------------------------------
     def send(self) -> None:
         text = self.prompt.toPlainText().strip()
-        if not text or self.session.engine is None or self._reply_task is not None:
+        if not text or not self._idle():
             return
         self.prompt.clear()
         self._reply_task = asyncio.ensure_future(self._reply(text))
+
+    def regenerate(self) -> None:
+        """Drop the last reply and answer the same message again."""
+        if not self._idle() or not self.messages or self.messages[-1]["role"] != "assistant":
+            return
+        self._truncate(len(self.messages) - 1)
+        self.chat.begin_reply()
+        self._reply_task = asyncio.ensure_future(self._answer())
+
+    def edit_last(self) -> None:
+        """Put the last message back in the input box and forget it and its reply."""
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if not self._idle() or not users:
+            return
+        self.prompt.setPlainText(self.messages[users[-1]]["content"])
+        self._truncate(users[-1])
+
+    def copy_last_reply(self) -> None:
+        replies = [m["content"] for m in self.messages if m["role"] == "assistant"]
+        if replies:
+            QApplication.clipboard().setText(replies[-1])
+
+    def _idle(self) -> bool:
+        return self.session.engine is not None and self._reply_task is None
+
+    def _truncate(self, keep: int) -> None:
+        del self.messages[keep:]
+        if self.conversation is not None:
+            self.store.truncate(self.conversation, keep)
+        self._render()
+
+    def _render(self) -> None:
+        self.chat.clear()
+        for message in self.messages:
+            self.chat.add_message(message["role"], message["content"])
 
     async def _reply(self, text: str) -> None:
         if self.conversation is None:
@@ -197,6 +243,11 @@ class MainWindow(QMainWindow):
         self.messages.append({"role": "user", "content": text})
         self.chat.add_message("user", text)
         self.chat.begin_reply()
+        await self._answer()
+
+    async def _answer(self) -> None:
+        """Stream the assistant's answer to ``self.messages``; stored even when stopped."""
+        assert self.conversation is not None
         self.send_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         try:
@@ -222,9 +273,7 @@ class MainWindow(QMainWindow):
             return
         self.conversation = conversation
         self.messages = self.store.messages(conversation)
-        self.chat.clear()
-        for message in self.messages:
-            self.chat.add_message(message["role"], message["content"])
+        self._render()
 
     def export_conversation(self, conversation: int, path: Path) -> None:
         path.write_text(self.store.to_markdown(conversation), encoding="utf-8")

@@ -157,3 +157,22 @@ def test_conversations_and_window_state_survive_a_restart(qtbot, loop, tiny_mode
     text = exported.read_text()
     assert text.startswith("# First question") and "*System:* Be brief." in text
     assert saved[-1]["content"].strip() in text
+
+
+def test_regenerate_edit_and_copy(window: MainWindow, loop, tmp_path: Path) -> None:
+    from PySide6.QtWidgets import QApplication
+
+    window.reply_settings.max_tokens.setValue(6)
+    window.reply_settings.temperature.setValue(1.0)  # sampled, so a regenerated reply is a new draw
+    _run_reply(loop, window, "One")
+    _run_reply(loop, window, "Two")
+    window.regenerate()
+    loop.run_until_complete(window._reply_task)
+    assert [m["role"] for m in window.messages] == ["user", "assistant"] * 2
+    assert window.store.messages(window.conversation) == window.messages
+    assert window.chat.toPlainText().count("Assistant") == 2
+    window.copy_last_reply()
+    assert QApplication.clipboard().text() == window.messages[-1]["content"]
+    window.edit_last()
+    assert window.prompt.toPlainText() == "Two"
+    assert window.messages == window.store.messages(window.conversation) and len(window.messages) == 2
