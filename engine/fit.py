@@ -1,0 +1,115 @@
+"""Will a model fit? Sizes read from config.json and the safetensors headers alone, before loading."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoConfig
+
+from .budget import format_bytes, parse_budget
+from .checkpoint import Checkpoint, check_model_folder
+from .errors import ModelFormatError
+from .families import Family, family_for
+
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """What a load at ``budget_bytes`` needs next to what the machine has free."""
+
+    family: str
+    non_expert_bytes: int
+    total_expert_bytes: int
+    minimum_budget_bytes: int
+    budget_bytes: int
+    kv_cache_bytes: int
+    context_tokens: int
+    free_ram_bytes: int
+    free_vram_bytes: int | None
+    device: str
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.non_expert_bytes + self.budget_bytes + self.kv_cache_bytes
+
+    @property
+    def fits(self) -> bool:
+        free = self.free_vram_bytes if self.free_vram_bytes is not None else self.free_ram_bytes
+        return self.budget_bytes >= self.minimum_budget_bytes and self.needed_bytes <= free
+
+    def warning(self) -> str:
+        """A plain sentence when it will not fit, else an empty string."""
+        where = "GPU memory" if self.free_vram_bytes is not None else "free RAM"
+        free = self.free_vram_bytes if self.free_vram_bytes is not None else self.free_ram_bytes
+        if self.budget_bytes < self.minimum_budget_bytes:
+            return (f"The budget {format_bytes(self.budget_bytes)} is below this model's minimum of "
+                    f"{format_bytes(self.minimum_budget_bytes)} (its top-k experts in every MoE layer).")
+        if self.needed_bytes > free:
+            return (f"This will not fit: it needs {format_bytes(self.needed_bytes)} (weights outside the experts "
+                    f"{format_bytes(self.non_expert_bytes)}, experts {format_bytes(self.budget_bytes)}, KV cache "
+                    f"{format_bytes(self.kv_cache_bytes)}) but only {format_bytes(free)} of {where} is available. "
+                    "Lower the budget or the context length.")
+        return ""
+
+
+def _expert_pattern(family: Family) -> re.Pattern[str]:
+    """Any of the family's expert keys; the first group that matched is the layer number."""
+    prefix = re.escape(family.disk_prefix).replace(r"\{layer\}", r"(\d+)")
+    templates = {t for layout in family.layouts for ts in layout.values() for t in ts}
+    bodies = sorted(re.escape(t).replace(r"\{prefix\}", prefix).replace(r"\{expert\}", r"\d+") for t in templates)
+    return re.compile("|".join(f"(?:{b})" for b in bodies))
+
+
+def _layer_of(match: re.Match[str]) -> int:
+    return int(next(g for g in match.groups() if g is not None))
+
+
+def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens: int = 4096,
+               device: str = "cpu") -> FitReport:
+    """Sizes of a model folder and the machine's free memory; reads no weights."""
+    folder = check_model_folder(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelFormatError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+    family = family_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
+    checkpoint = Checkpoint(folder)
+    try:
+        pattern = _expert_pattern(family)
+        per_layer: dict[int, int] = {}
+        total = 0
+        for key, entry in checkpoint.entries.items():
+            total += entry.nbytes
+            if match := pattern.fullmatch(key):
+                layer = _layer_of(match)
+                per_layer[layer] = per_layer.get(layer, 0) + entry.nbytes
+    finally:
+        checkpoint.close()
+    experts = next((int(getattr(config, f)) for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None)), 0)
+    if not per_layer or experts <= 0:
+        raise ModelFormatError(f"no expert weights found in {folder}")
+    top_k = int(config.num_experts_per_tok)
+    expert_total = sum(per_layer.values())
+    text = getattr(config, "get_text_config", lambda: config)()
+    heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    dtype_bytes = next(iter(checkpoint.entries.values())).dtype.itemsize
+    kv = 2 * int(text.num_hidden_layers) * heads * head_dim * context_tokens * dtype_bytes
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return FitReport(
+        family=family.name,
+        non_expert_bytes=total - expert_total,
+        total_expert_bytes=expert_total,
+        minimum_budget_bytes=sum(top_k * size // experts for size in per_layer.values()),
+        budget_bytes=parse_budget(budget, expert_total),
+        kv_cache_bytes=kv,
+        context_tokens=context_tokens,
+        free_ram_bytes=int(psutil.virtual_memory().available),
+        free_vram_bytes=int(torch.cuda.mem_get_info()[0]) if cuda else None,
+        device=device,
+    )
