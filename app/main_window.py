@@ -18,6 +18,7 @@ from .chat_view import ChatView
 from .conversations import ConversationStore
 from .expert_map import ExpertMap
 from .history_panel import HistoryPanel
+from .models_dialog import ModelsDialog
 from .reply_settings import ReplySettings
 from .session import EngineSession
 from .swap_log import SwapLog
@@ -123,6 +124,9 @@ class MainWindow(QMainWindow):
         QShortcut(QKeySequence("Ctrl+Return"), self, activated=self.send)
         QShortcut(QKeySequence(Qt.Key.Key_Escape), self, activated=self.session.stop)
         QShortcut(QKeySequence.StandardKey.New, self, activated=self.new_chat)
+        menu = self.menuBar().addMenu("&Model")
+        menu.addAction("&Open model…", QKeySequence.StandardKey.Open, self.choose_model)
+        menu.addAction("Open the &default model", lambda: asyncio.ensure_future(self.load_model("default")))
         self.budget.budget_requested.connect(self.session.set_budget)
         self.budget.policy_changed.connect(self._set_policy)
         self.budget.follow.toggled.connect(self.session.follow_free_memory)
@@ -153,8 +157,9 @@ class MainWindow(QMainWindow):
         self.state.setValue("geometry", self.saveGeometry())
         self.state.setValue("splitter", self.splitter.saveState())
         if self.session.engine is not None:
+            stats = self.session.engine.stats()
             self.state.setValue("model", self.model_name)
-            self.state.setValue("budget", str(self.session.engine.stats().budget_bytes))
+            self.state.setValue("budget", f"{100 * stats.budget_bytes / stats.total_expert_bytes:.2f}%")
         self.state.sync()
 
     # ---- model ---------------------------------------------------------------------------------
@@ -176,6 +181,13 @@ class MainWindow(QMainWindow):
         self.model_name = model
         self._status()
         return True
+
+    def choose_model(self) -> None:
+        """The models dialog (folder or HF cache, fit report); loads the choice if accepted."""
+        dialog = ModelsDialog(self)
+        if dialog.exec() == ModelsDialog.DialogCode.Accepted:
+            folder, budget = dialog.chosen()
+            asyncio.ensure_future(self.load_model(folder, budget))
 
     def _build_progress(self, stage: str, done: int, total: int) -> None:
         if stage == "checking":

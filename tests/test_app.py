@@ -144,6 +144,7 @@ def test_conversations_and_window_state_survive_a_restart(qtbot, loop, tiny_mode
 
     second = _make_window(qtbot, tmp_path)
     assert (second.size().width(), second.size().height()) == (700, 500)
+    assert second.state.value("model") == str(tiny_model("qwen3_moe")) and second.state.value("budget") == "100.00%"
     assert second.history.list.count() == 1
     second.open_conversation(second.history.list.item(0).data(0x0100))
     assert second.messages == saved and [m["role"] for m in saved] == ["user", "assistant"] * 2
@@ -176,3 +177,29 @@ def test_regenerate_edit_and_copy(window: MainWindow, loop, tmp_path: Path) -> N
     window.edit_last()
     assert window.prompt.toPlainText() == "Two"
     assert window.messages == window.store.messages(window.conversation) and len(window.messages) == 2
+
+
+def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, tiny_model, tmp_path: Path) -> None:
+    import shutil
+
+    from expertswap.app.models_dialog import ModelsDialog
+    from expertswap.engine import format_bytes
+    from expertswap.engine.fit import fit_report
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-moe" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model("olmoe"), snapshot)
+    dialog = ModelsDialog(cache=tmp_path / "hub")
+    qtbot.addWidget(dialog)
+    open_button = dialog.buttons.button(dialog.buttons.StandardButton.Open)
+    assert dialog.cached.count() == 1 and dialog.cached.item(0).text() == "org/tiny-moe"
+    assert not open_button.isEnabled()
+    dialog.cached.setCurrentRow(0)
+    assert dialog.folder.text() == str(snapshot)
+    report = fit_report(snapshot, "50%", 4096)
+    assert "OLMoE" in dialog.report.text() and "It fits." in dialog.report.text()
+    assert format_bytes(report.minimum_budget_bytes) in dialog.report.text()
+    assert open_button.isEnabled() and dialog.chosen() == (str(snapshot), "50%")
+    dialog.budget.setValue(1)  # below the minimum committee
+    assert "below this model's minimum" in dialog.report.text() and not open_button.isEnabled()
+    dialog.folder.setText(str(tmp_path / "nowhere"))
+    assert dialog.report.text().startswith("Cannot use this folder") and not open_button.isEnabled()
