@@ -23,12 +23,16 @@ class ExpertMap(QWidget):
         self.num_experts = 0
         self.resident: dict[int, set[int]] = {}
         self.importance: dict[int, list[float]] = {}
+        self.routed: dict[int, list[int]] = {}
+        self.last_token: dict[int, set[int]] = {}
         self.flashes: dict[tuple[int, int], float] = {}
 
     def show_residency(self, snapshot) -> None:
         self.layers = sorted(snapshot.resident)
         self.resident = {layer: set(experts) for layer, experts in snapshot.resident.items()}
         self.importance = dict(snapshot.importance)
+        self.routed = dict(snapshot.routed)
+        self.last_token = {layer: set(experts) for layer, experts in snapshot.last_token.items()}
         self.num_experts = max((len(v) for v in snapshot.importance.values()), default=0)
         self.update()
 
@@ -63,6 +67,7 @@ class ExpertMap(QWidget):
         w, h = self._cell()
         now = time.monotonic()
         accent = palette.highlight().color()
+        outline = palette.text().color()
         for row, layer in enumerate(self.layers):
             scores = self.importance.get(layer, [])
             top = max(scores, default=0.0) or 1.0
@@ -76,17 +81,22 @@ class ExpertMap(QWidget):
                 if now - self.flashes.get((layer, expert), -10.0) < FLASH_S:
                     color = QColor(255, 170, 0)
                 painter.fillRect(rect, color)
+                if expert in self.last_token.get(layer, ()):
+                    painter.setPen(outline)
+                    painter.drawRect(rect.adjusted(0, 0, -1, -1))
         painter.end()
         if any(now - t < FLASH_S for t in self.flashes.values()):
             self.update()
 
+    def cell_text(self, layer: int, expert: int) -> str:
+        """The tooltip of one cell, from the latest snapshot."""
+        scores, routed = self.importance.get(layer, []), self.routed.get(layer, [])
+        state = "resident" if expert in self.resident.get(layer, ()) else "not resident"
+        last = ", used by the latest token" if expert in self.last_token.get(layer, ()) else ""
+        return (f"layer {layer}, expert {expert}: {state}{last}; routed {routed[expert] if expert < len(routed) else 0}"
+                f" times, importance {scores[expert] if expert < len(scores) else 0.0:.3g}")
+
     def mouseMoveEvent(self, event) -> None:  # noqa: N802 (Qt name)
         cell = self.cell_at(event.position().x(), event.position().y())
-        if cell is None:
-            return
-        layer, expert = cell
-        scores = self.importance.get(layer, [])
-        score = scores[expert] if expert < len(scores) else 0.0
-        state = "resident" if expert in self.resident.get(layer, ()) else "not resident"
-        QToolTip.showText(event.globalPosition().toPoint(),
-                          f"layer {layer}, expert {expert}: {state}, importance {score:.3g}", self)
+        if cell is not None:
+            QToolTip.showText(event.globalPosition().toPoint(), self.cell_text(*cell), self)

@@ -75,6 +75,8 @@ class Committee(nn.Module):
         self.norms = torch.full((E,), float("nan"))  # host; |expert| is known once it has been loaded
         self.expert_to_slot = torch.full((E,), -1, dtype=torch.long, device=device)
         self.routing_counts = torch.zeros(4, dtype=torch.long, device=device)  # hits, misses, skipped, substituted
+        self.routed = torch.zeros(E, dtype=torch.long, device=device)  # how often the router chose each expert
+        self.last_token = torch.full((spec.top_k,), -1, dtype=torch.long, device=device)  # the latest token's choice
         self.cpu_computed = 0
         self._slot_of = [-1] * E
         self._resident_count = 0
@@ -126,6 +128,8 @@ class Committee(nn.Module):
         if runtime.policy == "skip" and runtime.skip_threshold > 0:
             index, weights = self._skip(index, weights, runtime.skip_threshold)
         valid = index >= 0
+        self.routed.scatter_add_(0, index.clamp(min=0).flatten(), valid.flatten().long())  # no host sync
+        self.last_token = index[-1].clone()
         resident = (self.expert_to_slot[index.clamp(min=0)] >= 0) & valid
         self.routing_counts[0] += resident.sum()
         self.routing_counts[1] += (valid & ~resident).sum()

@@ -354,6 +354,8 @@ class Engine:
                 resident={c.layer: sorted(c.resident_experts) for c in self.committees},
                 importance={c.layer: [round(float(v), 6) for v in c.scores()] for c in self.committees},
                 capacity={c.layer: c.capacity for c in self.committees},
+                routed={c.layer: c.routed.tolist() for c in self.committees},
+                last_token={c.layer: sorted(e for e in c.last_token.tolist() if e >= 0) for c in self.committees},
             )
 
     def stats(self) -> EngineStats:

@@ -44,12 +44,14 @@ class SwapEvent(Event):
 
 @dataclass(frozen=True)
 class ResidencySnapshot(Event):
-    """Per MoE layer, the resident experts and the importance of every expert."""
+    """Per MoE layer: resident experts, every expert's importance and routing count, the latest token's experts."""
 
     type: ClassVar[str] = "residency"
     resident: dict[int, list[int]]
     importance: dict[int, list[float]]
     capacity: dict[int, int]
+    routed: dict[int, list[int]]
+    last_token: dict[int, list[int]]
 
 
 @dataclass(frozen=True)

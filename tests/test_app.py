@@ -86,6 +86,12 @@ def test_slider_resizes_the_committee_and_telemetry_reaches_map_and_log(window: 
     shown = {layer: experts for layer, experts in window.map.resident.items()}
     assert shown == {layer: set(experts) for layer, experts in engine.residency().resident.items()}
     assert all(len(v) <= engine.residency().capacity[k] for k, v in shown.items())
+    snapshot = engine.residency()
+    assert window.map.last_token == {k: set(v) for k, v in snapshot.last_token.items()}
+    assert all(len(v) == 2 for v in snapshot.last_token.values())  # top-2: the latest token's experts
+    layer = min(snapshot.routed)
+    expert = max(range(len(snapshot.routed[layer])), key=snapshot.routed[layer].__getitem__)
+    assert f"routed {snapshot.routed[layer][expert]} times" in window.map.cell_text(layer, expert)
 
 
 def test_charts_follow_memory_samples_and_token_stats(window: MainWindow, loop, qtbot) -> None:
@@ -124,7 +130,9 @@ def test_expert_map_survives_long_painting(qtbot) -> None:
     qtbot.addWidget(view)
     view.resize(400, 300)
     view.show_residency(SimpleNamespace(resident={layer: [0, 1] for layer in range(28)},
-                                        importance={layer: [1.0] * 8 for layer in range(28)}, capacity={}))
+                                        importance={layer: [1.0] * 8 for layer in range(28)}, capacity={},
+                                        routed={layer: [3] * 8 for layer in range(28)},
+                                        last_token={layer: [0, 5] for layer in range(28)}))
     for i in range(1200):
         view.flash_swap(SimpleNamespace(layer=i % 28, expert_in=i % 8, expert_out=(i + 3) % 8))
         view.repaint()
