@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-    QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout,
+    QListWidgetItem, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
 )
 
 from expertswap.engine import ExpertSwapError, format_bytes
+from expertswap.engine.default_model import cache_root
+from expertswap.engine.download import download
 from expertswap.engine.fit import fit_report
-from expertswap.engine.hub import cached_models
+from expertswap.engine.hub import cached_models, downloaded_models
 
 
 class ModelsDialog(QDialog):
-    """``chosen()`` gives (folder, budget) once accepted; Load stays disabled until a report exists."""
+    """``chosen()`` gives (folder, budget) once accepted; Open stays disabled until a report says it can load."""
 
-    def __init__(self, parent=None, cache: Path | None = None) -> None:
+    download_progress = Signal(int, int)
+    download_finished = Signal(str, str)  # folder, error ("" when it worked)
+
+    def __init__(self, parent=None, cache: Path | None = None, downloads: Path | None = None,
+                 endpoint: str | None = None) -> None:
         super().__init__(parent)
+        self.downloads = downloads or cache_root() / "models"
+        self.endpoint = endpoint
+        self._cancel = threading.Event()
+        self._worker: threading.Thread | None = None
         self.setWindowTitle("Open a model")
         self.folder = QLineEdit()
         self.folder.setAccessibleName("Model folder")
@@ -28,15 +39,29 @@ class ModelsDialog(QDialog):
         browse.clicked.connect(self._browse)
         self.cached = QListWidget()
         self.cached.setAccessibleName("Models in the Hugging Face cache")
-        for model in cached_models(cache):
+        for model in downloaded_models(self.downloads) + cached_models(cache):
             item = QListWidgetItem(model.repo_id)
             item.setData(Qt.ItemDataRole.UserRole, str(model.folder))
             self.cached.addItem(item)
         if self.cached.count() == 0:
             self.cached.setEnabled(False)
-            self.cached.addItem("(no models in the Hugging Face cache)")
+            self.cached.addItem("(no downloaded models yet)")
         self.cached.currentItemChanged.connect(
             lambda item, _: item is not None and self.folder.setText(item.data(Qt.ItemDataRole.UserRole)))
+        self.repo = QLineEdit()
+        self.repo.setPlaceholderText("Hugging Face repo id, e.g. allenai/OLMoE-1B-7B-0924")
+        self.repo.setAccessibleName("Repo id to download")
+        self.download_button = QPushButton("Download")
+        self.download_button.setAccessibleName("Download the model")
+        self.cancel_download = QPushButton("Stop")
+        self.cancel_download.setAccessibleName("Stop the download")
+        self.cancel_download.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setAccessibleName("Download progress")
+        self.download_button.clicked.connect(self.start_download)
+        self.cancel_download.clicked.connect(self._cancel.set)
+        self.download_progress.connect(self._show_progress)
+        self.download_finished.connect(self._download_done)
         self.budget = QSpinBox(minimum=1, maximum=100, value=50, suffix=" % of experts")
         self.budget.setAccessibleName("Starting budget")
         self.context = QSpinBox(minimum=256, maximum=262144, value=4096, singleStep=1024, suffix=" tokens")
@@ -55,8 +80,14 @@ class ModelsDialog(QDialog):
         form.addRow("Context", self.context)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
-        layout.addWidget(QLabel("In the Hugging Face cache:"))
+        layout.addWidget(QLabel("On this machine (downloads and the Hugging Face cache):"))
         layout.addWidget(self.cached)
+        fetch = QHBoxLayout()
+        fetch.addWidget(self.repo, 1)
+        fetch.addWidget(self.download_button)
+        fetch.addWidget(self.cancel_download)
+        layout.addLayout(fetch)
+        layout.addWidget(self.progress)
         layout.addLayout(form)
         layout.addWidget(self.report)
         layout.addWidget(self.buttons)
@@ -92,6 +123,41 @@ class ModelsDialog(QDialog):
         ]
         self.report.setText("\n".join(lines))
         open_button.setEnabled(r.budget_bytes >= r.minimum_budget_bytes)
+
+    def start_download(self) -> None:
+        """Fetch the repo in a worker thread; a stopped download resumes when started again."""
+        repo = self.repo.text().strip()
+        if not repo or self._worker is not None:
+            return
+        self._cancel.clear()
+        self.download_button.setEnabled(False)
+        self.cancel_download.setEnabled(True)
+        self.progress.setFormat(f"{repo}: %p%")
+
+        def work() -> None:
+            try:
+                folder = download(repo, self.downloads / repo.replace("/", "--"), self.download_progress.emit,
+                                  self._cancel, endpoint=self.endpoint)
+                self.download_finished.emit(str(folder), "")
+            except ExpertSwapError as exc:
+                self.download_finished.emit("", str(exc))
+
+        self._worker = threading.Thread(target=work, name="expertswap-download", daemon=True)
+        self._worker.start()
+
+    def _show_progress(self, done: int, total: int) -> None:
+        scale = max(total // 1_000_000, 1)  # QProgressBar holds ints
+        self.progress.setRange(0, max(total // scale, 1))
+        self.progress.setValue(done // scale)
+
+    def _download_done(self, folder: str, error: str) -> None:
+        self._worker = None
+        self.download_button.setEnabled(True)
+        self.cancel_download.setEnabled(False)
+        if error:
+            self.report.setText(error)
+        else:
+            self.folder.setText(folder)
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Model folder (config.json + safetensors)")

@@ -1,4 +1,4 @@
-"""Models already in the Hugging Face cache (no network): one entry per cached repo snapshot."""
+"""Models already on this machine (no network): the Hugging Face cache and ExpertSwap's own downloads."""
 
 from __future__ import annotations
 
@@ -25,3 +25,8 @@ def cached_models(cache: Path | None = None) -> list[CachedModel]:
             newest = max(snapshots, key=lambda p: p.stat().st_mtime)
             found.append(CachedModel(repo.name.removeprefix("models--").replace("--", "/"), newest))
     return found
+
+
+def downloaded_models(root: Path) -> list[CachedModel]:
+    """Folders that ``download.download`` completed under ``root`` (named org--name)."""
+    return [CachedModel(p.parent.name.replace("--", "/"), p.parent) for p in sorted(root.glob("*/config.json"))]

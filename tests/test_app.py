@@ -196,7 +196,7 @@ def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, tiny_model, tmp
 
     snapshot = tmp_path / "hub" / "models--org--tiny-moe" / "snapshots" / "abc123"
     shutil.copytree(tiny_model("olmoe"), snapshot)
-    dialog = ModelsDialog(cache=tmp_path / "hub")
+    dialog = ModelsDialog(cache=tmp_path / "hub", downloads=tmp_path / "downloads")
     qtbot.addWidget(dialog)
     open_button = dialog.buttons.button(dialog.buttons.StandardButton.Open)
     assert dialog.cached.count() == 1 and dialog.cached.item(0).text() == "org/tiny-moe"
@@ -211,3 +211,30 @@ def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, tiny_model, tmp
     assert "below this model's minimum" in dialog.report.text() and not open_button.isEnabled()
     dialog.folder.setText(str(tmp_path / "nowhere"))
     assert dialog.report.text().startswith("Cannot use this folder") and not open_button.isEnabled()
+
+
+def test_models_dialog_downloads_with_progress_then_reports(qtbot, tiny_model, tmp_path: Path) -> None:
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from expertswap.app.models_dialog import ModelsDialog
+
+    from .test_download import FakeHub
+
+    class TinyHub(FakeHub):
+        files = {p.name: p.read_bytes() for p in tiny_model("olmoe").iterdir() if p.is_file()}
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TinyHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dialog = ModelsDialog(cache=tmp_path / "hub", downloads=tmp_path / "downloads",
+                              endpoint=f"http://127.0.0.1:{server.server_port}")
+        qtbot.addWidget(dialog)
+        dialog.repo.setText("org/tiny")
+        with qtbot.waitSignal(dialog.download_finished, timeout=20000) as finished:
+            dialog.start_download()
+        assert finished.args[1] == "" and dialog.folder.text() == str(tmp_path / "downloads" / "org--tiny")
+        assert dialog.progress.value() == dialog.progress.maximum() > 0
+        assert "OLMoE" in dialog.report.text() and "It fits." in dialog.report.text()
+    finally:
+        server.shutdown()
