@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     app = QApplication.instance() or QApplication([sys.argv[0], *qt_args])
     app.setApplicationName("ExpertSwap")
+    app.setStyle("Fusion")  # Fusion takes the platform's light or dark palette the same way on every OS
     window = MainWindow()
     window.show()
     loop = qasync.QEventLoop(app)

@@ -238,3 +238,27 @@ def test_models_dialog_downloads_with_progress_then_reports(qtbot, tiny_model, t
         assert "OLMoE" in dialog.report.text() and "It fits." in dialog.report.text()
     finally:
         server.shutdown()
+
+
+def test_every_control_has_an_accessible_name(qtbot, tmp_path: Path) -> None:
+    from PySide6.QtWidgets import (
+        QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QListWidget, QPlainTextEdit, QSlider, QTableWidget,
+        QTextBrowser, QWidget,
+    )
+
+    from expertswap.app.models_dialog import ModelsDialog
+
+    controls = (QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QListWidget, QPlainTextEdit, QSlider,
+                QTableWidget, QTextBrowser)
+    window = _make_window(qtbot, tmp_path)
+    dialog = ModelsDialog(window, cache=tmp_path / "hub", downloads=tmp_path / "downloads")
+    for root in (window, dialog):
+        for widget in (w for w in root.findChildren(QWidget) if isinstance(w, controls)):
+            if widget.objectName().startswith("qt_"):
+                continue  # Qt's own parts (a table's corner button, scroll bar arrows)
+            if isinstance(widget, QLineEdit) and isinstance(widget.parent(), (QComboBox, QAbstractSpinBox)):
+                continue  # the editor inside a combo or spin box is named by its owner
+            if widget.parent() is not None and type(widget.parent()).__name__ == "QDialogButtonBox":
+                assert widget.text(), "dialog buttons are named by their text"
+                continue
+            assert widget.accessibleName() or getattr(widget, "text", lambda: "")(), widget
