@@ -91,7 +91,8 @@ class MainWindow(QMainWindow):
         left.addWidget(self.reply_settings)
         left.setSizes([640, 120])
         legend = QLabel("Expert map: a row per MoE layer, a cell per expert. Blue: resident (darker = more "
-                        "important); orange: swapped in or out just now. Hover for details.")
+                        "important); outlined: used by the latest token; orange: swapped in or out just now. "
+                        "Hover a cell for its counts.")
         legend.setWordWrap(True)
         map_box = QWidget()
         map_layout = QVBoxLayout(map_box)
