@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
 
 from expertswap.engine import format_bytes
 
@@ -11,10 +11,10 @@ STEPS = 1000
 
 
 class BudgetPanel(QWidget):
-    """Emits ``budget_requested(bytes)`` (debounced) and ``policy_changed(name)``."""
+    """Emits ``budget_requested(bytes)`` (debounced) and ``policy_changed(name, skip_threshold)``."""
 
     budget_requested = Signal(int)
-    policy_changed = Signal(str)
+    policy_changed = Signal(str, float)
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,16 +28,22 @@ class BudgetPanel(QWidget):
         self.policy = QComboBox()
         self.policy.addItems(["exact", "substitute", "skip", "cpu"])
         self.policy.setAccessibleName("Miss policy")
+        self.threshold = QDoubleSpinBox(minimum=0.0, maximum=0.99, singleStep=0.05, value=0.2, prefix="threshold ")
+        self.threshold.setAccessibleName("Skip threshold")
+        self.threshold.setToolTip("skip: drop routings whose weight is below this (a token's strongest is always kept)")
+        self.threshold.setEnabled(False)
         self.follow = QCheckBox("Follow free memory")
         self.follow.setAccessibleName("Follow free memory")
         self.follow.setToolTip("Grow or shrink the budget by itself as other programs use or free memory")
         self._debounce = QTimer(self, singleShot=True, interval=150)
         self._debounce.timeout.connect(lambda: self.budget_requested.emit(self.requested_bytes()))
         self.slider.valueChanged.connect(self._moved)
-        self.policy.currentTextChanged.connect(self.policy_changed.emit)
+        self.policy.currentTextChanged.connect(self._policy_moved)
+        self.threshold.valueChanged.connect(self._policy_moved)
         row = QHBoxLayout()
         row.addWidget(QLabel("Policy"))
         row.addWidget(self.policy)
+        row.addWidget(self.threshold)
         row.addWidget(self.follow)
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("Memory budget for experts"))
@@ -63,6 +69,16 @@ class BudgetPanel(QWidget):
         share = budget / self.total if self.total else 0.0
         self.label.setText(f"{format_bytes(budget)} · {share:.0%} of expert bytes · "
                            f"committee of {min(budget // self.expert_bytes, self.experts)} of {self.experts} experts")
+
+    def _policy_moved(self) -> None:
+        policy = self.policy.currentText()
+        self.threshold.setEnabled(policy == "skip")
+        self.policy_changed.emit(policy, self.threshold.value() if policy == "skip" else 0.0)
+
+    def set_cpu_policy_allowed(self, allowed: bool) -> None:
+        """The cpu policy computes misses on the CPU beside a GPU; on a CPU-only engine it means nothing."""
+        item = self.policy.model().item(self.policy.findText("cpu"))
+        item.setEnabled(allowed)
 
     def _to_step(self, budget: int) -> int:
         span = self.total - self.minimum

@@ -179,6 +179,7 @@ class MainWindow(QMainWindow):
         experts = sum(len(v) for v in snapshot.importance.values())
         self.budget.configure(stats.minimum_budget_bytes, stats.total_expert_bytes, experts, stats.budget_bytes)
         self.log.set_layers(sorted(snapshot.resident))
+        self.budget.set_cpu_policy_allowed(engine.device.type == "cuda")
         self.model_name = model
         self._status()
         return True
@@ -302,8 +303,10 @@ class MainWindow(QMainWindow):
             self.new_chat()
         self.history.refresh()
 
-    def _set_policy(self, policy: str) -> None:
-        self.session.set_policy(policy)
+    def _set_policy(self, policy: str, skip_threshold: float) -> None:
+        if error := self.session.set_policy(policy, skip_threshold):
+            self.statusBar().showMessage(f"Policy not changed: {error}")
+            return
         self._status()
 
     # ---- status --------------------------------------------------------------------------------

@@ -84,9 +84,15 @@ class EngineSession(QObject):
         if self.engine is not None:
             self.engine.set_budget(int(budget_bytes))
 
-    def set_policy(self, policy: str) -> None:
-        if self.engine is not None:
-            self.engine.set_policy(policy)
+    def set_policy(self, policy: str, skip_threshold: float = 0.0) -> str:
+        """Switch policy; returns the engine's refusal in words, or "" when it took effect."""
+        if self.engine is None:
+            return ""
+        try:
+            self.engine.set_policy(policy, skip_threshold)
+        except ExpertSwapError as exc:
+            return str(exc)
+        return ""
 
     def follow_free_memory(self, enabled: bool) -> None:
         if self.engine is not None:

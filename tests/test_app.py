@@ -262,3 +262,41 @@ def test_every_control_has_an_accessible_name(qtbot, tmp_path: Path) -> None:
                 assert widget.text(), "dialog buttons are named by their text"
                 continue
             assert widget.accessibleName() or getattr(widget, "text", lambda: "")(), widget
+
+
+def test_budget_moves_mid_reply_and_policy_controls_reach_the_engine(window: MainWindow, loop, qtbot) -> None:
+    engine = window.session.engine
+    window.reply_settings.max_tokens.setValue(40)
+    moved = []
+
+    def drag(_chunk: str) -> None:
+        if not moved:
+            moved.append(True)
+            window.budget.slider.setValue(0)
+
+    window.session.reply_chunk.connect(drag)
+    chunks, finished, _ = _run_reply(loop, window, "Keep talking while I move the slider")
+    assert finished == ["done"] and len(chunks) == 40
+    qtbot.waitUntil(lambda: engine.stats().budget_bytes == engine.stats().minimum_budget_bytes, timeout=3000)
+    cpu_item = window.budget.policy.model().item(window.budget.policy.findText("cpu"))
+    assert not cpu_item.isEnabled()  # a CPU engine has no cpu policy
+    window.budget.policy.setCurrentText("skip")
+    window.budget.threshold.setValue(0.3)
+    assert window.budget.threshold.isEnabled()
+    assert (engine.runtime.policy, engine.runtime.skip_threshold) == ("skip", 0.3)
+
+
+def test_chat_view_never_loads_remote_resources(qtbot) -> None:
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QTextDocument
+
+    from expertswap.app.chat_view import ChatView
+
+    view = ChatView()
+    qtbot.addWidget(view)
+    view.add_message("assistant", "![tracker](http://example.com/pixel.png) and [a link](http://example.com)")
+    view.show()
+    view.grab()  # lays out and paints, which asks for the image
+    image = view.document().resource(QTextDocument.ResourceType.ImageResource, QUrl("http://example.com/pixel.png"))
+    assert not image  # an empty resource, never fetched
+    assert not view.openLinks() and not view.openExternalLinks()
