@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
+
 from PySide6.QtCore import QByteArray
 from PySide6.QtGui import QTextBlockFormat, QTextCharFormat, QTextCursor, QTextOption
-from PySide6.QtWidgets import QTextBrowser
+from PySide6.QtWidgets import QApplication, QTextBrowser
 
 
 class ChatView(QTextBrowser):
@@ -18,6 +20,8 @@ class ChatView(QTextBrowser):
         self._tail_start = 0
         self._header = ""
         self._tail = ""
+        self._starts: list[int] = []  # where each message begins in the document
+        self._texts: list[str] = []
 
     def loadResource(self, kind: int, url) -> QByteArray:  # noqa: N802 (Qt name)
         """No remote (or local) resources are ever loaded into the view: every image or sheet is empty.
@@ -35,6 +39,8 @@ class ChatView(QTextBrowser):
         self._tail_start = cursor.position()
         self._header = f"**{'You' if role == 'user' else 'Assistant'}**\n\n"
         self._tail = ""
+        self._starts.append(self._tail_start)
+        self._texts.append("")
         self.append_chunk(text)
 
     def begin_reply(self) -> None:
@@ -43,6 +49,7 @@ class ChatView(QTextBrowser):
     def append_chunk(self, text: str) -> None:
         """Grow the last message, re-rendering only that message."""
         self._tail += text
+        self._texts[-1] = self._tail
         cursor = self.textCursor()
         cursor.setPosition(self._tail_start)
         cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
@@ -50,6 +57,20 @@ class ChatView(QTextBrowser):
         cursor.insertMarkdown(self._header + self._tail)
         self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 
-    @property
-    def reply_text(self) -> str:
-        return self._tail
+    def clear(self) -> None:
+        super().clear()
+        self._starts.clear()
+        self._texts.clear()
+
+    def message_at(self, position: int) -> str | None:
+        """The Markdown source of the message shown at a document position."""
+        index = bisect.bisect_right(self._starts, position) - 1
+        return self._texts[index] if index >= 0 else None
+
+    def contextMenuEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        menu = self.createStandardContextMenu(event.pos())
+        text = self.message_at(self.cursorForPosition(event.pos()).position())
+        if text is not None:
+            menu.addSeparator()
+            menu.addAction("Copy this message", lambda: QApplication.clipboard().setText(text))
+        menu.exec(event.globalPos())

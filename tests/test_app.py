@@ -300,3 +300,21 @@ def test_chat_view_never_loads_remote_resources(qtbot) -> None:
     image = view.document().resource(QTextDocument.ResourceType.ImageResource, QUrl("http://example.com/pixel.png"))
     assert not image  # an empty resource, never fetched
     assert not view.openLinks() and not view.openExternalLinks()
+
+
+def test_each_message_can_be_found_for_copying(qtbot) -> None:
+    from expertswap.app.chat_view import ChatView
+
+    view = ChatView()
+    qtbot.addWidget(view)
+    view.add_message("user", "first **question**")
+    view.begin_reply()
+    for piece in ("an ", "answer with `code`"):
+        view.append_chunk(piece)
+    view.add_message("user", "second")
+    text = view.toPlainText()
+    assert view.message_at(text.index("question")) == "first **question**"
+    assert view.message_at(text.index("answer")) == "an answer with `code`"
+    assert view.message_at(text.index("second")) == "second"
+    view.clear()
+    assert view.message_at(0) is None
