@@ -1,0 +1,41 @@
+"""python -m benchmarks [speed|default-model|core-sweep] ...: the benchmark harness (results in benchmarks/results)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    speed = sub.add_parser("speed", help="tokens/s, latency and memory of every contender at 25-100%% budgets")
+    speed.add_argument("--model", choices=["default", "olmoe-shape"], default="default")
+    speed.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    speed.add_argument("--tokens", type=int, default=32)
+    speed.add_argument("--repeats", type=int, default=3)
+    sub.add_parser("default-model", help="the default model's quality report")
+    sub.add_parser("core-sweep", help="the engine's policy/budget sweep on a synthetic model")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "speed":
+        from tqdm import tqdm
+
+        from .speed import sweep, write
+
+        bar = tqdm(desc=f"speed {args.model}", unit="run")
+        rows, _ = sweep(args.model, args.device, args.tokens, args.repeats, lambda text: (bar.set_postfix_str(text), bar.update()))
+        bar.close()
+        print(write(rows, args.model, args.device, args.tokens, args.repeats).read_text())
+    elif args.command == "default-model":
+        from .default_model import main as run
+
+        run()
+    else:
+        from .core_sweep import main as run
+
+        sys.argv = [sys.argv[0], *rest]
+        run()
+
+
+if __name__ == "__main__":
+    main()

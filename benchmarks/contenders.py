@@ -1,0 +1,112 @@
+"""One measurement in a fresh process (so peak RSS belongs to it alone); prints one JSON line.
+
+    python -m benchmarks.contenders KIND FOLDER BUDGET TOKENS DEVICE
+
+KIND is ``full``, ``accelerate`` (device_map="auto" with max_memory = non-expert bytes + budget, the rest
+offloaded the Hugging Face way) or ``expertswap:POLICY``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+PROMPT = "Explain how a Python dictionary stores its keys and what makes lookups fast."
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def _timed_decode(step, first_ids: torch.Tensor, tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy decode with a KV cache; returns the ids and each token's latency (the first = time to first token)."""
+    out, times = [], []
+    ids, cache = first_ids, None
+    for _ in range(tokens):
+        start = time.perf_counter()
+        logits, cache = step(ids, cache)
+        token = int(logits[0, -1].argmax())
+        times.append(time.perf_counter() - start)
+        out.append(token)
+        ids = torch.tensor([[token]], device=first_ids.device)
+    return out, times
+
+
+def run_transformers(folder: str, budget: str, tokens: int, device: str, offload: bool) -> dict:
+    from accelerate.utils import compute_module_sizes  # noqa: F401  (accelerate must be importable)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expertswap.engine.fit import fit_report
+    from expertswap.engine.memory import peak_rss_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    kwargs: dict = {"dtype": torch.float32}
+    if offload:
+        report = fit_report(folder, budget)
+        cap = report.non_expert_bytes + report.budget_bytes
+        target = 0 if device.startswith("cuda") else "cpu"
+        kwargs |= {"device_map": "auto", "max_memory": {target: cap, **({"cpu": 10**12} if target == 0 else {})},
+                   "offload_folder": tempfile.mkdtemp(prefix="offload-")}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    if not offload:
+        model = model.to(device)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
+
+    def step(x, cache):
+        with torch.inference_mode():
+            out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+
+    out, times = _timed_decode(step, ids, tokens)
+    return {"ids": out, "times": times, "peak_rss": peak_rss_bytes(), "hit_rate": None, "bytes_loaded": None,
+            "peak_vram": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
+
+
+def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str) -> dict:
+    from expertswap.engine import Engine, SamplingSettings
+
+    engine = Engine.load(folder, budget=budget, policy=policy, device=device, dtype="float32",
+                         skip_threshold=0.3 if policy == "skip" else 0.0)
+    ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
+    out, times = [], []
+    last = time.perf_counter()
+    for token in engine.generate(ids, SamplingSettings(max_new_tokens=tokens)):
+        now = time.perf_counter()
+        out.append(token)
+        times.append(now - last)
+        last = now
+    s = engine.stats()
+    engine.close()
+    return {"ids": out, "times": times, "peak_rss": s.peak_rss_bytes, "hit_rate": s.hit_rate,
+            "bytes_loaded": s.bytes_loaded,
+            "peak_vram": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
+
+
+def main() -> None:
+    kind, folder, budget, tokens, device = sys.argv[1:6]
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if kind in ("full", "accelerate"):
+        result = run_transformers(folder, budget, int(tokens), device, offload=kind == "accelerate")
+    else:
+        result = run_expertswap(folder, kind.split(":", 1)[1], budget, int(tokens), device)
+    times = result.pop("times")
+    decode = times[1:]
+    result |= {
+        "ttft": times[0],
+        "tok_s": len(decode) / sum(decode) if decode else 0.0,
+        "p50_ms": 1000 * _percentile(decode, 0.5),
+        "p99_ms": 1000 * _percentile(decode, 0.99),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Decode speed, latency and memory of every contender at 25/50/75/100% of expert bytes, interleaved.
+
+Each measurement is a fresh child process (``benchmarks.contenders``); repeats go round-robin over all
+contenders and budgets so drift hits everyone alike; tables report medians and ratios to accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+RESULTS = Path(__file__).parent / "results"
+BUDGETS = ("25%", "50%", "75%", "100%")
+POLICIES = {"cpu": ("exact", "substitute", "skip"), "cuda": ("exact", "substitute", "skip", "cpu")}
+OLMOE_SHAPE = dict(num_experts=64, top_k=8, layers=2, hidden=2048, intermediate=1024, heads=16, vocab_size=50304)
+
+
+def model_folder(name: str) -> Path:
+    """``default`` (the built-in model) or ``olmoe-shape`` (random OLMoE-1B-7B layer shapes, 2 layers)."""
+    if name == "default":
+        from expertswap.engine.default_model import resolve_model
+
+        return resolve_model("default")
+    from expertswap.engine.synthetic import build_model
+
+    folder = Path(tempfile.gettempdir()) / "expertswap-olmoe-shape"
+    if not (folder / "config.json").exists():
+        build_model("olmoe", folder, dtype=torch.bfloat16, init_std=0.02, **OLMOE_SHAPE)
+    return folder
+
+
+def measure(kind: str, folder: Path, budget: str, tokens: int, device: str) -> dict:
+    run = subprocess.run([sys.executable, "-m", "benchmarks.contenders", kind, str(folder), budget, str(tokens), device],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def sweep(model: str, device: str, tokens: int, repeats: int, progress) -> tuple[list[dict], Path]:
+    folder = model_folder(model)
+    plan = [("full", "100%")] + [(k, b) for b in BUDGETS for k in ("accelerate", *(f"expertswap:{p}" for p in POLICIES[device]))]
+    runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plan}
+    for repeat in range(repeats):
+        for key in plan:
+            runs[key].append(measure(key[0], folder, key[1], tokens, device))
+            progress(f"{model} repeat {repeat + 1}/{repeats}: {key[0]} at {key[1]}")
+    rows = []
+    for (kind, budget), results in runs.items():
+        med = {m: statistics.median(r[m] for r in results) for m in ("tok_s", "ttft", "p50_ms", "p99_ms", "peak_rss", "peak_vram")}
+        hit = [r["hit_rate"] for r in results if r["hit_rate"] is not None]
+        moved = [r["bytes_loaded"] for r in results if r["bytes_loaded"] is not None]
+        same = all(r["ids"] == runs[("full", "100%")][0]["ids"] for r in results)
+        rows.append({"kind": kind, "budget": budget, **med, "hit_rate": statistics.median(hit) if hit else None,
+                     "bytes_loaded": statistics.median(moved) if moved else None, "same_tokens": same, "n": len(results)})
+    return rows, folder
+
+
+def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accel = {r["budget"]: r["tok_s"] for r in rows if r["kind"] == "accelerate"}
+    full = next(r["tok_s"] for r in rows if r["kind"] == "full")
+    stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores"
+             f"{', ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}, "
+             f"transformers {transformers.__version__}")
+    lines = [
+        f"# Decode speed and memory: {model} on {device}", "", stamp + ".",
+        f"Greedy, {tokens} new tokens after a chat prompt, float32; medians of {repeats} runs, each a fresh process, "
+        "contenders interleaved round-robin. `same tokens`: identical to full residency in every run.", "",
+        "| contender | budget | tokens/s | x accelerate | x full | first token (s) | p50 ms | p99 ms | hit rate | MiB moved | peak RSS MiB | same tokens |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        ratio = f"{r['tok_s'] / accel[r['budget']]:.1f}" if r["budget"] in accel else "-"
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
+        moved = "-" if r["bytes_loaded"] is None else f"{r['bytes_loaded'] / 2**20:.0f}"
+        lines.append(
+            f"| {r['kind'].replace('expertswap:', 'ExpertSwap ')} | {r['budget']} | {r['tok_s']:.2f} | {ratio} | "
+            f"{r['tok_s'] / full:.2f} | {r['ttft']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {hit} | {moved} | "
+            f"{r['peak_rss'] / 2**20:.0f} | {'yes' if r['same_tokens'] else 'no'} |")
+    exact50 = next((r for r in rows if r["kind"] == "expertswap:exact" and r["budget"] == "50%"), None)
+    sub50 = next((r for r in rows if r["kind"] == "expertswap:substitute" and r["budget"] == "50%"), None)
+    lines += ["", "## Targets", ""]
+    if exact50:
+        x = exact50["tok_s"] / accel["50%"]
+        lines.append(f"- `exact` at 50% >= 3x accelerate offloading: {x:.1f}x, {'met' if x >= 3 else 'not met'}.")
+    if sub50:
+        x = sub50["tok_s"] / full
+        lines.append(f"- `substitute` at 50% >= 0.8x full residency: {x:.2f}x, {'met' if x >= 0.8 else 'not met'}.")
+    stem = f"speed-{model}-{device}"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"] != "full"):
+        pts = [(int(r["budget"].rstrip("%")), r["tok_s"]) for r in rows if r["kind"] == kind]
+        ax.plot(*zip(*pts), marker="o", label=kind.replace("expertswap:", "ExpertSwap "))
+    ax.axhline(full, color="black", linestyle="--", label="full residency")
+    ax.set(xlabel="budget (% of expert bytes)", ylabel="decode tokens/s", title=f"{model} on {device}")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.01, stamp, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+    lines += ["", f"![decode tokens/s against budget]({stem}.png)", ""]
+    out = RESULTS / f"{stem}.md"
+    out.write_text("\n".join(lines))
+    return out
