@@ -3,7 +3,8 @@
     python -m benchmarks.contenders KIND FOLDER BUDGET TOKENS DEVICE
 
 KIND is ``full``, ``accelerate`` (device_map="auto" with max_memory = non-expert bytes + budget, the rest
-offloaded the Hugging Face way) or ``expertswap:POLICY``.
+offloaded the Hugging Face way), ``lru`` (on-demand loading into a per-layer LRU cache, no importance, no
+background swapper: mixtral-offloading's design, on ExpertSwap's loader) or ``expertswap:POLICY``.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
             "peak_vram": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
 
 
-def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str) -> dict:
+def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str, lru: bool = False) -> dict:
     from expertswap.engine import Engine, SamplingSettings
 
     engine = Engine.load(folder, budget=budget, policy=policy, device=device, dtype="float32",
-                         skip_threshold=0.3 if policy == "skip" else 0.0)
+                         skip_threshold=0.3 if policy == "skip" else 0.0, swapper=not lru,
+                         eviction="lru" if lru else "importance")
     ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
     out, times = [], []
     last = time.perf_counter()
@@ -95,6 +97,8 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if kind in ("full", "accelerate"):
         result = run_transformers(folder, budget, int(tokens), device, offload=kind == "accelerate")
+    elif kind == "lru":
+        result = run_expertswap(folder, "exact", budget, int(tokens), device, lru=True)
     else:
         result = run_expertswap(folder, kind.split(":", 1)[1], budget, int(tokens), device)
     times = result.pop("times")

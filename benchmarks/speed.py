@@ -22,6 +22,7 @@ import transformers
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = ("25%", "50%", "75%", "100%")
 POLICIES = {"cpu": ("exact", "substitute", "skip"), "cuda": ("exact", "substitute", "skip", "cpu")}
+LABELS = {"full": "full residency", "accelerate": "accelerate offload", "lru": "LRU on demand"}
 OLMOE_SHAPE = dict(num_experts=64, top_k=8, layers=2, hidden=2048, intermediate=1024, heads=16, vocab_size=50304)
 
 
@@ -47,7 +48,8 @@ def measure(kind: str, folder: Path, budget: str, tokens: int, device: str) -> d
 
 def sweep(model: str, device: str, tokens: int, repeats: int, progress) -> tuple[list[dict], Path]:
     folder = model_folder(model)
-    plan = [("full", "100%")] + [(k, b) for b in BUDGETS for k in ("accelerate", *(f"expertswap:{p}" for p in POLICIES[device]))]
+    contenders = ("accelerate", "lru", *(f"expertswap:{p}" for p in POLICIES[device]))
+    plan = [("full", "100%")] + [(k, b) for b in BUDGETS for k in contenders]
     runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plan}
     for repeat in range(repeats):
         for key in plan:
@@ -87,7 +89,7 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
         moved = "-" if r["bytes_loaded"] is None else f"{r['bytes_loaded'] / 2**20:.0f}"
         lines.append(
-            f"| {r['kind'].replace('expertswap:', 'ExpertSwap ')} | {r['budget']} | {r['tok_s']:.2f} | {ratio} | "
+            f"| {LABELS.get(r['kind'], r['kind'].replace('expertswap:', 'ExpertSwap '))} | {r['budget']} | {r['tok_s']:.2f} | {ratio} | "
             f"{r['tok_s'] / full:.2f} | {r['ttft']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {hit} | {moved} | "
             f"{r['peak_rss'] / 2**20:.0f} | {'yes' if r['same_tokens'] else 'no'} |")
     exact50 = next((r for r in rows if r["kind"] == "expertswap:exact" and r["budget"] == "50%"), None)
@@ -103,7 +105,7 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"] != "full"):
         pts = [(int(r["budget"].rstrip("%")), r["tok_s"]) for r in rows if r["kind"] == kind]
-        ax.plot(*zip(*pts), marker="o", label=kind.replace("expertswap:", "ExpertSwap "))
+        ax.plot(*zip(*pts), marker="o", label=LABELS.get(kind, kind.replace("expertswap:", "ExpertSwap ")))
     ax.axhline(full, color="black", linestyle="--", label="full residency")
     ax.set(xlabel="budget (% of expert bytes)", ylabel="decode tokens/s", title=f"{model} on {device}")
     ax.set_yscale("log")

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from .committee import POLICIES
+from .committee import EVICTIONS, POLICIES
 from .default_model import DEFAULT_MODEL, resolve_model
 from .engine import Engine
 from .errors import ExpertSwapError
@@ -28,6 +28,8 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="policy skip: drop routings whose weight is below this (0 = drop none)")
     parser.add_argument("--ram-tier", action="store_true", help="keep every expert in host RAM (faster swaps)")
     parser.add_argument("--no-swapper", action="store_true", help="no background swapping (misses only)")
+    parser.add_argument("--eviction", choices=EVICTIONS, default="importance",
+                        help="which expert a miss replaces: least important, or least recently used (baseline)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +82,8 @@ class _BuildBar:
 def _load(args: argparse.Namespace, budget: str | None = None) -> Engine:
     folder = resolve_model(args.model, _BuildBar())
     return Engine.load(folder, budget=budget or args.budget, device=args.device, policy=args.policy,
-                       ram_tier=args.ram_tier, skip_threshold=args.skip_threshold, swapper=not args.no_swapper)
+                       ram_tier=args.ram_tier, skip_threshold=args.skip_threshold, swapper=not args.no_swapper,
+                       eviction=args.eviction)
 
 
 def _write_events(subscription: Subscription, path: Path, stop: threading.Event) -> None:

@@ -21,6 +21,7 @@ from .store import ExpertStore, LayerExperts
 from .telemetry import SwapEvent, Telemetry
 
 POLICIES = ("exact", "substitute", "skip", "cpu")
+EVICTIONS = ("importance", "lru")
 DECAY_PER_TOKEN = 0.95
 SWAP_HYSTERESIS = 1.25
 
@@ -40,6 +41,7 @@ class Runtime:
 
     policy: str = "exact"
     skip_threshold: float = 0.0
+    eviction: str = "importance"  # or "lru": evict the least recently routed expert (the on-demand baseline)
     allow_loads: bool = True
     counters: Counters = field(default_factory=Counters)
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -77,6 +79,8 @@ class Committee(nn.Module):
         self.routing_counts = torch.zeros(4, dtype=torch.long, device=device)  # hits, misses, skipped, substituted
         self.routed = torch.zeros(E, dtype=torch.long, device=device)  # how often the router chose each expert
         self.last_token = torch.full((spec.top_k,), -1, dtype=torch.long, device=device)  # the latest token's choice
+        self.last_used = torch.zeros(E, dtype=torch.long, device=device)  # forward count when last routed to (lru)
+        self._clock = 0
         self.cpu_computed = 0
         self._slot_of = [-1] * E
         self._resident_count = 0
@@ -129,6 +133,9 @@ class Committee(nn.Module):
             index, weights = self._skip(index, weights, runtime.skip_threshold)
         valid = index >= 0
         self.routed.scatter_add_(0, index.clamp(min=0).flatten(), valid.flatten().long())  # no host sync
+        self._clock += 1
+        stamp = torch.where(valid, self._clock, 0).flatten()
+        self.last_used.scatter_reduce_(0, index.clamp(min=0).flatten(), stamp, reduce="amax")
         self.last_token = index[-1].clone()
         resident = (self.expert_to_slot[index.clamp(min=0)] >= 0) & valid
         self.routing_counts[0] += resident.sum()
@@ -237,13 +244,16 @@ class Committee(nn.Module):
         missing = [e for e in wanted if self._slot_of[e] < 0]
         if not missing:
             return
-        keep = set(wanted)
-        scores = self.scores()
-        free = [s for s, e in enumerate(self.slot_to_expert) if e not in keep]
-        free.sort(key=lambda s: -1.0 if self.slot_to_expert[s] < 0 else float(scores[self.slot_to_expert[s]]))
-        for expert, slot in zip(missing, free):
+        for expert, slot in zip(missing, self.victims(set(wanted))):
             start = time.perf_counter()
             self.apply_swap(expert, slot, self.store.read(self.layer, expert), "miss", start)
+
+    def victims(self, keep: set[int]) -> list[int]:
+        """Slots to load into, best first: empty ones, then the least important (or least recently used)."""
+        rank = self.last_used.cpu() if self.runtime.eviction == "lru" else self.scores()
+        free = [s for s, e in enumerate(self.slot_to_expert) if e not in keep]
+        free.sort(key=lambda s: -1.0 if self.slot_to_expert[s] < 0 else float(rank[self.slot_to_expert[s]]))
+        return free
 
     def plan_swaps(self, limit: int) -> list[tuple[int, int, int]]:
         """(expert in, slot, expert out) pairs that raise the committee's importance, best first."""

@@ -19,7 +19,7 @@ import psutil
 
 from .budget import parse_budget
 from .checkpoint import Checkpoint, check_model_folder
-from .committee import POLICIES, Committee, Runtime
+from .committee import EVICTIONS, POLICIES, Committee, Runtime
 from .errors import BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError
 from .families import Family, family_for
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop
@@ -140,6 +140,7 @@ class Engine:
         dtype: str | torch.dtype = "auto",
         skip_threshold: float = 0.0,
         swapper: bool = True,
+        eviction: str = "importance",
     ) -> Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``."""
         torch_device = resolve_device(device)
@@ -163,7 +164,9 @@ class Engine:
         capacities = plan_capacities(budget_bytes, shapes)
         if ram_tier:
             store.fill_ram_tier()
-        runtime = Runtime(policy=policy, skip_threshold=skip_threshold)
+        if eviction not in EVICTIONS:
+            raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+        runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction)
         committees = []
         for site, capacity in zip(sites, capacities):
             attr = site.name.rpartition(".")[2]

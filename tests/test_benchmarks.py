@@ -10,6 +10,7 @@ def test_contenders_agree_on_the_tokens(tiny_model) -> None:
     full = run_transformers(folder, "100%", 6, "cpu", offload=False)
     offloaded = run_transformers(folder, "50%", 6, "cpu", offload=True)
     exact = run_expertswap(folder, "exact", "50%", 6, "cpu")
-    assert full["ids"] == offloaded["ids"] == exact["ids"] and len(full["ids"]) == 6
+    lru = run_expertswap(folder, "exact", "25%", 6, "cpu", lru=True)
+    assert full["ids"] == offloaded["ids"] == exact["ids"] == lru["ids"] and len(full["ids"]) == 6
     assert len(exact["times"]) == 6 and all(t > 0 for t in exact["times"])
     assert 0.0 <= exact["hit_rate"] <= 1.0 and exact["bytes_loaded"] >= 0 and exact["peak_rss"] > 0

@@ -241,3 +241,25 @@ def test_memory_samples_are_emitted(tiny_model) -> None:
     assert samples and samples[0].rss_bytes > 0 and samples[0].available_ram_bytes > 0
     assert samples[0].budget_bytes == engine.budget_bytes
     assert samples[0].resident_expert_bytes <= samples[0].budget_bytes
+
+
+def test_lru_eviction_replaces_the_least_recently_routed_expert(tiny_model, reference) -> None:
+    """The on-demand LRU baseline: exact tokens, and a miss evicts the expert unused for longest."""
+    from expertswap.engine import Engine, SamplingSettings
+
+    folder = tiny_model("qwen3_moe")
+    with Engine.load(folder, budget="25%", policy="exact", swapper=False, eviction="lru") as lru, \
+            Engine.load(folder, budget="100%", swapper=False) as full:
+        ids = lru.encode("Exceptions are raised when an error is detected")
+        settings = SamplingSettings(max_new_tokens=12)
+        assert list(lru.generate(ids, settings)) == list(full.generate(ids, settings))
+        committee = lru.committees[0]
+        resident = committee.resident_experts
+        assert int(committee.last_used.max()) > 0  # routings were stamped while generating
+        committee.last_used[:] = 100
+        committee.last_used[resident[1]] = 7  # the stalest resident expert
+        slot_of_stale = committee.slot_to_expert.index(resident[1])
+        assert committee.victims(set())[0] == slot_of_stale
+        committee.last_used[resident[1]] = 200
+        assert committee.victims(set())[0] != slot_of_stale
+        assert slot_of_stale not in committee.victims({resident[1]})  # a wanted expert is never a victim
