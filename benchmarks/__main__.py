@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     speed.add_argument("--tokens", type=int, default=32)
     speed.add_argument("--repeats", type=int, default=3)
     sub.add_parser("default-model", help="the default model's quality report")
+    sub.add_parser("budget-latency", help="how fast a budget change applies mid-reply, and the stall it causes")
     sub.add_parser("core-sweep", help="the engine's policy/budget sweep on a synthetic model")
     args, rest = parser.parse_known_args(argv)
     if args.command == "speed":
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> None:
         rows, _ = sweep(args.model, args.device, args.tokens, args.repeats, lambda text: (bar.set_postfix_str(text), bar.update()))
         bar.close()
         print(write(rows, args.model, args.device, args.tokens, args.repeats).read_text())
+    elif args.command == "budget-latency":
+        from expertswap.engine.default_model import resolve_model
+
+        from .budget_latency import main as run
+
+        print(run(resolve_model("default")).read_text())
     elif args.command == "default-model":
         from .default_model import main as run
 

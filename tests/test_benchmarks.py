@@ -14,3 +14,13 @@ def test_contenders_agree_on_the_tokens(tiny_model) -> None:
     assert full["ids"] == offloaded["ids"] == exact["ids"] == lru["ids"] and len(full["ids"]) == 6
     assert len(exact["times"]) == 6 and all(t > 0 for t in exact["times"])
     assert 0.0 <= exact["hit_rate"] <= 1.0 and exact["bytes_loaded"] >= 0 and exact["peak_rss"] > 0
+
+
+def test_budget_changes_apply_within_one_token(tiny_model) -> None:
+    from benchmarks.budget_latency import one_run
+
+    changes = one_run(tiny_model("qwen3_moe"))
+    assert [c["budget"] for c in changes] == ["25%", "100%"]
+    for change in changes:
+        assert change["tokens_until_applied"] <= 1  # in force before the token after the one in flight
+        assert 0 <= change["applied"] and change["sized"] < 10  # the committee reached its new size
