@@ -40,7 +40,6 @@ def _timed_decode(step, first_ids: torch.Tensor, tokens: int) -> tuple[list[int]
 
 
 def run_transformers(folder: str, budget: str, tokens: int, device: str, offload: bool) -> dict:
-    from accelerate.utils import compute_module_sizes  # noqa: F401  (accelerate must be importable)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from expertswap.engine.fit import fit_report

@@ -8,7 +8,6 @@ the shipped file. Usage: python -m benchmarks.default_model
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform

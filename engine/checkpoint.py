@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelFormatError, ModelNotFoundError
+from .families import Family, family_for
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -58,6 +59,18 @@ def check_model_folder(folder: str | os.PathLike) -> Path:
             f"no .safetensors weights in {path} (found: {found}); ExpertSwap loads safetensors only"
         )
     return path
+
+
+def read_config(model_dir: str | os.PathLike) -> tuple[Path, object, Family]:
+    """The checked folder, its config (never remote code) and its supported family, or a typed error."""
+    from transformers import AutoConfig
+
+    folder = check_model_folder(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelFormatError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+    return folder, config, family_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
 
 
 class Checkpoint:

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import AutoTokenizer, DynamicCache, PreTrainedModel
 
 import psutil
 
 from .budget import parse_budget
-from .checkpoint import Checkpoint, check_model_folder
+from .checkpoint import Checkpoint, read_config
 from .committee import EVICTIONS, POLICIES, Committee, Runtime
 from .errors import BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError
-from .families import Family, family_for
+from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop
 from .memory import current_rss_bytes, peak_rss_bytes
 from .planner import LayerShape, effective_experts, minimum_bytes, plan_capacities
@@ -145,12 +145,7 @@ class Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``."""
         torch_device = resolve_device(device)
         _check_policy(policy, torch_device, skip_threshold)
-        folder = check_model_folder(model_dir)
-        try:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelFormatError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-        family = family_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
+        folder, config, family = read_config(model_dir)
         checkpoint = Checkpoint(folder)
         model, sites = load_skeleton(str(folder), family, torch_device, dtype)
         top_k = int(config.num_experts_per_tok)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoConfig
 
 from .budget import format_bytes, parse_budget
-from .checkpoint import Checkpoint, check_model_folder
+from .checkpoint import Checkpoint, read_config
 from .errors import ModelFormatError
-from .families import Family, family_for
+from .families import Family
 
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -72,12 +71,7 @@ def _layer_of(match: re.Match[str]) -> int:
 def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens: int = 4096,
                device: str = "cpu") -> FitReport:
     """Sizes of a model folder and the machine's free memory; reads no weights."""
-    folder = check_model_folder(model_dir)
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelFormatError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-    family = family_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
+    folder, config, family = read_config(model_dir)
     checkpoint = Checkpoint(folder)
     try:
         pattern = _expert_pattern(family)
