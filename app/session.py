@@ -40,6 +40,8 @@ class EngineSession(QObject):
         self._timer = QTimer(self)
         self._timer.setInterval(DRAIN_MS)
         self._timer.timeout.connect(self.drain)
+        self._signals = {SwapEvent: self.swap, ResidencySnapshot: self.residency, TokenStats: self.token_stats,
+                         MemorySample: self.memory, BudgetChange: self.budget}
 
     async def load(self, model: str, budget: str = "50%", policy: str = "exact") -> bool:
         """Build (if "default") and load ``model``; on failure the old engine stays and ``load_failed`` says why."""
@@ -102,10 +104,8 @@ class EngineSession(QObject):
         """Re-emit queued telemetry on the GUI thread, each event on its own signal."""
         if self._subscription is None:
             return
-        signals = {SwapEvent: self.swap, ResidencySnapshot: self.residency, TokenStats: self.token_stats,
-                   MemorySample: self.memory, BudgetChange: self.budget}
         for event in self._subscription.drain():
-            signal = signals.get(type(event))
+            signal = self._signals.get(type(event))
             if signal is not None:
                 signal.emit(event)
 

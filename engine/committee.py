@@ -132,12 +132,14 @@ class Committee(nn.Module):
         if runtime.policy == "skip" and runtime.skip_threshold > 0:
             index, weights = self._skip(index, weights, runtime.skip_threshold)
         valid = index >= 0
-        self.routed.scatter_add_(0, index.clamp(min=0).flatten(), valid.flatten().long())  # no host sync
-        self._clock += 1
-        stamp = torch.where(valid, self._clock, 0).flatten()
-        self.last_used.scatter_reduce_(0, index.clamp(min=0).flatten(), stamp, reduce="amax")
+        clamped = index.clamp(min=0)
+        self.routed.scatter_add_(0, clamped.flatten(), valid.flatten().long())  # no host sync
+        if runtime.eviction == "lru":  # only the LRU baseline reads the stamps
+            self._clock += 1
+            stamp = torch.where(valid, self._clock, 0).flatten()
+            self.last_used.scatter_reduce_(0, clamped.flatten(), stamp, reduce="amax")
         self.last_token = index[-1].clone()
-        resident = (self.expert_to_slot[index.clamp(min=0)] >= 0) & valid
+        resident = (self.expert_to_slot[clamped] >= 0) & valid
         self.routing_counts[0] += resident.sum()
         self.routing_counts[1] += (valid & ~resident).sum()
         if self._resident_count == self.num_experts:

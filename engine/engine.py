@@ -348,12 +348,19 @@ class Engine:
     def residency(self) -> ResidencySnapshot:
         """The resident experts and importance of every MoE layer, taken consistently under the step lock."""
         with self.runtime.lock:
+            cs = self.committees
+            # one device read for every layer's counters (this runs after each token while the GUI listens)
+            flat = torch.cat([t for c in cs for t in (c.routed, c.last_token)]).tolist()
+            routed, last = {}, {}
+            for c in cs:
+                routed[c.layer], flat = flat[: c.num_experts], flat[c.num_experts :]
+                last[c.layer], flat = sorted(e for e in flat[: c.top_k] if e >= 0), flat[c.top_k :]
             return ResidencySnapshot(
-                resident={c.layer: sorted(c.resident_experts) for c in self.committees},
-                importance={c.layer: [round(float(v), 6) for v in c.scores()] for c in self.committees},
-                capacity={c.layer: c.capacity for c in self.committees},
-                routed={c.layer: c.routed.tolist() for c in self.committees},
-                last_token={c.layer: sorted(e for e in c.last_token.tolist() if e >= 0) for c in self.committees},
+                resident={c.layer: sorted(c.resident_experts) for c in cs},
+                importance={c.layer: [round(float(v), 6) for v in c.scores()] for c in cs},
+                capacity={c.layer: c.capacity for c in cs},
+                routed=routed,
+                last_token=last,
             )
 
     def stats(self) -> EngineStats:
