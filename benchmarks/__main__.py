@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     speed = sub.add_parser("speed", help="tokens/s, latency and memory of every contender at 25-100%% budgets")
-    speed.add_argument("--model", choices=["default", "olmoe-shape"], default="default")
+    speed.add_argument("--model", choices=["default", "olmoe-shape", "qwen3-shape"], default="default")
     speed.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     speed.add_argument("--tokens", type=int, default=32)
     speed.add_argument("--repeats", type=int, default=3)

@@ -18,6 +18,11 @@ import time
 import torch
 
 PROMPT = "Explain how a Python dictionary stores its keys and what makes lookups fast."
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}  # CPUs without bf16 units run float32 faster
+
+
+def run_dtype(device: str) -> torch.dtype:
+    return DTYPES[device.split(":")[0]]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -40,16 +45,19 @@ def _timed_decode(step, first_ids: torch.Tensor, tokens: int) -> tuple[list[int]
 
 
 def run_transformers(folder: str, budget: str, tokens: int, device: str, offload: bool) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from expertswap.engine.fit import fit_report
     from expertswap.engine.memory import peak_rss_bytes
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    kwargs: dict = {"dtype": torch.float32}
+    dtype = run_dtype(device)
+    kwargs: dict = {"dtype": dtype}
     if offload:
         report = fit_report(folder, budget)
-        cap = report.non_expert_bytes + report.budget_bytes
+        # the report counts checkpoint bytes; the cap must count them in the dtype we run in
+        scale = dtype.itemsize / AutoConfig.from_pretrained(folder).dtype.itemsize
+        cap = int((report.non_expert_bytes + report.budget_bytes) * scale)
         target = 0 if device.startswith("cuda") else "cpu"
         kwargs |= {"device_map": "auto", "max_memory": {target: cap, **({"cpu": 10**12} if target == 0 else {})},
                    "offload_folder": tempfile.mkdtemp(prefix="offload-")}
@@ -72,9 +80,10 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
 def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str, lru: bool = False) -> dict:
     from expertswap.engine import Engine, SamplingSettings
 
-    engine = Engine.load(folder, budget=budget, policy=policy, device=device, dtype="float32",
-                         skip_threshold=0.3 if policy == "skip" else 0.0, swapper=not lru,
-                         eviction="lru" if lru else "importance")
+    # on a GPU every expert waits in pinned host RAM, as accelerate keeps its offloaded layers in RAM
+    engine = Engine.load(folder, budget=budget, policy=policy, device=device, dtype=run_dtype(device),
+                         ram_tier=device.startswith("cuda"), skip_threshold=0.3 if policy == "skip" else 0.0,
+                         swapper=not lru, eviction="lru" if lru else "importance")
     ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
     out, times = [], []
     last = time.perf_counter()

@@ -19,25 +19,47 @@ from pathlib import Path
 import torch
 import transformers
 
+from .contenders import run_dtype
+
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = ("25%", "50%", "75%", "100%")
 POLICIES = {"cpu": ("exact", "substitute", "skip"), "cuda": ("exact", "substitute", "skip", "cpu")}
 LABELS = {"full": "full residency", "accelerate": "accelerate offload", "lru": "LRU on demand"}
-OLMOE_SHAPE = dict(num_experts=64, top_k=8, layers=2, hidden=2048, intermediate=1024, heads=16, vocab_size=50304)
+# random weights in the real layer shapes (attention heads of 128 dims); fewer layers to fit the time
+SHAPES = {
+    "olmoe-shape": ("olmoe", dict(num_experts=64, top_k=8, hidden=2048, intermediate=1024, heads=16, vocab_size=50304)),
+    "qwen3-shape": ("qwen3_moe", dict(num_experts=128, top_k=8, hidden=2048, intermediate=768, heads=16,
+                                      vocab_size=151936)),
+}
+LAYERS = {"cpu": 2, "cuda": 4}
 
 
-def model_folder(name: str) -> Path:
-    """``default`` (the built-in model) or ``olmoe-shape`` (random OLMoE-1B-7B layer shapes, 2 layers)."""
+def model_folder(name: str, device: str = "cpu") -> Path:
+    """``default`` (the built-in model) or a name in SHAPES (OLMoE-1B-7B / Qwen3-30B-A3B layer shapes)."""
     if name == "default":
         from expertswap.engine.default_model import resolve_model
 
         return resolve_model("default")
     from expertswap.engine.synthetic import build_model
 
-    folder = Path(tempfile.gettempdir()) / "expertswap-olmoe-shape"
+    family, shape = SHAPES[name]
+    layers = LAYERS[device]
+    folder = Path(tempfile.gettempdir()) / f"expertswap-{name}-{layers}"
     if not (folder / "config.json").exists():
-        build_model("olmoe", folder, dtype=torch.bfloat16, init_std=0.02, **OLMOE_SHAPE)
+        build_model(family, folder, dtype=torch.bfloat16, init_std=0.02, layers=layers, **shape)
     return folder
+
+
+def vram(row: dict) -> str:
+    return f"{row['peak_vram'] / 2**20:.0f} | "
+
+
+def describe(name: str, device: str) -> str:
+    if name == "default":
+        return "the built-in default model (SmolLM2-135M cut into a Qwen2-MoE, 28 MoE layers x 8 experts, top-2)"
+    family, shape = SHAPES[name]
+    return (f"random {family} weights, {LAYERS[device]} layers of {shape['num_experts']} experts (top-{shape['top_k']}, "
+            f"hidden {shape['hidden']}, expert width {shape['intermediate']}), the real model's layer shapes")
 
 
 def measure(kind: str, folder: Path, budget: str, tokens: int, device: str) -> dict:
@@ -47,7 +69,7 @@ def measure(kind: str, folder: Path, budget: str, tokens: int, device: str) -> d
 
 
 def sweep(model: str, device: str, tokens: int, repeats: int, progress) -> tuple[list[dict], Path]:
-    folder = model_folder(model)
+    folder = model_folder(model, device)
     contenders = ("accelerate", "lru", *(f"expertswap:{p}" for p in POLICIES[device]))
     plan = [("full", "100%")] + [(k, b) for b in BUDGETS for k in contenders]
     runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plan}
@@ -72,6 +94,7 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cuda = device == "cuda"
     accel = {r["budget"]: r["tok_s"] for r in rows if r["kind"] == "accelerate"}
     full = next(r["tok_s"] for r in rows if r["kind"] == "full")
     stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores"
@@ -79,10 +102,13 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
              f"transformers {transformers.__version__}")
     lines = [
         f"# Decode speed and memory: {model} on {device}", "", stamp + ".",
-        f"Greedy, {tokens} new tokens after a chat prompt, float32; medians of {repeats} runs, each a fresh process, "
+        f"Greedy, {tokens} new tokens after a chat prompt, {str(run_dtype(device)).removeprefix('torch.')}"
+        f"{', experts in pinned host RAM' if device == 'cuda' else ''}; medians of {repeats} runs, each a fresh process, "
         "contenders interleaved round-robin. `same tokens`: identical to full residency in every run.", "",
-        "| contender | budget | tokens/s | x accelerate | x full | first token (s) | p50 ms | p99 ms | hit rate | MiB moved | peak RSS MiB | same tokens |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"Model: {describe(model, device)}.", "",
+        "| contender | budget | tokens/s | x accelerate | x full | first token (s) | p50 ms | p99 ms | hit rate | MiB moved | "
+        f"peak RSS MiB | {'peak VRAM MiB | ' if cuda else ''}same tokens |",
+        f"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | {'---: | ' if cuda else ''}--- |",
     ]
     for r in rows:
         ratio = f"{r['tok_s'] / accel[r['budget']]:.1f}" if r["budget"] in accel else "-"
@@ -91,7 +117,8 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
         lines.append(
             f"| {LABELS.get(r['kind'], r['kind'].replace('expertswap:', 'ExpertSwap '))} | {r['budget']} | {r['tok_s']:.2f} | {ratio} | "
             f"{r['tok_s'] / full:.2f} | {r['ttft']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {hit} | {moved} | "
-            f"{r['peak_rss'] / 2**20:.0f} | {'yes' if r['same_tokens'] else 'no'} |")
+            f"{r['peak_rss'] / 2**20:.0f} | {vram(r) if cuda else ''}"
+            f"{'yes' if r['same_tokens'] else 'no'} |")
     exact50 = next((r for r in rows if r["kind"] == "expertswap:exact" and r["budget"] == "50%"), None)
     sub50 = next((r for r in rows if r["kind"] == "expertswap:substitute" and r["budget"] == "50%"), None)
     lines += ["", "## Targets", ""]
