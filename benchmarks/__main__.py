@@ -1,4 +1,4 @@
-"""python -m benchmarks [speed|default-model|core-sweep] ...: the benchmark harness (results in benchmarks/results)."""
+"""python -m benchmarks [speed|swap-copy|budget-latency|default-model|core-sweep] ...: the benchmark harness (results in benchmarks/results)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> None:
     speed.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     speed.add_argument("--tokens", type=int, default=32)
     speed.add_argument("--repeats", type=int, default=3)
+    copy = sub.add_parser("swap-copy", help="GPU swap copies against the measured pinned host-to-device bandwidth")
+    copy.add_argument("models", nargs="*", default=["olmoe-shape", "qwen3-shape"])
     sub.add_parser("default-model", help="the default model's quality report")
     sub.add_parser("budget-latency", help="how fast a budget change applies mid-reply, and the stall it causes")
     sub.add_parser("core-sweep", help="the engine's policy/budget sweep on a synthetic model")
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         rows, _ = sweep(args.model, args.device, args.tokens, args.repeats, lambda text: (bar.set_postfix_str(text), bar.update()))
         bar.close()
         print(write(rows, args.model, args.device, args.tokens, args.repeats).read_text())
+    elif args.command == "swap-copy":
+        from .swap_copy import main as run
+
+        print(run(args.models).read_text())
     elif args.command == "budget-latency":
         from expertswap.engine.default_model import resolve_model
 

@@ -44,20 +44,27 @@ def _timed_decode(step, first_ids: torch.Tensor, tokens: int) -> tuple[list[int]
     return out, times
 
 
-def run_transformers(folder: str, budget: str, tokens: int, device: str, offload: bool) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def offload_cap(folder: str, budget: str, dtype: torch.dtype) -> int:
+    """accelerate's max_memory: non-expert bytes + the budget, counted in the dtype the model runs in."""
+    from transformers import AutoConfig
 
     from expertswap.engine.fit import fit_report
+
+    report = fit_report(folder, budget)  # checkpoint bytes
+    scale = dtype.itemsize / AutoConfig.from_pretrained(folder).dtype.itemsize
+    return int((report.non_expert_bytes + report.budget_bytes) * scale)
+
+
+def run_transformers(folder: str, budget: str, tokens: int, device: str, offload: bool) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from expertswap.engine.memory import peak_rss_bytes
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = run_dtype(device)
     kwargs: dict = {"dtype": dtype}
     if offload:
-        report = fit_report(folder, budget)
-        # the report counts checkpoint bytes; the cap must count them in the dtype we run in
-        scale = dtype.itemsize / AutoConfig.from_pretrained(folder).dtype.itemsize
-        cap = int((report.non_expert_bytes + report.budget_bytes) * scale)
+        cap = offload_cap(folder, budget, dtype)
         target = 0 if device.startswith("cuda") else "cpu"
         kwargs |= {"device_map": "auto", "max_memory": {target: cap, **({"cpu": 10**12} if target == 0 else {})},
                    "offload_folder": tempfile.mkdtemp(prefix="offload-")}

@@ -74,7 +74,7 @@ class Committee(nn.Module):
         self.device = device
         E = self.num_experts
         self.importance = torch.zeros(E, device=device)
-        self.norms = torch.full((E,), float("nan"))  # host; |expert| is known once it has been loaded
+        self.norms = torch.full((E,), float("nan"), device=device)  # |expert|, known once it has been loaded
         self.expert_to_slot = torch.full((E,), -1, dtype=torch.long, device=device)
         self.routing_counts = torch.zeros(4, dtype=torch.long, device=device)  # hits, misses, skipped, substituted
         self.routed = torch.zeros(E, dtype=torch.long, device=device)  # how often the router chose each expert
@@ -83,6 +83,7 @@ class Committee(nn.Module):
         self._clock = 0
         self.cpu_computed = 0
         self._slot_of = [-1] * E
+        self._norm_known = [False] * E
         self._resident_count = 0
         self.slot_to_expert: list[int] = []
         self.version = 0  # bumped by resize: a swap planned against an older layout is dropped
@@ -96,7 +97,7 @@ class Committee(nn.Module):
         for slot in range(capacity):
             tensors = self.store.read(self.layer, slot)
             self._copy_in(slot, tensors, non_blocking=False)
-            self._install(slot, slot, tensors)
+            self._install(slot, slot)
 
     # ---- what is resident ---------------------------------------------------------------------
     @property
@@ -114,9 +115,10 @@ class Committee(nn.Module):
 
     def scores(self) -> torch.Tensor:
         """SwapMoE importance per expert on the host: decayed sum of |x| * routing weight, times |expert|."""
-        known = ~self.norms.isnan()
-        default = self.norms[known].mean() if bool(known.any()) else 1.0
-        return self.importance.float().cpu() * self.norms.nan_to_num(float(default))
+        norms = self.norms.cpu()
+        known = ~norms.isnan()
+        default = norms[known].mean() if bool(known.any()) else 1.0
+        return self.importance.float().cpu() * norms.nan_to_num(float(default))
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -292,7 +294,7 @@ class Committee(nn.Module):
             stream.synchronize()
         else:
             self._copy_in(slot, tensors, non_blocking=False)
-        old = self._install(slot, expert, tensors)
+        old = self._install(slot, expert)
         self.runtime.counters.loads += 1
         self.runtime.counters.bytes_loaded += self.spec.expert_bytes
         self.runtime.telemetry.emit(SwapEvent(
@@ -333,10 +335,12 @@ class Committee(nn.Module):
         for p in self.spec.params:
             getattr(self.inner, p.name).data[slot].copy_(tensors[p.name], non_blocking=non_blocking)
 
-    def _install(self, slot: int, expert: int, tensors: dict[str, torch.Tensor]) -> int:
+    def _install(self, slot: int, expert: int) -> int:
         """Record that ``slot`` now holds ``expert`` (already copied in); returns the expert it held."""
-        if self.norms[expert].isnan():
-            self.norms[expert] = float(torch.sqrt(sum((t.float() ** 2).sum() for t in tensors.values())))
+        if not self._norm_known[expert]:  # from the slot on the device: a host-side norm costs more than the copy
+            self.norms[expert] = torch.sqrt(sum(getattr(self.inner, p.name).data[slot].float().square().sum()
+                                                for p in self.spec.params))
+            self._norm_known[expert] = True
         old = self.slot_to_expert[slot]
         if old >= 0:
             self._set_slot(old, -1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from benchmarks.contenders import run_expertswap, run_transformers
 
 
@@ -24,3 +27,23 @@ def test_budget_changes_apply_within_one_token(tiny_model) -> None:
     for change in changes:
         assert change["tokens_until_applied"] <= 1  # in force before the token after the one in flight
         assert 0 <= change["applied"] and change["sized"] < 10  # the committee reached its new size
+
+
+def test_offload_cap_counts_the_run_dtype(tiny_model) -> None:
+    import torch
+
+    from benchmarks.contenders import offload_cap
+    from expertswap.engine.fit import fit_report
+
+    folder = str(tiny_model("olmoe"))  # saved in float32
+    report = fit_report(folder, "50%")
+    assert offload_cap(folder, "50%", torch.float32) == report.non_expert_bytes + report.budget_bytes
+    assert offload_cap(folder, "50%", torch.bfloat16) == (report.non_expert_bytes + report.budget_bytes) // 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_swap_copy_measures_the_real_swap_path(tiny_model) -> None:
+    from benchmarks.swap_copy import measure
+
+    result = measure("tiny", tiny_model("qwen3_moe"), swaps=8, tokens=8)
+    assert result["link_big"] > 0 and 0 < result["path"] and result["path_ms"] > 0
