@@ -50,6 +50,10 @@ def model_folder(name: str, device: str = "cpu") -> Path:
     return folder
 
 
+def label(kind: str) -> str:
+    return LABELS.get(kind, kind.replace("expertswap:", "ExpertSwap "))
+
+
 def vram(row: dict) -> str:
     return f"{row['peak_vram'] / 2**20:.0f} | "
 
@@ -63,8 +67,11 @@ def describe(name: str, device: str) -> str:
 
 
 def measure(kind: str, folder: Path, budget: str, tokens: int, device: str) -> dict:
+    """One contender in a fresh process; a contender that cannot run there returns {"error": its last words}."""
     run = subprocess.run([sys.executable, "-m", "benchmarks.contenders", kind, str(folder), budget, str(tokens), device],
-                         capture_output=True, text=True, check=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+                         capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+    if run.returncode:
+        return {"error": (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1][:160]}
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -79,6 +86,9 @@ def sweep(model: str, device: str, tokens: int, repeats: int, progress) -> tuple
             progress(f"{model} repeat {repeat + 1}/{repeats}: {key[0]} at {key[1]}")
     rows = []
     for (kind, budget), results in runs.items():
+        if failed := next((r["error"] for r in results if "error" in r), None):
+            rows.append({"kind": kind, "budget": budget, "error": failed})
+            continue
         med = {m: statistics.median(r[m] for r in results) for m in ("tok_s", "ttft", "p50_ms", "p99_ms", "peak_rss", "peak_vram")}
         hit = [r["hit_rate"] for r in results if r["hit_rate"] is not None]
         moved = [r["bytes_loaded"] for r in results if r["bytes_loaded"] is not None]
@@ -95,7 +105,7 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     import matplotlib.pyplot as plt
 
     cuda = device == "cuda"
-    accel = {r["budget"]: r["tok_s"] for r in rows if r["kind"] == "accelerate"}
+    accel = {r["budget"]: r["tok_s"] for r in rows if r["kind"] == "accelerate" and "error" not in r}
     full = next(r["tok_s"] for r in rows if r["kind"] == "full")
     stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores"
              f"{', ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}, "
@@ -111,18 +121,23 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
         f"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | {'---: | ' if cuda else ''}--- |",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {label(r['kind'])} | {r['budget']} | failed: `{r['error'].replace('|', '/')}` |")
+            continue
         ratio = f"{r['tok_s'] / accel[r['budget']]:.1f}" if r["budget"] in accel else "-"
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
         moved = "-" if r["bytes_loaded"] is None else f"{r['bytes_loaded'] / 2**20:.0f}"
         lines.append(
-            f"| {LABELS.get(r['kind'], r['kind'].replace('expertswap:', 'ExpertSwap '))} | {r['budget']} | {r['tok_s']:.2f} | {ratio} | "
+            f"| {label(r['kind'])} | {r['budget']} | {r['tok_s']:.2f} | {ratio} | "
             f"{r['tok_s'] / full:.2f} | {r['ttft']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {hit} | {moved} | "
             f"{r['peak_rss'] / 2**20:.0f} | {vram(r) if cuda else ''}"
             f"{'yes' if r['same_tokens'] else 'no'} |")
-    exact50 = next((r for r in rows if r["kind"] == "expertswap:exact" and r["budget"] == "50%"), None)
-    sub50 = next((r for r in rows if r["kind"] == "expertswap:substitute" and r["budget"] == "50%"), None)
+    exact50 = next((r for r in rows if r["kind"] == "expertswap:exact" and r["budget"] == "50%" and "error" not in r), None)
+    sub50 = next((r for r in rows if r["kind"] == "expertswap:substitute" and r["budget"] == "50%" and "error" not in r), None)
     lines += ["", "## Targets", ""]
-    if exact50:
+    if exact50 and "50%" not in accel:
+        lines.append("- `exact` at 50% >= 3x accelerate offloading: accelerate could not run at 50% (above).")
+    elif exact50:
         x = exact50["tok_s"] / accel["50%"]
         lines.append(f"- `exact` at 50% >= 3x accelerate offloading: {x:.1f}x, {'met' if x >= 3 else 'not met'}.")
     if sub50:
@@ -131,8 +146,9 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     stem = f"speed-{model}-{device}"
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"] != "full"):
-        pts = [(int(r["budget"].rstrip("%")), r["tok_s"]) for r in rows if r["kind"] == kind]
-        ax.plot(*zip(*pts), marker="o", label=LABELS.get(kind, kind.replace("expertswap:", "ExpertSwap ")))
+        pts = [(int(r["budget"].rstrip("%")), r["tok_s"]) for r in rows if r["kind"] == kind and "error" not in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label(kind))
     ax.axhline(full, color="black", linestyle="--", label="full residency")
     ax.set(xlabel="budget (% of expert bytes)", ylabel="decode tokens/s", title=f"{model} on {device}")
     ax.set_yscale("log")
