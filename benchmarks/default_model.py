@@ -52,7 +52,7 @@ def teacher_ppl(model, docs: list[list[int]]) -> float:
 
 
 def engine_ppl(engine: Engine, docs: list[list[int]]) -> float:
-    losses = torch.cat([engine.score(ids, chunk=16) for ids in docs])
+    losses = torch.cat([engine.score(ids, chunk=16).nll for ids in docs])
     return math.exp(losses.mean().item())
 
 

@@ -43,6 +43,7 @@ class Runtime:
     skip_threshold: float = 0.0
     eviction: str = "importance"  # or "lru": evict the least recently routed expert (the on-demand baseline)
     allow_loads: bool = True
+    pinned: bool = False  # a static committee: nothing loads, the swapper rests (Engine.pin_committee)
     counters: Counters = field(default_factory=Counters)
     lock: threading.RLock = field(default_factory=threading.RLock)
     telemetry: Telemetry = field(default_factory=Telemetry)
@@ -154,7 +155,7 @@ class Committee(nn.Module):
         host_index = index.cpu()
         needed = torch.unique(host_index[host_index >= 0]).tolist()
         if len(needed) <= self.capacity:
-            self._make_resident(needed)
+            self.make_resident(needed)
             return self._run(hidden, index, weights)
         return self._run_in_passes(hidden, index, weights, needed)
 
@@ -177,7 +178,7 @@ class Committee(nn.Module):
         self.runtime.counters.extra_passes += len(groups) - 1
         out: torch.Tensor | None = None
         for group in groups:
-            self._make_resident(group)
+            self.make_resident(group)
             member = torch.zeros(self.num_experts, dtype=torch.bool, device=index.device)
             member[group] = True
             part = self._run(hidden, index.masked_fill(~member[index.clamp(min=0)], -1), weights)
@@ -243,7 +244,7 @@ class Committee(nn.Module):
         self._router_logits = output[0] if isinstance(output, tuple) else None
 
     # ---- loading and swapping (the caller holds the runtime lock) -------------------------------
-    def _make_resident(self, wanted: list[int]) -> None:
+    def make_resident(self, wanted: list[int]) -> None:
         """Load the wanted experts that are missing into the least important slots not wanted now."""
         missing = [e for e in wanted if self._slot_of[e] < 0]
         if not missing:

@@ -20,7 +20,7 @@ import psutil
 from .budget import parse_budget
 from .checkpoint import Checkpoint, read_config
 from .committee import EVICTIONS, POLICIES, Committee, Runtime
-from .errors import BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError
+from .errors import BudgetError, BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop
 from .memory import current_rss_bytes, peak_rss_bytes
@@ -33,6 +33,14 @@ from .watcher import MemoryWatcher, free_memory_probe
 
 Message = dict[str, str]
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per scored token: its negative log-likelihood and the model's top-1 prediction for it."""
+
+    nll: torch.Tensor
+    top1: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -205,12 +213,12 @@ class Engine:
         """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
         with self.runtime.lock, torch.inference_mode():
             self._apply_pending_budget()
-            self.runtime.allow_loads = True
+            self.runtime.allow_loads = not self.runtime.pinned
             out = self.model(input_ids=torch.tensor([list(input_ids)], device=self.device))
         return out.logits[0].float().cpu()
 
-    def score(self, input_ids: Sequence[int], chunk: int = 16, prompt: int = 1) -> torch.Tensor:
-        """Negative log-likelihood of each token after the first, read the way a reply is decoded.
+    def score(self, input_ids: Sequence[int], chunk: int = 16, prompt: int = 1) -> TokenScores:
+        """Loss and top-1 prediction for each token after the first, read the way a reply is decoded.
 
         The first ``prompt`` tokens run as a prefill; the rest go in ``chunk`` at a time through the
         KV cache under decode rules (substitute and cpu never load) with the swapper woken between
@@ -222,7 +230,7 @@ class Engine:
         try:
             cache = DynamicCache(config=self.model.config)
             pieces = [ids[:prompt]] + [ids[i : i + chunk] for i in range(prompt, len(ids), chunk)]
-            losses: list[torch.Tensor] = []
+            predictors: list[torch.Tensor] = []
             last: torch.Tensor | None = None
             for n, piece in enumerate(pieces):
                 with self.runtime.lock, torch.inference_mode():
@@ -230,14 +238,40 @@ class Engine:
                     out = self.model(input_ids=torch.tensor([piece], device=self.device), past_key_values=cache,
                                      use_cache=True)
                 logits = out.logits[0].float().cpu()
-                predictors = logits[:-1] if last is None else torch.cat([last[None], logits[:-1]])
-                targets = torch.tensor(piece[1:] if last is None else piece, dtype=torch.long)
-                losses.append(torch.nn.functional.cross_entropy(predictors, targets, reduction="none"))
+                predictors.append(logits[:-1] if last is None else torch.cat([last[None], logits[:-1]]))
                 last = logits[-1]
                 self.swapper.wake()
-            return torch.cat(losses)
+            scored = torch.cat(predictors)
+            targets = torch.tensor(ids[1:], dtype=torch.long)
+            return TokenScores(torch.nn.functional.cross_entropy(scored, targets, reduction="none"), scored.argmax(-1))
         finally:
             self._busy.release()
+
+    def pin_committee(self, experts: dict[int, Sequence[int]] | None) -> None:
+        """Hold these experts in each listed layer and stop all loading: a static committee (None releases).
+
+        Only with the ``substitute`` policy: while pinned nothing is loaded, prompts included, and every
+        miss goes to a resident expert. It is what a never-swapped committee costs, kept measurable.
+        """
+        with self.runtime.lock:
+            if experts is None:
+                self.runtime.pinned = False
+                self.swapper.wake()
+                return
+            if self.runtime.policy != "substitute":
+                raise PolicyError(f"a pinned committee needs the substitute policy, not {self.runtime.policy!r}")
+            self._apply_pending_budget()
+            by_layer = {c.layer: c for c in self.committees}
+            for layer, wanted in experts.items():
+                committee = by_layer.get(layer)
+                if committee is None or not all(0 <= e < committee.num_experts for e in wanted):
+                    raise ValueError(f"layer {layer}: no such MoE layer or expert ids out of range: {sorted(wanted)}")
+                if len(set(wanted)) > committee.capacity:
+                    raise BudgetError(f"layer {layer} holds {committee.capacity} experts at this budget, "
+                                      f"asked for {len(set(wanted))}")
+            for layer, wanted in experts.items():
+                by_layer[layer].make_resident(sorted(set(wanted)))
+            self.runtime.pinned = True
 
     def generate(
         self, input_ids: Sequence[int], settings: SamplingSettings = SamplingSettings(),
@@ -338,6 +372,8 @@ class Engine:
         threshold = self.runtime.skip_threshold if skip_threshold is None else skip_threshold
         _check_policy(policy, self.device, threshold)
         with self.runtime.lock:
+            if self.runtime.pinned and policy != "substitute":
+                raise PolicyError("release the pinned committee (pin_committee(None)) before leaving substitute")
             self.runtime.policy, self.runtime.skip_threshold = policy, threshold
 
     def follow_free_memory(self, enabled: bool, margin_bytes: int | None = None) -> None:
@@ -405,7 +441,7 @@ class Engine:
         """Runs under the step lock before each forward: budget changes land here, between tokens."""
         self._apply_pending_budget()
         # substitute and cpu keep the prompt exact (loading what it needs) and never load while decoding
-        self.runtime.allow_loads = is_prefill or self.runtime.policy in ("exact", "skip")
+        self.runtime.allow_loads = not self.runtime.pinned and (is_prefill or self.runtime.policy in ("exact", "skip"))
 
     def _after_token(self, count: int) -> None:
         self.swapper.wake()

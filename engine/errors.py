@@ -20,7 +20,7 @@ class UnsupportedArchitectureError(ExpertSwapError):
 
 
 class BudgetError(ExpertSwapError):
-    """A budget string could not be parsed."""
+    """A budget could not be parsed, or a request does not fit in it."""
 
 
 class BudgetTooSmallError(BudgetError):

@@ -73,7 +73,7 @@ class Swapper:
         while not self._stop.is_set():
             self._wake.wait(timeout=0.5)
             self._wake.clear()
-            if self.enabled and not self._stop.is_set():
+            if self.enabled and not self.runtime.pinned and not self._stop.is_set():
                 while self.run_once() and not self._wake.is_set() and not self._stop.is_set():
                     pass
 

@@ -171,9 +171,11 @@ def test_default_model_is_exact_at_every_budget(default_folder: Path) -> None:
                 with torch.no_grad():
                     expected = reference(torch.tensor([ids])).logits[0]
                 assert torch.allclose(engine.logits(ids), expected, atol=1e-4)
-                nll = engine.score(ids, chunk=5)
+                scores = engine.score(ids, chunk=5)
+                nll = scores.nll
                 full = torch.nn.functional.cross_entropy(expected[:-1], torch.tensor(ids[1:]), reduction="none")
                 assert torch.allclose(nll, full, atol=1e-4)
+                assert torch.equal(scores.top1, expected[:-1].argmax(-1))
             tokens[budget] = list(engine.generate(ids, SamplingSettings(max_new_tokens=12)))
     assert tokens["50%"] == tokens["100%"] == tokens["25%"]
     assert math.isfinite(float(nll.mean()))

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from expertswap.engine import BudgetTooSmallError, Engine, SamplingSettings
+from expertswap.engine import BudgetError, BudgetTooSmallError, Engine, PolicyError, SamplingSettings
 from expertswap.engine.memory import current_rss_bytes
 from expertswap.engine.telemetry import Event
 
@@ -263,3 +263,25 @@ def test_lru_eviction_replaces_the_least_recently_routed_expert(tiny_model, refe
         committee.last_used[resident[1]] = 200
         assert committee.victims(set())[0] != slot_of_stale
         assert slot_of_stale not in committee.victims({resident[1]})  # a wanted expert is never a victim
+
+
+def test_pinned_committee_stays_put_and_bad_requests_are_refused(tiny_model) -> None:
+    with Engine.load(tiny_model("qwen3_moe"), budget="25%", policy="substitute") as engine:
+        layers = [c.layer for c in engine.committees]
+        engine.pin_committee({layer: [3, 6] for layer in layers})
+        before = engine.stats().expert_loads
+        list(engine.generate(engine.encode("def add(a, b):"), SamplingSettings(max_new_tokens=8)))
+        engine.score(engine.encode("return a + b"))
+        assert all(engine.residency().resident[layer] == [3, 6] for layer in layers)
+        assert engine.stats().expert_loads == before and engine.stats().substituted > 0  # prompt included
+        with pytest.raises(BudgetError):
+            engine.pin_committee({layers[0]: [0, 1, 2]})
+        with pytest.raises(ValueError):
+            engine.pin_committee({layers[0]: [99]})
+        with pytest.raises(PolicyError):
+            engine.set_policy("exact")
+        assert engine.residency().resident[layers[0]] == [3, 6]  # refused requests change nothing
+        engine.pin_committee(None)
+        engine.set_policy("exact")
+        list(engine.generate(engine.encode("def add(a, b):"), SamplingSettings(max_new_tokens=4)))
+        assert engine.stats().expert_loads > before  # released: misses load again
