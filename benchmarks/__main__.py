@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     speed.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     speed.add_argument("--tokens", type=int, default=32)
     speed.add_argument("--repeats", type=int, default=3)
+    speed.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%", "100%"])
     copy = sub.add_parser("swap-copy", help="GPU swap copies against the measured pinned host-to-device bandwidth")
     copy.add_argument("models", nargs="*", default=["olmoe-shape", "qwen3-shape"])
     sub.add_parser("default-model", help="the default model's quality report")
@@ -26,7 +27,13 @@ def main(argv: list[str] | None = None) -> None:
         from .speed import sweep, write
 
         bar = tqdm(desc=f"speed {args.model}", unit="run")
-        rows, _ = sweep(args.model, args.device, args.tokens, args.repeats, lambda text: (bar.set_postfix_str(text), bar.update()))
+
+        def progress(text: str, rows: list[dict]) -> None:  # the table so far survives an interrupted sweep
+            bar.set_postfix_str(text)
+            bar.update()
+            write(rows, args.model, args.device, args.tokens, args.repeats)
+
+        rows = sweep(args.model, args.device, args.tokens, args.repeats, tuple(args.budgets), progress)
         bar.close()
         print(write(rows, args.model, args.device, args.tokens, args.repeats).read_text())
     elif args.command == "swap-copy":

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,6 @@ import transformers
 from .contenders import run_dtype
 
 RESULTS = Path(__file__).parent / "results"
-BUDGETS = ("25%", "50%", "75%", "100%")
 POLICIES = {"cpu": ("exact", "substitute", "skip"), "cuda": ("exact", "substitute", "skip", "cpu")}
 LABELS = {"full": "full residency", "accelerate": "accelerate offload", "lru": "LRU on demand"}
 # random weights in the real layer shapes (attention heads of 128 dims); fewer layers to fit the time
@@ -75,27 +75,39 @@ def measure(kind: str, folder: Path, budget: str, tokens: int, device: str) -> d
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def sweep(model: str, device: str, tokens: int, repeats: int, progress) -> tuple[list[dict], Path]:
+def sweep(model: str, device: str, tokens: int, repeats: int, budgets: tuple[str, ...],
+          progress: Callable[[str, list[dict]], None]) -> list[dict]:
+    """Every contender at every budget, round-robin; ``progress`` gets the rows so far after each run."""
     folder = model_folder(model, device)
     contenders = ("accelerate", "lru", *(f"expertswap:{p}" for p in POLICIES[device]))
-    plan = [("full", "100%")] + [(k, b) for b in BUDGETS for k in contenders]
+    plan = [("full", "100%")] + [(k, b) for b in budgets for k in contenders]
     runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plan}
     for repeat in range(repeats):
         for key in plan:
+            start = time.perf_counter()
             runs[key].append(measure(key[0], folder, key[1], tokens, device))
-            progress(f"{model} repeat {repeat + 1}/{repeats}: {key[0]} at {key[1]}")
+            progress(f"{model} repeat {repeat + 1}/{repeats}: {key[0]} at {key[1]} ({time.perf_counter() - start:.0f} s)",
+                     summarise(runs))
+    return summarise(runs)
+
+
+def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    """Median row per (contender, budget) measured so far; a failed run marks its row failed."""
     rows = []
+    full = runs[("full", "100%")]
     for (kind, budget), results in runs.items():
+        if not results:
+            continue
         if failed := next((r["error"] for r in results if "error" in r), None):
             rows.append({"kind": kind, "budget": budget, "error": failed})
             continue
         med = {m: statistics.median(r[m] for r in results) for m in ("tok_s", "ttft", "p50_ms", "p99_ms", "peak_rss", "peak_vram")}
         hit = [r["hit_rate"] for r in results if r["hit_rate"] is not None]
         moved = [r["bytes_loaded"] for r in results if r["bytes_loaded"] is not None]
-        same = all(r["ids"] == runs[("full", "100%")][0]["ids"] for r in results)
+        same = all(r["ids"] == full[0]["ids"] for r in results)
         rows.append({"kind": kind, "budget": budget, **med, "hit_rate": statistics.median(hit) if hit else None,
                      "bytes_loaded": statistics.median(moved) if moved else None, "same_tokens": same, "n": len(results)})
-    return rows, folder
+    return rows
 
 
 def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) -> Path:
