@@ -1,4 +1,4 @@
-"""python -m benchmarks [speed|swap-copy|budget-latency|default-model|core-sweep] ...: the benchmark harness (results in benchmarks/results)."""
+"""python -m benchmarks [speed|swap-copy|budget-latency|quality|default-model|core-sweep] ...: the benchmark harness (results in benchmarks/results)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     speed.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%", "100%"])
     copy = sub.add_parser("swap-copy", help="GPU swap copies against the measured pinned host-to-device bandwidth")
     copy.add_argument("models", nargs="*", default=["olmoe-shape", "qwen3-shape"])
+    sub.add_parser("quality", help="perplexity and top-1 agreement per policy and budget (default model)")
     sub.add_parser("default-model", help="the default model's quality report")
     sub.add_parser("budget-latency", help="how fast a budget change applies mid-reply, and the stall it causes")
     sub.add_parser("core-sweep", help="the engine's policy/budget sweep on a synthetic model")
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         from .budget_latency import main as run
 
         print(run(resolve_model("default")).read_text())
+    elif args.command == "quality":
+        from .quality import main as run
+
+        print(run().read_text())
     elif args.command == "default-model":
         from .default_model import main as run
 

@@ -41,6 +41,11 @@ def _topics() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
+def calibration_texts() -> list[str]:
+    """Even pydoc topics: training-side text for choosing a static committee, never scored."""
+    return _topics()[0::2]
+
+
 def heldout() -> dict[str, list[str]]:
     """The two evaluation texts: pydoc odd topics (documents) and the GPL-3 text."""
     return {"pydoc": _topics()[1::2], "gpl3": [HELD_OUT_LICENSE.read_text()]}
