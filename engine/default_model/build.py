@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..resources import resources_root
+
 from ..errors import ModelFormatError
 from . import shipped
 from .gguf_source import find_gguf, load_tokenizer, read_dense, sha256_of
@@ -51,9 +53,7 @@ def shipped_folder() -> Path:
     """Where the shipped file lies: ``$EXPERTSWAP_DEFAULT_MODEL_FILES``, a frozen app's data, or the repo."""
     if override := os.environ.get(ENV_SHIPPED):
         return Path(override)
-    frozen = getattr(sys, "_MEIPASS", None)
-    root = Path(frozen) if frozen else Path(__file__).resolve().parents[2]
-    return root / "resources" / "default_model"
+    return resources_root() / "default_model"
 
 
 def _folder_digest(folder: Path) -> str:

