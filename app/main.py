@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertswap", description="Chat with MoE models on small machines.")
     parser.add_argument("--model", help='model folder, or "default" (the built-in model); default: the last one')
     parser.add_argument("--budget", help='starting expert budget ("50%%", "300MiB"); default: the last one, or 50%%')
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="where experts run; default: a GPU if there is one")
     parser.add_argument("--self-test", action="store_true",
                         help="offscreen: load the default model, stream a short reply, move the budget; exit 0 if all works")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             # a windowed Windows build has no stdout: the exit status still tells
             return loop.run_until_complete(run(lambda line: sys.stdout and print(line, flush=True)))
     window = MainWindow()
+    if args.device:
+        window.session.device = args.device
     window.show()
     closed = asyncio.Event()
     app.aboutToQuit.connect(closed.set)

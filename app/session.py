@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from expertswap.engine import Engine, ExpertSwapError, SamplingSettings
+from expertswap.engine import Engine, ExpertSwapError, SamplingSettings, default_device
 from expertswap.engine.default_model import resolve_model
 from expertswap.engine.telemetry import BudgetChange, MemorySample, ResidencySnapshot, SwapEvent, TokenStats
 
@@ -35,6 +35,7 @@ class EngineSession(QObject):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.engine: Engine | None = None
+        self.device = default_device()  # where models load: a GPU when there is one
         self._stopping = False
         self._subscription = None
         self._timer = QTimer(self)
@@ -47,7 +48,7 @@ class EngineSession(QObject):
         """Build (if "default") and load ``model``; on failure the old engine stays and ``load_failed`` says why."""
         try:
             folder = await asyncio.to_thread(resolve_model, model, self.build_progress.emit)
-            engine = await asyncio.to_thread(Engine.load, folder, budget, "cpu", policy)
+            engine = await asyncio.to_thread(Engine.load, folder, budget, self.device, policy)
         except ExpertSwapError as exc:
             self.load_failed.emit(f"{type(exc).__name__}: {exc}")
             return False

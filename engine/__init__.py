@@ -1,7 +1,7 @@
 """Inference engine: a resident committee of MoE experts under a byte budget. Never imports Qt."""
 
 from .budget import format_bytes, parse_budget
-from .engine import Engine, EngineStats, TokenChunk, TokenScores, resolve_device
+from .engine import Engine, EngineStats, TokenChunk, TokenScores, default_device, resolve_device
 from .errors import (
     BudgetError,
     BudgetTooSmallError,
@@ -19,6 +19,6 @@ from .generation import SamplingSettings
 __all__ = [
     "FAMILIES", "BudgetError", "BudgetTooSmallError", "DeviceError", "Engine", "EngineBusyError", "EngineStats",
     "ExpertSwapError", "ModelFormatError", "ModelNotFoundError", "PolicyError",
-    "SamplingSettings", "TokenChunk", "TokenScores", "UnsupportedArchitectureError", "format_bytes", "parse_budget",
-    "resolve_device", "supported_names",
+    "SamplingSettings", "TokenChunk", "TokenScores", "UnsupportedArchitectureError", "default_device",
+    "format_bytes", "parse_budget", "resolve_device", "supported_names",
 ]

@@ -79,6 +79,11 @@ class EngineStats:
         return self.hits / total if total else 1.0
 
 
+def default_device() -> str:
+    """``cuda`` where torch sees a GPU, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(name: str) -> torch.device:
     """A torch device from a user's string, or a clear error if it is unknown or absent."""
     try:

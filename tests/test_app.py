@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 import qasync
 from PySide6.QtCore import QSettings, QTimer
 from PySide6.QtWidgets import QMessageBox
@@ -118,6 +119,19 @@ def test_broken_model_folder_shows_the_error_and_app_stays_usable(
     assert not loop.run_until_complete(win.load_model(str(tmp_path)))
     assert shown and "ModelFormatError" in shown[0]
     assert win.session.engine is None and win.isEnabled()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_asking_for_a_missing_gpu_is_refused_in_words(
+    qtbot, loop, tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown: list[str] = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: shown.append(text))
+    win = _make_window(qtbot, tmp_path)
+    assert win.session.device == "cpu"  # the default on a machine without a GPU
+    win.session.device = "cuda"  # what `expertswap --device cuda` sets
+    assert not loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe"))))
+    assert shown and "DeviceError" in shown[0] and win.session.engine is None
 
 
 def test_expert_map_survives_long_painting(qtbot) -> None:
