@@ -58,6 +58,7 @@ def offload_cap(folder: str, budget: str, dtype: torch.dtype) -> int:
 def run_transformers(folder: str, budget: str, tokens: int, device: str, offload: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from expertswap.engine.generation import forward_mode
     from expertswap.engine.memory import peak_rss_bytes
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -75,7 +76,7 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
                                         return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
 
     def step(x, cache):
-        with torch.inference_mode():
+        with forward_mode():  # the engine's attention backends, so attention costs every contender the same
             out = model(input_ids=x, past_key_values=cache, use_cache=True)
         return out.logits, out.past_key_values
 

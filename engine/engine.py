@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, read_config
 from .committee import EVICTIONS, POLICIES, Committee, Runtime
 from .errors import BudgetError, BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError
 from .families import Family
-from .generation import IncrementalDecoder, SamplingSettings, decode_loop
+from .generation import IncrementalDecoder, SamplingSettings, decode_loop, forward_mode
 from .memory import current_rss_bytes, peak_rss_bytes
 from .planner import LayerShape, effective_experts, minimum_bytes, plan_capacities
 from .skeleton import load_skeleton
@@ -216,7 +216,7 @@ class Engine:
     # ---- generation --------------------------------------------------------------------------
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
-        with self.runtime.lock, torch.inference_mode():
+        with self.runtime.lock, forward_mode():
             self._apply_pending_budget()
             self.runtime.allow_loads = not self.runtime.pinned
             out = self.model(input_ids=torch.tensor([list(input_ids)], device=self.device))
@@ -238,7 +238,7 @@ class Engine:
             predictors: list[torch.Tensor] = []
             last: torch.Tensor | None = None
             for n, piece in enumerate(pieces):
-                with self.runtime.lock, torch.inference_mode():
+                with self.runtime.lock, forward_mode():
                     self._before_step(n == 0)
                     out = self.model(input_ids=torch.tensor([piece], device=self.device), past_key_values=cache,
                                      use_cache=True)

@@ -75,3 +75,19 @@ def test_sampling_is_seeded(tiny_model) -> None:
     ids = engine.encode("Sampling")
     assert list(engine.generate(ids, settings)) == list(engine.generate(ids, settings))
     engine.close()
+
+
+def test_every_engine_forward_runs_without_cudnn_attention(tiny_model) -> None:
+    """cuDNN attention rebuilds a graph per sequence length (~30 ms a token on an H100): never used, flag restored."""
+    import torch
+
+    engine = Engine.load(tiny_model("qwen2_moe"), budget="50%")
+    seen: list[bool] = []
+    engine.model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    ids = engine.encode("a short prompt")
+    list(engine.generate(ids, SamplingSettings(max_new_tokens=3)))
+    engine.score(ids + ids, chunk=2)
+    engine.logits(ids)
+    assert len(seen) >= 6 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    engine.close()
