@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +26,15 @@ POLICIES = ("exact", "substitute", "skip", "cpu")
 EVICTIONS = ("importance", "lru")
 DECAY_PER_TOKEN = 0.95
 SWAP_HYSTERESIS = 1.25
+
+
+class Swap(NamedTuple):
+    """One expert to copy into a slot; ``tensors`` are its weights on the host, ``reason`` goes to the event."""
+
+    expert: int
+    slot: int
+    tensors: dict[str, torch.Tensor]
+    reason: str  # miss | prefetch | grow
 
 
 @dataclass
@@ -48,7 +59,7 @@ class Runtime:
     lock: threading.RLock = field(default_factory=threading.RLock)
     telemetry: Telemetry = field(default_factory=Telemetry)
     active_layers: int = 0  # committees inside forward right now; swaps must only happen at 0
-    swaps_during_forward: int = 0  # must stay 0: counted by apply_swap as an invariant check
+    swaps_during_forward: int = 0  # must stay 0: counted by apply_swaps as an invariant check
 
 
 class Committee(nn.Module):
@@ -96,9 +107,11 @@ class Committee(nn.Module):
             router.register_forward_hook(self._capture_router_logits)
         self._allocate(capacity)
         for slot in range(capacity):
-            tensors = self.store.read(self.layer, slot)
-            self._copy_in(slot, tensors, non_blocking=False)
+            first = Swap(slot, slot, self.store.read(self.layer, slot), "grow")
+            self._copy_in(slot, first.tensors, non_blocking=False)
+            self._learn_norms([first])
             self._install(slot, slot)
+        self._publish_map()
 
     # ---- what is resident ---------------------------------------------------------------------
     @property
@@ -249,9 +262,9 @@ class Committee(nn.Module):
         missing = [e for e in wanted if self._slot_of[e] < 0]
         if not missing:
             return
-        for expert, slot in zip(missing, self.victims(set(wanted))):
-            start = time.perf_counter()
-            self.apply_swap(expert, slot, self.store.read(self.layer, expert), "miss", start)
+        start = time.perf_counter()
+        self.apply_swaps([Swap(expert, slot, self.store.read(self.layer, expert), "miss")
+                          for expert, slot in zip(missing, self.victims(set(wanted)))], start)
 
     def victims(self, keep: set[int]) -> list[int]:
         """Slots to load into, best first: empty ones, then the least important (or least recently used)."""
@@ -282,26 +295,41 @@ class Committee(nn.Module):
         return plan
 
     @torch.inference_mode()
-    def apply_swap(
-        self, expert: int, slot: int, tensors: dict[str, torch.Tensor], reason: str, start: float,
-        stream: torch.cuda.Stream | None = None,
-    ) -> None:
-        """Copy an expert into a slot and update the maps; only between layers, under the runtime lock."""
-        if self.runtime.active_layers and reason != "miss":
+    def apply_swaps(self, swaps: Sequence[Swap], start: float, stream: torch.cuda.Stream | None = None) -> None:
+        """Copy experts into slots as one batch and update the maps; only between layers, under the runtime lock.
+
+        On CUDA the copies queue on ``stream`` (the swapper's; by default the current one) behind the
+        work already queued, the current stream waits for them, and the bookkeeping runs while they
+        transfer: one synchronisation per batch, not one per tensor. Each event's ``ms`` is the batch's
+        time (from ``start``, reads included) over its size.
+        """
+        if not swaps:
+            return
+        if self.runtime.active_layers and any(swap.reason != "miss" for swap in swaps):
             self.runtime.swaps_during_forward += 1
-        if stream is not None:
-            with torch.cuda.stream(stream):
-                self._copy_in(slot, tensors, non_blocking=True)
-            stream.synchronize()
+        side = None
+        if self.device.type == "cuda":
+            current = torch.cuda.current_stream(self.device)
+            side = stream or current
+            side.wait_stream(current)  # queued kernels may still read the slots' old experts
+            with torch.cuda.stream(side):
+                for swap in swaps:
+                    self._copy_in(swap.slot, swap.tensors, non_blocking=True)
+            current.wait_stream(side)  # what runs next reads the new experts
         else:
-            self._copy_in(slot, tensors, non_blocking=False)
-        old = self._install(slot, expert)
-        self.runtime.counters.loads += 1
-        self.runtime.counters.bytes_loaded += self.spec.expert_bytes
-        self.runtime.telemetry.emit(SwapEvent(
-            layer=self.layer, expert_in=expert, expert_out=old, bytes=self.spec.expert_bytes,
-            ms=(time.perf_counter() - start) * 1000, reason=reason,
-        ))
+            for swap in swaps:
+                self._copy_in(swap.slot, swap.tensors, non_blocking=False)
+        self._learn_norms(swaps)
+        evicted = [self._install(swap.slot, swap.expert) for swap in swaps]
+        if side is not None:
+            side.synchronize()  # sources (staging buffers) may be reused, and the times are true
+        self._publish_map()
+        ms = (time.perf_counter() - start) * 1000 / len(swaps)
+        self.runtime.counters.loads += len(swaps)
+        self.runtime.counters.bytes_loaded += self.spec.expert_bytes * len(swaps)
+        for swap, old in zip(swaps, evicted):
+            self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=swap.expert, expert_out=old,
+                                                  bytes=self.spec.expert_bytes, ms=ms, reason=swap.reason))
 
     @torch.inference_mode()
     def resize(self, capacity: int) -> None:
@@ -329,6 +357,7 @@ class Committee(nn.Module):
             if old_map[old_slot] >= 0:
                 self.slot_to_expert[new_slot] = old_map[old_slot]
                 self._set_slot(old_map[old_slot], new_slot)
+        self._publish_map()
         del old_params
         self.version += 1
 
@@ -336,12 +365,23 @@ class Committee(nn.Module):
         for p in self.spec.params:
             getattr(self.inner, p.name).data[slot].copy_(tensors[p.name], non_blocking=non_blocking)
 
+    def _learn_norms(self, swaps: Sequence[Swap]) -> None:
+        """|expert| of the newly seen experts, from their slots on the device in one fused kernel.
+
+        Queued behind the copies; a host-side norm cost more than the copy itself.
+        """
+        new = [swap for swap in swaps if not self._norm_known[swap.expert]]  # distinct experts
+        if not new:
+            return
+        views = [getattr(self.inner, p.name).data[swap.slot] for swap in new for p in self.spec.params]
+        per_param = torch.stack(torch._foreach_norm(views, 2, dtype=torch.float32)).view(len(new), -1)
+        experts = torch.tensor([swap.expert for swap in new], device=self.device)
+        self.norms.index_copy_(0, experts, per_param.square().sum(1).sqrt())
+        for swap in new:
+            self._norm_known[swap.expert] = True
+
     def _install(self, slot: int, expert: int) -> int:
-        """Record that ``slot`` now holds ``expert`` (already copied in); returns the expert it held."""
-        if not self._norm_known[expert]:  # from the slot on the device: a host-side norm costs more than the copy
-            self.norms[expert] = torch.sqrt(sum(getattr(self.inner, p.name).data[slot].float().square().sum()
-                                                for p in self.spec.params))
-            self._norm_known[expert] = True
+        """Record on the host that ``slot`` now holds ``expert``; returns the expert it held (``_publish_map`` after)."""
         old = self.slot_to_expert[slot]
         if old >= 0:
             self._set_slot(old, -1)
@@ -352,7 +392,10 @@ class Committee(nn.Module):
     def _set_slot(self, expert: int, slot: int) -> None:
         self._resident_count += (slot >= 0) - (self._slot_of[expert] >= 0)
         self._slot_of[expert] = slot
-        self.expert_to_slot[expert] = slot
+
+    def _publish_map(self) -> None:
+        """The device's expert -> slot map from the host's, in one copy (forward reads only the device one)."""
+        self.expert_to_slot.copy_(torch.tensor(self._slot_of, dtype=torch.long))
 
     def _allocate(self, capacity: int) -> None:
         for p in self.spec.params:

@@ -1,8 +1,8 @@
 """The background swapper: keeps each committee's most important experts resident.
 
-Reading an expert (disk or RAM tier) happens outside the step lock; only the copy into the slot
-is done under it, between tokens, so generation waits at most for one expert copy. On CUDA the
-copy runs on the swapper's own stream from a pinned staging buffer.
+Reading experts (disk or RAM tier) happens outside the step lock; only the copies into the slots
+are done under it, between tokens, one layer's few swaps as one batch, so generation waits at most
+for that batch. On CUDA the copies run on the swapper's own stream from pinned memory.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .committee import Committee, Runtime
+from .committee import Committee, Runtime, Swap
 from .store import ExpertStore
 
 
@@ -31,7 +31,7 @@ class Swapper:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.enabled = True
         self.swaps = 0
-        self._staging: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self._staging: dict[tuple[str, tuple[int, ...], torch.dtype, int], torch.Tensor] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="expertswap-swapper", daemon=True)
@@ -49,23 +49,26 @@ class Swapper:
         self._wake.set()
 
     def run_once(self) -> int:
-        """One round over every layer; returns the number of swaps applied."""
+        """One round over every layer, each layer's swaps as one batch; returns the number applied."""
         done = 0
         for committee in self.committees:
+            if self._stop.is_set():
+                break
             with self.runtime.lock:
                 plan, version = committee.plan_swaps(self.swaps_per_layer), committee.version
-            for expert, slot, victim in plan:
-                if self._stop.is_set():
-                    return done
-                start = time.perf_counter()
-                tensors = self._stage(self.store.read(committee.layer, expert))
-                with self.runtime.lock:
-                    if (committee.version != version or committee.slot_to_expert[slot] != victim
-                            or expert in committee.resident_experts):
-                        continue
-                    committee.apply_swap(expert, slot, tensors, "grow" if victim < 0 else "prefetch", start,
-                                         self.stream)
-                done += 1
+            if not plan:
+                continue
+            start = time.perf_counter()
+            staged = [(victim, Swap(expert, slot, self._stage(self.store.read(committee.layer, expert), n),
+                                    "grow" if victim < 0 else "prefetch"))
+                      for n, (expert, slot, victim) in enumerate(plan)]
+            with self.runtime.lock:
+                if committee.version != version:
+                    continue
+                batch = [swap for victim, swap in staged if committee.slot_to_expert[swap.slot] == victim
+                         and swap.expert not in committee.resident_experts]
+                committee.apply_swaps(batch, start, self.stream)
+            done += len(batch)
         self.swaps += done
         return done
 
@@ -77,8 +80,8 @@ class Swapper:
                 while self.run_once() and not self._wake.is_set() and not self._stop.is_set():
                     pass
 
-    def _stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """On CUDA, pageable host tensors go through reused pinned buffers so the copy can be async."""
+    def _stage(self, tensors: dict[str, torch.Tensor], position: int) -> dict[str, torch.Tensor]:
+        """On CUDA, pageable host tensors go through pinned buffers (one set per place in a batch) for async copies."""
         if self.stream is None:
             return tensors
         staged = {}
@@ -86,7 +89,7 @@ class Swapper:
             if tensor.is_pinned():
                 staged[name] = tensor
                 continue
-            key = (name, tuple(tensor.shape), tensor.dtype)
+            key = (name, tuple(tensor.shape), tensor.dtype, position)
             if key not in self._staging:
                 self._staging[key] = torch.empty(tensor.shape, dtype=tensor.dtype).pin_memory()
             staged[name] = self._staging[key].copy_(tensor)

@@ -285,3 +285,27 @@ def test_pinned_committee_stays_put_and_bad_requests_are_refused(tiny_model) -> 
         engine.set_policy("exact")
         list(engine.generate(engine.encode("def add(a, b):"), SamplingSettings(max_new_tokens=4)))
         assert engine.stats().expert_loads > before  # released: misses load again
+
+
+def test_batched_swaps_keep_maps_and_norms_true(tiny_model) -> None:
+    """After a reply of batched misses and background swaps, the device map mirrors the slots and every
+    learnt |expert| is the norm of that expert's own weights."""
+    engine = Engine.load(tiny_model("qwen3_moe"), budget="25%")
+    list(engine.generate(engine.encode(PROMPT), SamplingSettings(max_new_tokens=12)))
+    engine.swapper.run_once()
+    assert engine.runtime.counters.loads > 0
+    for c in engine.committees:
+        expected = torch.full((c.num_experts,), -1, dtype=torch.long)
+        for slot, expert in enumerate(c.slot_to_expert):
+            if expert >= 0:
+                expected[expert] = slot
+                for name, tensor in engine.store.read(c.layer, expert).items():
+                    assert torch.equal(getattr(c.inner, name).data[slot], tensor)
+        assert torch.equal(c.expert_to_slot.cpu(), expected)
+        known = [e for e in range(c.num_experts) if not torch.isnan(c.norms[e])]
+        assert len(known) > c.capacity  # experts that came and went keep their norm
+        for e in known:
+            weights = engine.store.read(c.layer, e).values()
+            true = torch.sqrt(sum(t.float().square().sum() for t in weights))
+            torch.testing.assert_close(c.norms[e], true, rtol=1e-5, atol=0)
+    engine.close()
