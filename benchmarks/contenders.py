@@ -64,11 +64,12 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = run_dtype(device)
     kwargs: dict = {"dtype": dtype}
+    scratch = tempfile.TemporaryDirectory(prefix="offload-")  # accelerate's disk spill; gone with this function
     if offload:
         cap = offload_cap(folder, budget, dtype)
         target = 0 if device.startswith("cuda") else "cpu"
         kwargs |= {"device_map": "auto", "max_memory": {target: cap, **({"cpu": 10**12} if target == 0 else {})},
-                   "offload_folder": tempfile.mkdtemp(prefix="offload-")}
+                   "offload_folder": scratch.name}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     if not offload:
         model = model.to(device)
