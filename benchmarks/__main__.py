@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     copy.add_argument("models", nargs="*", default=["olmoe-shape", "qwen3-shape"])
     sub.add_parser("quality", help="perplexity and top-1 agreement per policy and budget (default model)")
     sub.add_parser("default-model", help="the default model's quality report")
-    sub.add_parser("budget-latency", help="how fast a budget change applies mid-reply, and the stall it causes")
+    latency = sub.add_parser("budget-latency", help="how fast a budget change applies mid-reply, and the stall it causes")
+    latency.add_argument("--model", choices=["default", "olmoe-shape", "qwen3-shape"], default="default")
+    latency.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sub.add_parser("core-sweep", help="the engine's policy/budget sweep on a synthetic model")
     args, rest = parser.parse_known_args(argv)
     if args.command == "speed":
@@ -42,11 +44,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(run(args.models).read_text())
     elif args.command == "budget-latency":
-        from expertswap.engine.default_model import resolve_model
-
         from .budget_latency import main as run
 
-        print(run(resolve_model("default")).read_text())
+        print(run(args.model, args.device).read_text())
     elif args.command == "quality":
         from .quality import main as run
 

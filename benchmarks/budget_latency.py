@@ -21,13 +21,16 @@ import transformers
 from expertswap.engine import Engine, SamplingSettings
 from expertswap.engine.telemetry import BudgetChange
 
+from .contenders import run_dtype
+from .speed import describe, model_folder
+
 RESULTS = Path(__file__).parent / "results"
 CHANGES = ((16, "25%"), (40, "100%"))
 PROMPT = [{"role": "user", "content": "Tell me about the history of the Python programming language."}]
 
 
-def one_run(folder: Path) -> list[dict]:
-    engine = Engine.load(folder, budget="100%", dtype="float32")
+def one_run(folder: Path, device: str) -> list[dict]:
+    engine = Engine.load(folder, budget="100%", device=device, dtype=run_dtype(device), ram_tier=device == "cuda")
     events = engine.subscribe()
     reached = {n: threading.Event() for n, _ in CHANGES}
     found: list[dict] = []
@@ -61,11 +64,13 @@ def one_run(folder: Path) -> list[dict]:
     return found
 
 
-def main(folder: Path, repeats: int = 3) -> Path:
-    runs = [one_run(folder) for _ in range(repeats)]
+def main(model: str, device: str, repeats: int = 3) -> Path:
+    runs = [one_run(model_folder(model, device), device) for _ in range(repeats)]
     lines = [
-        "# Budget change latency mid-reply (default model, CPU, float32)", "",
-        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"# Budget change latency mid-reply ({model}, {device}, {str(run_dtype(device)).removeprefix('torch.')})", "",
+        f"Model: {describe(model, device)}.", "",
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores"
+        f"{', ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}; medians of {repeats} replies. Written by "
         "`python -m benchmarks budget-latency`.", "",
         "| change | request -> applied (ms) | tokens generated meanwhile | request -> committee at new size (ms) | stall of the next token (ms) | median token (ms) |",
@@ -77,6 +82,6 @@ def main(folder: Path, repeats: int = 3) -> Path:
         lines.append(f"| to {budget} at token {at} | {1000 * med['applied']:.1f} | {med['tokens_until_applied']:.0f} | "
                      f"{1000 * med['sized']:.1f} | {1000 * med['stall']:.1f} | {1000 * med['typical']:.1f} |")
     lines += ["", "Target: a change applies within one token plus its swap time."]
-    out = RESULTS / "budget-latency-cpu.md"
+    out = RESULTS / f"budget-latency-{model}-{device}.md"
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -22,7 +22,7 @@ def test_contenders_agree_on_the_tokens(tiny_model) -> None:
 def test_budget_changes_apply_within_one_token(tiny_model) -> None:
     from benchmarks.budget_latency import one_run
 
-    changes = one_run(tiny_model("qwen3_moe"))
+    changes = one_run(tiny_model("qwen3_moe"), "cpu")
     assert [c["budget"] for c in changes] == ["25%", "100%"]
     for change in changes:
         assert change["tokens_until_applied"] <= 1  # in force before the token after the one in flight
