@@ -8,21 +8,17 @@ the latency of the token that absorbs the change against the median token.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import threading
 import time
 from pathlib import Path
-
-import torch
-import transformers
 
 from expertswap.engine import Engine, SamplingSettings
 from expertswap.engine.telemetry import BudgetChange
 
 from .contenders import run_dtype
 from .speed import describe, model_folder
+from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
 CHANGES = ((16, "25%"), (40, "100%"))
@@ -69,9 +65,7 @@ def main(model: str, device: str, repeats: int = 3) -> Path:
     lines = [
         f"# Budget change latency mid-reply ({model}, {device}, {str(run_dtype(device)).removeprefix('torch.')})", "",
         f"Model: {describe(model, device)}.", "",
-        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores"
-        f"{', ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; medians of {repeats} replies. Written by "
+        f"{stamp(device)}; medians of {repeats} replies. Written by "
         "`python -m benchmarks budget-latency`.", "",
         "| change | request -> applied (ms) | tokens generated meanwhile | request -> committee at new size (ms) | stall of the next token (ms) | median token (ms) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-import transformers
+from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = dict(num_experts=32, top_k=4, layers=4, hidden=256, intermediate=256, heads=4)
@@ -54,12 +51,10 @@ def main() -> None:
                 rows.append({"policy": policy, "swapper": swapper, "budget": budget, **result})
                 print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     lines = [
         f"# Engine core sweep ({args.device})",
         "",
-        f"{time.strftime('%Y-%m-%d')}, {device_name}, {platform.platform()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}. Synthetic Qwen3-MoE {SHAPE}, fp32, greedy, "
+        f"{stamp(args.device)}. Synthetic Qwen3-MoE {SHAPE}, fp32, greedy, "
         f"{args.tokens} new tokens; experts {rows[0]['total'] / 2**20:.1f} MiB in all.",
         "",
         "| policy | swapper | budget | tokens/s | first token (s) | hit rate | expert loads | peak resident experts (MiB) | peak RSS (MiB) |",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from expertswap.engine.default_model import resolve_model, shipped
 from expertswap.engine.default_model.build import shipped_folder
 from expertswap.engine.default_model.gguf_source import find_gguf, load_tokenizer
 from expertswap.engine.default_model.recipe.data import EVAL_PROMPTS, heldout
+
+from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
 PYDOC_TOKENS, GPL_TOKENS = 256, 2048
@@ -117,8 +118,7 @@ def write_report(rows, answers, cost, recipe, docs) -> None:
     lines = [
         "# The default model: SmolLM2-135M-Instruct as a Qwen2-MoE",
         "",
-        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}. Written by `python -m benchmarks.default_model`.",
+        f"{stamp()}. Written by `python -m benchmarks.default_model`.",
         "",
         "Design: layers 0 and 29 dense; layers 1-28 each cut into one shared expert (192 neurons, always on) and",
         "8 routed experts of 168 neurons, top-2 (34% of each MLP's neurons active per token). Distilled on an",

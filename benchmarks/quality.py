@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import math
 import os
-import platform
-import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from expertswap.engine import Engine
 from expertswap.engine.default_model import resolve_model
 from expertswap.engine.default_model.gguf_source import find_gguf, load_tokenizer
 from expertswap.engine.default_model.recipe.data import calibration_texts, heldout
+
+from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
 TOKENS = {"pydoc": 128, "gpl3": 2048}  # first tokens of each odd pydoc topic / of the GPL-3
@@ -95,10 +94,9 @@ def write(rows: list[dict], tokens: dict[str, int]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"transformers {transformers.__version__}")
+    stamped = stamp()
     lines = [
-        "# Quality against budget: the default model's real routing", "", stamp + ". Written by `python -m benchmarks quality`.", "",
+        "# Quality against budget: the default model's real routing", "", stamped + ". Written by `python -m benchmarks quality`.", "",
         f"Held-out text: the first {TOKENS['pydoc']} tokens of each odd pydoc topic ({tokens['pydoc']} scored tokens) and the first",
         f"{TOKENS['gpl3']} of the GPL-3 ({tokens['gpl3']}), float32, through `Engine.score` (KV cache, 16-token chunks under decode",
         "rules). Agreement: share of positions whose top-1 token equals the full model's. Static committee: the",
@@ -117,7 +115,7 @@ def write(rows: list[dict], tokens: dict[str, int]) -> Path:
             ax.plot(*zip(*pts), marker="o", label=policy)
         ax.set(xlabel="budget (% of expert bytes)", ylabel="top-1 agreement with the full model", title=name)
     axes[0].legend(fontsize=8)
-    fig.text(0.01, 0.01, stamp, fontsize=6)
+    fig.text(0.01, 0.01, stamped, fontsize=6)
     fig.tight_layout()
     fig.savefig(RESULTS / "quality-default-cpu.png", dpi=120)
     lines += ["", "![top-1 agreement against budget](quality-default-cpu.png)", ""]

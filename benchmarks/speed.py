@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -18,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
 
 from .contenders import run_dtype
+from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
 POLICIES = {"cpu": ("exact", "substitute", "skip"), "cuda": ("exact", "substitute", "skip", "cpu")}
@@ -119,11 +118,9 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     cuda = device == "cuda"
     accel = {r["budget"]: r["tok_s"] for r in rows if r["kind"] == "accelerate" and "error" not in r}
     full = next(r["tok_s"] for r in rows if r["kind"] == "full")
-    stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores"
-             f"{', ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}, "
-             f"transformers {transformers.__version__}")
+    stamped = stamp(device)
     lines = [
-        f"# Decode speed and memory: {model} on {device}", "", stamp + ".",
+        f"# Decode speed and memory: {model} on {device}", "", stamped + ".",
         f"Greedy, {tokens} new tokens after a chat prompt, {str(run_dtype(device)).removeprefix('torch.')}"
         f"{', experts in pinned host RAM' if device == 'cuda' else ''}; medians of {repeats} runs, each a fresh process, "
         "contenders interleaved round-robin. `same tokens`: identical to full residency in every run.", "",
@@ -165,7 +162,7 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     ax.set(xlabel="budget (% of expert bytes)", ylabel="decode tokens/s", title=f"{model} on {device}")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, stamp, fontsize=6)
+    fig.text(0.01, 0.01, stamped, fontsize=6)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{stem}.png", dpi=120)
     lines += ["", f"![decode tokens/s against budget]({stem}.png)", ""]

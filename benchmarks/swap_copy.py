@@ -10,15 +10,12 @@ Usage: python -m benchmarks swap-copy [MODEL ...] (default: olmoe-shape qwen3-sh
 
 from __future__ import annotations
 
-import os
-import platform
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from expertswap.engine import Engine, SamplingSettings
 from expertswap.engine.committee import Swap
@@ -26,6 +23,7 @@ from expertswap.engine.telemetry import SwapEvent
 
 from .contenders import PROMPT
 from .speed import describe, model_folder
+from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
 BURST = 8  # a decode step's misses in one layer at top-8 routing
@@ -51,7 +49,7 @@ def pinned_bandwidth(nbytes: int, repeats: int = 10) -> float:
 def swap_path_throughput(engine: Engine, swaps: int, batch: int) -> tuple[float, float]:
     """Bytes/s and ms per expert of ``apply_swaps`` from the pinned RAM tier in batches of ``batch``."""
     rng = random.Random(0)
-    moved, elapsed = 0, 0.0
+    moved, copied, elapsed = 0, 0, 0.0
     for n in range(swaps // batch + 2):
         committee = engine.committees[n % len(engine.committees)]
         outside = [e for e in range(committee.num_experts) if e not in committee.resident_experts]
@@ -64,7 +62,8 @@ def swap_path_throughput(engine: Engine, swaps: int, batch: int) -> tuple[float,
         if n >= 2:  # warm-up batches
             elapsed += time.perf_counter() - start
             moved += committee.spec.expert_bytes * batch
-    return moved / elapsed, 1000 * elapsed * committee.spec.expert_bytes / moved
+            copied += batch
+    return moved / elapsed, 1000 * elapsed / copied
 
 
 def decode_swaps(folder: Path, tokens: int) -> list[SwapEvent]:
@@ -88,16 +87,14 @@ def measure(model: str, folder: Path, swaps: int = 64, tokens: int = 64) -> dict
     rates = [e.bytes / (e.ms / 1000) for e in events]
     return {"model": model, "expert_bytes": expert_bytes, "link_big": link_big, "link_expert": link_expert,
             "path": path_rate, "path_ms": path_ms, "batch": batch, "burst": burst_rate, "events": len(events),
-            "event_rate": statistics.median(rates) if rates else 0.0,
-            "event_ms": statistics.median(e.ms for e in events) if events else 0.0}
+            "event_rate": statistics.median(rates) if rates else 0.0}
 
 
 def write(results: list[dict]) -> Path:
     gib = 2**30
     lines = [
         "# GPU swap copies against the measured pinned host-to-device bandwidth", "",
-        f"{time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, {platform.machine()} {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}. bf16, experts in pinned host RAM.", "",
+        f"{stamp('cuda')}. bf16, experts in pinned host RAM.", "",
         "Link: one pinned buffer copied to the GPU on a side stream (CUDA events, median of 10). Swap path: the",
         "engine's `apply_swaps` on the swapper's stream, one synchronised batch per layer as the swapper runs it",
         f"(its batch: `swaps_per_layer` experts; a miss burst: {BURST}), 64 experts after 2 warm-up batches, wall",

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..resources import resources_root
-
 from ..errors import ModelFormatError
+from ..resources import resources_root
 from . import shipped
 from .gguf_source import find_gguf, load_tokenizer, read_dense, sha256_of
 from .moe_layout import convert, qwen2_moe_config
