@@ -5,8 +5,13 @@ from __future__ import annotations
 import bisect
 
 from PySide6.QtCore import QByteArray
-from PySide6.QtGui import QTextBlockFormat, QTextCharFormat, QTextCursor, QTextOption
+from PySide6.QtGui import QTextBlockFormat, QTextCharFormat, QTextCursor, QTextDocument, QTextOption
 from PySide6.QtWidgets import QApplication, QTextBrowser
+
+
+# GitHub Markdown with raw HTML shown as text: "<script>" in a prompt is words, not markup that hides them
+MARKDOWN = QTextDocument.MarkdownFeature(
+    QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value | QTextDocument.MarkdownFeature.MarkdownNoHTML.value)
 
 
 class ChatView(QTextBrowser):
@@ -54,8 +59,12 @@ class ChatView(QTextBrowser):
         cursor.setPosition(self._tail_start)
         cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
         cursor.removeSelectedText()
-        cursor.insertMarkdown(self._header + self._tail)
+        cursor.insertMarkdown(self._header + self._tail, MARKDOWN)
         self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
+    def texts(self) -> list[str]:
+        """The Markdown source of every message shown, in order."""
+        return list(self._texts)
 
     def clear(self) -> None:
         super().clear()

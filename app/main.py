@@ -55,13 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         window.session.device = args.device
     window.show()
-    closed = asyncio.Event()
-    app.aboutToQuit.connect(closed.set)
     model = args.model or str(window.state.value("model", "default"))
     budget = args.budget or str(window.state.value("budget", "50%"))
+    # the loop outlives the window until its tasks (a reply stopped by closing, a load) have unwound:
+    # qasync runs leftover callbacks without a running loop once Qt's loop has quit
+    app.setQuitOnLastWindowClosed(False)
+    closed = asyncio.Event()
+    window.closed.connect(closed.set)
+
+    async def lifetime() -> None:
+        window.spawn(window.load_model(model, budget))
+        await closed.wait()
+        await window.settled()
+
     with loop:
-        loop.create_task(window.load_model(model, budget))
-        loop.run_until_complete(closed.wait())
+        loop.run_until_complete(lifetime())
     return 0
 
 

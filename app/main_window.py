@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import TypeVar
 
-from PySide6.QtCore import QSettings, QStandardPaths, Qt
+from PySide6.QtCore import QSettings, QStandardPaths, Qt, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QApplication, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressDialog, QPushButton,
@@ -19,11 +21,14 @@ from .conversations import ConversationStore
 from .expert_map import ExpertMap
 from .history_panel import HistoryPanel
 from .models_dialog import ModelsDialog
+from .ops import run_op
 from .reply_settings import ReplySettings
+from .reply_turn import ReplyTurn
 from .session import EngineSession
 from .swap_log import SwapLog
 
 TITLE_CHARS = 48
+T = TypeVar("T")
 
 
 def default_store() -> ConversationStore:
@@ -34,6 +39,8 @@ def default_store() -> ConversationStore:
 
 class MainWindow(QMainWindow):
     """Wires the widgets to one EngineSession and one ConversationStore."""
+
+    closed = Signal()  # after closeEvent has saved everything
 
     def __init__(self, session: EngineSession | None = None, store: ConversationStore | None = None,
                  settings: QSettings | None = None) -> None:
@@ -46,7 +53,17 @@ class MainWindow(QMainWindow):
         self.conversation: int | None = None
         self.model_name = ""
         self._reply_task: asyncio.Task | None = None
+        self.turn: ReplyTurn | None = None
+        self._turn_in_view = False  # the view's last message is the streaming reply
+        self._closing = False
+        self._tasks: set[asyncio.Task] = set()
+        self._waiting = False  # a sent message waits for a stopping reply (the engine runs one at a time)
         self._progress: QProgressDialog | None = None
+        self.notice = QLabel()
+        self.notice.setWordWrap(True)
+        self.notice.setAccessibleName("Notice")
+        self.notice.setStyleSheet("QLabel { background: #fff3cd; color: #664d03; padding: 6px; }")
+        self.notice.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         self.history = HistoryPanel(self.store)
         self.chat = ChatView()
@@ -73,6 +90,8 @@ class MainWindow(QMainWindow):
         self._build_layout()
         self._connect()
         self._restore_state()
+        self.store.on_problem = lambda _problem: self._notify("")
+        self._notify(" ".join(self.store.notices))
 
     def _build_layout(self) -> None:
         buttons = QHBoxLayout()
@@ -83,6 +102,7 @@ class MainWindow(QMainWindow):
         buttons.addWidget(self.send_button)
         chat_box = QWidget()
         chat_layout = QVBoxLayout(chat_box)
+        chat_layout.addWidget(self.notice)
         chat_layout.addWidget(self.chat, 1)
         chat_layout.addWidget(self.prompt)
         chat_layout.addLayout(buttons)
@@ -127,7 +147,7 @@ class MainWindow(QMainWindow):
         QShortcut(QKeySequence.StandardKey.New, self, activated=self.new_chat)
         menu = self.menuBar().addMenu("&Model")
         menu.addAction("&Open model…", QKeySequence.StandardKey.Open, self.choose_model)
-        menu.addAction("Open the &default model", lambda: asyncio.ensure_future(self.load_model("default")))
+        menu.addAction("Open the &default model", lambda: self.spawn(self.load_model("default")))
         self.budget.budget_requested.connect(self.session.set_budget)
         self.budget.policy_changed.connect(self._set_policy)
         self.budget.follow.toggled.connect(self.session.follow_free_memory)
@@ -136,7 +156,7 @@ class MainWindow(QMainWindow):
         self.history.export_requested.connect(self._ask_export)
         self.history.delete_requested.connect(self._delete_conversation)
         s = self.session
-        s.reply_chunk.connect(self.chat.append_chunk)
+        s.reply_chunk.connect(self._on_chunk)
         s.residency.connect(self.map.show_residency)
         s.swap.connect(self.map.flash_swap)
         s.swap.connect(self.log.add)
@@ -189,7 +209,7 @@ class MainWindow(QMainWindow):
         dialog = ModelsDialog(self)
         if dialog.exec() == ModelsDialog.DialogCode.Accepted:
             folder, budget = dialog.chosen()
-            asyncio.ensure_future(self.load_model(folder, budget))
+            self.spawn(self.load_model(folder, budget))
 
     def _build_progress(self, stage: str, done: int, total: int) -> None:
         if stage == "checking":
@@ -210,23 +230,28 @@ class MainWindow(QMainWindow):
     # ---- chat ----------------------------------------------------------------------------------
     def send(self) -> None:
         text = self.prompt.toPlainText().strip()
-        if not text or not self._idle():
+        if not text:
+            return
+        if self.session.engine is None:
+            self.statusBar().showMessage("Load a model first (Model menu)")
+            return
+        if self._replying_here():
             return
         self.prompt.clear()
-        self._reply_task = asyncio.ensure_future(self._reply(text))
+        self._reply_task = self.spawn(self._reply(text, self._reply_task))
 
     def regenerate(self) -> None:
-        """Drop the last reply and answer the same message again."""
-        if not self._idle() or not self.messages or self.messages[-1]["role"] != "assistant":
+        """Answer the last message again: drops the last reply, or answers a message left without one."""
+        if self._replying() or self.session.engine is None or not self.messages:
             return
-        self._truncate(len(self.messages) - 1)
-        self.chat.begin_reply()
-        self._reply_task = asyncio.ensure_future(self._answer())
+        if self.messages[-1]["role"] == "assistant":
+            self._truncate(len(self.messages) - 1)
+        self._reply_task = self.spawn(self._answer())
 
     def edit_last(self) -> None:
         """Put the last message back in the input box and forget it and its reply."""
         users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
-        if not self._idle() or not users:
+        if self._replying() or not users:
             return
         self.prompt.setPlainText(self.messages[users[-1]]["content"])
         self._truncate(users[-1])
@@ -236,8 +261,13 @@ class MainWindow(QMainWindow):
         if replies:
             QApplication.clipboard().setText(replies[-1])
 
-    def _idle(self) -> bool:
-        return self.session.engine is not None and self._reply_task is None
+    def _replying(self) -> bool:
+        """A reply streams or is stopping, or a message waits for one to stop."""
+        return self.turn is not None or self._waiting
+
+    def _replying_here(self) -> bool:
+        """A reply to the conversation on screen is streaming (one for another chat may still be stopping)."""
+        return self._waiting or (self.turn is not None and self.turn.conversation == self.conversation)
 
     def _truncate(self, keep: int) -> None:
         del self.messages[keep:]
@@ -246,48 +276,87 @@ class MainWindow(QMainWindow):
         self._render()
 
     def _render(self) -> None:
+        self._turn_in_view = False
         self.chat.clear()
         for message in self.messages:
             self.chat.add_message(message["role"], message["content"])
 
-    async def _reply(self, text: str) -> None:
+    async def _reply(self, text: str, previous: asyncio.Task | None) -> None:
+        if previous is not None and not previous.done():  # a reply to another chat is still stopping
+            self._waiting = True
+            self._update_buttons()
+            await asyncio.wait([previous])
+            self._waiting = False
+        if self._closing:
+            return
         if self.conversation is None:
-            self.conversation = self.store.create(text[:TITLE_CHARS], self.reply_settings.system.text().strip())
-        self.store.add(self.conversation, "user", text)
+            system = self.reply_settings.system.text().strip()
+            self.conversation = self.store.create(text[:TITLE_CHARS], system, first_message=text)
+        else:
+            self.store.add(self.conversation, "user", text)
         self.messages.append({"role": "user", "content": text})
         self.chat.add_message("user", text)
-        self.chat.begin_reply()
         await self._answer()
 
     async def _answer(self) -> None:
-        """Stream the assistant's answer to ``self.messages``; stored even when stopped."""
+        """Stream the assistant's answer; the turn stores it in its own conversation, even when stopped."""
         assert self.conversation is not None
-        self.send_button.setEnabled(False)
-        self.stop_button.setEnabled(True)
+        turn = self.turn = ReplyTurn(self.store, self.conversation)
+        system = self.store.get(turn.conversation).system
+        context = ([{"role": "system", "content": system}] if system else []) + list(self.messages)
+        self.chat.begin_reply()
+        self._turn_in_view = True
+        self._notify("")
+        self._update_buttons()
         try:
-            system = self.store.get(self.conversation).system
-            context = ([{"role": "system", "content": system}] if system else []) + self.messages
-            reply = await self.session.reply(context, self.reply_settings.sampling())
-            self.messages.append({"role": "assistant", "content": reply})
-            self.store.add(self.conversation, "assistant", reply)
+            outcome = await self.session.reply(context, self.reply_settings.sampling())
         finally:
-            self.send_button.setEnabled(True)
-            self.stop_button.setEnabled(False)
-            self._reply_task = None
-            self.history.refresh()
+            turn.finish()
+            self.turn = None
+        if self._closing:
+            return
+        if outcome not in ("done", "stopped"):
+            self._notify(f"The reply failed: {outcome}")
+        if self.conversation == turn.conversation:  # the window shows exactly what was stored
+            self.messages = self.store.messages(turn.conversation)
+            if self.chat.texts() != [m["content"] for m in self.messages] or not self._turn_in_view:
+                self._render()
+        self._turn_in_view = False
+        self._update_buttons()
+        self.history.refresh()
+
+    def _on_chunk(self, text: str) -> None:
+        if self.turn is None:
+            return
+        self.turn.add(text)
+        if self._turn_in_view and self.conversation == self.turn.conversation:
+            self.chat.append_chunk(text)
+
+    def _update_buttons(self) -> None:
+        here = self._replying_here()
+        self.send_button.setEnabled(not here)
+        self.stop_button.setEnabled(here)
+        for button in (self.regenerate_button, self.edit_button):
+            button.setEnabled(not self._replying())
 
     def new_chat(self) -> None:
-        self.session.stop()
+        """An empty chat at once; a reply in progress stops and is kept in its own conversation."""
+        if self._replying():
+            self.session.stop()
         self.conversation = None
-        self.messages.clear()
-        self.chat.clear()
+        self.messages = []
+        self._render()
+        self._update_buttons()
 
     def open_conversation(self, conversation: int) -> None:
-        if self._reply_task is not None:
+        if conversation == self.conversation or not self.store.exists(conversation):
             return
+        if self._replying():
+            self.session.stop()
         self.conversation = conversation
         self.messages = self.store.messages(conversation)
         self._render()
+        self._update_buttons()
 
     def export_conversation(self, conversation: int, path: Path) -> None:
         path.write_text(self.store.to_markdown(conversation), encoding="utf-8")
@@ -295,13 +364,24 @@ class MainWindow(QMainWindow):
     def _ask_export(self, conversation: int) -> None:
         name, _ = QFileDialog.getSaveFileName(self, "Export conversation", "conversation.md", "Markdown (*.md)")
         if name:
-            self.export_conversation(conversation, Path(name))
+            text = self.store.to_markdown(conversation)
+            run_op(self, lambda: Path(name).write_text(text, encoding="utf-8")).success(
+                lambda _: self.statusBar().showMessage(f"Exported to {name}")).start()
 
     def _delete_conversation(self, conversation: int) -> None:
+        if self.turn is not None and self.turn.conversation == conversation:
+            self.turn.discard()  # nothing more is written to it
+            self.session.stop()
         self.store.delete(conversation)
         if conversation == self.conversation:
             self.new_chat()
         self.history.refresh()
+
+    def _notify(self, text: str) -> None:
+        """The notice above the chat: the store's lasting problem, then the latest one-off news."""
+        shown = "\n".join(filter(None, [self.store.problem, text]))
+        self.notice.setText(shown)
+        self.notice.setVisible(bool(shown))
 
     def _set_policy(self, policy: str, skip_threshold: float) -> None:
         if error := self.session.set_policy(policy, skip_threshold):
@@ -320,9 +400,28 @@ class MainWindow(QMainWindow):
         parts = [self.model_name, str(engine.device), self.budget.policy.currentText()] + ([extra] if extra else [])
         self.statusBar().showMessage(" · ".join(parts))
 
+    def spawn(self, coroutine: Coroutine[object, object, T]) -> asyncio.Task[T]:
+        """Run ``coroutine`` on the loop, remembered until it ends so that closing can wait for it."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def settled(self) -> None:
+        """Wait for every task of this window to end (after closing: a stopped reply, a load in flight)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._closing:
+            self.session.close()  # a load that finished after the window closed
+
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        """Save the reply in progress as it stands, stop the engine, then close the store."""
+        self._closing = True
         self._save_state()
+        if self.turn is not None:
+            self.turn.finish()
         self.session.stop()
-        self.session.close()
+        self.session.close()  # waits for the current token, so nothing writes after this
         self.store.close()
         super().closeEvent(event)
+        self.closed.emit()

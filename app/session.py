@@ -6,7 +6,6 @@ asyncio (qasync's loop is Qt's loop); telemetry is drained on a timer and re-emi
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from PySide6.QtCore import QObject, QTimer, Signal
@@ -14,6 +13,8 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from expertswap.engine import Engine, ExpertSwapError, SamplingSettings, default_device
 from expertswap.engine.default_model import resolve_model
 from expertswap.engine.telemetry import BudgetChange, MemorySample, ResidencySnapshot, SwapEvent, TokenStats
+
+from .ops import describe, run_op
 
 DRAIN_MS = 100
 
@@ -45,38 +46,41 @@ class EngineSession(QObject):
                          MemorySample: self.memory, BudgetChange: self.budget}
 
     async def load(self, model: str, budget: str = "50%", policy: str = "exact") -> bool:
-        """Build (if "default") and load ``model``; on failure the old engine stays and ``load_failed`` says why."""
-        try:
-            folder = await asyncio.to_thread(resolve_model, model, self.build_progress.emit)
-            engine = await asyncio.to_thread(Engine.load, folder, budget, self.device, policy)
-        except ExpertSwapError as exc:
-            self.load_failed.emit(f"{type(exc).__name__}: {exc}")
-            return False
+        """Build (if "default") and load ``model``; on any failure the old engine stays and ``load_failed`` says why."""
+
+        def work() -> Engine:
+            return Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy)
+
+        failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
+        return await run_op(None, work).success(self._adopt).failure(failed).run()
+
+    def _adopt(self, engine: Engine) -> None:
         self.close()
         self.engine = engine
         self._subscription = engine.subscribe()
         self._timer.start()
         self.loaded.emit(engine)
         self.residency.emit(engine.residency())
-        return True
 
     async def reply(self, messages: Sequence[dict[str, str]], settings: SamplingSettings) -> str:
-        """Stream a reply into ``reply_chunk``; returns the full text (also when stopped)."""
-        assert self.engine is not None, "no model loaded"
-        parts: list[str] = []
+        """Stream a reply into ``reply_chunk``; returns how it ended ("done", "stopped" or the error in words).
+
+        Every failure, typed or not, ends here as words: nothing escapes to the event loop.
+        """
         outcome = "done"
         self._stopping = False
         try:
+            if self.engine is None:
+                raise ExpertSwapError("no model is loaded")
             async for chunk in self.engine.stream_chat(messages, settings):
-                parts.append(chunk.text)
                 self.reply_chunk.emit(chunk.text)
-        except ExpertSwapError as exc:
-            outcome = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            outcome = describe(exc)
         if outcome == "done" and self._stopping:
             outcome = "stopped"
         self.drain()
         self.reply_finished.emit(outcome)
-        return "".join(parts)
+        return outcome
 
     def stop(self) -> None:
         self._stopping = True

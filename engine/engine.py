@@ -341,7 +341,7 @@ class Engine:
                 yield item  # type: ignore[misc]
         finally:
             cancel.set()
-            await asyncio.wait([future])
+            await future  # work() never raises; a plain await also unwinds when the app's loop is quitting
 
     def cancel(self) -> None:
         """Stop the reply in progress after its current token; safe from any thread."""

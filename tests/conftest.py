@@ -50,6 +50,46 @@ def reference() -> Callable[[Path], PreTrainedModel]:
 ALL_FAMILIES = FAMILY_NAMES
 
 
+@pytest.fixture
+def loop(qapp):
+    """qasync's loop on the test's QApplication; any error that reaches it fails the test."""
+    import asyncio
+
+    import qasync
+
+    loop = qasync.QEventLoop(qapp)
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()  # joins the executor threads that asyncio.to_thread started
+    asyncio.set_event_loop(None)
+    assert not errors, f"errors reached the event loop: {errors}"
+
+
+def make_window(qtbot, folder: Path, store=None):
+    """A main window with its own settings and conversations in ``folder``."""
+    from PySide6.QtCore import QSettings
+
+    from expertswap.app.conversations import ConversationStore
+    from expertswap.app.main_window import MainWindow
+
+    settings = QSettings(str(folder / "state.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(store=store or ConversationStore(folder / "conversations.sqlite3"), settings=settings)
+    qtbot.addWidget(win)
+    return win
+
+
+@pytest.fixture
+def window(qtbot, loop, tiny_model, tmp_path: Path):
+    """A shown window with the tiny Qwen3-MoE model loaded at full budget."""
+    win = make_window(qtbot, tmp_path)
+    win.show()
+    assert loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe")), budget="100%"))
+    yield win
+    win.session.close()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``cuda`` run on the lent GPU; CI (no GPU) skips them."""
     if torch.cuda.is_available():

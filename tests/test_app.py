@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 import torch
-import qasync
-from PySide6.QtCore import QSettings, QTimer
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QMessageBox
 
-from expertswap.app.conversations import ConversationStore
 from expertswap.app.main_window import MainWindow
 
-
-@pytest.fixture
-def loop(qapp):
-    loop = qasync.QEventLoop(qapp)
-    asyncio.set_event_loop(loop)
-    yield loop
-    loop.close()  # joins the executor threads that asyncio.to_thread started
-    asyncio.set_event_loop(None)
-
-
-def _make_window(qtbot, folder: Path) -> MainWindow:
-    settings = QSettings(str(folder / "state.ini"), QSettings.Format.IniFormat)
-    win = MainWindow(store=ConversationStore(folder / "conversations.sqlite3"), settings=settings)
-    qtbot.addWidget(win)
-    return win
-
-
-@pytest.fixture
-def window(qtbot, loop, tiny_model, tmp_path: Path):
-    win = _make_window(qtbot, tmp_path)
-    win.show()
-    assert loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe")), budget="100%"))
-    yield win
-    win.session.close()
+from .conftest import make_window as _make_window
 
 
 def _run_reply(loop, window: MainWindow, text: str, stop_after: int | None = None) -> tuple[list[str], list[str], int]:

@@ -1,0 +1,205 @@
+"""What users do while a reply streams: every action keeps the stored conversation equal to the window."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from expertswap.app.conversations import ConversationStore
+from expertswap.app.main_window import MainWindow
+
+from .conftest import make_window
+
+
+async def _settle(window: MainWindow) -> None:
+    while window._replying() or (window._reply_task is not None and not window._reply_task.done()):
+        await asyncio.sleep(0.01)
+
+
+def _reply(loop, window: MainWindow, text: str, tokens: int, at: int | None = None,
+           action: Callable[[], object] | None = None) -> list[str]:
+    """Send ``text``; on the ``at``-th chunk run ``action`` once; return every chunk the session emitted."""
+    chunks: list[str] = []
+
+    def on_chunk(chunk: str) -> None:
+        chunks.append(chunk)
+        if len(chunks) == at and action is not None:
+            action()
+
+    window.reply_settings.max_tokens.setValue(tokens)
+    window.session.reply_chunk.connect(on_chunk)
+    window.prompt.setPlainText(text)
+    window.send()
+    loop.run_until_complete(_settle(window))
+    window.session.reply_chunk.disconnect(on_chunk)
+    return chunks
+
+
+def _assert_stored_equals_shown(window: MainWindow) -> None:
+    if window.conversation is None:
+        assert window.messages == []
+    else:
+        assert window.store.messages(window.conversation) == window.messages
+    assert window.chat.texts() == [m["content"] for m in window.messages]
+    for chat in window.store.search():
+        roles = [m["role"] for m in window.store.messages(chat.id)]
+        assert roles[:1] == ["user"] and ("assistant", "assistant") not in zip(roles, roles[1:]), roles
+
+
+def _spy_contexts(window: MainWindow, monkeypatch: pytest.MonkeyPatch) -> list[list[dict[str, str]]]:
+    contexts: list[list[dict[str, str]]] = []
+    reply = window.session.reply
+
+    async def spy(messages, settings):
+        contexts.append(list(messages))
+        return await reply(messages, settings)
+
+    monkeypatch.setattr(window.session, "reply", spy)
+    return contexts
+
+
+def test_new_chat_mid_reply_keeps_the_partial_reply_where_it_belongs(window, loop, monkeypatch) -> None:
+    contexts = _spy_contexts(window, monkeypatch)
+    chunks = _reply(loop, window, "first question", 80, at=5, action=window.new_chat)
+    first = window.store.search()[0].id
+    assert 5 <= len(chunks) < 80  # it stopped
+    assert window.store.messages(first) == [{"role": "user", "content": "first question"},
+                                            {"role": "assistant", "content": "".join(chunks)}]
+    assert window.conversation is None and window.chat.texts() == []
+    _assert_stored_equals_shown(window)
+    _reply(loop, window, "second question", 6)
+    assert contexts[-1] == [{"role": "user", "content": "second question"}]  # nothing leaked into the new chat
+    window.regenerate()
+    loop.run_until_complete(_settle(window))
+    assert [m["role"] for m in window.store.messages(window.conversation)] == ["user", "assistant"]
+    _assert_stored_equals_shown(window)
+
+
+def test_send_right_after_new_chat_waits_for_the_stopping_reply(window, loop) -> None:
+    def new_chat_and_send() -> None:
+        window.new_chat()
+        window.prompt.setPlainText("next one")
+        window.send()
+
+    _reply(loop, window, "first", 80, at=3, action=new_chat_and_send)
+    chats = sorted(window.store.search(), key=lambda c: c.id)
+    assert [window.store.messages(c.id)[0]["content"] for c in chats] == ["first", "next one"]
+    assert [m["role"] for m in window.store.messages(chats[1].id)] == ["user", "assistant"]
+    _assert_stored_equals_shown(window)
+
+
+def test_deleting_the_conversation_mid_reply_leaves_nothing_behind(window, loop) -> None:
+    _reply(loop, window, "doomed", 80, at=5, action=lambda: window._delete_conversation(window.conversation))
+    assert window.store.search() == [] and window.history.list.count() == 0
+    assert window.store.db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    assert window.conversation is None and window.chat.texts() == []
+    _assert_stored_equals_shown(window)
+
+
+def test_switching_conversation_mid_reply(window, loop) -> None:
+    _reply(loop, window, "one", 4)
+    one = window.conversation
+    window.new_chat()
+    chunks = _reply(loop, window, "two", 80, at=5, action=lambda: window.open_conversation(one))
+    assert window.conversation == one
+    _assert_stored_equals_shown(window)
+    two = next(c.id for c in window.store.search() if c.id != one)
+    window.open_conversation(two)
+    assert window.messages[-1] == {"role": "assistant", "content": "".join(chunks)}
+    assert "Assistant" in window.chat.toPlainText()
+    _assert_stored_equals_shown(window)
+
+
+def test_regenerate_and_edit_mid_reply_are_refused(window, loop) -> None:
+    def meddle() -> None:
+        window.regenerate()
+        window.edit_last()
+
+    chunks = _reply(loop, window, "steady", 30, at=5, action=meddle)
+    assert len(chunks) == 30 and window.prompt.toPlainText() == ""
+    assert [m["role"] for m in window.messages] == ["user", "assistant"]
+    _assert_stored_equals_shown(window)
+
+
+def test_budget_moves_mid_reply_keep_the_reply(window, loop) -> None:
+    chunks = _reply(loop, window, "budget", 30, at=5, action=lambda: window.budget.slider.setValue(0))
+    assert len(chunks) == 30 and window.messages[-1]["content"] == "".join(chunks)
+    _assert_stored_equals_shown(window)
+
+
+def test_closing_the_window_mid_reply_saves_the_partial_reply(window, loop, qapp, tmp_path: Path) -> None:
+    qapp.setQuitOnLastWindowClosed(False)  # as main() runs the app: the loop outlives the window
+    chunks = _reply(loop, window, "closing", 80, at=5, action=window.close)
+    loop.run_until_complete(window.settled())
+    assert len(chunks) < 80
+    store = ConversationStore(tmp_path / "conversations.sqlite3")
+    (chat,) = store.search()
+    saved = store.messages(chat.id)
+    assert saved[0] == {"role": "user", "content": "closing"}
+    assert saved[1]["role"] == "assistant" and saved[1]["content"] == "".join(chunks[:5])
+
+
+def test_a_failing_reply_is_shown_and_no_empty_reply_is_stored(window, loop, monkeypatch) -> None:
+    engine = window.session.engine
+
+    async def broken(messages, settings):
+        raise RuntimeError("the device fell over")
+        yield  # an async generator, like the real one
+
+    monkeypatch.setattr(engine, "stream_chat", broken)
+    _reply(loop, window, "will it work?", 8)
+    assert window.notice.isVisibleTo(window) and "RuntimeError: the device fell over" in window.notice.text()
+    assert window.messages == [{"role": "user", "content": "will it work?"}]
+    _assert_stored_equals_shown(window)
+    monkeypatch.undo()
+    window.regenerate()  # answers the message left without a reply
+    loop.run_until_complete(_settle(window))
+    assert [m["role"] for m in window.messages] == ["user", "assistant"] and not window.notice.isVisibleTo(window)
+    _assert_stored_equals_shown(window)
+
+
+def test_a_model_without_a_chat_template_says_so(qtbot, loop, tiny_model, tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model("qwen3_moe"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for template in folder.glob("chat_template.*"):
+        template.unlink()
+    window = make_window(qtbot, tmp_path)
+    assert loop.run_until_complete(window.load_model(str(folder)))
+    _reply(loop, window, "hello", 8)
+    assert "ModelFormatError" in window.notice.text() and "chat template" in window.notice.text()
+    assert window.messages == [{"role": "user", "content": "hello"}]
+    _assert_stored_equals_shown(window)
+    window.session.close()
+
+
+def test_read_only_database_keeps_every_send_working(qtbot, loop, tiny_model, tmp_path: Path) -> None:
+    from .test_conversations import read_only
+
+    path = tmp_path / "conversations.sqlite3"
+    ConversationStore(path).close()
+    with read_only(path):
+        window = make_window(qtbot, tmp_path)
+        assert "memory" in window.notice.text() and window.notice.isVisibleTo(window)
+        assert loop.run_until_complete(window.load_model(str(tiny_model("qwen3_moe")), budget="100%"))
+        _reply(loop, window, "first", 4)
+        _reply(loop, window, "second", 4)  # not ignored
+        assert [m["role"] for m in window.messages] == ["user", "assistant"] * 2
+        _assert_stored_equals_shown(window)
+        window.close()
+
+
+def test_a_corrupt_database_is_moved_aside_and_the_window_opens(qtbot, tmp_path: Path) -> None:
+    (tmp_path / "conversations.sqlite3").write_bytes(b"\x00garbage" * 500)
+    window = make_window(qtbot, tmp_path)
+    assert "moved aside" in window.notice.text() and window.notice.isVisibleTo(window)
+    assert list(tmp_path.glob("conversations.sqlite3.damaged-*"))
+    assert window.history.list.count() == 0
