@@ -10,7 +10,10 @@ from .errors import (
     ExpertSwapError,
     ModelFormatError,
     ModelNotFoundError,
+    OutOfMemoryError,
     PolicyError,
+    PromptError,
+    SettingsError,
     UnsupportedArchitectureError,
 )
 from .families import FAMILIES, supported_names
@@ -18,7 +21,7 @@ from .generation import SamplingSettings
 
 __all__ = [
     "FAMILIES", "BudgetError", "BudgetTooSmallError", "DeviceError", "Engine", "EngineBusyError", "EngineStats",
-    "ExpertSwapError", "ModelFormatError", "ModelNotFoundError", "PolicyError",
-    "SamplingSettings", "TokenChunk", "TokenScores", "UnsupportedArchitectureError", "default_device",
+    "ExpertSwapError", "ModelFormatError", "ModelNotFoundError", "OutOfMemoryError", "PolicyError", "PromptError",
+    "SamplingSettings", "SettingsError", "TokenChunk", "TokenScores", "UnsupportedArchitectureError", "default_device",
     "format_bytes", "parse_budget", "resolve_device", "supported_names",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import BudgetError
@@ -25,6 +26,8 @@ def parse_budget(text: str | int, total_expert_bytes: int) -> int:
     if not match:
         raise BudgetError(f"cannot read budget {text!r}: use bytes with a unit (300MiB, 1.5GB) or a percentage (50%)")
     value, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(value) or value > 2**62:
+        raise BudgetError(f"budget {text!r} is too large")
     if unit == "%":
         if value > 100:
             raise BudgetError(f"budget {text!r} is above 100% of the experts")

@@ -18,6 +18,7 @@ import torch
 
 from .errors import ModelFormatError, ModelNotFoundError
 from .families import Family, family_for
+from .validate import check_header_entry, check_moe_config, check_raw_config, read_json_object
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -45,7 +46,7 @@ class TensorEntry:
 
 
 def check_model_folder(folder: str | os.PathLike) -> Path:
-    """Fail early and clearly when the folder, its config or its weights are missing."""
+    """Fail early and clearly when the folder, its config or its weights are missing or not plain files."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"model folder not found: {path}")
@@ -53,11 +54,15 @@ def check_model_folder(folder: str | os.PathLike) -> Path:
         raise ModelNotFoundError(f"not a folder: {path}")
     if not (path / "config.json").is_file():
         raise ModelFormatError(f"no config.json in {path}: not a Hugging Face model folder")
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         found = "pytorch_model.bin" if any(path.glob("*.bin")) else "none"
         raise ModelFormatError(
             f"no .safetensors weights in {path} (found: {found}); ExpertSwap loads safetensors only"
         )
+    for file in weights:
+        if not file.is_file():  # a folder, a FIFO (reading it would hang), a dangling or looping link
+            raise ModelFormatError(f"{file} is not a regular file")
     return path
 
 
@@ -66,11 +71,17 @@ def read_config(model_dir: str | os.PathLike) -> tuple[Path, object, Family]:
     from transformers import AutoConfig
 
     folder = check_model_folder(model_dir)
+    raw = read_json_object(folder / "config.json", "the model config")
+    architectures = raw.get("architectures")
+    family = family_for(str(raw.get("model_type") or ""),
+                        [str(a) for a in architectures] if isinstance(architectures, list) else None)
+    check_raw_config(raw, AutoConfig.for_model(family.model_type))
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelFormatError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-    return folder, config, family_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
+    except Exception as exc:  # transformers raises many kinds for a config it cannot use
+        raise ModelFormatError(f"cannot read {folder / 'config.json'}: {exc}".splitlines()[0]) from exc
+    check_moe_config(config)
+    return folder, config, family
 
 
 class Checkpoint:
@@ -137,19 +148,17 @@ def _read_header(file: Path) -> dict[str, TensorEntry]:
             header = json.loads(fh.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ModelFormatError(f"{file.name} has a corrupt header (not a safetensors file)") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{file.name} has a corrupt header (not a JSON object)")
     base = 8 + header_len
     entries: dict[str, TensorEntry] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
-        if base + end > size:
-            raise ModelFormatError(
-                f"{file.name} is truncated: {key!r} needs bytes up to {base + end}, the file has {size}"
-            )
-        if info["dtype"] not in _DTYPES:
-            raise ModelFormatError(f"{file.name}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        entry = TensorEntry(file, base + begin, _DTYPES[info["dtype"]], tuple(info["shape"]))
+        dtype, shape, begin, end = check_header_entry(file.name, key, info, size - base)
+        if dtype not in _DTYPES:
+            raise ModelFormatError(f"{file.name}: tensor {key!r} has unsupported dtype {dtype}")
+        entry = TensorEntry(file, base + begin, _DTYPES[dtype], shape)
         if entry.nbytes != end - begin:
             raise ModelFormatError(f"{file.name}: tensor {key!r} has inconsistent size in its header")
         entries[key] = entry

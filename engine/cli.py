@@ -9,11 +9,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from .committee import EVICTIONS, POLICIES
 from .default_model import DEFAULT_MODEL, resolve_model
 from .engine import Engine
-from .errors import ExpertSwapError
+from .errors import ExpertSwapError, PromptError
 from .generation import IncrementalDecoder, SamplingSettings
 from .telemetry import Subscription
 
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
     _add_load_options(chat)
     chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this share of probability")
     chat.add_argument("--system", default=None, help="system prompt")
     return parser
 
@@ -86,9 +88,19 @@ def _load(args: argparse.Namespace, budget: str | None = None) -> Engine:
                        eviction=args.eviction)
 
 
-def _write_events(subscription: Subscription, path: Path, stop: threading.Event) -> None:
+def _open_events(path: Path | None) -> TextIO | None:
+    """Open the events file before anything is loaded, so an unwritable path fails at once, in words."""
+    if path is None:
+        return None
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise ExpertSwapError(f"cannot write events to {path}: {exc.strerror or exc}") from None
+
+
+def _write_events(subscription: Subscription, fh: TextIO, stop: threading.Event) -> None:
     """Write events as JSON lines until ``stop`` is set and nothing is left to write."""
-    with path.open("w") as fh:
+    with fh:
         while True:
             event = subscription.get(timeout=0.05)
             if event is not None:
@@ -99,23 +111,31 @@ def _write_events(subscription: Subscription, path: Path, stop: threading.Event)
 
 def _generate(args: argparse.Namespace) -> int:
     schedule = list(args.budget_schedule)
-    engine = _load(args, schedule[0][1] if schedule and schedule[0][0] == 0 else None)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens)  # bad values fail before the load
+    if not args.prompt:
+        raise PromptError("the prompt is empty: there is nothing to reply to")
+    events = _open_events(args.events)
+    try:
+        engine = _load(args, schedule[0][1] if schedule and schedule[0][0] == 0 else None)
+    except BaseException:
+        if events is not None:
+            events.close()
+        raise
     writer_stop = threading.Event()
     writer = None
-    if args.events:
+    if events is not None:
         subscription = engine.subscribe()
         engine.telemetry.emit(engine.residency())
-        writer = threading.Thread(target=_write_events, args=(subscription, args.events, writer_stop))
+        writer = threading.Thread(target=_write_events, args=(subscription, events, writer_stop))
         writer.start()
     pending = [(n, b) for n, b in schedule if n > 0]
-    if args.chat:
-        ids = engine.encode_chat([{"role": "user", "content": args.prompt}])
-    else:
-        ids = engine.encode(args.prompt)
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
     tokens = []
     decoder = IncrementalDecoder(engine.tokenizer)
     try:
+        if args.chat:
+            ids = engine.encode_chat([{"role": "user", "content": args.prompt}])
+        else:
+            ids = engine.encode(args.prompt)
         for token in engine.generate(ids, settings):
             tokens.append(token)
             while pending and pending[0][0] <= len(tokens):
@@ -148,9 +168,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte becomes one refused line, not a crash
     engine = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     print(f"{engine.family.name} model, {len(engine.committees)} MoE layers. Empty line or Ctrl+D quits.")
     while True:
         try:
@@ -159,12 +181,17 @@ def _chat(args: argparse.Namespace) -> int:
             break
         if not line:
             break
+        try:
+            ids = engine.encode_chat([*messages, {"role": "user", "content": line}])
+        except PromptError as exc:
+            print(f"expertswap-cli: {exc}; that line was not sent", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
         tokens = []
         decoder = IncrementalDecoder(engine.tokenizer)
         print("bot> ", end="", flush=True)
         try:
-            for token in engine.generate(engine.encode_chat(messages), settings):
+            for token in engine.generate(ids, settings):
                 tokens.append(token)
                 print(decoder.push(token), end="", flush=True)
         except KeyboardInterrupt:
@@ -185,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExpertSwapError as exc:
         print(f"expertswap-cli: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("expertswap-cli: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

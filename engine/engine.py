@@ -20,7 +20,9 @@ import psutil
 from .budget import parse_budget
 from .checkpoint import Checkpoint, read_config
 from .committee import EVICTIONS, POLICIES, Committee, Runtime
-from .errors import BudgetError, BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError
+from .errors import (
+    BudgetError, BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError, PromptError,
+)
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop, forward_mode
 from .memory import current_rss_bytes, peak_rss_bytes
@@ -28,6 +30,7 @@ from .planner import LayerShape, effective_experts, minimum_bytes, plan_capaciti
 from .skeleton import load_skeleton
 from .store import ExpertStore, resolve_layer
 from .swapper import Swapper
+from .validate import check_layers
 from .telemetry import BudgetChange, MemorySample, ResidencySnapshot, Subscription, TokenStats
 from .watcher import MemoryWatcher, free_memory_probe
 
@@ -160,6 +163,7 @@ class Engine:
         _check_policy(policy, torch_device, skip_threshold)
         folder, config, family = read_config(model_dir)
         checkpoint = Checkpoint(folder)
+        check_layers(list(checkpoint.entries), int(config.num_hidden_layers))
         model, sites = load_skeleton(str(folder), family, torch_device, dtype)
         top_k = int(config.num_experts_per_tok)
         layers = {
@@ -200,11 +204,14 @@ class Engine:
 
     # ---- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        _check_text(text)
         return list(self._require_tokenizer()(text, add_special_tokens=True)["input_ids"])
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of a conversation wrapped in the tokenizer's chat template, ready for the reply."""
         tokenizer = self._require_tokenizer()
+        for message in messages:
+            _check_text(message.get("content", ""))
         if not getattr(tokenizer, "chat_template", None):
             raise ModelFormatError("this model's tokenizer has no chat template; use plain prompts")
         text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -283,6 +290,11 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> Iterator[int]:
         """Yield new token ids (synchronously) until EOS, ``max_new_tokens`` or cancellation."""
+        if not input_ids:
+            raise PromptError("the prompt is empty: there is nothing to reply to")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and len(input_ids) >= limit:
+            raise PromptError(f"the prompt has {len(input_ids)} tokens; this model's context holds {limit}")
         if not self._busy.acquire(blocking=False):
             raise EngineBusyError("a reply is already being generated")
         cancel = cancel or self._cancel
@@ -532,10 +544,18 @@ def _check_policy(policy: str, device: torch.device, skip_threshold: float) -> N
         raise PolicyError(f"skip threshold must be in [0, 1), got {skip_threshold}")
 
 
+def _check_text(text: str) -> None:
+    """Text from argv or a pipe may hold undecodable bytes (as surrogates); the tokenizer would crash on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError("the text is not valid UTF-8") from None
+
+
 def _load_tokenizer(folder: Path) -> object | None:
     if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"cannot read the tokenizer in {folder}: {exc}") from exc
+    except Exception as exc:  # a malformed tokenizer file surfaces as any of a dozen exception types
+        raise ModelFormatError(f"cannot read the tokenizer in {folder}: {exc}".splitlines()[0]) from exc

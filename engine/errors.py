@@ -47,3 +47,15 @@ class PolicyError(ExpertSwapError):
 
 class EngineBusyError(ExpertSwapError):
     """A reply is already being generated; the engine runs one at a time."""
+
+
+class PromptError(ExpertSwapError):
+    """The prompt cannot be answered: empty, not valid text, or longer than the model's context."""
+
+
+class SettingsError(ExpertSwapError):
+    """A sampling setting is out of range (temperature, top-p, token count, seed)."""
+
+
+class OutOfMemoryError(ExpertSwapError):
+    """The device ran out of memory even at the smallest budget."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel
+
+from .errors import SettingsError
 
 # every attention backend but cuDNN: it builds a new graph for each new sequence length, which cost
 # about 30 ms per decode step on an H100 (torch 2.11), ten times the 2-layer step it served
@@ -31,6 +34,23 @@ class SamplingSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would crash or silently misbehave mid-reply (nan, top_p 0, no tokens)."""
+        def whole(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise SettingsError(f"max_new_tokens must be a whole number of at least 1, got {self.max_new_tokens!r}")
+        if not number(self.temperature) or self.temperature < 0:
+            raise SettingsError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise SettingsError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not whole(self.seed):
+            raise SettingsError(f"seed must be a whole number, got {self.seed!r}")
 
 
 def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> int:

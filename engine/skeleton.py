@@ -81,11 +81,14 @@ def load_skeleton(
     hf_logging.disable_progress_bar()
     try:
         with _experts_without_weights(cls):
+            # use_safetensors: never fall back to a pickle (pytorch_model.bin) lying beside the safetensors
             model, info = AutoModelForCausalLM.from_pretrained(
-                folder, trust_remote_code=False, output_loading_info=True, **kwargs
+                folder, trust_remote_code=False, use_safetensors=True, output_loading_info=True, **kwargs
             )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelFormatError(f"cannot load the non-expert weights of {folder}: {exc}") from exc
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # transformers reports a bad checkpoint as any of many exception types
+        raise ModelFormatError(f"cannot load the non-expert weights of {folder}: {exc}".splitlines()[0]) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
