@@ -65,6 +65,13 @@ class BudgetPanel(QWidget):
     def requested_bytes(self) -> int:
         return self.minimum + (self.total - self.minimum) * self.slider.value() // STEPS
 
+    def follow_engine(self, budget: int) -> None:
+        """The engine moved the budget itself (free memory, out of memory): move the slider without asking again."""
+        self.slider.blockSignals(True)
+        self.slider.setValue(self._to_step(budget))
+        self.slider.blockSignals(False)
+        self.show_budget(budget)
+
     def show_budget(self, budget: int) -> None:
         share = budget / self.total if self.total else 0.0
         self.label.setText(f"{format_bytes(budget)} · {share:.0%} of expert bytes · "

@@ -14,6 +14,8 @@ from PySide6.QtWidgets import (
     QSplitter, QTabWidget, QVBoxLayout, QWidget,
 )
 
+from expertswap.engine import format_bytes
+
 from .budget_panel import BudgetPanel
 from .charts import Charts
 from .chat_view import ChatView
@@ -163,7 +165,7 @@ class MainWindow(QMainWindow):
         s.token_stats.connect(self._show_stats)
         s.token_stats.connect(self.charts.add_token)
         s.memory.connect(self.charts.add_memory)
-        s.budget.connect(lambda event: event.applied and self.budget.show_budget(event.new_bytes))
+        s.budget.connect(self._budget_changed)
         s.load_failed.connect(self._load_failed)
         s.build_progress.connect(self._build_progress)
 
@@ -382,6 +384,17 @@ class MainWindow(QMainWindow):
         shown = "\n".join(filter(None, [self.store.problem, text]))
         self.notice.setText(shown)
         self.notice.setVisible(bool(shown))
+
+    def _budget_changed(self, event) -> None:
+        if not event.applied:
+            return
+        if event.reason == "user":
+            self.budget.show_budget(event.new_bytes)
+            return
+        self.budget.follow_engine(event.new_bytes)
+        if event.reason == "oom":
+            self._notify(f"Out of memory: the budget was lowered to {format_bytes(event.new_bytes)} "
+                         "and the token was computed again.")
 
     def _set_policy(self, policy: str, skip_threshold: float) -> None:
         if error := self.session.set_policy(policy, skip_threshold):

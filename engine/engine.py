@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import threading
 import time
 import weakref
@@ -135,7 +136,7 @@ class Engine:
         self._tokens = 0
         self._tokens_per_s = 0.0
         self._ttft = 0.0
-        self._pending_budget: int | None = None
+        self._pending_budget: tuple[int, str] | None = None  # bytes and why
         self._budget_lock = threading.Lock()
         self.follow_margin = self._default_margin()
         self.swapper = Swapper(committees, store, runtime, self.device)
@@ -303,8 +304,9 @@ class Engine:
             start = time.perf_counter()
             first = last = start
             count = 0
+            self._emit_memory_sample()  # short replies get a sample at each end, not only every 0.5 s
             for token in decode_loop(self.model, list(input_ids), settings, self._stop_ids(), cancel,
-                                     self._before_step, self.runtime.lock):
+                                     self._before_step, self.runtime.lock, self._shrink_after_oom):
                 last = time.perf_counter()
                 if count == 0:
                     first = last
@@ -316,6 +318,7 @@ class Engine:
                 self._after_token(count)
                 yield token
         finally:
+            self._emit_memory_sample()
             self._busy.release()
 
     async def stream_chat(
@@ -364,18 +367,19 @@ class Engine:
         """A queue of every telemetry event from now on; ``drain()`` it from any thread."""
         return self.telemetry.subscribe(maxsize)
 
-    def set_budget(self, budget: str | int) -> int:
+    def set_budget(self, budget: str | int, reason: str = "user") -> int:
         """Ask for a new budget from any thread, also mid-reply; it is in force before the next token.
 
-        Returns the budget in bytes. Raises ``BudgetTooSmallError`` below the minimum.
+        Returns the budget in bytes. Raises ``BudgetTooSmallError`` below the minimum. ``reason`` is
+        carried by the ``BudgetChange`` events: "user", "follow" or "oom".
         """
         new = parse_budget(budget, self.total_expert_bytes)
         if new < self.minimum_budget_bytes:
             raise BudgetTooSmallError(new, self.minimum_budget_bytes)
         with self._budget_lock:
-            self._pending_budget = new
+            self._pending_budget = new, reason
         self.telemetry.emit(BudgetChange(old_bytes=self.budget_bytes, new_bytes=new, applied=False,
-                                         capacities=[c.capacity for c in self.committees]))
+                                         capacities=[c.capacity for c in self.committees], reason=reason))
         if self.runtime.lock.acquire(blocking=False):  # idle: apply now; else the next step applies it
             try:
                 self._apply_pending_budget()
@@ -473,9 +477,10 @@ class Engine:
     def _apply_pending_budget(self) -> None:
         """Resize every committee to the pending budget (caller holds the step lock)."""
         with self._budget_lock:
-            new, self._pending_budget = self._pending_budget, None
-        if new is None:
+            pending, self._pending_budget = self._pending_budget, None
+        if pending is None:
             return
+        new, reason = pending
         shapes = [LayerShape(c.num_experts, c.top_k, c.spec.expert_bytes) for c in self.committees]
         demand = [effective_experts(c.scores(), c.top_k) for c in self.committees]
         capacities = plan_capacities(new, shapes, demand)
@@ -483,7 +488,8 @@ class Engine:
         for committee, capacity in sorted(zip(self.committees, capacities), key=lambda p: p[1] - p[0].capacity):
             committee.resize(capacity)
         old, self.budget_bytes = self.budget_bytes, new
-        self.telemetry.emit(BudgetChange(old_bytes=old, new_bytes=new, applied=True, capacities=capacities))
+        self.telemetry.emit(BudgetChange(old_bytes=old, new_bytes=new, applied=True, capacities=capacities,
+                                         reason=reason))
         self.telemetry.emit(self.residency())
 
     def _follow(self, free_bytes: int) -> None:
@@ -491,7 +497,19 @@ class Engine:
         target = max(self.minimum_budget_bytes, min(self.total_expert_bytes, target))
         step = max(c.spec.expert_bytes for c in self.committees)
         if abs(target - self.budget_bytes) >= step:
-            self.set_budget(target)
+            self.set_budget(target, reason="follow")
+
+    def _shrink_after_oom(self, _error: BaseException) -> bool:
+        """A step ran out of memory: halve the headroom above the minimum and let it retry; False at the minimum."""
+        minimum = self.minimum_budget_bytes
+        current = self._pending_budget[0] if self._pending_budget is not None else self.budget_bytes
+        if current <= minimum:
+            return False
+        self.set_budget(minimum + (current - minimum) // 2, reason="oom")
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed slots back before the retry allocates
+        return True
 
     def _default_margin(self) -> int:
         return max(512 * 2**20, self.total_expert_bytes // 10)

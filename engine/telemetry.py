@@ -91,6 +91,7 @@ class BudgetChange(Event):
     new_bytes: int
     applied: bool
     capacities: list[int]
+    reason: str = "user"  # "user", "follow" (free memory moved) or "oom" (a step ran out of memory)
 
 
 class Subscription:

@@ -203,3 +203,17 @@ def test_a_corrupt_database_is_moved_aside_and_the_window_opens(qtbot, tmp_path:
     assert "moved aside" in window.notice.text() and window.notice.isVisibleTo(window)
     assert list(tmp_path.glob("conversations.sqlite3.damaged-*"))
     assert window.history.list.count() == 0
+
+
+def test_out_of_memory_mid_reply_shrinks_the_budget_and_says_so(window, loop, qtbot) -> None:
+    from .test_oom import _fail_calls
+
+    engine = window.session.engine
+    before = engine.budget_bytes
+    _fail_calls(engine, {5})
+    chunks = _reply(loop, window, "keep going", 12)
+    assert len(chunks) == 12 and window.messages[-1]["content"] == "".join(chunks)
+    qtbot.waitUntil(lambda: "Out of memory" in window.notice.text(), timeout=3000)
+    assert engine.budget_bytes < before
+    assert abs(window.budget.requested_bytes() - engine.budget_bytes) <= engine.total_expert_bytes // 1000 + 1
+    _assert_stored_equals_shown(window)
