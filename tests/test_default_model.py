@@ -188,3 +188,58 @@ def test_cli_selects_the_default_model(default_folder: Path, capsys: pytest.Capt
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and len(out["token_ids"]) >= 1
     assert out["resident_expert_bytes"] <= out["budget_bytes"] == out["total_expert_bytes"] // 4
+
+
+def _fake_build(calls: list[Path], seconds: float = 0.0):
+    """A stand-in for the 20 s build that writes a folder the manifest check accepts."""
+    import time
+
+    def fake(target: Path, gguf: Path, shipped_dir: Path, report, **_kwargs) -> None:
+        calls.append(target)
+        time.sleep(seconds)
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"weights")
+        digest = build.sha256_of(target / "model.safetensors")
+        (target / build.MANIFEST).write_text(json.dumps({"format": build.FORMAT,
+                                                          "files": {"model.safetensors": digest}}))
+
+    return fake
+
+
+@pytest.fixture
+def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    gguf = tmp_path / "teacher.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    monkeypatch.setenv("EXPERTSWAP_CACHE", str(tmp_path / "cache"))
+    return gguf
+
+
+def test_a_killed_builds_staging_folder_is_cleaned(fake_gguf: Path, tmp_path: Path, monkeypatch) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(build, "build", _fake_build(calls))
+    stale = tmp_path / "cache" / "default-model" / ".build-killed"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half written")
+    target = build.ensure_default_model(gguf=fake_gguf)
+    assert calls == [target] and not stale.exists() and build._verified(target)
+
+
+def test_two_first_launches_at_once_build_once(fake_gguf: Path, monkeypatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls: list[Path] = []
+    monkeypatch.setattr(build, "build", _fake_build(calls, seconds=0.5))
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: build.ensure_default_model(gguf=fake_gguf), range(2)))
+    assert folders[0] == folders[1] and len(calls) == 1
+
+
+def test_an_unwritable_cache_is_a_clear_error(fake_gguf: Path, tmp_path: Path, monkeypatch) -> None:
+    from expertswap.engine import CacheError
+
+    from .test_conversations import read_only
+
+    monkeypatch.setattr(build, "build", _fake_build([]))
+    (tmp_path / "cache").mkdir()
+    with read_only(tmp_path / "cache"), pytest.raises(CacheError, match="EXPERTSWAP_CACHE"):
+        build.ensure_default_model(gguf=fake_gguf)

@@ -7,19 +7,21 @@ manifest and rebuild when anything is missing or damaged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
-from ..errors import ModelFormatError
+from ..errors import CacheError, ModelFormatError
 from ..resources import resources_root
 from . import shipped
 from .gguf_source import find_gguf, load_tokenizer, read_dense, sha256_of
@@ -30,6 +32,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 ENV_SHIPPED = "EXPERTSWAP_DEFAULT_MODEL_FILES"
 ENV_CACHE = "EXPERTSWAP_CACHE"
+LOCK_TIMEOUT_S = 600  # a build takes about 20 s on 2 cores
 
 BuildProgress = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)`` while building."""
@@ -86,8 +89,33 @@ def ensure_default_model(
     if _verified(target):
         report("checking", 1, 1)
         return target
-    build(target, gguf, shipped_dir, report)
+    with _build_lock(target.parent):  # a second launch waits here, then finds the first one's build
+        if _verified(target):
+            report("checking", 1, 1)
+            return target
+        for stale in target.parent.glob(".build-*"):  # left by a build that was killed: nobody else holds the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        build(target, gguf, shipped_dir, report)
     return target
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """One builder at a time per cache folder, across processes; a cache that cannot be written says so."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / ".build.lock", timeout=LOCK_TIMEOUT_S)
+        lock.acquire()
+    except OSError as exc:
+        raise CacheError(f"the model cache {folder} cannot be written ({exc.strerror or exc}); "
+                         f"set {ENV_CACHE} to a writable folder") from None
+    except Timeout:
+        raise CacheError(f"another ExpertSwap has been building the default model in {folder} for "
+                         f"{LOCK_TIMEOUT_S} s; try again when it has finished") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def build(target: Path, gguf: Path, shipped_dir: Path, report: BuildProgress,
@@ -101,7 +129,11 @@ def build(target: Path, gguf: Path, shipped_dir: Path, report: BuildProgress,
     state = convert(shape, dense, design, plans, consume=True)
     del dense
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    except OSError as exc:
+        raise CacheError(f"the model cache {target.parent} cannot be written ({exc.strerror or exc}); "
+                         f"set {ENV_CACHE} to a writable folder") from None
     try:
         report("writing", 0, 3)
         tensors = {k: state.pop(k).to(dtype).contiguous() for k in list(state)}  # frees float32 as it goes
