@@ -367,7 +367,7 @@ class MainWindow(QMainWindow):
         name, _ = QFileDialog.getSaveFileName(self, "Export conversation", "conversation.md", "Markdown (*.md)")
         if name:
             text = self.store.to_markdown(conversation)
-            run_op(self, lambda: Path(name).write_text(text, encoding="utf-8")).success(
+            run_op(self, lambda: Path(name).write_text(text, encoding="utf-8")).with_progress("Exporting…").success(
                 lambda _: self.statusBar().showMessage(f"Exported to {name}")).start()
 
     def _delete_conversation(self, conversation: int) -> None:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
     QListWidgetItem, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
 )
 
-from expertswap.engine import ExpertSwapError, format_bytes
+from expertswap.engine import format_bytes
 from expertswap.engine.default_model import cache_root
 from expertswap.engine.download import download
-from expertswap.engine.fit import fit_report
+from expertswap.engine.fit import FitReport, fit_report
 from expertswap.engine.hub import cached_models, downloaded_models
+
+from .ops import describe, run_op
+
+REPORT_DELAY_MS = 250
 
 
 class ModelsDialog(QDialog):
@@ -30,7 +35,11 @@ class ModelsDialog(QDialog):
         self.downloads = downloads or cache_root() / "models"
         self.endpoint = endpoint
         self._cancel = threading.Event()
-        self._worker: threading.Thread | None = None
+        self.download_task: asyncio.Task | None = None
+        self.report_task: asyncio.Task | None = None
+        self._asked = 0  # report requests so far: only the newest answer is shown
+        self._debounce = QTimer(self, singleShot=True, interval=REPORT_DELAY_MS)
+        self._debounce.timeout.connect(self._ask_report)
         self.setWindowTitle("Open a model")
         self.folder = QLineEdit()
         self.folder.setAccessibleName("Model folder")
@@ -61,7 +70,6 @@ class ModelsDialog(QDialog):
         self.download_button.clicked.connect(self.start_download)
         self.cancel_download.clicked.connect(self._cancel.set)
         self.download_progress.connect(self._show_progress)
-        self.download_finished.connect(self._download_done)
         self.budget = QSpinBox(minimum=1, maximum=100, value=50, suffix=" % of experts")
         self.budget.setAccessibleName("Starting budget")
         self.context = QSpinBox(minimum=256, maximum=262144, value=4096, singleStep=1024, suffix=" tokens")
@@ -99,18 +107,28 @@ class ModelsDialog(QDialog):
         return self.folder.text().strip(), f"{self.budget.value()}%"
 
     def update_report(self) -> None:
-        """Re-read sizes for the current choice; Open is enabled only for a loadable model."""
-        open_button = self.buttons.button(QDialogButtonBox.StandardButton.Open)
-        folder = self.folder.text().strip()
-        if not folder:
-            open_button.setEnabled(False)
+        """Re-read sizes for the current choice off the GUI thread; Open is enabled only for a loadable model.
+
+        Typing a path asks again on every keystroke, so the request waits for a pause and only the
+        newest answer is shown.
+        """
+        self._asked += 1
+        self._open_button().setEnabled(False)
+        if not self.folder.text().strip():
+            self.report.setText("Choose a model folder.")
             return
-        try:
-            r = fit_report(folder, f"{self.budget.value()}%", self.context.value())
-        except ExpertSwapError as exc:
-            self.report.setText(f"Cannot use this folder: {exc}")
-            open_button.setEnabled(False)
-            return
+        self.report.setText("Checking this folder…")
+        self._debounce.start()
+
+    def _ask_report(self) -> None:
+        asked, folder = self._asked, self.folder.text().strip()
+        budget, context = f"{self.budget.value()}%", self.context.value()
+        self.report_task = run_op(self, lambda: fit_report(folder, budget, context)).success(
+            lambda r: asked == self._asked and self._show_report(r)).failure(
+            lambda exc: asked == self._asked and self.report.setText(f"Cannot use this folder: {describe(exc)}")
+        ).start()
+
+    def _show_report(self, r: FitReport) -> None:
         free = f"free RAM {format_bytes(r.free_ram_bytes)}"
         if r.free_vram_bytes is not None:
             free += f", free VRAM {format_bytes(r.free_vram_bytes)}"
@@ -122,28 +140,27 @@ class ModelsDialog(QDialog):
             r.warning() or "It fits.",
         ]
         self.report.setText("\n".join(lines))
-        open_button.setEnabled(r.budget_bytes >= r.minimum_budget_bytes)
+        self._open_button().setEnabled(r.budget_bytes >= r.minimum_budget_bytes)
+
+    def _open_button(self) -> QPushButton:
+        return self.buttons.button(QDialogButtonBox.StandardButton.Open)
 
     def start_download(self) -> None:
         """Fetch the repo in a worker thread; a stopped download resumes when started again."""
         repo = self.repo.text().strip()
-        if not repo or self._worker is not None:
+        if not repo or self.download_task is not None:
             return
         self._cancel.clear()
         self.download_button.setEnabled(False)
         self.cancel_download.setEnabled(True)
         self.progress.setFormat(f"{repo}: %p%")
 
-        def work() -> None:
-            try:
-                folder = download(repo, self.downloads / repo.replace("/", "--"), self.download_progress.emit,
-                                  self._cancel, endpoint=self.endpoint)
-                self.download_finished.emit(str(folder), "")
-            except ExpertSwapError as exc:
-                self.download_finished.emit("", str(exc))
+        def work() -> Path:
+            return download(repo, self.downloads / repo.replace("/", "--"), self.download_progress.emit,
+                            self._cancel, endpoint=self.endpoint)
 
-        self._worker = threading.Thread(target=work, name="expertswap-download", daemon=True)
-        self._worker.start()
+        self.download_task = run_op(self, work).success(lambda folder: self._download_done(str(folder), "")).failure(
+            lambda exc: self._download_done("", describe(exc))).start()
 
     def _show_progress(self, done: int, total: int) -> None:
         scale = max(total // 1_000_000, 1)  # QProgressBar holds ints
@@ -151,13 +168,14 @@ class ModelsDialog(QDialog):
         self.progress.setValue(done // scale)
 
     def _download_done(self, folder: str, error: str) -> None:
-        self._worker = None
+        self.download_task = None
         self.download_button.setEnabled(True)
         self.cancel_download.setEnabled(False)
         if error:
-            self.report.setText(error)
+            self.report.setText(f"Download failed: {error}")
         else:
             self.folder.setText(folder)
+        self.download_finished.emit(folder, error)
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Model folder (config.json + safetensors)")

@@ -19,13 +19,17 @@ PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer
 CHUNK = 1 << 20
 
 
+class DownloadError(ExpertSwapError):
+    """The hub could not be reached, or a file broke off; what arrived is kept for the next try."""
+
+
 class DownloadCancelled(ExpertSwapError):
     """The user stopped the download; what arrived so far is kept for the next try."""
 
 
 def _wanted_files(repo_id: str, revision: str, endpoint: str | None) -> list[tuple[str, int]]:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
     from huggingface_hub.utils import filter_repo_objects
 
     try:
@@ -33,8 +37,8 @@ def _wanted_files(repo_id: str, revision: str, endpoint: str | None) -> list[tup
                 if hasattr(f, "size")]
     except RepositoryNotFoundError as exc:
         raise ModelNotFoundError(f"{repo_id} was not found on the Hugging Face hub (or needs a login)") from exc
-    except (HfHubHTTPError, OSError) as exc:
-        raise ExpertSwapError(f"cannot list the files of {repo_id}: {exc}") from exc
+    except Exception as exc:  # offline, DNS, TLS, proxy: huggingface_hub's HTTP client raises its own kinds
+        raise DownloadError(f"cannot reach the Hugging Face hub to list {repo_id}: {exc}".splitlines()[0]) from exc
     return [(f.path, f.size) for f in filter_repo_objects(tree, allow_patterns=PATTERNS, key=lambda f: f.path)]
 
 
@@ -78,10 +82,10 @@ def download(
                         done += len(chunk)
                         if progress is not None:
                             progress(done, total)
-        except urllib.error.URLError as exc:
-            raise ExpertSwapError(f"download of {repo_id} broke off at {name}: {exc}; try again to resume") from exc
+        except (urllib.error.URLError, OSError) as exc:  # network gone, timeout, or the disk is full
+            raise DownloadError(f"download of {repo_id} broke off at {name}: {exc}; try again to resume") from exc
         if part.stat().st_size != size:
-            raise ExpertSwapError(f"{name} of {repo_id} arrived with {part.stat().st_size} bytes, expected {size}")
+            raise DownloadError(f"{name} of {repo_id} arrived with {part.stat().st_size} bytes, expected {size}")
         part.replace(target)
     if progress is not None:
         progress(total, total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -175,13 +176,31 @@ def test_regenerate_edit_and_copy(window: MainWindow, loop, tmp_path: Path) -> N
     assert window.messages == window.store.messages(window.conversation) and len(window.messages) == 2
 
 
-def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, tiny_model, tmp_path: Path) -> None:
-    import shutil
+def _report(loop, dialog) -> str:
+    """Let the debounced fit report run now and wait for its answer."""
+    dialog._debounce.stop()
+    dialog._ask_report()
+    loop.run_until_complete(dialog.report_task)
+    return dialog.report.text()
 
+
+def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, loop, tiny_model, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import threading
+
+    from expertswap.app import models_dialog
     from expertswap.app.models_dialog import ModelsDialog
     from expertswap.engine import format_bytes
     from expertswap.engine.fit import fit_report
 
+    threads: list[threading.Thread] = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return fit_report(*args, **kwargs)
+
+    monkeypatch.setattr(models_dialog, "fit_report", recording)
     snapshot = tmp_path / "hub" / "models--org--tiny-moe" / "snapshots" / "abc123"
     shutil.copytree(tiny_model("olmoe"), snapshot)
     dialog = ModelsDialog(cache=tmp_path / "hub", downloads=tmp_path / "downloads")
@@ -191,17 +210,37 @@ def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, tiny_model, tmp
     assert not open_button.isEnabled()
     dialog.cached.setCurrentRow(0)
     assert dialog.folder.text() == str(snapshot)
+    assert not open_button.isEnabled() and "Checking" in dialog.report.text()  # nothing computed on the GUI thread
     report = fit_report(snapshot, "50%", 4096)
-    assert "OLMoE" in dialog.report.text() and "It fits." in dialog.report.text()
-    assert format_bytes(report.minimum_budget_bytes) in dialog.report.text()
+    text = _report(loop, dialog)
+    assert "OLMoE" in text and "It fits." in text and format_bytes(report.minimum_budget_bytes) in text
+    assert threads and threading.main_thread() not in threads
     assert open_button.isEnabled() and dialog.chosen() == (str(snapshot), "50%")
     dialog.budget.setValue(1)  # below the minimum committee
-    assert "below this model's minimum" in dialog.report.text() and not open_button.isEnabled()
-    dialog.folder.setText(str(tmp_path / "nowhere"))
-    assert dialog.report.text().startswith("Cannot use this folder") and not open_button.isEnabled()
+    assert "below this model's minimum" in _report(loop, dialog) and not open_button.isEnabled()
+    dialog.budget.setValue(50)
+    assert "It fits." in _report(loop, dialog) and open_button.isEnabled()
+    dialog.folder.setText(str(tmp_path / "nowhere"))  # a bad folder after a good one
+    assert not open_button.isEnabled() and "OLMoE" not in dialog.report.text()
+    assert _report(loop, dialog).startswith("Cannot use this folder") and not open_button.isEnabled()
 
 
-def test_models_dialog_downloads_with_progress_then_reports(qtbot, tiny_model, tmp_path: Path) -> None:
+def test_models_dialog_shows_only_the_newest_report(qtbot, loop, tiny_model, tmp_path: Path) -> None:
+    from expertswap.app.models_dialog import ModelsDialog
+
+    dialog = ModelsDialog(cache=tmp_path / "hub", downloads=tmp_path / "downloads")
+    qtbot.addWidget(dialog)
+    dialog.folder.setText(str(tiny_model("olmoe")))
+    dialog._ask_report()
+    good = dialog.report_task
+    dialog.folder.setText(str(tmp_path / "typed-on"))
+    dialog._ask_report()
+    loop.run_until_complete(asyncio.gather(good, dialog.report_task))
+    assert dialog.report.text().startswith("Cannot use this folder")
+    assert not dialog.buttons.button(dialog.buttons.StandardButton.Open).isEnabled()
+
+
+def test_models_dialog_downloads_with_progress_then_reports(qtbot, loop, tiny_model, tmp_path: Path) -> None:
     import threading
     from http.server import ThreadingHTTPServer
 
@@ -219,13 +258,39 @@ def test_models_dialog_downloads_with_progress_then_reports(qtbot, tiny_model, t
                               endpoint=f"http://127.0.0.1:{server.server_port}")
         qtbot.addWidget(dialog)
         dialog.repo.setText("org/tiny")
-        with qtbot.waitSignal(dialog.download_finished, timeout=20000) as finished:
-            dialog.start_download()
-        assert finished.args[1] == "" and dialog.folder.text() == str(tmp_path / "downloads" / "org--tiny")
+        finished: list[tuple[str, str]] = []
+        dialog.download_finished.connect(lambda folder, error: finished.append((folder, error)))
+        dialog.start_download()
+        loop.run_until_complete(dialog.download_task)
+        assert finished == [(str(tmp_path / "downloads" / "org--tiny"), "")]
+        assert dialog.folder.text() == str(tmp_path / "downloads" / "org--tiny")
         assert dialog.progress.value() == dialog.progress.maximum() > 0
-        assert "OLMoE" in dialog.report.text() and "It fits." in dialog.report.text()
+        text = _report(loop, dialog)
+        assert "OLMoE" in text and "It fits." in text
     finally:
         server.shutdown()
+
+
+def test_an_offline_download_says_so_and_can_be_retried(qtbot, loop, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import huggingface_hub.utils._http as hub_http
+
+    from expertswap.app.models_dialog import ModelsDialog
+
+    monkeypatch.setattr(hub_http.time, "sleep", lambda _s: None)  # huggingface_hub backs off ~23 s before giving up
+
+    with socket.socket() as closed:  # a port nobody listens on: the hub is unreachable
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    dialog = ModelsDialog(cache=tmp_path / "hub", downloads=tmp_path / "downloads", endpoint=f"http://127.0.0.1:{port}")
+    qtbot.addWidget(dialog)
+    dialog.repo.setText("org/tiny")
+    dialog.start_download()
+    loop.run_until_complete(dialog.download_task)
+    assert dialog.report.text().startswith("Download failed: DownloadError: cannot reach the Hugging Face hub")
+    assert dialog.download_button.isEnabled() and not dialog.cancel_download.isEnabled()
 
 
 def test_every_control_has_an_accessible_name(qtbot, tmp_path: Path) -> None:
