@@ -391,3 +391,19 @@ def test_an_unwritable_cache_on_first_launch_is_shown_not_frozen(
         assert not loop.run_until_complete(win.load_model("default"))
     assert shown and "CacheError" in shown[0] and "EXPERTSWAP_CACHE" in shown[0]
     assert win._progress is None and win.statusBar().currentMessage() == "Model not loaded"
+
+
+def test_conversations_live_where_the_readme_says(qapp, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from expertswap.app.main_window import default_store
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    name = qapp.applicationName()
+    qapp.setApplicationName("ExpertSwap")  # what main() sets
+    try:
+        store = default_store()
+    finally:
+        qapp.setApplicationName(name)
+    assert store.path == tmp_path / "data" / "ExpertSwap" / "conversations.sqlite3"
+    store.close()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`~/.local/share/ExpertSwap` on Linux" in readme
