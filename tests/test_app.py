@@ -407,3 +407,32 @@ def test_conversations_live_where_the_readme_says(qapp, monkeypatch: pytest.Monk
     store.close()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "`~/.local/share/ExpertSwap` on Linux" in readme
+
+
+@pytest.mark.parametrize("case", ["null config", "budget 1e400", "a bug in the engine"])
+def test_every_load_failure_reaches_the_user(qtbot, loop, tiny_model, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    import shutil
+
+    from expertswap.app import session
+
+    shown: list[str] = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: shown.append(text))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model("qwen3_moe"), folder)
+    budget = "50%"
+    if case == "null config":
+        (folder / "config.json").write_text("null")
+    elif case == "budget 1e400":
+        budget = "1e400"
+    else:
+        def broken(*_args, **_kwargs):
+            raise KeyError("slot 7")
+
+        monkeypatch.setattr(session.Engine, "load", broken)
+    win = _make_window(qtbot, tmp_path)
+    assert not loop.run_until_complete(win.load_model(str(folder), budget))
+    expected = {"null config": "ModelFormatError", "budget 1e400": "BudgetError",
+                "a bug in the engine": "Unexpected KeyError"}[case]
+    assert len(shown) == 1 and shown[0].startswith(expected) and "\n" not in shown[0]
+    assert win.statusBar().currentMessage() == "Model not loaded" and win.session.engine is None

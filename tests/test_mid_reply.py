@@ -217,3 +217,77 @@ def test_out_of_memory_mid_reply_shrinks_the_budget_and_says_so(window, loop, qt
     assert engine.budget_bytes < before
     assert abs(window.budget.requested_bytes() - engine.budget_bytes) <= engine.total_expert_bytes // 1000 + 1
     _assert_stored_equals_shown(window)
+
+
+WINDOW_CHILD = """
+import asyncio, sys
+from pathlib import Path
+import qasync
+from PySide6.QtCore import QSettings
+from PySide6.QtWidgets import QApplication
+app = QApplication([])
+loop = qasync.QEventLoop(app)
+asyncio.set_event_loop(loop)
+from expertswap.app.conversations import ConversationStore
+from expertswap.app.main_window import MainWindow
+folder = Path(sys.argv[1])
+window = MainWindow(store=ConversationStore(folder / "conversations.sqlite3"),
+                    settings=QSettings(str(folder / "state.ini"), QSettings.Format.IniFormat))
+
+async def drive():
+    assert await window.load_model(sys.argv[2], "50%")
+    window.reply_settings.max_tokens.setValue(60)
+    print("ready", flush=True)
+    for n in range(10_000):
+        if n % 3 == 0:
+            window.new_chat()
+        window.prompt.setPlainText(f"question {n}")
+        window.send()
+        await window._reply_task
+        print("done", n, window.conversation, len(window.messages[-1]["content"]), flush=True)
+
+loop.run_until_complete(drive())
+"""
+
+
+def test_kill_9_of_the_real_window_mid_reply(tiny_model, tmp_path: Path) -> None:
+    """The app itself (window, engine, store) killed at random moments: finished replies intact, nothing torn."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(99)
+    script = tmp_path / "child.py"
+    script.write_text(WINDOW_CHILD)
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    replies = 0
+    for attempt in range(4):
+        folder = tmp_path / f"run{attempt}"
+        folder.mkdir()
+        child = subprocess.Popen([sys.executable, str(script), str(folder), str(tiny_model("qwen3_moe"))],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.2, 2.5))
+        os.kill(child.pid, signal.SIGKILL)
+        finished = {int(n): (int(c), int(length)) for _, n, c, length in
+                    (line.split() for line in child.communicate()[0].splitlines() if line.startswith("done"))}
+        store = ConversationStore(folder / "conversations.sqlite3")
+        assert not store.notices and not store.problem
+        assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {c.id: store.messages(c.id) for c in store.search()}
+        questions = [m["content"] for ms in stored.values() for m in ms if m["role"] == "user"]
+        for n, (conversation, length) in finished.items():
+            messages = stored[conversation]
+            at = messages.index({"role": "user", "content": f"question {n}"})
+            assert messages[at + 1]["role"] == "assistant" and len(messages[at + 1]["content"]) == length
+        for messages in stored.values():
+            roles = [m["role"] for m in messages]
+            assert roles[:1] == ["user"] and ("assistant", "assistant") not in zip(roles, roles[1:])
+        asked = max(finished, default=-1) + 1  # plus the one in progress, if its question was committed
+        assert len(questions) in (asked, asked + 1)
+        replies += len(finished)
+        store.close()
+    assert replies > 0  # some kills came after finished replies, so the check above had something to check
