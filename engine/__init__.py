@@ -21,7 +21,8 @@ from .families import FAMILIES, supported_names
 from .generation import SamplingSettings
 
 __all__ = [
-    "FAMILIES", "BudgetError", "BudgetTooSmallError", "CacheError", "DeviceError", "Engine", "EngineBusyError", "EngineStats",
+    "FAMILIES", "BudgetError", "BudgetTooSmallError", "CacheError", "DeviceError", "Engine", "EngineBusyError",
+    "EngineStats",
     "ExpertSwapError", "ModelFormatError", "ModelNotFoundError", "OutOfMemoryError", "PolicyError", "PromptError",
     "SamplingSettings", "SettingsError", "TokenChunk", "TokenScores", "UnsupportedArchitectureError", "default_device",
     "format_bytes", "parse_budget", "resolve_device", "supported_names",

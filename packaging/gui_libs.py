@@ -68,7 +68,8 @@ def main() -> int:
     if os.geteuid() == 0 and shutil.which("apt-get"):
         print(f"installing what the window needs: {' '.join(packages)}", file=sys.stderr)
         subprocess.run(["apt-get", "update", "-qq"], check=False)
-        if subprocess.run(command, check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}).returncode == 0:
+        quiet = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(command, check=False, env=quiet).returncode == 0:
             return 0
     print(f"ExpertSwap's window needs system libraries that are missing: {' '.join(packages)}\n"
           f"Install them with:\n  sudo {' '.join(command)}", file=sys.stderr)

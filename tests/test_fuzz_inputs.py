@@ -12,7 +12,6 @@ import random
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
