@@ -25,10 +25,11 @@ from .errors import (
     BudgetError, BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError, PromptError,
 )
 from .families import Family
-from .generation import IncrementalDecoder, SamplingSettings, decode_loop, forward_mode
+from .generation import IncrementalDecoder, SamplingSettings, decode_loop
 from .memory import current_rss_bytes, peak_rss_bytes
 from .planner import LayerShape, effective_experts, minimum_bytes, plan_capacities
 from .skeleton import load_skeleton
+from .step import StepGuard
 from .store import ExpertStore, resolve_layer
 from .swapper import Swapper
 from .validate import check_layers
@@ -132,6 +133,7 @@ class Engine:
         self._cancel = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-generate")
         self.telemetry = runtime.telemetry
+        self.guard = StepGuard(runtime.lock, self._before_step, self._shrink_after_oom)
         self._peak_resident = self.resident_expert_bytes()
         self._tokens = 0
         self._tokens_per_s = 0.0
@@ -224,10 +226,8 @@ class Engine:
     # ---- generation --------------------------------------------------------------------------
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
-        with self.runtime.lock, forward_mode():
-            self._apply_pending_budget()
-            self.runtime.allow_loads = not self.runtime.pinned
-            out = self.model(input_ids=torch.tensor([list(input_ids)], device=self.device))
+        ids = torch.tensor([list(input_ids)], device=self.device)
+        out = self.guard.run(lambda: self.model(input_ids=ids), is_prefill=True)
         return out.logits[0].float().cpu()
 
     def score(self, input_ids: Sequence[int], chunk: int = 16, prompt: int = 1) -> TokenScores:
@@ -246,10 +246,9 @@ class Engine:
             predictors: list[torch.Tensor] = []
             last: torch.Tensor | None = None
             for n, piece in enumerate(pieces):
-                with self.runtime.lock, forward_mode():
-                    self._before_step(n == 0)
-                    out = self.model(input_ids=torch.tensor([piece], device=self.device), past_key_values=cache,
-                                     use_cache=True)
+                batch = torch.tensor([piece], device=self.device)
+                out = self.guard.run(lambda: self.model(input_ids=batch, past_key_values=cache, use_cache=True),
+                                     is_prefill=n == 0, cache=cache)
                 logits = out.logits[0].float().cpu()
                 predictors.append(logits[:-1] if last is None else torch.cat([last[None], logits[:-1]]))
                 last = logits[-1]
@@ -305,8 +304,7 @@ class Engine:
             first = last = start
             count = 0
             self._emit_memory_sample()  # short replies get a sample at each end, not only every 0.5 s
-            for token in decode_loop(self.model, list(input_ids), settings, self._stop_ids(), cancel,
-                                     self._before_step, self.runtime.lock, self._shrink_after_oom):
+            for token in decode_loop(self.model, list(input_ids), settings, self._stop_ids(), cancel, self.guard):
                 last = time.perf_counter()
                 if count == 0:
                     first = last

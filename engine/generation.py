@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel
 
-from .errors import OutOfMemoryError, SettingsError
+from .errors import SettingsError
+
+if TYPE_CHECKING:
+    from .step import StepGuard
 
 # every attention backend but cuDNN: it builds a new graph for each new sequence length, which cost
 # about 30 ms per decode step on an H100 (torch 2.11), ten times the 2-layer step it served
@@ -71,15 +75,9 @@ def decode_loop(
     settings: SamplingSettings,
     stop_ids: set[int],
     cancel: threading.Event,
-    before_step: Callable[[bool], None],
-    step_lock: threading.RLock,
-    on_oom: Callable[[BaseException], bool],
+    guard: StepGuard,
 ) -> Iterator[int]:
-    """Yield new token ids; ``before_step(is_prefill)`` runs before each forward, under ``step_lock``.
-
-    A step that runs out of memory is rolled back (the KV cache loses what it half-wrote) and tried
-    again as long as ``on_oom(error)`` says it freed something; otherwise ``OutOfMemoryError``.
-    """
+    """Yield new token ids: a prefill, then one token at a time on a KV cache, each forward through ``guard``."""
     device = model.device
     generator = None
     if settings.seed is not None:
@@ -89,33 +87,13 @@ def decode_loop(
     for step in range(settings.max_new_tokens):
         if cancel.is_set():
             return
-        lengths = [layer.get_seq_length() for layer in cache.layers]
-        while True:
-            try:
-                with step_lock, forward_mode():
-                    before_step(step == 0)
-                    out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                break
-            except (torch.OutOfMemoryError, MemoryError) as exc:
-                if not _roll_back(cache, lengths) or not on_oom(exc):
-                    raise OutOfMemoryError(f"out of memory even at the smallest budget: {exc}".splitlines()[0]) from exc
+        out = guard.run(lambda: model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                        is_prefill=step == 0, cache=cache)
         token = pick_token(out.logits[0, -1], settings, generator)
         yield token
         if token in stop_ids:
             return
         tokens = torch.tensor([[token]], device=device)
-
-
-def _roll_back(cache: DynamicCache, lengths: list[int]) -> bool:
-    """Drop what a failed step appended to each layer of the KV cache; False if a layer cannot be cropped."""
-    for layer, before in zip(cache.layers, lengths):
-        grown = layer.get_seq_length() - before
-        if grown > 0:
-            try:
-                layer.crop(-grown)
-            except RuntimeError:  # a sliding-window layer that no longer keeps its past
-                return False
-    return True
 
 
 class IncrementalDecoder:
