@@ -79,3 +79,16 @@ def test_budget_schedule_with_swapper_stream_on_cuda(tiny_model, reference) -> N
         assert engine.runtime.swaps_during_forward == 0
     expected = reference(folder).generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
     assert tokens == expected[0, len(ids):].tolist()
+
+
+def test_out_of_memory_on_the_gpu_shrinks_and_stays_exact(tiny_model) -> None:
+    from .test_oom import IDS, SETTINGS, _fail_calls
+
+    folder = tiny_model("qwen3_moe")
+    with Engine.load(folder, budget="100%", device="cuda") as clean:
+        expected = list(clean.generate(IDS, SETTINGS))
+    with Engine.load(folder, budget="100%", device="cuda") as engine:
+        before = engine.budget_bytes
+        _fail_calls(engine, {4})
+        assert list(engine.generate(IDS, SETTINGS)) == expected
+        assert engine.budget_bytes < before and engine.resident_expert_bytes() <= engine.budget_bytes
