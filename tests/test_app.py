@@ -436,3 +436,17 @@ def test_every_load_failure_reaches_the_user(qtbot, loop, tiny_model, tmp_path: 
                 "a bug in the engine": "Unexpected KeyError"}[case]
     assert len(shown) == 1 and shown[0].startswith(expected) and "\n" not in shown[0]
     assert win.statusBar().currentMessage() == "Model not loaded" and win.session.engine is None
+
+
+def test_raw_html_in_messages_is_shown_as_text(qtbot) -> None:
+    from expertswap.app.chat_view import ChatView
+
+    view = ChatView()
+    qtbot.addWidget(view)
+    view.add_message("user", "Explain the `<script>` tag and <b>this</b> <script>alert(1)</script> **bold**")
+    view.begin_reply()
+    view.append_chunk("Use <img src=x onerror=y> & <!-- a comment --> carefully")
+    text = view.toPlainText()
+    assert "Explain the <script> tag and <b>this</b> <script>alert(1)</script> bold" in text  # nothing hidden
+    assert "Use <img src=x onerror=y> & <!-- a comment --> carefully" in text
+    assert "**" not in text  # Markdown itself still renders

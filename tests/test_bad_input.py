@@ -305,6 +305,7 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
 
 def test_cli_bad_inputs_exit_2_with_one_line(tiny_model, tmp_path: Path, capsys) -> None:
     model = str(tiny_model("qwen3_moe"))
+    capsys.readouterr()  # building the fixture printed a progress bar
     base = ["generate", "--model", model, "--max-new-tokens", "4"]
     cases = {
         "empty prompt": (base + ["--prompt", ""], "empty"),
@@ -313,6 +314,10 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model, tmp_path: Path, capsys)
         "unwritable events": (base + ["--prompt", "hi", "--events", str(tmp_path / "no" / "such" / "dir" / "e.jsonl")],
                               "cannot write events"),
         "undecodable prompt": (base + ["--prompt", "caf\udce9"], "UTF-8"),
+        "chat at temperature nan": (["chat", "--model", model, "--temperature", "nan"], "temperature"),
+        "chat with top-p 0": (["chat", "--model", model, "--top-p", "0"], "top_p"),
+        "a model folder of garbage": (["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "2"],
+                                      "config.json"),
     }
     for name, (args, words) in cases.items():
         code, err = _cli(capsys, *args)
