@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .host_compute import HostExperts
+from .slot_map import SlotMap
 from .store import ExpertStore, LayerExperts
 from .telemetry import SwapEvent, Telemetry
 
@@ -87,17 +88,14 @@ class Committee(nn.Module):
         E = self.num_experts
         self.importance = torch.zeros(E, device=device)
         self.norms = torch.full((E,), float("nan"), device=device)  # |expert|, known once it has been loaded
-        self.expert_to_slot = torch.full((E,), -1, dtype=torch.long, device=device)
         self.routing_counts = torch.zeros(4, dtype=torch.long, device=device)  # hits, misses, skipped, substituted
         self.routed = torch.zeros(E, dtype=torch.long, device=device)  # how often the router chose each expert
         self.last_token = torch.full((spec.top_k,), -1, dtype=torch.long, device=device)  # the latest token's choice
         self.last_used = torch.zeros(E, dtype=torch.long, device=device)  # forward count when last routed to (lru)
         self._clock = 0
         self.cpu_computed = 0
-        self._slot_of = [-1] * E
         self._norm_known = [False] * E
-        self._resident_count = 0
-        self.slot_to_expert: list[int] = []
+        self.slots = SlotMap(E, capacity, device)
         self.version = 0  # bumped by resize: a swap planned against an older layout is dropped
         self._router_logits: torch.Tensor | None = None
         self._host: HostExperts | None = None
@@ -110,17 +108,17 @@ class Committee(nn.Module):
             first = Swap(slot, slot, self.store.read(self.layer, slot), "grow")
             self._copy_in(slot, first.tensors, non_blocking=False)
             self._learn_norms([first])
-            self._install(slot, slot)
-        self._publish_map()
+            self.slots.install(slot, slot)
+        self.slots.publish()
 
     # ---- what is resident ---------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        return len(self.slot_to_expert)
+        return self.slots.capacity
 
     @property
     def resident_experts(self) -> list[int]:
-        return [e for e in self.slot_to_expert if e >= 0]
+        return self.slots.resident_experts
 
     @property
     def resident_bytes(self) -> int:
@@ -155,10 +153,10 @@ class Committee(nn.Module):
             stamp = torch.where(valid, self._clock, 0).flatten()
             self.last_used.scatter_reduce_(0, clamped.flatten(), stamp, reduce="amax")
         self.last_token = index[-1].clone()
-        resident = (self.expert_to_slot[clamped] >= 0) & valid
+        resident = (self.slots.device_map[clamped] >= 0) & valid
         self.routing_counts[0] += resident.sum()
         self.routing_counts[1] += (valid & ~resident).sum()
-        if self._resident_count == self.num_experts:
+        if self.slots.full:
             return self._run(hidden, index, weights)
         if not runtime.allow_loads and runtime.policy == "substitute":
             self.routing_counts[3] += (valid & ~resident).sum()
@@ -174,7 +172,7 @@ class Committee(nn.Module):
 
     def _run(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Call the original experts forward on slot ids; ids < 0 (skipped, other pass) contribute nothing."""
-        slot = self.expert_to_slot[expert_index.clamp(min=0)]
+        slot = self.slots.device_map[expert_index.clamp(min=0)]
         dropped = (expert_index < 0) | (slot < 0)
         if self._sentinel_ok:
             slot = slot.masked_fill(dropped, self.capacity)
@@ -186,7 +184,7 @@ class Committee(nn.Module):
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, needed: list[int]
     ) -> torch.Tensor:
         """More experts needed than slots (a long prompt at a small budget): compute in groups of C."""
-        order = sorted(needed, key=lambda e: self._slot_of[e] < 0)  # resident ones first: fewer loads
+        order = sorted(needed, key=lambda e: not self.slots.is_resident(e))  # resident ones first: fewer loads
         groups = [order[i : i + self.capacity] for i in range(0, len(order), self.capacity)]
         self.runtime.counters.extra_passes += len(groups) - 1
         out: torch.Tensor | None = None
@@ -238,7 +236,7 @@ class Committee(nn.Module):
             scores = logits.detach().float()
         else:
             scores = self.importance.expand(index.shape[0], -1).clone()
-        scores = scores.masked_fill(self.expert_to_slot < 0, float("-inf"))
+        scores = scores.masked_fill(self.slots.device_map < 0, float("-inf"))
         taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, resident)
         out = index.clone()
         for k in range(index.shape[1]):
@@ -259,7 +257,7 @@ class Committee(nn.Module):
     # ---- loading and swapping (the caller holds the runtime lock) -------------------------------
     def make_resident(self, wanted: list[int]) -> None:
         """Load the wanted experts that are missing into the least important slots not wanted now."""
-        missing = [e for e in wanted if self._slot_of[e] < 0]
+        missing = [e for e in wanted if not self.slots.is_resident(e)]
         if not missing:
             return
         start = time.perf_counter()
@@ -269,26 +267,27 @@ class Committee(nn.Module):
     def victims(self, keep: set[int]) -> list[int]:
         """Slots to load into, best first: empty ones, then the least important (or least recently used)."""
         rank = self.last_used.cpu() if self.runtime.eviction == "lru" else self.scores()
-        free = [s for s, e in enumerate(self.slot_to_expert) if e not in keep]
-        free.sort(key=lambda s: -1.0 if self.slot_to_expert[s] < 0 else float(rank[self.slot_to_expert[s]]))
+        held = self.slots.slot_to_expert
+        free = [s for s, e in enumerate(held) if e not in keep]
+        free.sort(key=lambda s: -1.0 if held[s] < 0 else float(rank[held[s]]))
         return free
 
     def plan_swaps(self, limit: int) -> list[tuple[int, int, int]]:
         """(expert in, slot, expert out) pairs that raise the committee's importance, best first."""
-        if self._resident_count == self.num_experts:
+        if self.slots.full:
             return []
         scores = self.scores()
-        empty = [s for s, e in enumerate(self.slot_to_expert) if e < 0]
-        resident = sorted((s for s, e in enumerate(self.slot_to_expert) if e >= 0),
-                          key=lambda s: float(scores[self.slot_to_expert[s]]))
-        outside = sorted((e for e in range(self.num_experts) if self._slot_of[e] < 0),
+        held = self.slots.slot_to_expert
+        empty = [s for s, e in enumerate(held) if e < 0]
+        resident = sorted((s for s, e in enumerate(held) if e >= 0), key=lambda s: float(scores[held[s]]))
+        outside = sorted((e for e in range(self.num_experts) if not self.slots.is_resident(e)),
                          key=lambda e: -float(scores[e]))
         plan = []
         victims = empty + resident
         for expert, slot in zip(outside, victims):
             if len(plan) >= limit:
                 break
-            victim = self.slot_to_expert[slot]
+            victim = held[slot]
             if victim >= 0 and float(scores[expert]) <= SWAP_HYSTERESIS * float(scores[victim]) + 1e-12:
                 break
             plan.append((expert, slot, victim))
@@ -320,10 +319,10 @@ class Committee(nn.Module):
             for swap in swaps:
                 self._copy_in(swap.slot, swap.tensors, non_blocking=False)
         self._learn_norms(swaps)
-        evicted = [self._install(swap.slot, swap.expert) for swap in swaps]
+        evicted = [self.slots.install(swap.slot, swap.expert) for swap in swaps]
         if side is not None:
             side.synchronize()  # sources (staging buffers) may be reused, and the times are true
-        self._publish_map()
+        self.slots.publish()
         ms = (time.perf_counter() - start) * 1000 / len(swaps)
         self.runtime.counters.loads += len(swaps)
         self.runtime.counters.bytes_loaded += self.spec.expert_bytes * len(swaps)
@@ -337,27 +336,21 @@ class Committee(nn.Module):
         if capacity == self.capacity:
             return
         scores = self.scores()
-        order = sorted(range(self.capacity), key=lambda s: (self.slot_to_expert[s] < 0,
-                                                            -float(scores[max(self.slot_to_expert[s], 0)])))
+        held = self.slots.slot_to_expert
+        order = sorted(range(self.capacity), key=lambda s: (held[s] < 0, -float(scores[max(held[s], 0)])))
         kept, evicted = order[:capacity], order[capacity:]
         for slot in evicted:
-            expert = self.slot_to_expert[slot]
+            expert = held[slot]
             if expert >= 0:
                 self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=-1, expert_out=expert,
                                                       bytes=self.spec.expert_bytes, ms=0.0, reason="shrink"))
         old_params = {p.name: getattr(self.inner, p.name).data for p in self.spec.params}
-        old_map = list(self.slot_to_expert)
-        for expert in old_map:
-            if expert >= 0:
-                self._set_slot(expert, -1)
         self._allocate(capacity)
         for new_slot, old_slot in enumerate(kept):
             for name, data in old_params.items():
                 getattr(self.inner, name).data[new_slot].copy_(data[old_slot])
-            if old_map[old_slot] >= 0:
-                self.slot_to_expert[new_slot] = old_map[old_slot]
-                self._set_slot(old_map[old_slot], new_slot)
-        self._publish_map()
+        self.slots.reshape(kept, capacity)
+        self.slots.publish()
         del old_params
         self.version += 1
 
@@ -380,26 +373,8 @@ class Committee(nn.Module):
         for swap in new:
             self._norm_known[swap.expert] = True
 
-    def _install(self, slot: int, expert: int) -> int:
-        """Record on the host that ``slot`` now holds ``expert``; returns the expert it held (``_publish_map`` after)."""
-        old = self.slot_to_expert[slot]
-        if old >= 0:
-            self._set_slot(old, -1)
-        self.slot_to_expert[slot] = expert
-        self._set_slot(expert, slot)
-        return old
-
-    def _set_slot(self, expert: int, slot: int) -> None:
-        self._resident_count += (slot >= 0) - (self._slot_of[expert] >= 0)
-        self._slot_of[expert] = slot
-
-    def _publish_map(self) -> None:
-        """The device's expert -> slot map from the host's, in one copy (forward reads only the device one)."""
-        self.expert_to_slot.copy_(torch.tensor(self._slot_of, dtype=torch.long))
-
     def _allocate(self, capacity: int) -> None:
         for p in self.spec.params:
             slots = torch.empty((capacity, *p.shape), dtype=p.dtype, device=self.device)
             self.inner.register_parameter(p.name, nn.Parameter(slots, requires_grad=False))
         self.inner.num_experts = capacity
-        self.slot_to_expert = [-1] * capacity

@@ -65,7 +65,7 @@ class Swapper:
             with self.runtime.lock:
                 if committee.version != version:
                     continue
-                batch = [swap for victim, swap in staged if committee.slot_to_expert[swap.slot] == victim
+                batch = [swap for victim, swap in staged if committee.slots.slot_to_expert[swap.slot] == victim
                          and swap.expert not in committee.resident_experts]
                 committee.apply_swaps(batch, start, self.stream)
             done += len(batch)

@@ -258,7 +258,7 @@ def test_lru_eviction_replaces_the_least_recently_routed_expert(tiny_model, refe
         assert int(committee.last_used.max()) > 0  # routings were stamped while generating
         committee.last_used[:] = 100
         committee.last_used[resident[1]] = 7  # the stalest resident expert
-        slot_of_stale = committee.slot_to_expert.index(resident[1])
+        slot_of_stale = committee.slots.slot_to_expert.index(resident[1])
         assert committee.victims(set())[0] == slot_of_stale
         committee.last_used[resident[1]] = 200
         assert committee.victims(set())[0] != slot_of_stale
@@ -296,12 +296,12 @@ def test_batched_swaps_keep_maps_and_norms_true(tiny_model) -> None:
     assert engine.runtime.counters.loads > 0
     for c in engine.committees:
         expected = torch.full((c.num_experts,), -1, dtype=torch.long)
-        for slot, expert in enumerate(c.slot_to_expert):
+        for slot, expert in enumerate(c.slots.slot_to_expert):
             if expert >= 0:
                 expected[expert] = slot
                 for name, tensor in engine.store.read(c.layer, expert).items():
                     assert torch.equal(getattr(c.inner, name).data[slot], tensor)
-        assert torch.equal(c.expert_to_slot.cpu(), expected)
+        assert torch.equal(c.slots.device_map.cpu(), expected)
         known = [e for e in range(c.num_experts) if not torch.isnan(c.norms[e])]
         assert len(known) > c.capacity  # experts that came and went keep their norm
         for e in known:
