@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .host_compute import HostExperts
+from .policies import skip_routings, substitute_misses
 from .slot_map import SlotMap
 from .store import ExpertStore, LayerExperts
 from .telemetry import SwapEvent, Telemetry
@@ -219,32 +220,18 @@ class Committee(nn.Module):
 
     # ---- policies on the device ----------------------------------------------------------------
     def _skip(self, index: torch.Tensor, weights: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """PC-MoE skippable computation: drop routings below ``threshold`` (never a token's strongest)."""
-        keep = (weights >= threshold) | (weights == weights.max(dim=1, keepdim=True).values)
-        dropped = ~keep
-        self.routing_counts[2] += dropped.sum()
-        total = weights.sum(dim=1, keepdim=True)
-        kept = (weights * keep).sum(dim=1, keepdim=True)
-        renormalised = weights * keep * (total / kept)
-        weights = torch.where(dropped.any(dim=1, keepdim=True), renormalised, weights)
-        return index.masked_fill(dropped, -1), weights
+        index, weights, dropped = skip_routings(index, weights, threshold)
+        self.routing_counts[2] += dropped
+        return index, weights
 
     def _substitute(self, index: torch.Tensor, resident: torch.Tensor) -> torch.Tensor:
-        """SwapMoE virtual experts: each miss goes to the resident expert the router ranks highest, unused."""
+        """Scores from this token's router logits when captured, else the layer's importance."""
         logits = self._router_logits
         if logits is not None and logits.shape[0] == index.shape[0]:
             scores = logits.detach().float()
         else:
-            scores = self.importance.expand(index.shape[0], -1).clone()
-        scores = scores.masked_fill(self.slots.device_map < 0, float("-inf"))
-        taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, resident)
-        out = index.clone()
-        for k in range(index.shape[1]):
-            miss = ~resident[:, k]
-            choice = scores.masked_fill(taken, float("-inf")).argmax(dim=1)
-            out[:, k] = torch.where(miss, choice, index[:, k])
-            taken |= nn.functional.one_hot(choice, self.num_experts).bool() & miss[:, None]
-        return out
+            scores = self.importance.expand(index.shape[0], -1)
+        return substitute_misses(index, resident, scores, self.slots.device_map >= 0)
 
     def _note_importance(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
         contribution = weights.detach().float() * hidden.detach().float().norm(dim=-1, keepdim=True)
