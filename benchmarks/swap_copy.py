@@ -2,7 +2,7 @@
 
 Three numbers per model: (1) the bandwidth of one large pinned host tensor copied to the GPU
 (what the PCIe/NVLink-C2C link gives), (2) the engine's own swap path in isolation
-(``Committee.apply_swaps`` on the swapper's stream from the pinned RAM tier, a synchronised batch
+(``Committee.apply_swaps`` on the copier's stream from the pinned RAM tier, a synchronised batch
 per layer as the swapper runs it), and (3) the swap events the engine emitted while decoding
 at 25% (reading + staging + copy, as the user gets them). CUDA only.
 Usage: python -m benchmarks swap-copy [MODEL ...] (default: olmoe-shape qwen3-shape)
@@ -58,7 +58,7 @@ def swap_path_throughput(engine: Engine, swaps: int, batch: int) -> tuple[float,
         torch.cuda.synchronize()
         start = time.perf_counter()
         with engine.runtime.lock:
-            committee.apply_swaps(plan, start, engine.swapper.stream)
+            committee.apply_swaps(plan, start, background=True)
         if n >= 2:  # warm-up batches
             elapsed += time.perf_counter() - start
             moved += committee.spec.expert_bytes * batch
@@ -96,7 +96,7 @@ def write(results: list[dict]) -> Path:
         "# GPU swap copies against the measured pinned host-to-device bandwidth", "",
         f"{stamp('cuda')}. bf16, experts in pinned host RAM.", "",
         "Link: one pinned buffer copied to the GPU on a side stream (CUDA events, median of 10). Swap path: the",
-        "engine's `apply_swaps` on the swapper's stream, one synchronised batch per layer as the swapper runs it",
+        "engine's `apply_swaps` on the copier's stream, one synchronised batch per layer as the swapper runs it",
         f"(its batch: `swaps_per_layer` experts; a miss burst: {BURST}), 64 experts after 2 warm-up batches, wall",
         "time including the lock and the maps. Decode events: the swap events of a 64-token reply at a 25% budget",
         "(reading the experts included). The target is judged on the swapper's batch.", "",

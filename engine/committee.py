@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .copier import Copier
 from .host_compute import HostExperts
 from .policies import skip_routings, substitute_misses
 from .slot_map import SlotMap
@@ -76,6 +77,7 @@ class Committee(nn.Module):
         capacity: int,
         device: torch.device,
         router: nn.Module | None,
+        copier: Copier,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -86,6 +88,7 @@ class Committee(nn.Module):
         self.store = store
         self.runtime = runtime
         self.device = device
+        self.copier = copier
         E = self.num_experts
         self.importance = torch.zeros(E, device=device)
         self.norms = torch.full((E,), float("nan"), device=device)  # |expert|, known once it has been loaded
@@ -105,11 +108,11 @@ class Committee(nn.Module):
         if router is not None:
             router.register_forward_hook(self._capture_router_logits)
         self._allocate(capacity)
-        for slot in range(capacity):
-            first = Swap(slot, slot, self.store.read(self.layer, slot), "grow")
-            self._copy_in(slot, first.tensors, non_blocking=False)
-            self._learn_norms([first])
-            self.slots.install(slot, slot)
+        first = [Swap(slot, slot, self.store.read(self.layer, slot), "grow") for slot in range(capacity)]
+        self.copier.copy(self._slot_tensors(), [(swap.slot, swap.tensors) for swap in first])()
+        self._learn_norms(first)
+        for swap in first:
+            self.slots.install(swap.slot, swap.expert)
         self.slots.publish()
 
     # ---- what is resident ---------------------------------------------------------------------
@@ -281,34 +284,21 @@ class Committee(nn.Module):
         return plan
 
     @torch.inference_mode()
-    def apply_swaps(self, swaps: Sequence[Swap], start: float, stream: torch.cuda.Stream | None = None) -> None:
+    def apply_swaps(self, swaps: Sequence[Swap], start: float, background: bool = False) -> None:
         """Copy experts into slots as one batch and update the maps; only between layers, under the runtime lock.
 
-        On CUDA the copies queue on ``stream`` (the swapper's; by default the current one) behind the
-        work already queued, the current stream waits for them, and the bookkeeping runs while they
-        transfer: one synchronisation per batch, not one per tensor. Each event's ``ms`` is the batch's
-        time (from ``start``, reads included) over its size.
+        The copier queues the batch (on its own stream when ``background``); the bookkeeping runs
+        while it transfers; one synchronisation per batch. Each event's ``ms`` is the batch's time
+        (from ``start``, reads included) over its size.
         """
         if not swaps:
             return
         if self.runtime.active_layers and any(swap.reason != "miss" for swap in swaps):
             self.runtime.swaps_during_forward += 1
-        side = None
-        if self.device.type == "cuda":
-            current = torch.cuda.current_stream(self.device)
-            side = stream or current
-            side.wait_stream(current)  # queued kernels may still read the slots' old experts
-            with torch.cuda.stream(side):
-                for swap in swaps:
-                    self._copy_in(swap.slot, swap.tensors, non_blocking=True)
-            current.wait_stream(side)  # what runs next reads the new experts
-        else:
-            for swap in swaps:
-                self._copy_in(swap.slot, swap.tensors, non_blocking=False)
+        finish = self.copier.copy(self._slot_tensors(), [(swap.slot, swap.tensors) for swap in swaps], background)
         self._learn_norms(swaps)
         evicted = [self.slots.install(swap.slot, swap.expert) for swap in swaps]
-        if side is not None:
-            side.synchronize()  # sources (staging buffers) may be reused, and the times are true
+        finish()
         self.slots.publish()
         ms = (time.perf_counter() - start) * 1000 / len(swaps)
         self.runtime.counters.loads += len(swaps)
@@ -331,7 +321,7 @@ class Committee(nn.Module):
             if expert >= 0:
                 self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=-1, expert_out=expert,
                                                       bytes=self.spec.expert_bytes, ms=0.0, reason="shrink"))
-        old_params = {p.name: getattr(self.inner, p.name).data for p in self.spec.params}
+        old_params = self._slot_tensors()
         self._allocate(capacity)
         for new_slot, old_slot in enumerate(kept):
             for name, data in old_params.items():
@@ -341,9 +331,8 @@ class Committee(nn.Module):
         del old_params
         self.version += 1
 
-    def _copy_in(self, slot: int, tensors: dict[str, torch.Tensor], non_blocking: bool) -> None:
-        for p in self.spec.params:
-            getattr(self.inner, p.name).data[slot].copy_(tensors[p.name], non_blocking=non_blocking)
+    def _slot_tensors(self) -> dict[str, torch.Tensor]:
+        return {p.name: getattr(self.inner, p.name).data for p in self.spec.params}
 
     def _learn_norms(self, swaps: Sequence[Swap]) -> None:
         """|expert| of the newly seen experts, from their slots on the device in one fused kernel.

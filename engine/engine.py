@@ -21,6 +21,7 @@ import psutil
 from .budget import parse_budget
 from .checkpoint import Checkpoint, read_config
 from .committee import EVICTIONS, POLICIES, Committee, Runtime
+from .copier import Copier
 from .errors import (
     BudgetError, BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError, PromptError,
 )
@@ -120,6 +121,7 @@ class Engine:
         runtime: Runtime,
         budget_bytes: int,
         swapper: bool,
+        copier: Copier,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -141,7 +143,8 @@ class Engine:
         self._pending_budget: tuple[int, str] | None = None  # bytes and why
         self._budget_lock = threading.Lock()
         self.follow_margin = self._default_margin()
-        self.swapper = Swapper(committees, store, runtime, self.device)
+        self.copier = copier
+        self.swapper = Swapper(committees, store, runtime, copier)
         self.swapper.enabled = swapper
         self.swapper.start()
         self.watcher = MemoryWatcher(self._emit_memory_sample, self._follow, free_memory_probe(self.device))
@@ -183,14 +186,16 @@ class Engine:
             raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction)
         committees = []
+        copier = Copier(torch_device)
         for site, capacity in zip(sites, capacities):
             attr = site.name.rpartition(".")[2]
             router = next((m for m in (getattr(site.parent, n, None) for n in ("gate", "router")) if m is not None), None)
-            committee = Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router)
+            committee = Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router,
+                                  copier)
             setattr(site.parent, attr, committee)
             committees.append(committee)
         tokenizer = _load_tokenizer(folder)
-        return cls(model, tokenizer, family, committees, store, runtime, budget_bytes, swapper)
+        return cls(model, tokenizer, family, committees, store, runtime, budget_bytes, swapper, copier)
 
     # ---- sizes -------------------------------------------------------------------------------
     @property

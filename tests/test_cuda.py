@@ -66,7 +66,7 @@ def test_cpu_policy_computes_misses_on_the_host_exactly(tiny_model, reference, f
 def test_budget_schedule_with_swapper_stream_on_cuda(tiny_model, reference) -> None:
     folder = tiny_model("mixtral")
     with Engine.load(folder, budget="100%", device="cuda") as engine:
-        assert engine.swapper.stream is not None
+        assert engine.copier.stream is not None
         ids = engine.encode(PROMPT)
         tokens = []
         for token in engine.generate(ids, SamplingSettings(max_new_tokens=24)):

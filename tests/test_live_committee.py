@@ -178,14 +178,14 @@ def test_swapper_never_swaps_while_a_layer_runs(tiny_model, monkeypatch) -> None
     from expertswap.engine import committee as committee_module
 
     seen_active: list[int] = []
-    original = committee_module.Committee._copy_in
+    original = committee_module.Committee.apply_swaps
 
-    def spy(self, slot, tensors, non_blocking):  # records what was running when a copy happened
+    def spy(self, swaps, start, background=False):  # records what was running when a batch was copied in
         if threading.current_thread().name == "expertswap-swapper":
             seen_active.append(self.runtime.active_layers)
-        return original(self, slot, tensors, non_blocking)
+        return original(self, swaps, start, background)
 
-    monkeypatch.setattr(committee_module.Committee, "_copy_in", spy)
+    monkeypatch.setattr(committee_module.Committee, "apply_swaps", spy)
     with Engine.load(tiny_model("qwen3_moe"), budget="50%", policy="substitute") as engine:
         ids = engine.encode(PROMPT * 2)
         for _ in range(3):

@@ -27,9 +27,9 @@ def test_swap_batches_are_installed_under_the_lock_and_never_mid_forward(tiny_mo
         for committee in engine.committees:
             apply = committee.apply_swaps
 
-            def checked(swaps, start, stream=None, apply=apply):
+            def checked(swaps, start, background=False, apply=apply):
                 installs.append((threading.current_thread().name, engine.runtime.lock._is_owned()))
-                return apply(swaps, start, stream)
+                return apply(swaps, start, background)
 
             committee.apply_swaps = checked
         list(engine.generate(IDS * 4, SamplingSettings(max_new_tokens=24)))
