@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import gc
 import threading
 import time
 import weakref
@@ -23,18 +22,19 @@ from .checkpoint import Checkpoint, read_config
 from .committee import EVICTIONS, POLICIES, Committee, Runtime
 from .copier import Copier
 from .errors import (
-    BudgetError, BudgetTooSmallError, DeviceError, EngineBusyError, ModelFormatError, PolicyError, PromptError,
+    BudgetError, DeviceError, EngineBusyError, ModelFormatError, PolicyError, PromptError,
 )
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop
 from .memory import current_rss_bytes, peak_rss_bytes
-from .planner import LayerShape, effective_experts, minimum_bytes, plan_capacities
+from .planner import LayerShape, plan_capacities
+from .budget_control import BudgetController
 from .skeleton import load_skeleton
 from .step import StepGuard
 from .store import ExpertStore, resolve_layer
 from .swapper import Swapper
 from .validate import check_layers
-from .telemetry import BudgetChange, MemorySample, ResidencySnapshot, Subscription, TokenStats
+from .telemetry import MemorySample, ResidencySnapshot, Subscription, TokenStats
 from .watcher import MemoryWatcher, free_memory_probe
 
 Message = dict[str, str]
@@ -129,25 +129,26 @@ class Engine:
         self.committees = committees
         self.store = store
         self.runtime = runtime
-        self.budget_bytes = budget_bytes
         self.device = model.device
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-generate")
         self.telemetry = runtime.telemetry
-        self.guard = StepGuard(runtime.lock, self._before_step, self._shrink_after_oom)
+        self.budget = BudgetController(committees, runtime, budget_bytes, store.total_expert_bytes, self.device,
+                                       wake=lambda: self.swapper.wake(),
+                                       applied=lambda: self.telemetry.emit(self.residency()))
+        self.guard = StepGuard(runtime.lock, self._before_step, self.budget.shrink_after_oom)
         self._peak_resident = self.resident_expert_bytes()
         self._tokens = 0
         self._tokens_per_s = 0.0
         self._ttft = 0.0
-        self._pending_budget: tuple[int, str] | None = None  # bytes and why
-        self._budget_lock = threading.Lock()
-        self.follow_margin = self._default_margin()
         self.copier = copier
         self.swapper = Swapper(committees, store, runtime, copier)
         self.swapper.enabled = swapper
         self.swapper.start()
-        self.watcher = MemoryWatcher(self._emit_memory_sample, self._follow, free_memory_probe(self.device))
+        self.watcher = MemoryWatcher(self._emit_memory_sample,
+                                     lambda free: self.budget.follow(free, self.resident_expert_bytes()),
+                                     free_memory_probe(self.device))
         self.watcher.start()
         _LIVE.add(self)
 
@@ -204,7 +205,12 @@ class Engine:
 
     @property
     def minimum_budget_bytes(self) -> int:
-        return minimum_bytes([LayerShape(c.num_experts, c.top_k, c.spec.expert_bytes) for c in self.committees])
+        return self.budget.minimum_bytes
+
+    @property
+    def budget_bytes(self) -> int:
+        """The budget in force (a request waits for the next step)."""
+        return self.budget.budget_bytes
 
     def resident_expert_bytes(self) -> int:
         """Bytes held by every committee's slot tensors right now."""
@@ -277,7 +283,7 @@ class Engine:
                 return
             if self.runtime.policy != "substitute":
                 raise PolicyError(f"a pinned committee needs the substitute policy, not {self.runtime.policy!r}")
-            self._apply_pending_budget()
+            self.budget.apply_pending()
             by_layer = {c.layer: c for c in self.committees}
             for layer, wanted in experts.items():
                 committee = by_layer.get(layer)
@@ -376,20 +382,7 @@ class Engine:
         Returns the budget in bytes. Raises ``BudgetTooSmallError`` below the minimum. ``reason`` is
         carried by the ``BudgetChange`` events: "user", "follow" or "oom".
         """
-        new = parse_budget(budget, self.total_expert_bytes)
-        if new < self.minimum_budget_bytes:
-            raise BudgetTooSmallError(new, self.minimum_budget_bytes)
-        with self._budget_lock:
-            self._pending_budget = new, reason
-        self.telemetry.emit(BudgetChange(old_bytes=self.budget_bytes, new_bytes=new, applied=False,
-                                         capacities=[c.capacity for c in self.committees], reason=reason))
-        if self.runtime.lock.acquire(blocking=False):  # idle: apply now; else the next step applies it
-            try:
-                self._apply_pending_budget()
-            finally:
-                self.runtime.lock.release()
-        self.swapper.wake()
-        return new
+        return self.budget.request(budget, reason)
 
     def set_policy(self, policy: str, skip_threshold: float | None = None) -> None:
         """Switch the miss policy; takes effect at the next token."""
@@ -402,7 +395,7 @@ class Engine:
 
     def follow_free_memory(self, enabled: bool, margin_bytes: int | None = None) -> None:
         """Let the budget track free RAM (CPU) or VRAM (CUDA), keeping ``margin_bytes`` free."""
-        self.follow_margin = margin_bytes if margin_bytes is not None else self._default_margin()
+        self.budget.follow_margin = margin_bytes if margin_bytes is not None else self.budget.default_margin()
         self.watcher.following = enabled
 
     def residency(self) -> ResidencySnapshot:
@@ -463,7 +456,7 @@ class Engine:
     # ---- internals ---------------------------------------------------------------------------
     def _before_step(self, is_prefill: bool) -> None:
         """Runs under the step lock before each forward: budget changes land here, between tokens."""
-        self._apply_pending_budget()
+        self.budget.apply_pending()
         # substitute and cpu keep the prompt exact (loading what it needs) and never load while decoding
         self.runtime.allow_loads = not self.runtime.pinned and (is_prefill or self.runtime.policy in ("exact", "skip"))
 
@@ -476,46 +469,6 @@ class Engine:
                                        expert_loads=stats.expert_loads, skipped=stats.skipped,
                                        substituted=stats.substituted, cpu_computed=stats.cpu_computed))
         self.telemetry.emit(self.residency())
-
-    def _apply_pending_budget(self) -> None:
-        """Resize every committee to the pending budget (caller holds the step lock)."""
-        with self._budget_lock:
-            pending, self._pending_budget = self._pending_budget, None
-        if pending is None:
-            return
-        new, reason = pending
-        shapes = [LayerShape(c.num_experts, c.top_k, c.spec.expert_bytes) for c in self.committees]
-        demand = [effective_experts(c.scores(), c.top_k) for c in self.committees]
-        capacities = plan_capacities(new, shapes, demand)
-        # shrink first so that the transient copies of a resize never stack up
-        for committee, capacity in sorted(zip(self.committees, capacities), key=lambda p: p[1] - p[0].capacity):
-            committee.resize(capacity)
-        old, self.budget_bytes = self.budget_bytes, new
-        self.telemetry.emit(BudgetChange(old_bytes=old, new_bytes=new, applied=True, capacities=capacities,
-                                         reason=reason))
-        self.telemetry.emit(self.residency())
-
-    def _follow(self, free_bytes: int) -> None:
-        target = self.resident_expert_bytes() + free_bytes - self.follow_margin
-        target = max(self.minimum_budget_bytes, min(self.total_expert_bytes, target))
-        step = max(c.spec.expert_bytes for c in self.committees)
-        if abs(target - self.budget_bytes) >= step:
-            self.set_budget(target, reason="follow")
-
-    def _shrink_after_oom(self, _error: BaseException) -> bool:
-        """A step ran out of memory: halve the headroom above the minimum and let it retry; False at the minimum."""
-        minimum = self.minimum_budget_bytes
-        current = self._pending_budget[0] if self._pending_budget is not None else self.budget_bytes
-        if current <= minimum:
-            return False
-        self.set_budget(minimum + (current - minimum) // 2, reason="oom")
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the freed slots back before the retry allocates
-        return True
-
-    def _default_margin(self) -> int:
-        return max(512 * 2**20, self.total_expert_bytes // 10)
 
     def memory_sample(self) -> MemorySample:
         cuda = self.device.type == "cuda"
