@@ -1,7 +1,8 @@
 """Inference engine: a resident committee of MoE experts under a byte budget. Never imports Qt."""
 
 from .budget import format_bytes, parse_budget
-from .engine import Engine, EngineStats, TokenChunk, TokenScores, default_device, resolve_device
+from .decoder import TokenChunk, TokenScores
+from .engine import Engine, EngineStats, default_device, resolve_device
 from .errors import (
     BudgetError,
     BudgetTooSmallError,

@@ -2,59 +2,41 @@
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import threading
-import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 import psutil
 
 from .budget import parse_budget
+from .budget_control import BudgetController
 from .checkpoint import Checkpoint, read_config
 from .committee import EVICTIONS, POLICIES, Committee, Runtime
 from .copier import Copier
+from .decoder import Decoder, TokenChunk, TokenScores
 from .errors import (
-    BudgetError, DeviceError, EngineBusyError, ModelFormatError, PolicyError, PromptError,
+    BudgetError, DeviceError, ModelFormatError, PolicyError, PromptError,
 )
 from .families import Family
-from .generation import IncrementalDecoder, SamplingSettings, decode_loop
+from .generation import IncrementalDecoder, SamplingSettings
 from .memory import current_rss_bytes, peak_rss_bytes
 from .planner import LayerShape, plan_capacities
-from .budget_control import BudgetController
 from .skeleton import load_skeleton
 from .step import StepGuard
 from .store import ExpertStore, resolve_layer
 from .swapper import Swapper
-from .validate import check_layers
 from .telemetry import MemorySample, ResidencySnapshot, Subscription, TokenStats
+from .validate import check_layers
 from .watcher import MemoryWatcher, free_memory_probe
 
 Message = dict[str, str]
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-@dataclass(frozen=True)
-class TokenScores:
-    """Per scored token: its negative log-likelihood and the model's top-1 prediction for it."""
-
-    nll: torch.Tensor
-    top1: torch.Tensor
-
-
-@dataclass(frozen=True)
-class TokenChunk:
-    """One generated token and the text it completed (empty while a character is still partial)."""
-
-    token_id: int
-    text: str
 
 
 @dataclass(frozen=True)
@@ -130,18 +112,13 @@ class Engine:
         self.store = store
         self.runtime = runtime
         self.device = model.device
-        self._busy = threading.Lock()
-        self._cancel = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-generate")
         self.telemetry = runtime.telemetry
         self.budget = BudgetController(committees, runtime, budget_bytes, store.total_expert_bytes, self.device,
                                        wake=lambda: self.swapper.wake(),
                                        applied=lambda: self.telemetry.emit(self.residency()))
         self.guard = StepGuard(runtime.lock, self._before_step, self.budget.shrink_after_oom)
+        self.decoder = Decoder(model, self.guard, self._stop_ids(), self._after_token, self._emit_memory_sample)
         self._peak_resident = self.resident_expert_bytes()
-        self._tokens = 0
-        self._tokens_per_s = 0.0
-        self._ttft = 0.0
         self.copier = copier
         self.swapper = Swapper(committees, store, runtime, copier)
         self.swapper.enabled = swapper
@@ -237,9 +214,7 @@ class Engine:
     # ---- generation --------------------------------------------------------------------------
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
-        ids = torch.tensor([list(input_ids)], device=self.device)
-        out = self.guard.run(lambda: self.model(input_ids=ids), is_prefill=True)
-        return out.logits[0].float().cpu()
+        return self.decoder.logits(input_ids)
 
     def score(self, input_ids: Sequence[int], chunk: int = 16, prompt: int = 1) -> TokenScores:
         """Loss and top-1 prediction for each token after the first, read the way a reply is decoded.
@@ -248,27 +223,7 @@ class Engine:
         KV cache under decode rules (substitute and cpu never load) with the swapper woken between
         chunks, so a budget's quality cost is measured as a chat would pay it.
         """
-        ids = list(input_ids)
-        if not self._busy.acquire(blocking=False):
-            raise EngineBusyError("a reply is already being generated")
-        try:
-            cache = DynamicCache(config=self.model.config)
-            pieces = [ids[:prompt]] + [ids[i : i + chunk] for i in range(prompt, len(ids), chunk)]
-            predictors: list[torch.Tensor] = []
-            last: torch.Tensor | None = None
-            for n, piece in enumerate(pieces):
-                batch = torch.tensor([piece], device=self.device)
-                out = self.guard.run(lambda: self.model(input_ids=batch, past_key_values=cache, use_cache=True),
-                                     is_prefill=n == 0, cache=cache)
-                logits = out.logits[0].float().cpu()
-                predictors.append(logits[:-1] if last is None else torch.cat([last[None], logits[:-1]]))
-                last = logits[-1]
-                self.swapper.wake()
-            scored = torch.cat(predictors)
-            targets = torch.tensor(ids[1:], dtype=torch.long)
-            return TokenScores(torch.nn.functional.cross_entropy(scored, targets, reduction="none"), scored.argmax(-1))
-        finally:
-            self._busy.release()
+        return self.decoder.score(input_ids, chunk, prompt, between=self.swapper.wake)
 
     def pin_committee(self, experts: dict[int, Sequence[int]] | None) -> None:
         """Hold these experts in each listed layer and stop all loading: a static committee (None releases).
@@ -301,34 +256,7 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> Iterator[int]:
         """Yield new token ids (synchronously) until EOS, ``max_new_tokens`` or cancellation."""
-        if not input_ids:
-            raise PromptError("the prompt is empty: there is nothing to reply to")
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and len(input_ids) >= limit:
-            raise PromptError(f"the prompt has {len(input_ids)} tokens; this model's context holds {limit}")
-        if not self._busy.acquire(blocking=False):
-            raise EngineBusyError("a reply is already being generated")
-        cancel = cancel or self._cancel
-        cancel.clear()
-        try:
-            start = time.perf_counter()
-            first = last = start
-            count = 0
-            self._emit_memory_sample()  # short replies get a sample at each end, not only every 0.5 s
-            for token in decode_loop(self.model, list(input_ids), settings, self._stop_ids(), cancel, self.guard):
-                last = time.perf_counter()
-                if count == 0:
-                    first = last
-                count += 1
-                self._peak_resident = max(self._peak_resident, self.resident_expert_bytes())
-                self._tokens = count
-                self._ttft = first - start
-                self._tokens_per_s = (count - 1) / (last - first) if count > 1 and last > first else 0.0
-                self._after_token(count)
-                yield token
-        finally:
-            self._emit_memory_sample()
-            self._busy.release()
+        return self.decoder.generate(input_ids, settings, cancel)
 
     async def stream_chat(
         self, messages: Sequence[Message], settings: SamplingSettings = SamplingSettings()
@@ -340,36 +268,13 @@ class Engine:
     async def stream_ids(
         self, input_ids: Sequence[int], settings: SamplingSettings = SamplingSettings()
     ) -> AsyncIterator[TokenChunk]:
-        """Run generation on the engine's worker thread and hand tokens to the event loop as they come."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        cancel = threading.Event()
-        done = object()
-        decoder = IncrementalDecoder(self._require_tokenizer())
-
-        def work() -> None:
-            try:
-                for token in self.generate(input_ids, settings, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, TokenChunk(token, decoder.push(token)))
-            except BaseException as exc:  # handed to the consumer, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        self._cancel = cancel
-        future = loop.run_in_executor(self._executor, work)
-        try:
-            while (item := await queue.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item  # type: ignore[misc]
-        finally:
-            cancel.set()
-            await future  # work() never raises; a plain await also unwinds when the app's loop is quitting
+        """Generate on the decoder's worker thread, handing tokens (and their text) to the event loop."""
+        async for chunk in self.decoder.stream_ids(input_ids, settings, IncrementalDecoder(self._require_tokenizer())):
+            yield chunk
 
     def cancel(self) -> None:
         """Stop the reply in progress after its current token; safe from any thread."""
-        self._cancel.set()
+        self.decoder.cancel()
 
     # ---- live committee -----------------------------------------------------------------------
     def subscribe(self, maxsize: int = 100_000) -> Subscription:
@@ -433,9 +338,9 @@ class Engine:
             substituted=routing[3],
             cpu_computed=sum(m.cpu_computed for m in self.committees),
             background_swaps=self.swapper.swaps,
-            tokens_generated=self._tokens,
-            tokens_per_s=self._tokens_per_s,
-            time_to_first_token_s=self._ttft,
+            tokens_generated=self.decoder.last.tokens,
+            tokens_per_s=self.decoder.last.tokens_per_s,
+            time_to_first_token_s=self.decoder.last.time_to_first_token_s,
             peak_rss_bytes=peak_rss_bytes(),
         )
 
@@ -447,10 +352,9 @@ class Engine:
 
     def close(self) -> None:
         """Stop the background threads and release file handles; safe to call twice."""
-        self.cancel()
+        self.decoder.close()
         self.watcher.stop()
         self.swapper.stop()
-        self._executor.shutdown(wait=True)
         self.store.checkpoint.close()
 
     # ---- internals ---------------------------------------------------------------------------
@@ -461,6 +365,7 @@ class Engine:
         self.runtime.allow_loads = not self.runtime.pinned and (is_prefill or self.runtime.policy in ("exact", "skip"))
 
     def _after_token(self, count: int) -> None:
+        self._peak_resident = max(self._peak_resident, self.resident_expert_bytes())
         self.swapper.wake()
         if not self.telemetry.active:  # nobody listens: skip the device sync and the snapshot
             return
