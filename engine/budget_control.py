@@ -7,7 +7,6 @@ a forward never sees its committees resized.
 
 from __future__ import annotations
 
-import gc
 import threading
 from collections.abc import Callable, Sequence
 
@@ -91,7 +90,9 @@ class BudgetController:
         if current <= minimum:
             return False
         self.request(minimum + (current - minimum) // 2, reason="oom")
-        gc.collect()
+        # no gc.collect() here: run on the generation thread, it fired finalizers of GUI objects while
+        # the GUI thread painted, and the two deadlocked (tests/test_mid_reply.py); tensors are freed
+        # by reference counting, and the resize drops its slots before this returns
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the freed slots back before the retry allocates
         return True

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+import expertswap.app  # noqa: F401  (before pytest-qt imports PySide6: takes back its import hook, see app/__init__.py)
 from expertswap.engine.synthetic import FAMILY_NAMES, build_model
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")

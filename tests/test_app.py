@@ -450,3 +450,12 @@ def test_raw_html_in_messages_is_shown_as_text(qtbot) -> None:
     assert "Explain the <script> tag and <b>this</b> <script>alert(1)</script> bold" in text  # nothing hidden
     assert "Use <img src=x onerror=y> & <!-- a comment --> carefully" in text
     assert "**" not in text  # Markdown itself still renders
+
+
+def test_pyside_import_hook_is_taken_back(qapp) -> None:
+    """Python's own import runs every import statement, not PySide6's hook (it deadlocked loads on a thread)."""
+    import builtins
+    import sys
+
+    assert "PySide6.QtCore" in sys.modules
+    assert builtins.__import__.__name__ == "__import__"
