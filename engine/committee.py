@@ -108,11 +108,11 @@ class Committee(nn.Module):
         if router is not None:
             router.register_forward_hook(self._capture_router_logits)
         self._allocate(capacity)
-        first = [Swap(slot, slot, self.store.read(self.layer, slot), "grow") for slot in range(capacity)]
-        self.copier.copy(self._slot_tensors(), [(swap.slot, swap.tensors) for swap in first])()
-        self._learn_norms(first)
-        for swap in first:
-            self.slots.install(swap.slot, swap.expert)
+        for slot in range(capacity):  # one expert at a time: the host never holds more than one of them
+            first = Swap(slot, slot, self.store.read(self.layer, slot), "grow")
+            self.copier.copy(self._slot_tensors(), [(slot, first.tensors)])()
+            self._learn_norms([first])
+            self.slots.install(slot, slot)
         self.slots.publish()
 
     # ---- what is resident ---------------------------------------------------------------------
