@@ -19,9 +19,12 @@ import torch
 from torch import nn
 
 from .copier import Copier
+from .expert_rows import routed_pairs, supports_rows
 from .host_compute import HostExperts
+from .packed import packing_pays
 from .policies import skip_routings, substitute_misses
 from .slot_map import SlotMap
+from .slot_storage import RowSlots, StackedSlots
 from .store import ExpertStore, LayerExperts
 from .telemetry import SwapEvent, Telemetry
 
@@ -88,7 +91,6 @@ class Committee(nn.Module):
         self.store = store
         self.runtime = runtime
         self.device = device
-        self.copier = copier
         E = self.num_experts
         self.importance = torch.zeros(E, device=device)
         self.norms = torch.full((E,), float("nan"), device=device)  # |expert|, known once it has been loaded
@@ -107,10 +109,14 @@ class Committee(nn.Module):
         inner._is_expert_parallel = self._sentinel_ok  # grouped_mm then skips ids >= num_experts
         if router is not None:
             router.register_forward_hook(self._capture_router_logits)
-        self._allocate(capacity)
+        if device.type == "cpu" and supports_rows(inner):
+            self.storage: StackedSlots | RowSlots = RowSlots(inner, spec, packing_pays(device, spec.params[0].dtype))
+        else:
+            self.storage = StackedSlots(inner, spec, device, copier)
+        self.storage.allocate(capacity)
         for slot in range(capacity):  # one expert at a time: the host never holds more than one of them
             first = Swap(slot, slot, self.store.read(self.layer, slot), "grow")
-            self.copier.copy(self._slot_tensors(), [(slot, first.tensors)])()
+            self.storage.write([(slot, first.tensors)])()
             self._learn_norms([first])
             self.slots.install(slot, slot)
         self.slots.publish()
@@ -126,8 +132,8 @@ class Committee(nn.Module):
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes the slot tensors really occupy, read off the parameters themselves."""
-        return sum(getattr(self.inner, p.name).nbytes for p in self.spec.params)
+        """Bytes the slot weights really occupy, read off the tensors themselves."""
+        return self.storage.nbytes
 
     def scores(self) -> torch.Tensor:
         """SwapMoE importance per expert on the host: decayed sum of |x| * routing weight, times |expert|."""
@@ -175,14 +181,8 @@ class Committee(nn.Module):
         return self._run_in_passes(hidden, index, weights, needed)
 
     def _run(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Call the original experts forward on slot ids; ids < 0 (skipped, other pass) contribute nothing."""
-        slot = self.slots.device_map[expert_index.clamp(min=0)]
-        dropped = (expert_index < 0) | (slot < 0)
-        if self._sentinel_ok:
-            slot = slot.masked_fill(dropped, self.capacity)
-        else:
-            slot = slot.masked_fill(dropped, 0)
-        return self.inner(hidden, slot, weights.masked_fill(dropped, 0))
+        """The experts' output on slot ids; ids < 0 (skipped, other pass) contribute nothing."""
+        return self._pairs(hidden, expert_index, weights).sum(dim=1).to(hidden.dtype)
 
     def _run_in_passes(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, needed: list[int]
@@ -191,15 +191,38 @@ class Committee(nn.Module):
         order = sorted(needed, key=lambda e: not self.slots.is_resident(e))  # resident ones first: fewer loads
         groups = [order[i : i + self.capacity] for i in range(0, len(order), self.capacity)]
         self.runtime.counters.extra_passes += len(groups) - 1
-        out: torch.Tensor | None = None
+        pairs: torch.Tensor | None = None
         for group in groups:
             self.make_resident(group)
             member = torch.zeros(self.num_experts, dtype=torch.bool, device=index.device)
             member[group] = True
-            part = self._run(hidden, index.masked_fill(~member[index.clamp(min=0)], -1), weights)
-            out = part if out is None else out + part
-        assert out is not None
-        return out
+            part = self._pairs(hidden, index.masked_fill(~member[index.clamp(min=0)], -1), weights)
+            pairs = part if pairs is None else pairs + part  # each pair is non-zero in exactly one pass
+        assert pairs is not None
+        return pairs.sum(dim=1).to(hidden.dtype)  # one reduction over k, as a single pass does it
+
+    def _pairs(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """[T, k, H]: each routed (token, expert) pair's weighted output, zero for ids < 0 or not resident.
+
+        Every result is the sum of these over k in routing order, so neither slot placement nor the
+        number of passes changes a bit. Stacked slots run the family's experts forward once, on T*k
+        single-expert rows.
+        """
+        rows, width = expert_index.shape
+        slot = self.slots.device_map[expert_index.clamp(min=0)]
+        dropped = (expert_index < 0) | (slot < 0)
+        if self.storage.rows:
+            return routed_pairs(self.inner, self.storage.slots, self.storage.packed, hidden,
+                                slot.masked_fill(dropped, -1).tolist(), weights)
+        pair_hidden = hidden.repeat_interleave(width, dim=0)
+        if self._sentinel_ok:  # grouped_mm skips sentinel ids: no host sync, capturable
+            flat = self.inner(pair_hidden, slot.masked_fill(dropped, self.capacity).reshape(-1, 1),
+                              weights.masked_fill(dropped, 0).reshape(-1, 1))
+        else:  # an eager forward groups rows per expert: give it only the live pairs, or slot 0's rows change
+            live = (~dropped).reshape(-1).nonzero().squeeze(1)
+            flat = torch.zeros_like(pair_hidden)
+            flat[live] = self.inner(pair_hidden[live], slot.reshape(-1, 1)[live], weights.reshape(-1, 1)[live])
+        return flat.view(rows, width, -1)
 
     def _run_with_host(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, resident: torch.Tensor
@@ -295,7 +318,7 @@ class Committee(nn.Module):
             return
         if self.runtime.active_layers and any(swap.reason != "miss" for swap in swaps):
             self.runtime.swaps_during_forward += 1
-        finish = self.copier.copy(self._slot_tensors(), [(swap.slot, swap.tensors) for swap in swaps], background)
+        finish = self.storage.write([(swap.slot, swap.tensors) for swap in swaps], background)
         self._learn_norms(swaps)
         evicted = [self.slots.install(swap.slot, swap.expert) for swap in swaps]
         finish()
@@ -321,18 +344,10 @@ class Committee(nn.Module):
             if expert >= 0:
                 self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=-1, expert_out=expert,
                                                       bytes=self.spec.expert_bytes, ms=0.0, reason="shrink"))
-        old_params = self._slot_tensors()
-        self._allocate(capacity)
-        for new_slot, old_slot in enumerate(kept):
-            for name, data in old_params.items():
-                getattr(self.inner, name).data[new_slot].copy_(data[old_slot])
+        self.storage.reshape(kept, capacity)
         self.slots.reshape(kept, capacity)
         self.slots.publish()
-        del old_params
         self.version += 1
-
-    def _slot_tensors(self) -> dict[str, torch.Tensor]:
-        return {p.name: getattr(self.inner, p.name).data for p in self.spec.params}
 
     def _learn_norms(self, swaps: Sequence[Swap]) -> None:
         """|expert| of the newly seen experts, from their slots on the device in one fused kernel.
@@ -342,15 +357,9 @@ class Committee(nn.Module):
         new = [swap for swap in swaps if not self._norm_known[swap.expert]]  # distinct experts
         if not new:
             return
-        views = [getattr(self.inner, p.name).data[swap.slot] for swap in new for p in self.spec.params]
+        views = [view for swap in new for view in self.storage.views(swap.slot, swap.tensors)]
         per_param = torch.stack(torch._foreach_norm(views, 2, dtype=torch.float32)).view(len(new), -1)
         experts = torch.tensor([swap.expert for swap in new], device=self.device)
         self.norms.index_copy_(0, experts, per_param.square().sum(1).sqrt())
         for swap in new:
             self._norm_known[swap.expert] = True
-
-    def _allocate(self, capacity: int) -> None:
-        for p in self.spec.params:
-            slots = torch.empty((capacity, *p.shape), dtype=p.dtype, device=self.device)
-            self.inner.register_parameter(p.name, nn.Parameter(slots, requires_grad=False))
-        self.inner.num_experts = capacity

@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
-
 from .errors import EngineBusyError, PromptError
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop
+from .session import Session
 from .step import StepGuard
 
 
@@ -50,10 +49,10 @@ class ReplyStats:
 class Decoder:
     """Runs the model for the engine; ``after_token`` and ``around_reply`` are the engine's hooks."""
 
-    def __init__(self, model: PreTrainedModel, guard: StepGuard, stop_ids: set[int],
-                 after_token: Callable[[int], None], around_reply: Callable[[], None]) -> None:
-        self.model = model
-        self.device = model.device
+    def __init__(self, new_session: Callable[[int], Session], context: int | None, guard: StepGuard,
+                 stop_ids: set[int], after_token: Callable[[int], None], around_reply: Callable[[], None]) -> None:
+        self.new_session = new_session  # a session with room for this many tokens
+        self.context = context  # the model's context length, when its config gives one
         self.guard = guard
         self.stop_ids = stop_ids
         self.after_token = after_token
@@ -65,23 +64,21 @@ class Decoder:
 
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
-        ids = torch.tensor([list(input_ids)], device=self.device)
-        out = self.guard.run(lambda: self.model(input_ids=ids), is_prefill=True)
-        return out.logits[0].float().cpu()
+        session = self.new_session(len(input_ids))
+        return self.guard.run(lambda: session.run(input_ids, all_logits=True), is_prefill=True,
+                              session=session).float().cpu()
 
     def score(self, input_ids: Sequence[int], chunk: int, prompt: int, between: Callable[[], None]) -> TokenScores:
         """Loss and top-1 of each token after the first: a prefill of ``prompt`` tokens, then ``chunk`` at a time."""
         ids = list(input_ids)
         with self._exclusive():
-            cache = DynamicCache(config=self.model.config)
+            session = self.new_session(len(ids))
             pieces = [ids[:prompt]] + [ids[i : i + chunk] for i in range(prompt, len(ids), chunk)]
             predictors: list[torch.Tensor] = []
             last: torch.Tensor | None = None
             for n, piece in enumerate(pieces):
-                batch = torch.tensor([piece], device=self.device)
-                out = self.guard.run(lambda: self.model(input_ids=batch, past_key_values=cache, use_cache=True),
-                                     is_prefill=n == 0, cache=cache)
-                logits = out.logits[0].float().cpu()
+                logits = self.guard.run(lambda piece=piece: session.run(piece, all_logits=True), is_prefill=n == 0,
+                                        session=session).float().cpu()
                 predictors.append(logits[:-1] if last is None else torch.cat([last[None], logits[:-1]]))
                 last = logits[-1]
                 between()
@@ -94,8 +91,8 @@ class Decoder:
         """Yield new token ids (synchronously) until EOS, ``max_new_tokens`` or cancellation."""
         if not input_ids:
             raise PromptError("the prompt is empty: there is nothing to reply to")
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and len(input_ids) >= limit:
+        limit = self.context
+        if limit is not None and len(input_ids) >= limit:
             raise PromptError(f"the prompt has {len(input_ids)} tokens; this model's context holds {limit}")
         with self._exclusive():
             cancel = cancel or self._cancel
@@ -105,7 +102,8 @@ class Decoder:
             count = 0
             self.around_reply()  # short replies get a memory sample at each end, not only every 0.5 s
             try:
-                for token in decode_loop(self.model, list(input_ids), settings, self.stop_ids, cancel, self.guard):
+                session = self.new_session(len(input_ids) + settings.max_new_tokens)
+                for token in decode_loop(session, list(input_ids), settings, self.stop_ids, cancel, self.guard):
                     now = time.perf_counter()
                     if count == 0:
                         first = now

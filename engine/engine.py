@@ -17,6 +17,8 @@ import psutil
 from .budget import parse_budget
 from .budget_control import BudgetController
 from .checkpoint import Checkpoint, read_config
+from .compact_step import CompactModel
+from .compact_step import supports as supports_compact
 from .committee import EVICTIONS, POLICIES, Committee, Runtime
 from .copier import Copier
 from .decoder import Decoder, TokenChunk, TokenScores
@@ -26,7 +28,9 @@ from .errors import (
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings
 from .memory import current_rss_bytes, peak_rss_bytes
+from .packed import pack_linears, packing_pays
 from .planner import LayerShape, plan_capacities
+from .session import CompactSession, Session, TransformersSession
 from .skeleton import load_skeleton
 from .step import StepGuard
 from .store import ExpertStore, resolve_layer
@@ -117,7 +121,12 @@ class Engine:
                                        wake=lambda: self.swapper.wake(),
                                        applied=lambda: self.telemetry.emit(self.residency()))
         self.guard = StepGuard(runtime.lock, self._before_step, self.budget.shrink_after_oom)
-        self.decoder = Decoder(model, self.guard, self._stop_ids(), self._after_token, self._emit_memory_sample)
+        self.compact = CompactModel(model) if supports_compact(model) else None
+        if self.compact is None and packing_pays(self.device, model.dtype):
+            pack_linears(model)
+        context = getattr(model.config, "max_position_embeddings", None)
+        self.decoder = Decoder(self._new_session, context if isinstance(context, int) else None, self.guard,
+                               self._stop_ids(), self._after_token, self._emit_memory_sample)
         self._peak_resident = self.resident_expert_bytes()
         self.copier = copier
         self.swapper = Swapper(committees, store, runtime, copier)
@@ -358,6 +367,13 @@ class Engine:
         self.store.checkpoint.close()
 
     # ---- internals ---------------------------------------------------------------------------
+    def _new_session(self, tokens: int) -> Session:
+        """A KV cache for ``tokens`` positions (at most the context), on the compact step if the family has one."""
+        if self.compact is None:
+            return TransformersSession(self.model)
+        context = self.decoder.context
+        return CompactSession(self.compact, min(tokens, context) if context else tokens)
+
     def _before_step(self, is_prefill: bool) -> None:
         """Runs under the step lock before each forward: budget changes land here, between tokens."""
         self.budget.apply_pending()

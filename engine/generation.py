@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache, PreTrainedModel
 
 from .errors import SettingsError
 
 if TYPE_CHECKING:
+    from .session import Session
     from .step import StepGuard
 
 # every attention backend but cuDNN: it builds a new graph for each new sequence length, which cost
@@ -70,30 +70,27 @@ def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torc
 
 
 def decode_loop(
-    model: PreTrainedModel,
+    session: Session,
     input_ids: list[int],
     settings: SamplingSettings,
     stop_ids: set[int],
     cancel: threading.Event,
     guard: StepGuard,
 ) -> Iterator[int]:
-    """Yield new token ids: a prefill, then one token at a time on a KV cache, each forward through ``guard``."""
-    device = model.device
+    """Yield new token ids: a prefill, then one token at a time on the session's cache, each forward through ``guard``."""
     generator = None
     if settings.seed is not None:
         generator = torch.Generator().manual_seed(settings.seed)
-    cache = DynamicCache(config=model.config)
-    tokens = torch.tensor([input_ids], device=device)
+    tokens = input_ids
     for step in range(settings.max_new_tokens):
         if cancel.is_set():
             return
-        out = guard.run(lambda: model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1),
-                        is_prefill=step == 0, cache=cache)
-        token = pick_token(out.logits[0, -1], settings, generator)
+        logits = guard.run(lambda tokens=tokens: session.run(tokens), is_prefill=step == 0, session=session)
+        token = pick_token(logits[-1], settings, generator)
         yield token
         if token in stop_ids:
             return
-        tokens = torch.tensor([[token]], device=device)
+        tokens = [token]
 
 
 class IncrementalDecoder:

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from transformers import DynamicCache
 
 from .errors import OutOfMemoryError
 from .generation import forward_mode
+from .session import Session
 
 T = TypeVar("T")
 
@@ -32,12 +32,12 @@ class StepGuard:
         self.on_oom = on_oom
         self.steps = 0  # forwards run, retries included: tests read it to see that every forward came here
 
-    def run(self, forward: Callable[[], T], is_prefill: bool, cache: DynamicCache | None = None) -> T:
-        """``forward()`` once it succeeds; a failed attempt is rolled back out of ``cache`` before the retry.
+    def run(self, forward: Callable[[], T], is_prefill: bool, session: Session) -> T:
+        """``forward()`` once it succeeds; a failed attempt is rolled back out of ``session`` before the retry.
 
         Retries while ``on_oom(error)`` says it freed memory (a smaller budget); otherwise ``OutOfMemoryError``.
         """
-        lengths = [layer.get_seq_length() for layer in cache.layers] if cache is not None else []
+        mark = session.mark()
         while True:
             try:
                 with self.lock, forward_mode():
@@ -45,23 +45,10 @@ class StepGuard:
                     self.before_step(is_prefill)
                     return forward()
             except (torch.OutOfMemoryError, MemoryError) as exc:
-                if not _roll_back(cache, lengths) or not self.on_oom(exc):
+                if not session.roll_back(mark) or not self.on_oom(exc):
                     raise OutOfMemoryError(f"out of memory even at the smallest budget: {exc}".splitlines()[0]) from exc
 
     def held(self) -> bool:
         """Whether the calling thread holds the step lock (for assertions in tests and invariants)."""
         return self.lock._is_owned()  # type: ignore[attr-defined]  # RLock's own ownership test
 
-
-def _roll_back(cache: DynamicCache | None, lengths: list[int]) -> bool:
-    """Drop what a failed step appended to each layer of the KV cache; False if a layer cannot be cropped."""
-    if cache is None:
-        return True
-    for layer, before in zip(cache.layers, lengths):
-        grown = layer.get_seq_length() - before
-        if grown > 0:
-            try:
-                layer.crop(-grown)
-            except RuntimeError:  # a sliding-window layer that no longer keeps its past
-                return False
-    return True

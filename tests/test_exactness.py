@@ -20,7 +20,9 @@ def _reference_tokens(ref, ids: list[int]) -> list[int]:
 
 def _slot_bytes(engine: Engine) -> int:
     """Resident bytes counted independently of the engine: every parameter the committees own."""
-    return sum(p.numel() * p.element_size() for c in engine.committees for p in c.inner.parameters())
+    tensors = [t for c in engine.committees
+               for t in [*c.inner.parameters(), *(w for slot in getattr(c.storage, "slots", []) for w in slot.values())]]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _load(folder, budget: str, policy: str = "exact", swapper: bool = True) -> Engine:

@@ -21,7 +21,9 @@ def _reference_tokens(ref, ids: list[int], n: int) -> list[int]:
 
 
 def _slot_bytes(engine: Engine) -> int:
-    return sum(p.numel() * p.element_size() for c in engine.committees for p in c.inner.parameters())
+    tensors = [t for c in engine.committees
+               for t in [*c.inner.parameters(), *(w for slot in getattr(c.storage, "slots", []) for w in slot.values())]]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _run_schedule(engine: Engine, ids: list[int], n: int, schedule: dict[int, int | str]) -> list[int]:
@@ -299,8 +301,9 @@ def test_batched_swaps_keep_maps_and_norms_true(tiny_model) -> None:
         for slot, expert in enumerate(c.slots.slot_to_expert):
             if expert >= 0:
                 expected[expert] = slot
+                held = c.storage.read(slot)
                 for name, tensor in engine.store.read(c.layer, expert).items():
-                    assert torch.equal(getattr(c.inner, name).data[slot], tensor)
+                    assert torch.equal(held[name], tensor)
         assert torch.equal(c.slots.device_map.cpu(), expected)
         known = [e for e in range(c.num_experts) if not torch.isnan(c.norms[e])]
         assert len(known) > c.capacity  # experts that came and went keep their norm

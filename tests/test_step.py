@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from expertswap.engine import Engine, SamplingSettings
 
 IDS = [3, 14, 15, 9, 2, 6, 5, 3]
 
 
-def test_every_forward_goes_through_the_guard_holding_the_lock(tiny_model) -> None:
-    with Engine.load(tiny_model("olmoe"), budget="50%") as engine:
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])  # the compact step, and transformers' forward
+def test_every_forward_goes_through_the_guard_holding_the_lock(tiny_model, family: str) -> None:
+    with Engine.load(tiny_model(family), budget="50%") as engine:
+        assert (engine.compact is not None) == (family == "olmoe")
         forwards: list[bool] = []
-        engine.model.register_forward_pre_hook(lambda *_: forwards.append(engine.guard.held()))
+        embeddings = engine.model.get_input_embeddings()  # every forward, on either path, starts there
+        embeddings.register_forward_pre_hook(lambda *_: forwards.append(engine.guard.held()))
         engine.logits(IDS)
         engine.score(IDS, chunk=3)
         list(engine.generate(IDS, SamplingSettings(max_new_tokens=5)))

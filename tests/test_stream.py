@@ -83,7 +83,8 @@ def test_every_engine_forward_runs_without_cudnn_attention(tiny_model) -> None:
 
     engine = Engine.load(tiny_model("qwen2_moe"), budget="50%")
     seen: list[bool] = []
-    engine.model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    engine.model.get_input_embeddings().register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     ids = engine.encode("a short prompt")
     list(engine.generate(ids, SamplingSettings(max_new_tokens=3)))
     engine.score(ids + ids, chunk=2)

@@ -1,0 +1,221 @@
+"""A compact forward for the Llama-shaped MoE families: fused projections and a KV cache that never moves.
+
+transformers' forward is written for every use (training, masks for padding, caches that grow by
+concatenation); at one token per step its bookkeeping and separate q/k/v and gate/up matmuls cost
+more than the arithmetic. This step, after gpt-fast, does only what a reply needs: one matmul for
+q, k and v, one for each MLP's gate and up, keys and values written in place into a cache sized
+for the reply, and attention over what is filled. The family's own modules still do everything
+that differs between families (norms, rotary embedding, the router, the experts through the
+committee), so there is one place per concern.
+
+Supported: Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral (full attention). Other families keep
+transformers' forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .packed import pack, packed_linear, packing_pays
+
+SUPPORTED = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+_GROW = 256  # cache positions added at a time when a reply outgrows its cache
+
+
+def supports(model: PreTrainedModel) -> bool:
+    """Whether the compact step reproduces this model's forward."""
+    config = model.config
+    if config.model_type not in SUPPORTED or getattr(config, "use_sliding_window", False):
+        return False
+    if getattr(config, "sliding_window", None) is not None and config.model_type != "qwen2_moe":
+        return False
+    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    return partial == 1.0 and getattr(config, "attn_logit_softcapping", None) is None
+
+
+class Linear:
+    """One weight (several fused along the output), packed where that pays; its biases kept beside it."""
+
+    def __init__(self, modules: list[nn.Linear]) -> None:
+        weight = torch.cat([_plain(m.weight) for m in modules]) if len(modules) > 1 else _plain(modules[0].weight)
+        biases = [m.bias for m in modules]
+        self.bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+        self.packed = packing_pays(weight.device, weight.dtype)
+        self.weight = pack(weight) if self.packed else weight
+        self.splits = [m.out_features for m in modules]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return packed_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _plain(weight: torch.Tensor) -> torch.Tensor:
+    """A linear's weight as a dense tensor (skeleton packing may already have packed it)."""
+    return weight.to_dense() if weight.layout == torch._mkldnn else weight.detach()  # type: ignore[attr-defined]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, [1, kv_heads, capacity, head_dim], filled up to ``length``.
+
+    Rolling back a failed step is setting ``length`` back: later positions are overwritten.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, total: int) -> None:
+        """Room for ``total`` positions, keeping what is filled."""
+        if total <= self.capacity:
+            return
+        size = -(-total // _GROW) * _GROW
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_empty((*old.shape[:2], size, old.shape[3]))
+                new[:, :, : self.length] = old[:, :, : self.length]
+                store[i] = new
+
+
+class _Attention:
+    """One layer's attention with fused q/k/v."""
+
+    def __init__(self, attn: nn.Module, config: object) -> None:
+        self.qkv = Linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = Linear([attn.o_proj])
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attn, name, nn.Identity())  # their weights now live here only
+        self.head_dim = attn.head_dim
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.scaling = attn.scaling
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        # Qwen3 normalises each head, OLMoE the whole projection
+        self.norm_per_head = self.q_norm is not None and self.q_norm.weight.shape[0] == self.head_dim
+        self.clip = getattr(config, "clip_qkv", None)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        rows = x.shape[0]
+        q, k, v = self.qkv(x).split(self.qkv.splits, dim=-1)
+        if self.q_norm is not None and not self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(min=-self.clip, max=self.clip) for t in (q, k, v))
+        q = q.view(rows, self.heads, self.head_dim)
+        k = k.view(rows, self.kv_heads, self.head_dim)
+        if self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = _rotate(q.transpose(0, 1), cos, sin)
+        k = _rotate(k.transpose(0, 1), cos, sin)
+        end = start + rows
+        k_cache[0, :, start:end] = k
+        v_cache[0, :, start:end] = v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1)
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        mask = None
+        if rows > 1:  # a prompt or a scored chunk: causal within itself, everything before it visible
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, scale=self.scaling,
+                                             enable_gqa=self.heads != self.kv_heads)
+        return self.o(out[0].transpose(0, 1).reshape(rows, -1))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, as transformers applies it (x: [heads, T, D], cos/sin: [T, D])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _MLP:
+    """A gated MLP (dense layers, shared experts) with gate and up in one matmul."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        self.gate_up = Linear([mlp.gate_proj, mlp.up_proj])
+        self.down = Linear([mlp.down_proj])
+        self.act = mlp.act_fn
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(mlp, name, nn.Identity())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.gate_up.splits, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class _MoE:
+    """The family's router and the committee; Qwen2-MoE's gated shared expert beside them."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.router = block.gate
+        self.experts = block.experts
+        shared = getattr(block, "shared_expert", None)
+        self.shared = _MLP(shared) if shared is not None else None
+        self.shared_gate = Linear([block.shared_expert_gate]) if shared is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _, weights, index = self.router(x)
+        out = self.experts(x, index, weights)
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return out
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module, config: object) -> None:
+        self.norm_in = layer.input_layernorm
+        self.norm_mid = layer.post_attention_layernorm
+        self.attention = _Attention(layer.self_attn, config)
+        block = layer.mlp
+        self.mlp = _MoE(block) if hasattr(block, "experts") else _MLP(block)
+
+
+class CompactModel:
+    """The model's forward as a loop over compact layers; the model's own modules hold the rest."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm
+        config = model.config
+        self.layers = [_Layer(layer, config) for layer in inner.layers]
+        head = model.lm_head
+        tied = head.weight is self.embed.weight
+        self.head = (lambda x: F.linear(x, self.embed.weight)) if tied else Linear([head])
+        if not tied:
+            model.lm_head = nn.Identity()
+        first = self.layers[0].attention
+        self.kv_shape = (1, first.kv_heads, 0, first.head_dim)
+        self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
+
+    def new_cache(self, capacity: int) -> KVCache:
+        shape = (*self.kv_shape[:2], max(capacity, 1), self.kv_shape[3])
+        make = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(2 * len(self.layers))]
+        return KVCache(make[: len(self.layers)], make[len(self.layers) :])
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Logits [T, vocab] (or [1, vocab] for the last position) for ``ids`` [T] after the cache's tokens."""
+        start, rows = cache.length, ids.shape[0]
+        cache.reserve(start + rows)
+        x = self.embed(ids)
+        positions = torch.arange(start, start + rows, device=ids.device)[None]
+        cos, sin = (t[0] for t in self.rotary(x[None], positions))
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attention(layer.norm_in(x), cos, sin, cache.keys[i], cache.values[i], start)
+            x = x + layer.mlp(layer.norm_mid(x))
+        cache.length = start + rows
+        if not all_logits:
+            x = x[-1:]
+        return self.head(self.norm(x))

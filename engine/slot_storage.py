@@ -1,0 +1,100 @@
+"""Where a committee's slot weights live: the two layouts, behind one small interface.
+
+``StackedSlots`` (CUDA): [C, ...] parameters on the experts module in the model's own layout, so
+the family's experts forward (grouped_mm) runs on them unchanged; copies go through the copier
+(streams, staging). ``RowSlots`` (CPU): one weight set per slot, computed by ``expert_rows`` (only
+routed experts run, each on its own rows), packed for oneDNN where that pays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .copier import Copier
+from .expert_rows import slot_weights
+from .store import LayerExperts
+
+Writes = Sequence[tuple[int, Mapping[str, torch.Tensor]]]
+
+
+class StackedSlots:
+    """Slots as the experts module's own [C, ...] parameters."""
+
+    rows = False
+
+    def __init__(self, inner: nn.Module, spec: LayerExperts, device: torch.device, copier: Copier) -> None:
+        self.inner, self.spec, self.device, self.copier = inner, spec, device, copier
+
+    def allocate(self, capacity: int) -> None:
+        for p in self.spec.params:
+            slots = torch.empty((capacity, *p.shape), dtype=p.dtype, device=self.device)
+            self.inner.register_parameter(p.name, nn.Parameter(slots, requires_grad=False))
+        self.inner.num_experts = capacity
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {p.name: getattr(self.inner, p.name).data for p in self.spec.params}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slot tensors really occupy, read off the parameters themselves."""
+        return sum(t.nbytes for t in self.tensors().values())
+
+    def write(self, writes: Writes, background: bool = False) -> Callable[[], None]:
+        """Queue the copies; returns ``finish``, which waits for them."""
+        return self.copier.copy(self.tensors(), writes, background)
+
+    def read(self, slot: int) -> dict[str, torch.Tensor]:
+        """A slot's weights as the store holds them (to check what a slot really contains)."""
+        return {p.name: getattr(self.inner, p.name).data[slot] for p in self.spec.params}
+
+    def views(self, slot: int, _host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """A slot's weights where they are cheapest to read (its norm is computed on the device)."""
+        return [getattr(self.inner, p.name).data[slot] for p in self.spec.params]
+
+    def reshape(self, kept: Sequence[int], capacity: int) -> None:
+        """``capacity`` slots; old slot ``kept[i]`` becomes slot i."""
+        old = self.tensors()
+        self.allocate(capacity)
+        for new_slot, old_slot in enumerate(kept):
+            for name, data in old.items():
+                getattr(self.inner, name).data[new_slot].copy_(data[old_slot])
+
+
+class RowSlots:
+    """One weight set per slot (CPU), packed when ``packed``; an empty slot holds nothing."""
+
+    rows = True
+
+    def __init__(self, inner: nn.Module, spec: LayerExperts, packed: bool) -> None:
+        self.inner, self.spec, self.packed = inner, spec, packed
+        self.slots: list[dict[str, torch.Tensor]] = []
+
+    def allocate(self, capacity: int) -> None:
+        self.slots = [{} for _ in range(capacity)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for slot in self.slots for t in slot.values())
+
+    def write(self, writes: Writes, background: bool = False) -> Callable[[], None]:
+        for slot, tensors in writes:
+            self.slots[slot] = {}  # the old expert's memory goes before the new one's arrives
+            self.slots[slot] = slot_weights(self.inner, dict(tensors), self.packed)
+        return lambda: None
+
+    def read(self, slot: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tensor in self.slots[slot].items():
+            plain = tensor.to_dense() if tensor.is_mkldnn else tensor
+            out[name] = plain.t() if self.inner.is_transposed and not name.endswith("_bias") else plain
+        return out
+
+    def views(self, _slot: int, host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return list(host.values())
+
+    def reshape(self, kept: Sequence[int], capacity: int) -> None:
+        old = self.slots
+        self.slots = [old[s] for s in kept] + [{} for _ in range(capacity - len(kept))]
