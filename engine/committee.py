@@ -212,8 +212,8 @@ class Committee(nn.Module):
         slot = self.slots.device_map[expert_index.clamp(min=0)]
         dropped = (expert_index < 0) | (slot < 0)
         if self.storage.rows:
-            return routed_pairs(self.inner, self.storage.slots, self.storage.packed, hidden,
-                                slot.masked_fill(dropped, -1).tolist(), weights)
+            return routed_pairs(self.inner, self.storage.weights, hidden, slot.masked_fill(dropped, -1).tolist(),
+                                weights)
         pair_hidden = hidden.repeat_interleave(width, dim=0)
         if self._sentinel_ok:  # grouped_mm skips sentinel ids: no host sync, capturable
             flat = self.inner(pair_hidden, slot.masked_fill(dropped, self.capacity).reshape(-1, 1),

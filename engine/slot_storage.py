@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .copier import Copier
-from .expert_rows import slot_weights
+from .expert_rows import packed_weights, slot_weights
 from .store import LayerExperts
 
 Writes = Sequence[tuple[int, Mapping[str, torch.Tensor]]]
@@ -63,17 +63,29 @@ class StackedSlots:
                 getattr(self.inner, name).data[new_slot].copy_(data[old_slot])
 
 
+PACK_AFTER_USES = 4  # packing costs ~200 us, each later use saves some: an expert that comes and goes stays plain
+
+
 class RowSlots:
-    """One weight set per slot (CPU), packed when ``packed``; an empty slot holds nothing."""
+    """One weight set per slot (CPU), packed once it has been used often if ``packed``; an empty slot holds nothing."""
 
     rows = True
 
     def __init__(self, inner: nn.Module, spec: LayerExperts, packed: bool) -> None:
         self.inner, self.spec, self.packed = inner, spec, packed
         self.slots: list[dict[str, torch.Tensor]] = []
+        self.uses: list[int] = []
 
     def allocate(self, capacity: int) -> None:
         self.slots = [{} for _ in range(capacity)]
+        self.uses = [0] * capacity
+
+    def weights(self, slot: int) -> dict[str, torch.Tensor]:
+        """A slot's weights for a forward; packed in place at its ``PACK_AFTER_USES``-th use."""
+        self.uses[slot] += 1
+        if self.packed and self.uses[slot] == PACK_AFTER_USES:
+            self.slots[slot] = packed_weights(self.slots[slot])
+        return self.slots[slot]
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +94,8 @@ class RowSlots:
     def write(self, writes: Writes, background: bool = False) -> Callable[[], None]:
         for slot, tensors in writes:
             self.slots[slot] = {}  # the old expert's memory goes before the new one's arrives
-            self.slots[slot] = slot_weights(self.inner, dict(tensors), self.packed)
+            self.slots[slot] = slot_weights(self.inner, dict(tensors))
+            self.uses[slot] = 0
         return lambda: None
 
     def read(self, slot: int) -> dict[str, torch.Tensor]:
@@ -96,5 +109,6 @@ class RowSlots:
         return list(host.values())
 
     def reshape(self, kept: Sequence[int], capacity: int) -> None:
-        old = self.slots
+        old, uses = self.slots, self.uses
         self.slots = [old[s] for s in kept] + [{} for _ in range(capacity - len(kept))]
+        self.uses = [uses[s] for s in kept] + [0] * (capacity - len(kept))

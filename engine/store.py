@@ -75,13 +75,20 @@ class ExpertStore:
         spec = self.layers[layer]
         out: dict[str, torch.Tensor] = {}
         for param in spec.params:
-            parts = []
-            for template in spec.keys[param.name]:
-                fused = "{expert}" not in template
-                entry = self.checkpoint.entry(template.format(expert=expert))
-                parts.append(self.checkpoint.read(entry, index=expert if fused else None))
-            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            tensor = tensor.to(param.dtype).reshape(param.shape)
+            entries = [self.checkpoint.entry(t.format(expert=expert)) for t in spec.keys[param.name]]
+            fused = ["{expert}" not in t for t in spec.keys[param.name]]
+            if len(entries) > 1 and all(e.dtype == param.dtype for e in entries):
+                # gate and up read straight into their halves of one tensor: no concatenation copy
+                tensor = torch.empty(param.shape, dtype=param.dtype)
+                row = 0
+                for entry, whole in zip(entries, fused):
+                    rows = entry.shape[1] if whole else entry.shape[0]
+                    self.checkpoint.read(entry, index=expert if whole else None, out=tensor[row : row + rows])
+                    row += rows
+            else:
+                parts = [self.checkpoint.read(e, index=expert if whole else None) for e, whole in zip(entries, fused)]
+                tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                tensor = tensor.to(param.dtype).reshape(param.shape)
             out[param.name] = tensor.pin_memory() if pin else tensor
         return out
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine, SamplingSettings, slot_storage
 from expertswap.engine.session import CompactSession
 
 PROMPT = "The built-in function len() returns the number of items in a container, and"
@@ -59,7 +59,8 @@ def test_every_budget_gives_the_full_residency_result_bit_for_bit(tiny_model, re
     # in bf16 the engine is as close to the fp32 truth as transformers' own bf16 forward
     assert (full_logits - truth).abs().mean() <= 1.5 * (plain_bf16 - truth).abs().mean() + 1e-3
 
-def test_bf16_on_cpu_packs_weights_and_computes_only_routed_experts(tiny_model) -> None:
+def test_bf16_on_cpu_packs_weights_and_computes_only_routed_experts(tiny_model, monkeypatch) -> None:
+    monkeypatch.setattr(slot_storage, "PACK_AFTER_USES", 1)  # experts pack at their first use
     with Engine.load(tiny_model("qwen2_moe"), budget="100%", dtype="bfloat16", swapper=False) as engine:
         assert engine.compact is not None
         assert all(c.storage.packed for c in engine.committees)
