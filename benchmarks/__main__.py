@@ -1,4 +1,4 @@
-"""python -m benchmarks [speed|swap-copy|budget-latency|quality|default-model|core-sweep] ...: the benchmark harness (results in benchmarks/results)."""
+"""python -m benchmarks [speed|swap-copy|budget-latency|quality|default-model|core-sweep|exact-budgets] ...: the benchmark harness (results in benchmarks/results)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     speed.add_argument("--tokens", type=int, default=32)
     speed.add_argument("--repeats", type=int, default=3)
     speed.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%", "100%"])
+    speed.add_argument("--contenders", nargs="+", default=[], help="e.g. exact lru accelerate (default: all)")
     copy = sub.add_parser("swap-copy", help="GPU swap copies against the measured pinned host-to-device bandwidth")
     copy.add_argument("models", nargs="*", default=["olmoe-shape", "qwen3-shape"])
     sub.add_parser("quality", help="perplexity and top-1 agreement per policy and budget (default model)")
@@ -23,6 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     latency.add_argument("--model", choices=["default", "olmoe-shape", "qwen3-shape"], default="default")
     latency.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sub.add_parser("core-sweep", help="the engine's policy/budget sweep on a synthetic model")
+    exact = sub.add_parser("exact-budgets", help="greedy tokens at every budget vs full residency, at full depth")
+    exact.add_argument("--model", choices=["olmoe-shape", "qwen3-shape"], default="olmoe-shape")
+    exact.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    exact.add_argument("--layers", type=int, default=16)
+    exact.add_argument("--budgets", nargs="+", default=["100%", "75%", "50%", "25%"])
+    exact.add_argument("--tokens", type=int, default=48)
+    exact.add_argument("--repeats", type=int, default=3)
     args, rest = parser.parse_known_args(argv)
     if args.command == "speed":
         from tqdm import tqdm
@@ -36,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
             bar.update()
             write(rows, args.model, args.device, args.tokens, args.repeats)
 
-        rows = sweep(args.model, args.device, args.tokens, args.repeats, tuple(args.budgets), progress)
+        rows = sweep(args.model, args.device, args.tokens, args.repeats, tuple(args.budgets), progress,
+                     tuple(args.contenders))
         bar.close()
         print(write(rows, args.model, args.device, args.tokens, args.repeats).read_text())
     elif args.command == "swap-copy":
@@ -51,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         from .quality import main as run
 
         print(run().read_text())
+    elif args.command == "exact-budgets":
+        from .exact_budgets import main as run
+
+        print(run(args.model, args.device, args.layers, args.budgets, args.tokens, args.repeats).read_text())
     elif args.command == "default-model":
         from .default_model import main as run
 

@@ -75,10 +75,11 @@ def measure(kind: str, folder: Path, budget: str, tokens: int, device: str) -> d
 
 
 def sweep(model: str, device: str, tokens: int, repeats: int, budgets: tuple[str, ...],
-          progress: Callable[[str, list[dict]], None]) -> list[dict]:
-    """Every contender at every budget, round-robin; ``progress`` gets the rows so far after each run."""
+          progress: Callable[[str, list[dict]], None], only: tuple[str, ...] = ()) -> list[dict]:
+    """Every contender (or those in ``only``) at every budget, round-robin; ``progress`` gets the rows so far."""
     folder = model_folder(model, device)
     contenders = ("accelerate", "lru", *(f"expertswap:{p}" for p in POLICIES[device]))
+    contenders = tuple(c for c in contenders if not only or c.rpartition(":")[2] in only)
     plan = [("full", "100%")] + [(k, b) for b in budgets for k in contenders]
     runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plan}
     for repeat in range(repeats):
