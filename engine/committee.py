@@ -98,7 +98,7 @@ class Committee(nn.Module):
         self.routed = torch.zeros(E, dtype=torch.long, device=device)  # how often the router chose each expert
         self.last_token = torch.full((spec.top_k,), -1, dtype=torch.long, device=device)  # the latest token's choice
         self.last_used = torch.zeros(E, dtype=torch.long, device=device)  # forward count when last routed to (lru)
-        self._clock = 0
+        self.clock = torch.zeros((), dtype=torch.long, device=device)  # on the device: a captured step advances it
         self.cpu_computed = 0
         self._norm_known = [False] * E
         self.slots = SlotMap(E, capacity, device)
@@ -152,36 +152,50 @@ class Committee(nn.Module):
 
     def _forward(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         runtime = self.runtime
+        index, weights, resident = self.observe(hidden, index, weights)
+        if self.slots.full:
+            return self.compute(hidden, index, weights)
+        if not runtime.allow_loads and runtime.policy == "substitute":
+            self.routing_counts[3] += ((index >= 0) & ~resident).sum()
+            return self.compute(hidden, self._substitute(index, resident), weights)
+        if not runtime.allow_loads and runtime.policy == "cpu":
+            return self._run_with_host(hidden, index, weights, resident)
+        needed = self.needed(index)
+        if len(needed) <= self.capacity:
+            self.make_resident(needed)
+            return self.compute(hidden, index, weights)
+        return self._run_in_passes(hidden, index, weights, needed)
+
+    def observe(self, hidden: torch.Tensor, index: torch.Tensor,
+                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routing bookkeeping, before any load: importance, counts, LRU stamps, skipping. Device work only.
+
+        Returns the routing as the policy leaves it and which routed experts are resident now.
+        """
+        runtime = self.runtime
         self._note_importance(hidden, index, weights)
         if runtime.policy == "skip" and runtime.skip_threshold > 0:
             index, weights = self._skip(index, weights, runtime.skip_threshold)
         valid = index >= 0
         clamped = index.clamp(min=0)
-        self.routed.scatter_add_(0, clamped.flatten(), valid.flatten().long())  # no host sync
+        self.routed.scatter_add_(0, clamped.flatten(), valid.flatten().long())
         if runtime.eviction == "lru":  # only the LRU baseline reads the stamps
-            self._clock += 1
-            stamp = torch.where(valid, self._clock, 0).flatten()
+            self.clock += 1
+            stamp = torch.where(valid, self.clock, 0).flatten()
             self.last_used.scatter_reduce_(0, clamped.flatten(), stamp, reduce="amax")
-        self.last_token = index[-1].clone()
+        self.last_token.copy_(index[-1])
         resident = (self.slots.device_map[clamped] >= 0) & valid
         self.routing_counts[0] += resident.sum()
         self.routing_counts[1] += (valid & ~resident).sum()
-        if self.slots.full:
-            return self._run(hidden, index, weights)
-        if not runtime.allow_loads and runtime.policy == "substitute":
-            self.routing_counts[3] += (valid & ~resident).sum()
-            return self._run(hidden, self._substitute(index, resident), weights)
-        if not runtime.allow_loads and runtime.policy == "cpu":
-            return self._run_with_host(hidden, index, weights, resident)
-        host_index = index.cpu()
-        needed = torch.unique(host_index[host_index >= 0]).tolist()
-        if len(needed) <= self.capacity:
-            self.make_resident(needed)
-            return self._run(hidden, index, weights)
-        return self._run_in_passes(hidden, index, weights, needed)
+        return index, weights, resident
 
-    def _run(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The experts' output on slot ids; ids < 0 (skipped, other pass) contribute nothing."""
+    def needed(self, index: torch.Tensor) -> list[int]:
+        """The distinct experts a routing names (one host sync)."""
+        host_index = index.cpu()
+        return torch.unique(host_index[host_index >= 0]).tolist()
+
+    def compute(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The experts' output for a routing whose experts are resident; ids < 0 contribute nothing."""
         return self._pairs(hidden, expert_index, weights).sum(dim=1).to(hidden.dtype)
 
     def _run_in_passes(
@@ -228,7 +242,7 @@ class Committee(nn.Module):
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, resident: torch.Tensor
     ) -> torch.Tensor:
         """``cpu`` policy: resident experts on the device, misses on the CPU from their host copy."""
-        out = self._run(hidden, index.masked_fill(~resident, -1), weights)  # queued on the GPU, runs meanwhile
+        out = self.compute(hidden, index.masked_fill(~resident, -1), weights)  # queued on the GPU, runs meanwhile
         missing = (index >= 0) & ~resident
         host_index, host_missing = index.cpu(), missing.cpu()
         if not bool(host_missing.any()):

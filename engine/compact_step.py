@@ -105,8 +105,9 @@ class _Attention:
         self.norm_per_head = self.q_norm is not None and self.q_norm.weight.shape[0] == self.head_dim
         self.clip = getattr(config, "clip_qkv", None)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [heads, T, D] and k, v [kv_heads, T, D], normed and rotated as the family does."""
         rows = x.shape[0]
         q, k, v = self.qkv(x).split(self.qkv.splits, dim=-1)
         if self.q_norm is not None and not self.norm_per_head:
@@ -117,18 +118,35 @@ class _Attention:
         k = k.view(rows, self.kv_heads, self.head_dim)
         if self.norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = _rotate(q.transpose(0, 1), cos, sin)
-        k = _rotate(k.transpose(0, 1), cos, sin)
-        end = start + rows
-        k_cache[0, :, start:end] = k
-        v_cache[0, :, start:end] = v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1)
-        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-        mask = None
-        if rows > 1:  # a prompt or a scored chunk: causal within itself, everything before it visible
-            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        v = v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1)
+        return _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin), v
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, scale=self.scaling,
                                              enable_gqa=self.heads != self.kv_heads)
-        return self.o(out[0].transpose(0, 1).reshape(rows, -1))
+        return self.o(out[0].transpose(0, 1).reshape(q.shape[1], -1))
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        """``x`` [T, H] at positions start.. start+T-1, attending to what the cache holds up to there."""
+        q, k, v = self._project(x, cos, sin)
+        end = start + x.shape[0]
+        k_cache[0, :, start:end] = k
+        v_cache[0, :, start:end] = v
+        mask = None
+        if x.shape[0] > 1:  # a prompt or a scored chunk: causal within itself, everything before it visible
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        return self._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """One token at ``position`` (a device tensor) over the whole cache, masked: shapes never change,
+        so a CUDA graph can replay it at every position."""
+        q, k, v = self._project(x, cos, sin)
+        k_cache.index_copy_(2, position, k[None])
+        v_cache.index_copy_(2, position, v[None])
+        return self._attend(q, k_cache, v_cache, (torch.arange(k_cache.shape[2], device=x.device) <= position)[None])
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -200,9 +218,11 @@ class CompactModel:
         self.kv_shape = (1, first.kv_heads, 0, first.head_dim)
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def new_cache(self, capacity: int, zeroed: bool = False) -> KVCache:
+        """``zeroed`` for a cache read whole under a mask: a masked garbage NaN would still poison 0 * value."""
         shape = (*self.kv_shape[:2], max(capacity, 1), self.kv_shape[3])
-        make = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(2 * len(self.layers))]
+        make = [(torch.zeros if zeroed else torch.empty)(shape, device=self.device, dtype=self.dtype)
+                for _ in range(2 * len(self.layers))]
         return KVCache(make[: len(self.layers)], make[len(self.layers) :])
 
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:

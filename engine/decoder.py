@@ -64,9 +64,10 @@ class Decoder:
 
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
-        session = self.new_session(len(input_ids))
-        return self.guard.run(lambda: session.run(input_ids, all_logits=True), is_prefill=True,
-                              session=session).float().cpu()
+        with self._exclusive():  # sessions may share one persistent cache (CUDA graphs)
+            session = self.new_session(len(input_ids))
+            return self.guard.run(lambda: session.run(input_ids, all_logits=True), is_prefill=True,
+                                  session=session).float().cpu()
 
     def score(self, input_ids: Sequence[int], chunk: int, prompt: int, between: Callable[[], None]) -> TokenScores:
         """Loss and top-1 of each token after the first: a prefill of ``prompt`` tokens, then ``chunk`` at a time."""

@@ -27,6 +27,7 @@ from .errors import (
 )
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings
+from .graphed_step import GraphedDecode
 from .memory import current_rss_bytes, peak_rss_bytes
 from .packed import pack_linears, packing_pays
 from .planner import LayerShape, plan_capacities
@@ -122,6 +123,7 @@ class Engine:
                                        applied=lambda: self.telemetry.emit(self.residency()))
         self.guard = StepGuard(runtime.lock, self._before_step, self.budget.shrink_after_oom)
         self.compact = CompactModel(model) if supports_compact(model) else None
+        self.graphed = GraphedDecode(self.compact, runtime) if self.compact and self.device.type == "cuda" else None
         if self.compact is None and packing_pays(self.device, model.dtype):
             pack_linears(model)
         context = getattr(model.config, "max_position_embeddings", None)
@@ -372,7 +374,7 @@ class Engine:
         if self.compact is None:
             return TransformersSession(self.model)
         context = self.decoder.context
-        return CompactSession(self.compact, min(tokens, context) if context else tokens)
+        return CompactSession(self.compact, min(tokens, context) if context else tokens, self.graphed)
 
     def _before_step(self, is_prefill: bool) -> None:
         """Runs under the step lock before each forward: budget changes land here, between tokens."""

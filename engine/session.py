@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .compact_step import CompactModel
+from .graphed_step import GraphedDecode
 
 
 class Session(Protocol):
@@ -27,11 +28,16 @@ class Session(Protocol):
 
 
 class CompactSession:
-    def __init__(self, compact: CompactModel, capacity: int) -> None:
+    """The compact forward; single decode tokens through ``graphed`` (CUDA graphs) when it is given and usable."""
+
+    def __init__(self, compact: CompactModel, capacity: int, graphed: GraphedDecode | None = None) -> None:
         self.compact = compact
-        self.cache = compact.new_cache(capacity)
+        self.graphed = graphed
+        self.cache = graphed.new_cache(capacity) if graphed is not None else compact.new_cache(capacity)
 
     def run(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        if len(ids) == 1 and self.graphed is not None and self.graphed.usable():
+            return self.graphed.step(ids[0], self.cache)
         return self.compact.forward(torch.tensor(list(ids), device=self.compact.device), self.cache, all_logits)
 
     def mark(self) -> object:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.cuda
 PROMPT = "Dictionaries map hashable keys to arbitrary values; a lookup"
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "mixtral", "deepseek_v3"])
 @pytest.mark.parametrize("budget", ["100%", "50%", "min"])
 def test_exact_on_cuda_matches_transformers(tiny_model, reference, family: str, budget: str) -> None:
     folder = tiny_model(family)
@@ -92,3 +92,16 @@ def test_out_of_memory_on_the_gpu_shrinks_and_stays_exact(tiny_model) -> None:
         _fail_calls(engine, {4})
         assert list(engine.generate(IDS, SETTINGS)) == expected
         assert engine.budget_bytes < before and engine.resident_expert_bytes() <= engine.budget_bytes
+
+
+def test_cuda_graphs_are_captured_once_and_again_after_a_resize_and_stay_exact(tiny_model) -> None:
+    with Engine.load(tiny_model("olmoe"), budget="100%", device="cuda", dtype="bfloat16") as engine:
+        assert engine.graphed is not None
+        ids = engine.encode(PROMPT)
+        first = list(engine.generate(ids, SamplingSettings(max_new_tokens=16)))
+        assert engine.graphed.captures == 1
+        assert list(engine.generate(ids, SamplingSettings(max_new_tokens=16))) == first
+        assert engine.graphed.captures == 1, "a second reply of the same length replays the same graphs"
+        engine.set_budget("50%")
+        assert list(engine.generate(ids, SamplingSettings(max_new_tokens=16))) == first
+        assert engine.graphed.captures == 2 and engine.stats().misses > 0

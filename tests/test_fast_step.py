@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from expertswap.engine import Engine, SamplingSettings, slot_storage
+from expertswap.engine.graphed_step import GraphedDecode
 from expertswap.engine.session import CompactSession
 
 PROMPT = "The built-in function len() returns the number of items in a container, and"
@@ -101,3 +102,23 @@ def test_the_static_cache_grows_without_changing_a_result(tiny_model) -> None:
             stepped = torch.cat([tight.run([token]) for token in ids])
         assert tight.cache.capacity >= len(ids)
         torch.testing.assert_close(stepped, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("budget", ["100%", "50%"])
+def test_the_graphed_decode_pieces_reproduce_the_compact_step(tiny_model, family: str, budget: str) -> None:
+    """The CUDA step's decomposition (attention+router, loads, experts), run eagerly on the CPU."""
+    with Engine.load(tiny_model(family), budget=budget, swapper=False) as engine:
+        ids = engine.encode(PROMPT)
+        graphed = GraphedDecode(engine.compact, engine.runtime)
+        plain, pieces = CompactSession(engine.compact, len(ids) + 8), CompactSession(engine.compact, len(ids) + 8,
+                                                                                   graphed)
+        with engine.guard.lock, torch.inference_mode():
+            a, b = plain.run(ids), pieces.run(ids)
+            for _ in range(8):
+                token = int(a[-1].argmax())
+                assert token == int(b[-1].argmax())
+                a, b = plain.run([token]), pieces.run([token])
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        assert graphed.captures == 1 and pieces.cache.length == plain.cache.length
+        assert engine.stats().misses > 0 if budget == "50%" else engine.stats().misses == 0

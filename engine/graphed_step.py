@@ -1,0 +1,172 @@
+"""The decode step as CUDA graphs: two per MoE layer, with the exact policy's loads between them.
+
+Eager decoding on a GPU is Python and kernel launches (measured on an H200, OLMoE shape, 16
+layers: ~1,700 launches a token, the GPU busy 9% of the time). Here one token is a short list of
+pieces, each captured once and replayed: the embedding; per layer the attention, router and
+routing bookkeeping (piece A), then the experts and residual (piece B); the final norm and head.
+Between A and B of a layer whose committee is not full, the host reads the routing (one small
+copy) and loads what is missing, exactly as the eager path does; with every committee full the
+token is queued without a single host sync. Shapes never change (a cache of fixed capacity, the
+position a device tensor), so the graphs stay valid until a resize moves the slots or a longer
+reply needs a larger cache; then they are captured again.
+
+Off CUDA the same pieces run eagerly: the decomposition is tested on the CPU in CI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .committee import Committee, Runtime
+from .compact_step import CompactModel, KVCache, _MoE
+
+_BUCKET = 256  # cache capacities are multiples of this, so most replies reuse the captured graphs
+_STATE = ("importance", "routed", "routing_counts", "last_used", "clock", "last_token")
+
+
+@dataclass
+class _Piece:
+    run: Callable[[], None]
+    committee: Committee | None = None  # a piece A: the host loads this layer's misses after it
+    index: Callable[[], torch.Tensor] | None = None  # its routing, for those loads
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            self.run()
+        else:
+            self.graph.replay()
+
+
+class GraphedDecode:
+    """One reply's decode steps on a persistent cache; pieces captured on CUDA, run eagerly elsewhere."""
+
+    def __init__(self, compact: CompactModel, runtime: Runtime) -> None:
+        self.compact = compact
+        self.runtime = runtime
+        self.cuda = compact.device.type == "cuda"
+        self.cache: KVCache | None = None
+        self.pieces: list[_Piece] = []
+        self.key: tuple | None = None
+        self.captures = 0  # how often the pieces were (re)captured: tests and benchmarks read it
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self._token = torch.zeros(1, dtype=torch.long, device=compact.device)
+        self._position = torch.zeros(1, dtype=torch.long, device=compact.device)
+
+    def usable(self) -> bool:
+        """The exact policy in bf16/fp16: other policies decide per token on the host in ways a graph cannot
+        hold, and transformers' grouped_mm falls back to host-side offsets in fp32 (not capturable)."""
+        return self.runtime.policy == "exact" and self.compact.dtype in (torch.bfloat16, torch.float16)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """The reply's cache: the persistent one (length 0), grown to a bucket that holds ``capacity``."""
+        size = max(1, -(-capacity // _BUCKET)) * _BUCKET
+        if self.cache is None or self.cache.capacity < size:
+            self.cache, self.pieces, self.key = None, [], None  # the old graphs point into the old cache
+            self.cache = self.compact.new_cache(size, zeroed=True)
+        self.cache.length = 0
+        return self.cache
+
+    def step(self, token: int, cache: KVCache) -> torch.Tensor:
+        """Logits [1, vocab] of ``token`` at the cache's next position; the cache grows by one."""
+        assert cache is self.cache and cache.length < cache.capacity
+        self._token.fill_(token)
+        self._position.fill_(cache.length)  # before a capture too: its warm-up writes this position's keys
+        key = (id(cache), self.runtime.policy, self.runtime.eviction,
+               tuple(c.version for c in self._committees()))
+        if key != self.key:
+            self._build()
+            self.key = key
+        for piece in self.pieces:
+            piece()
+            if piece.committee is not None and not piece.committee.slots.full:
+                piece.committee.make_resident(piece.committee.needed(piece.index()))
+        cache.length += 1
+        return self._logits
+
+    # ---- building the pieces -----------------------------------------------------------------
+    def _committees(self) -> list[Committee]:
+        return [layer.mlp.experts for layer in self.compact.layers if isinstance(layer.mlp, _MoE)]
+
+    def _build(self) -> None:
+        compact, cache = self.compact, self.cache
+        assert cache is not None
+        x = torch.zeros(1, compact.embed.weight.shape[1], dtype=compact.dtype, device=compact.device)
+        held: dict[str, object] = {}  # tensors one piece leaves for the next (static under capture)
+
+        def embed() -> None:
+            x.copy_(compact.embed(self._token))
+            held["cos"], held["sin"] = (t[0] for t in compact.rotary(x[None], self._position[None]))
+
+        pieces = [_Piece(embed)]
+        for i, layer in enumerate(compact.layers):
+            pieces.extend(self._layer_pieces(i, layer, x, held, cache))
+
+        def head() -> None:
+            held["logits"] = compact.head(compact.norm(x))
+
+        pieces.append(_Piece(head))
+        if self.cuda:
+            self._capture(pieces)
+        self.pieces = pieces
+        self._held = held
+        self.captures += 1
+
+    def _layer_pieces(self, i: int, layer: object, x: torch.Tensor, held: dict[str, object],
+                      cache: KVCache) -> list[_Piece]:
+        attention, mlp = layer.attention, layer.mlp  # type: ignore[attr-defined]
+        position = self._position
+
+        def attend() -> torch.Tensor:
+            h = x + attention.step(layer.norm_in(x), held["cos"], held["sin"],  # type: ignore[attr-defined]
+                                   cache.keys[i], cache.values[i], position)
+            return h, layer.norm_mid(h)  # type: ignore[attr-defined]
+
+        if not isinstance(mlp, _MoE):
+            def dense() -> None:
+                h, y = attend()
+                x.copy_(h + mlp(y))
+
+            return [_Piece(dense)]
+        committee: Committee = mlp.experts
+
+        def route() -> None:
+            h, y = attend()
+            _, weights, index = mlp.router(y)
+            index, weights, _ = committee.observe(y, index, weights)
+            held[f"{i}"] = (h, y, index, weights)
+
+        def experts() -> None:
+            h, y, index, weights = held[f"{i}"]  # type: ignore[misc]
+            out = committee.compute(y, index, weights)
+            if mlp.shared is not None:
+                out = out + torch.sigmoid(mlp.shared_gate(y)) * mlp.shared(y)
+            x.copy_(h + out)
+
+        return [_Piece(route, committee, lambda: held[f"{i}"][2]), _Piece(experts)]  # type: ignore[index]
+
+    def _capture(self, pieces: list[_Piece]) -> None:
+        """Warm up on a side stream (bookkeeping restored after), then capture each piece in order."""
+        committees = self._committees()
+        saved = [{name: getattr(c, name).clone() for name in _STATE} for c in committees]
+        stream = torch.cuda.Stream(self.compact.device)
+        stream.wait_stream(torch.cuda.current_stream(self.compact.device))
+        with torch.cuda.stream(stream):
+            for piece in pieces:
+                piece.run()
+        torch.cuda.current_stream(self.compact.device).wait_stream(stream)
+        torch.cuda.synchronize(self.compact.device)
+        for committee, state in zip(committees, saved):
+            for name, value in state.items():
+                getattr(committee, name).copy_(value)
+        for piece in pieces:
+            piece.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(piece.graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                piece.run()
+
+    @property
+    def _logits(self) -> torch.Tensor:
+        return self._held["logits"]  # type: ignore[return-value]
