@@ -1,4 +1,4 @@
-"""python -m benchmarks [speed|swap-copy|budget-latency|quality|default-model|core-sweep|exact-budgets] ...: the benchmark harness (results in benchmarks/results)."""
+"""python -m benchmarks [speed|swap-copy|budget-latency|quality|default-model|core-sweep|exact-budgets|llama-cpp] ...: the benchmark harness (results in benchmarks/results)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     latency.add_argument("--model", choices=["default", "olmoe-shape", "qwen3-shape"], default="default")
     latency.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sub.add_parser("core-sweep", help="the engine's policy/budget sweep on a synthetic model")
+    llama = sub.add_parser("llama-cpp", help="ExpertSwap and llama.cpp on the CPU, same weights, one run")
+    llama.add_argument("--folder", required=True, help="the Hugging Face model folder")
+    llama.add_argument("--gguf", nargs="+", required=True, help="its GGUF conversions (BF16, Q8_0, ...)")
+    llama.add_argument("--llama-bench", required=True, help="path of a llama-bench binary")
+    llama.add_argument("--tokens", type=int, default=64)
+    llama.add_argument("--repeats", type=int, default=3)
+    llama.add_argument("--budgets", nargs="+", default=["100%", "50%", "25%"])
+    llama.add_argument("--cap-mib", type=int, default=None, help="run every contender under this memory cap")
     exact = sub.add_parser("exact-budgets", help="greedy tokens at every budget vs full residency, at full depth")
     exact.add_argument("--model", choices=["olmoe-shape", "qwen3-shape"], default="olmoe-shape")
     exact.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
@@ -60,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         from .quality import main as run
 
         print(run().read_text())
+    elif args.command == "llama-cpp":
+        from .llama_cpp import main as run
+
+        print(run(args.folder, args.gguf, args.llama_bench, args.tokens, args.repeats, args.budgets,
+                  args.cap_mib).read_text())
     elif args.command == "exact-budgets":
         from .exact_budgets import main as run
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from .host_memory import drop_file_pages
 from .packed import pack, packed_linear, packing_pays
 
 SUPPORTED = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
@@ -48,6 +49,8 @@ class Linear:
         self.packed = packing_pays(weight.device, weight.dtype)
         self.weight = pack(weight) if self.packed else weight
         self.splits = [m.out_features for m in modules]
+        if self.packed or len(modules) > 1:  # the originals are no longer read: their mapped file pages can go
+            drop_file_pages([m.weight.detach() for m in modules])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:

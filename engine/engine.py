@@ -28,6 +28,7 @@ from .errors import (
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings
 from .graphed_step import GraphedDecode
+from .host_memory import return_large_frees
 from .memory import current_rss_bytes, peak_rss_bytes
 from .packed import pack_linears, packing_pays
 from .planner import LayerShape, plan_capacities
@@ -154,6 +155,7 @@ class Engine:
         eviction: str = "importance",
     ) -> Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``."""
+        return_large_frees()
         torch_device = resolve_device(device)
         _check_policy(policy, torch_device, skip_threshold)
         folder, config, family = read_config(model_dir)

@@ -59,7 +59,7 @@ class GraphedDecode:
     def usable(self) -> bool:
         """The exact policy in bf16/fp16: other policies decide per token on the host in ways a graph cannot
         hold, and transformers' grouped_mm falls back to host-side offsets in fp32 (not capturable)."""
-        return self.runtime.policy == "exact" and self.compact.dtype in (torch.bfloat16, torch.float16)
+        return self.runtime.policy == "exact" and (not self.cuda or self.compact.dtype in (torch.bfloat16, torch.float16))
 
     def new_cache(self, capacity: int) -> KVCache:
         """The reply's cache: the persistent one (length 0), grown to a bucket that holds ``capacity``."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .host_memory import drop_file_pages
+
 
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """Only bf16 on a CPU whose oneDNN has bf16 kernels (fp32 matmuls go to MKL, which needs no packing)."""
@@ -42,6 +44,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = pack(linear.weight)  # a plain attribute: an opaque tensor cannot be a Parameter
         self.bias = linear.bias
+        drop_file_pages([linear.weight.detach()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.weight, self.bias)

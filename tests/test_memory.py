@@ -56,3 +56,38 @@ def test_peak_rss_at_quarter_budget(tmp_path: Path) -> None:
           f"ExpertSwap 25% +{grown / MiB:.0f} MiB (resident experts {resident / MiB:.0f} MiB)")
     assert full >= total, "the plain load should hold every expert"
     assert grown < resident + 0.25 * total, "loading must not materialise the experts it does not keep"
+
+
+def test_dropped_file_pages_leave_the_resident_set_and_read_back_intact(tmp_path) -> None:
+    """What the engine does to weights it has copied (packed, fused) out of the checkpoint's memory map."""
+    import re
+    import sys
+
+    import numpy as np
+    import pytest
+    import torch
+
+    from expertswap.engine.host_memory import drop_file_pages
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("madvise on file mappings is the Linux measure")
+    path = tmp_path / "weights.bin"
+    np.arange(16 << 20, dtype=np.float32).tofile(path)  # 64 MiB
+    mapped = np.memmap(path, dtype=np.float32, mode="c")  # private, as safetensors maps
+    tensor = torch.from_numpy(np.asarray(mapped))  # a view of the map, as transformers leaves weights
+    total = float(tensor.sum())  # every page touched: resident
+
+    def resident_kib() -> int:
+        kib, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                kib += int(line.split()[1])
+        return kib
+
+    assert resident_kib() > 60 << 10
+    assert drop_file_pages([tensor]) >= (64 << 20) - 8192
+    assert resident_kib() < 1 << 10
+    assert float(tensor.sum()) == total  # clean file pages come back from the file
+    assert drop_file_pages([torch.ones(1 << 20)]) == 0  # never heap memory

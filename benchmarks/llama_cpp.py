@@ -1,0 +1,90 @@
+"""ExpertSwap against llama.cpp on the CPU: the same weights at the same precision, side by side in one run.
+
+    python -m benchmarks llama-cpp --folder HF_DIR --gguf MODEL-BF16.gguf MODEL-Q8_0.gguf --llama-bench PATH
+                                   [--cap-mib N]
+
+llama.cpp is what users compare us with. It is built for benchmarks only, from the sources the
+``llama-cpp-python`` sdist vendors (README, Performance), and is never a dependency of the product.
+Each measurement is a fresh process; repeats go round-robin; medians. With ``--cap-mib`` every
+contender runs in a child memory cgroup (cgroup v1 ``memory.limit_in_bytes``) holding total
+memory, page cache of its mapped files included, to that many MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from .speed import RESULTS
+from .stamp import stamp
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def _cgroup(cap_mib: int | None) -> list[str]:
+    """A command prefix that runs what follows inside a fresh memory cgroup capped at ``cap_mib``."""
+    if cap_mib is None:
+        return []
+    own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+               if line.split(":")[1] == "memory")
+    group = CGROUP_ROOT / own.strip("/") / f"bench-{os.getpid()}"
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(cap_mib << 20))
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "capped"]
+
+
+def _llama(bench: str, gguf: str, tokens: int, cap: list[str]) -> dict:
+    cmd = [*cap, "/usr/bin/time", "-v", bench, "-m", gguf, "-t", "2", "-p", "0", "-n", str(tokens), "-r", "1",
+           "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:120]}
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    result = json.loads(done.stdout)[0]
+    return {"tok_s": float(result["avg_ts"]), "peak_rss": int(rss.group(1)) * 1024 if rss else 0}
+
+
+def _ours(kind: str, folder: str, budget: str, tokens: int, cap: list[str]) -> dict:
+    cmd = [*cap, sys.executable, "-m", "benchmarks.contenders", kind, folder, budget, str(tokens), "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": f"exit {done.returncode}" + (" (killed: over the cap)" if done.returncode < 0 else "")}
+    row = json.loads(lines[-1])
+    return {"tok_s": row["tok_s"], "peak_rss": row["peak_rss"]}
+
+
+def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, budgets: list[str],
+         cap_mib: int | None) -> Path:
+    cap = _cgroup(cap_mib)
+    plan = [(f"llama.cpp {Path(g).stem}", lambda g=g: _llama(bench, g, tokens, cap)) for g in ggufs]
+    plan.append(("plain transformers (bf16, eager)", lambda: _ours("full", folder, "100%", tokens, cap)))
+    plan += [(f"ExpertSwap exact {b}", lambda b=b: _ours("expertswap:exact", folder, b, tokens, cap)) for b in budgets]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in plan}
+    for _ in range(repeats):
+        for name, measure in plan:
+            runs[name].append(measure())
+            print(name, runs[name][-1], flush=True)
+    suffix = f"-cap{cap_mib}" if cap_mib else ""
+    path = RESULTS / f"llama-cpp-cpu{suffix}.md"
+    lines = [f"# ExpertSwap and llama.cpp on the CPU{f', total memory capped at {cap_mib} MiB' if cap_mib else ''}",
+             "", stamp("cpu"), "",
+             f"Model: `{Path(folder).name}` (its GGUFs converted by llama.cpp's own `convert_hf_to_gguf.py`). "
+             f"Decode only ({tokens} tokens; llama-bench `-p 0 -n {tokens} -t 2`), 2 threads, medians of {repeats} "
+             "fresh processes, contenders round-robin.", "",
+             "| contender | decode tok/s | peak RSS MiB |", "| --- | ---: | ---: |"]
+    for name, results in runs.items():
+        failed = next((r["error"] for r in results if "error" in r), None)
+        if failed:
+            lines.append(f"| {name} | failed: {failed} | |")
+            continue
+        tok_s = statistics.median(r["tok_s"] for r in results)
+        rss = statistics.median(r["peak_rss"] for r in results) / 2**20
+        lines.append(f"| {name} | {tok_s:.1f} | {rss:.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+    return path

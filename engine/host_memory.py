@@ -1,0 +1,80 @@
+"""Keeping the process's resident memory to what the engine holds: two Linux (glibc) measures.
+
+- Large allocations always come from their own mapping, so freeing one gives its memory back.
+  glibc's default threshold rises after each large free, after which expert-sized buffers come
+  from the heap and are never returned: measured on the OLMoE shape, 4 layers, on the CPU, a
+  reply's resident set grew 230 MiB as experts were packed (16 MiB with the threshold fixed).
+- Pages of the checkpoint's memory map that a weight occupied are dropped once the engine holds
+  its own (packed or fused) copy: transformers leaves CPU weights as views of the mapped file, and
+  those pages stayed resident beside the copies (328 MiB for the same model). They are clean file
+  pages: dropping them loses nothing, and a later read would fault them back in from the file.
+Elsewhere both are no-ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import sys
+from pathlib import Path
+
+import torch
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+_MADV_DONTNEED = 4
+_ONE_MIB = 1 << 20
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "madvise") else None
+
+
+_LIBC = _libc()
+
+
+def return_large_frees() -> None:
+    """Serve allocations of 1 MiB and more from their own mappings (given back to the system when freed)."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _ONE_MIB)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings that have a file behind them."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def drop_file_pages(tensors: list[torch.Tensor]) -> int:
+    """Drop the resident pages of these CPU tensors where they lie in a file mapping; returns the bytes dropped.
+
+    Only whole pages inside a tensor are dropped (an edge page may hold a neighbour still in use).
+    """
+    if _LIBC is None or not tensors:
+        return 0
+    mappings = _file_mappings()
+    page = mmap.PAGESIZE
+    dropped = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.layout != torch.strided or not tensor.is_contiguous():
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in mappings):
+            continue
+        first, last = -(-start // page) * page, end // page * page
+        if last > first and _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0:
+            dropped += last - first
+    return dropped
