@@ -69,7 +69,9 @@ def main(model: str, device: str, layers: int, budgets: list[str], tokens: int, 
                 reference = reference if reference is not None else out
                 same.append(out == reference)
             stats = engine.stats()
-            rows.append((budget, statistics.median(speeds), stats.hit_rate, all(same), out == plain_tokens))
+            guess = engine.graphed.prediction if engine.graphed is not None else None
+            predicted = f"{guess.precision:.2f} / {guess.recall:.2f}" if guess and guess.predicted else "-"
+            rows.append((budget, statistics.median(speeds), stats.hit_rate, all(same), out == plain_tokens, predicted))
     path = RESULTS / f"exact-budgets-{model}-{device}.md"
     full = rows[0][1] if rows and rows[0][0] == "100%" else None
     lines = [f"# Exact at every budget: {model}, {layers} layers, {device}", "", stamp(device), "",
@@ -77,11 +79,12 @@ def main(model: str, device: str, layers: int, budgets: list[str], tokens: int, 
              f"{', experts in pinned host RAM' if device == 'cuda' else ''}. "
              f"`same as 100%`: the engine's tokens equal its own full residency's in every repetition. "
              f"Plain transformers (eager, same weights): **{plain_speed:.1f} tok/s**.", "",
-             "| budget | tok/s | x plain transformers | x engine 100% | hit rate | same as 100% | same as transformers |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    for budget, speed, hit, same_full, same_plain in rows:
+             "| budget | tok/s | x plain transformers | x engine 100% | hit rate | prefetch precision / recall "
+             "| same as 100% | same as transformers |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for budget, speed, hit, same_full, same_plain, predicted in rows:
         ratio = f"{speed / full:.2f}" if full else "-"
-        lines.append(f"| {budget} | {speed:.1f} | {speed / plain_speed:.2f} | {ratio} | {hit:.2f} | "
+        lines.append(f"| {budget} | {speed:.1f} | {speed / plain_speed:.2f} | {ratio} | {hit:.2f} | {predicted} | "
                      f"{'yes' if same_full else 'NO'} | {'yes' if same_plain else 'no'} |")
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -321,21 +321,24 @@ class Committee(nn.Module):
         return plan
 
     @torch.inference_mode()
-    def apply_swaps(self, swaps: Sequence[Swap], start: float, background: bool = False) -> None:
+    def apply_swaps(self, swaps: Sequence[Swap], start: float, background: bool = False,
+                    ahead: bool = False) -> Callable[[], None] | None:
         """Copy experts into slots as one batch and update the maps; only between layers, under the runtime lock.
 
         The copier queues the batch (on its own stream when ``background``); the bookkeeping runs
         while it transfers; one synchronisation per batch. Each event's ``ms`` is the batch's time
-        (from ``start``, reads included) over its size.
+        (from ``start``, reads included) over its size. ``ahead`` (a prefetch): nothing waits; the
+        returned callable makes the device wait before the slots are read.
         """
         if not swaps:
-            return
+            return None
         if self.runtime.active_layers and any(swap.reason != "miss" for swap in swaps):
             self.runtime.swaps_during_forward += 1
-        finish = self.storage.write([(swap.slot, swap.tensors) for swap in swaps], background)
+        finish = self.storage.write([(swap.slot, swap.tensors) for swap in swaps], background, ahead)
         self._learn_norms(swaps)
         evicted = [self.slots.install(swap.slot, swap.expert) for swap in swaps]
-        finish()
+        if not ahead:
+            finish()
         self.slots.publish()
         ms = (time.perf_counter() - start) * 1000 / len(swaps)
         self.runtime.counters.loads += len(swaps)
@@ -343,6 +346,21 @@ class Committee(nn.Module):
         for swap, old in zip(swaps, evicted):
             self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=swap.expert, expert_out=old,
                                                   bytes=self.spec.expert_bytes, ms=ms, reason=swap.reason))
+        return finish if ahead else None
+
+    def prefetch(self, predicted: list[int]) -> Callable[[], None] | None:
+        """Start copying the predicted experts that are missing, evicting none of the predicted ones.
+
+        Only from pinned host copies (the RAM tier): the copy runs beside the compute. Returns the
+        callable that makes the device wait for it (call it before this layer's experts run), or None.
+        """
+        missing = [e for e in predicted if not self.slots.is_resident(e)]
+        if not missing or not self.store.pinned(self.layer, missing[0]):
+            return None
+        start = time.perf_counter()
+        swaps = [Swap(expert, slot, self.store.read(self.layer, expert), "prefetch")
+                 for expert, slot in zip(missing, self.victims(set(predicted)))]
+        return self.apply_swaps(swaps, start, ahead=True)
 
     @torch.inference_mode()
     def resize(self, capacity: int) -> None:

@@ -6,7 +6,11 @@ pieces, each captured once and replayed: the embedding; per layer the attention,
 routing bookkeeping (piece A), then the experts and residual (piece B); the final norm and head.
 Between A and B of a layer whose committee is not full, the host reads the routing (one small
 copy) and loads what is missing, exactly as the eager path does; with every committee full the
-token is queued without a single host sync. Shapes never change (a cache of fixed capacity, the
+token is queued without a single host sync. Piece A also applies the next MoE layer's router to
+this layer's hidden state: the experts it names are copied from pinned host memory on the copier's
+stream while this layer's experts and the next attention compute, and the device waits for that
+copy only before the next layer's loads; whatever the guess missed is still loaded exactly
+(``prediction`` counts its precision and recall). Shapes never change (a cache of fixed capacity, the
 position a device tensor), so the graphs stay valid until a resize moves the slots or a longer
 reply needs a larger cache; then they are captured again.
 
@@ -30,8 +34,7 @@ _STATE = ("importance", "routed", "routing_counts", "last_used", "clock", "last_
 @dataclass
 class _Piece:
     run: Callable[[], None]
-    committee: Committee | None = None  # a piece A: the host loads this layer's misses after it
-    index: Callable[[], torch.Tensor] | None = None  # its routing, for those loads
+    after: Callable[[], None] | None = None  # host work between this piece and the next (a piece A's loads)
     graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self) -> None:
@@ -39,6 +42,25 @@ class _Piece:
             self.run()
         else:
             self.graph.replay()
+        if self.after is not None:
+            self.after()
+
+
+@dataclass
+class Prediction:
+    """How well layer L's hidden state, through layer L+1's router, named the experts L+1 then used."""
+
+    predicted: int = 0
+    used: int = 0
+    right: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.right / self.predicted if self.predicted else 1.0
+
+    @property
+    def recall(self) -> float:
+        return self.right / self.used if self.used else 1.0
 
 
 class GraphedDecode:
@@ -52,6 +74,9 @@ class GraphedDecode:
         self.pieces: list[_Piece] = []
         self.key: tuple | None = None
         self.captures = 0  # how often the pieces were (re)captured: tests and benchmarks read it
+        self.prediction = Prediction()
+        self._guess: dict[int, set[int]] = {}  # layer -> experts predicted for it this token
+        self._joins: dict[int, Callable[[], None]] = {}  # layer -> make the device wait for its prefetch
         self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self._token = torch.zeros(1, dtype=torch.long, device=compact.device)
         self._position = torch.zeros(1, dtype=torch.long, device=compact.device)
@@ -82,10 +107,30 @@ class GraphedDecode:
             self.key = key
         for piece in self.pieces:
             piece()
-            if piece.committee is not None and not piece.committee.slots.full:
-                piece.committee.make_resident(piece.committee.needed(piece.index()))
         cache.length += 1
         return self._logits
+
+    def _between(self, committee: Committee, routing: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+                 following: Committee | None) -> None:
+        """After a layer's routing: load its misses (exact), and start the next layer's predicted experts."""
+        if join := self._joins.pop(committee.layer, None):
+            join()  # its prefetch lands before any load or read of these slots
+        if committee.slots.full and (following is None or following.slots.full):
+            return
+        index, guess = routing()
+        k = index.numel()
+        host = (torch.cat([index.flatten(), guess.flatten()]) if guess is not None else index.flatten()).cpu()
+        needed = sorted(set(host[:k].tolist()) - {-1})
+        if (predicted := self._guess.pop(committee.layer, None)) is not None:
+            self.prediction.predicted += len(predicted)
+            self.prediction.used += len(needed)
+            self.prediction.right += len(predicted & set(needed))
+        if not committee.slots.full:
+            committee.make_resident(needed)
+        if guess is not None and following is not None and not following.slots.full:
+            self._guess[following.layer] = set(host[k:].tolist())
+            if join := following.prefetch(sorted(self._guess[following.layer])):
+                self._joins[following.layer] = join
 
     # ---- building the pieces -----------------------------------------------------------------
     def _committees(self) -> list[Committee]:
@@ -102,8 +147,11 @@ class GraphedDecode:
             held["cos"], held["sin"] = (t[0] for t in compact.rotary(x[None], self._position[None]))
 
         pieces = [_Piece(embed)]
+        moe = [i for i, layer in enumerate(compact.layers) if isinstance(layer.mlp, _MoE)]
+        following = {i: compact.layers[j].mlp for i, j in zip(moe, moe[1:])}
         for i, layer in enumerate(compact.layers):
-            pieces.extend(self._layer_pieces(i, layer, x, held, cache))
+            pieces.extend(self._layer_pieces(i, layer, x, held, cache, following.get(i)))
+        self._guess, self._joins = {}, {}
 
         def head() -> None:
             held["logits"] = compact.head(compact.norm(x))
@@ -116,7 +164,7 @@ class GraphedDecode:
         self.captures += 1
 
     def _layer_pieces(self, i: int, layer: object, x: torch.Tensor, held: dict[str, object],
-                      cache: KVCache) -> list[_Piece]:
+                      cache: KVCache, following: _MoE | None) -> list[_Piece]:
         attention, mlp = layer.attention, layer.mlp  # type: ignore[attr-defined]
         position = self._position
 
@@ -138,6 +186,8 @@ class GraphedDecode:
             _, weights, index = mlp.router(y)
             index, weights, _ = committee.observe(y, index, weights)
             held[f"{i}"] = (h, y, index, weights)
+            if following is not None:  # the next MoE layer's router on this hidden state: its likely experts
+                held[f"{i}:next"] = following.router(y)[2]
 
         def experts() -> None:
             h, y, index, weights = held[f"{i}"]  # type: ignore[misc]
@@ -146,7 +196,11 @@ class GraphedDecode:
                 out = out + torch.sigmoid(mlp.shared_gate(y)) * mlp.shared(y)
             x.copy_(h + out)
 
-        return [_Piece(route, committee, lambda: held[f"{i}"][2]), _Piece(experts)]  # type: ignore[index]
+        def routing() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return held[f"{i}"][2], held.get(f"{i}:next")  # type: ignore[index, return-value]
+
+        after = lambda: self._between(committee, routing, following.experts if following else None)  # noqa: E731
+        return [_Piece(route, after), _Piece(experts)]
 
     def _capture(self, pieces: list[_Piece]) -> None:
         """Warm up on a side stream (bookkeeping restored after), then capture each piece in order."""

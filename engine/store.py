@@ -66,6 +66,11 @@ class ExpertStore:
             for expert in range(spec.num_experts):
                 self._ram[(layer, expert)] = self._read_disk(layer, expert, pin=self.pin_memory)
 
+    def pinned(self, layer: int, expert: int) -> bool:
+        """Whether this expert waits in pinned host memory (a copy from it can run beside the compute)."""
+        cached = self._ram.get((layer, expert))
+        return cached is not None and all(t.is_pinned() for t in cached.values())
+
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Host tensors of one expert, per in-memory parameter, in the model's dtype."""
         cached = self._ram.get((layer, expert))

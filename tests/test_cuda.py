@@ -105,3 +105,15 @@ def test_cuda_graphs_are_captured_once_and_again_after_a_resize_and_stay_exact(t
         engine.set_budget("50%")
         assert list(engine.generate(ids, SamplingSettings(max_new_tokens=16))) == first
         assert engine.graphed.captures == 2 and engine.stats().misses > 0
+
+
+def test_cuda_prefetch_of_predicted_experts_keeps_tokens_exact(tiny_model) -> None:
+    folder = tiny_model("olmoe")
+    with Engine.load(folder, budget="100%", device="cuda", dtype="bfloat16") as full:
+        ids = full.encode(PROMPT)
+        expected = list(full.generate(ids, SamplingSettings(max_new_tokens=24)))
+    with Engine.load(folder, budget="50%", device="cuda", dtype="bfloat16", ram_tier=True, swapper=False) as engine:
+        events = engine.subscribe()
+        assert list(engine.generate(ids, SamplingSettings(max_new_tokens=24))) == expected
+        reasons = {getattr(e, "reason", None) for e in events.drain()}
+        assert "prefetch" in reasons and engine.graphed.prediction.right > 0
