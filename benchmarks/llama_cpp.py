@@ -7,7 +7,8 @@ llama.cpp is what users compare us with. It is built for benchmarks only, from t
 ``llama-cpp-python`` sdist vendors (README, Performance), and is never a dependency of the product.
 Each measurement is a fresh process; repeats go round-robin; medians. With ``--cap-mib`` every
 contender runs in a child memory cgroup (cgroup v1 ``memory.limit_in_bytes``) holding total
-memory, page cache of its mapped files included, to that many MiB.
+memory, page cache of its mapped files included, to that many MiB; the page cache is dropped before
+each capped run (root), since a page counts against the cgroup that first read it.
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ def _cgroup(cap_mib: int | None) -> list[str]:
     return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "capped"]
 
 
+def _drop_page_cache() -> None:
+    """Under a cap, a file's pages count against the cgroup that first read them: start each capped run cold."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")  # root only; the cap measures nothing without it
+
+
 def _llama(bench: str, gguf: str, tokens: int, cap: list[str]) -> dict:
+    if cap:
+        _drop_page_cache()
     cmd = [*cap, "/usr/bin/time", "-v", bench, "-m", gguf, "-t", "2", "-p", "0", "-n", str(tokens), "-r", "1",
            "-o", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:120]}
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
@@ -50,8 +59,11 @@ def _llama(bench: str, gguf: str, tokens: int, cap: list[str]) -> dict:
 
 
 def _ours(kind: str, folder: str, budget: str, tokens: int, cap: list[str]) -> dict:
+    if cap:
+        _drop_page_cache()
     cmd = [*cap, sys.executable, "-m", "benchmarks.contenders", kind, folder, budget, str(tokens), "cpu"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent,
+                          check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"error": f"exit {done.returncode}" + (" (killed: over the cap)" if done.returncode < 0 else "")}

@@ -174,7 +174,7 @@ class _MLP:
         return self.down(self.act(gate) * up)
 
 
-class _MoE:
+class MoEBlock:
     """The family's router and the committee; Qwen2-MoE's gated shared expert beside them."""
 
     def __init__(self, block: nn.Module) -> None:
@@ -198,7 +198,7 @@ class _Layer:
         self.norm_mid = layer.post_attention_layernorm
         self.attention = _Attention(layer.self_attn, config)
         block = layer.mlp
-        self.mlp = _MoE(block) if hasattr(block, "experts") else _MLP(block)
+        self.mlp = MoEBlock(block) if hasattr(block, "experts") else _MLP(block)
 
 
 class CompactModel:
