@@ -28,7 +28,7 @@ from .errors import (
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings
 from .graphed_step import GraphedDecode
-from .host_memory import return_large_frees
+from .host_memory import own_weights, return_large_frees
 from .memory import current_rss_bytes, peak_rss_bytes
 from .packed import pack_linears, packing_pays
 from .planner import LayerShape, plan_capacities
@@ -127,6 +127,7 @@ class Engine:
         self.graphed = GraphedDecode(self.compact, runtime) if self.compact and self.device.type == "cuda" else None
         if self.compact is None and packing_pays(self.device, model.dtype):
             pack_linears(model)
+        own_weights(model)
         context = getattr(model.config, "max_position_embeddings", None)
         self.decoder = Decoder(self._new_session, context if isinstance(context, int) else None, self.guard,
                                self._stop_ids(), self._after_token, self._emit_memory_sample)

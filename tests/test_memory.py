@@ -91,3 +91,30 @@ def test_dropped_file_pages_leave_the_resident_set_and_read_back_intact(tmp_path
     assert resident_kib() < 1 << 10
     assert float(tensor.sum()) == total  # clean file pages come back from the file
     assert drop_file_pages([torch.ones(1 << 20)]) == 0  # never heap memory
+
+
+def test_no_page_of_the_checkpoint_stays_mapped_after_load_and_a_reply(tiny_model) -> None:
+    """The engine holds its own copy of every weight: the file map would keep what faults pulled in."""
+    import re
+    import sys
+
+    import pytest
+
+    from expertswap.engine import Engine, SamplingSettings
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the Linux measures")
+    folder = tiny_model("qwen2_moe")
+
+    def mapped_kib() -> int:
+        kib, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = "model" in line and line.rstrip().endswith(".safetensors") and str(folder) in line
+            elif inside and line.startswith("Rss:"):
+                kib += int(line.split()[1])
+        return kib
+
+    with Engine.load(folder, budget="50%", dtype="bfloat16", swapper=False) as engine:
+        list(engine.generate(engine.encode("a prompt of a few words"), SamplingSettings(max_new_tokens=4)))
+        assert mapped_kib() == 0
