@@ -93,18 +93,20 @@ def test_dropped_file_pages_leave_the_resident_set_and_read_back_intact(tmp_path
     assert drop_file_pages([torch.ones(1 << 20)]) == 0  # never heap memory
 
 
-def test_no_page_of_the_checkpoint_stays_mapped_after_load_and_a_reply(tiny_model) -> None:
+def test_no_page_of_the_checkpoint_stays_mapped_after_load_and_a_reply(tmp_path) -> None:
     """The engine holds its own copy of every weight: the file map would keep what faults pulled in."""
     import re
     import sys
 
     import pytest
+    import torch
 
     from expertswap.engine import Engine, SamplingSettings
+    from expertswap.engine.synthetic import build_model
 
     if not sys.platform.startswith("linux"):
         pytest.skip("the Linux measures")
-    folder = tiny_model("qwen2_moe")
+    folder = build_model("qwen2_moe", tmp_path / "model", dtype=torch.bfloat16)  # its own (others map theirs)
 
     def mapped_kib() -> int:
         kib, inside = 0, False
