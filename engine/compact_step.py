@@ -22,10 +22,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .host_memory import drop_file_pages
-from .packed import pack, packed_linear, packing_pays
+from .packed import linear, pack, packing_pays
 
 SUPPORTED = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
-_GROW = 256  # cache positions added at a time when a reply outgrows its cache
+_GROW = 256  # caches hold a multiple of this many positions (captured graphs are reused across replies)
+
+
+def cache_size(positions: int) -> int:
+    """The capacity a cache for ``positions`` gets."""
+    return max(1, -(-positions // _GROW)) * _GROW
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -43,24 +48,18 @@ class Linear:
     """One weight (several fused along the output), packed where that pays; its biases kept beside it."""
 
     def __init__(self, modules: list[nn.Linear]) -> None:
-        weight = torch.cat([_plain(m.weight) for m in modules]) if len(modules) > 1 else _plain(modules[0].weight)
+        weights = [m.weight.detach() for m in modules]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         biases = [m.bias for m in modules]
         self.bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
-        self.packed = packing_pays(weight.device, weight.dtype)
-        self.weight = pack(weight) if self.packed else weight
+        packed = packing_pays(weight.device, weight.dtype)
+        self.weight = pack(weight) if packed else weight
         self.splits = [m.out_features for m in modules]
-        if self.packed or len(modules) > 1:  # the originals are no longer read: their mapped file pages can go
-            drop_file_pages([m.weight.detach() for m in modules])
+        if packed or len(modules) > 1:  # the originals are no longer read: their mapped file pages can go
+            drop_file_pages(weights)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return packed_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-def _plain(weight: torch.Tensor) -> torch.Tensor:
-    """A linear's weight as a dense tensor (skeleton packing may already have packed it)."""
-    return weight.to_dense() if weight.layout == torch._mkldnn else weight.detach()  # type: ignore[attr-defined]
+        return linear(x, self.weight, self.bias)
 
 
 @dataclass
@@ -82,7 +81,7 @@ class KVCache:
         """Room for ``total`` positions, keeping what is filled."""
         if total <= self.capacity:
             return
-        size = -(-total // _GROW) * _GROW
+        size = cache_size(total)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = old.new_empty((*old.shape[:2], size, old.shape[3]))

@@ -19,9 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import torch.nn.functional as F
-
-from .packed import pack, packed_linear
+from .packed import linear, pack
 
 _UP = ("gate_up_proj", "up_proj")
 
@@ -47,10 +45,6 @@ def packed_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t if name.endswith("_bias") else pack(t) for name, t in weights.items()}
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return packed_linear(x, weight, bias) if weight.is_mkldnn else F.linear(x, weight, bias)
-
-
 def routed_pairs(inner: nn.Module, weights_of: Callable[[int], dict[str, torch.Tensor]], hidden: torch.Tensor,
                  index: list[list[int]], weights: torch.Tensor) -> torch.Tensor:
     """[T, k, H]: ``weights[t, j] * expert(index[t][j])(hidden[t])``, zero where the slot id is -1.
@@ -63,13 +57,12 @@ def routed_pairs(inner: nn.Module, weights_of: Callable[[int], dict[str, torch.T
 
     def expert(slot: int, x: torch.Tensor) -> torch.Tensor:
         weight = weights_of(slot)
-        y = _linear(x, weight[up], weight[f"{up}_bias"] if has_bias else None)
+        y = linear(x, weight[up], weight[f"{up}_bias"] if has_bias else None)
         y = inner._apply_gate(y) if inner.has_gate else inner.act_fn(y)
-        return _linear(y, weight["down_proj"], weight["down_proj_bias"] if has_bias else None)
+        return linear(y, weight["down_proj"], weight["down_proj_bias"] if has_bias else None)
 
     if rows == 1:  # a decode token: no gathering
-        zero = hidden.new_zeros(hidden.shape)
-        return torch.stack([expert(s, hidden) * weights[0, j] if s >= 0 else zero
+        return torch.stack([expert(s, hidden) * weights[0, j] if s >= 0 else hidden.new_zeros(hidden.shape)
                             for j, s in enumerate(index[0])], dim=1)
     pairs = hidden.new_zeros(rows * width, hidden.shape[-1])
     flat = [s for row in index for s in row]

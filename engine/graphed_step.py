@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from .committee import Committee, Runtime
-from .compact_step import CompactModel, KVCache, MoEBlock
+from .compact_step import CompactModel, KVCache, MoEBlock, cache_size
 
-_BUCKET = 256  # cache capacities are multiples of this, so most replies reuse the captured graphs
 _TRIAL = 256  # predictions before their precision decides whether prefetching goes on
 _PREFETCH_PRECISION = 0.8
 _STATE = ("importance", "routed", "routing_counts", "last_used", "clock", "last_token")
@@ -91,7 +90,7 @@ class GraphedDecode:
 
     def new_cache(self, capacity: int) -> KVCache:
         """The reply's cache: the persistent one (length 0), grown to a bucket that holds ``capacity``."""
-        size = max(1, -(-capacity // _BUCKET)) * _BUCKET
+        size = cache_size(capacity)
         if self.cache is None or self.cache.capacity < size:
             self.cache, self.pieces, self.key = None, [], None  # the old graphs point into the old cache
             self.cache = self.compact.new_cache(size, zeroed=True)

@@ -13,6 +13,7 @@ fails loudly if a torch upgrade removes them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .host_memory import drop_file_pages
@@ -27,6 +28,11 @@ def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [out, in] in oneDNN's layout for a matmul with a few rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a plain or a packed weight."""
+    return packed_linear(x, weight, bias) if weight.is_mkldnn else F.linear(x, weight, bias)
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
