@@ -1,4 +1,4 @@
-"""python -m benchmarks [speed|swap-copy|budget-latency|quality|default-model|core-sweep|exact-budgets|llama-cpp] ...: the benchmark harness (results in benchmarks/results)."""
+"""python -m benchmarks [speed|swap-copy|budget-latency|quality|default-model|core-sweep|exact-budgets|llama-cpp|prediction] ...: the benchmark harness (results in benchmarks/results)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     exact.add_argument("--budgets", nargs="+", default=["100%", "75%", "50%", "25%"])
     exact.add_argument("--tokens", type=int, default=48)
     exact.add_argument("--repeats", type=int, default=3)
+    prediction = sub.add_parser("prediction", help="the prefetch predictor's precision and recall on the default model")
+    prediction.add_argument("--tokens", type=int, default=48)
     args, rest = parser.parse_known_args(argv)
     if args.command == "speed":
         from tqdm import tqdm
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         from .exact_budgets import main as run
 
         print(run(args.model, args.device, args.layers, args.budgets, args.tokens, args.repeats).read_text())
+    elif args.command == "prediction":
+        from .prediction import main as run
+
+        run(args.tokens)
     elif args.command == "default-model":
         from .default_model import main as run
 

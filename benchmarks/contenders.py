@@ -2,7 +2,8 @@
 
     python -m benchmarks.contenders KIND FOLDER BUDGET TOKENS DEVICE
 
-KIND is ``full``, ``accelerate`` (device_map="auto" with max_memory = non-expert bytes + budget, the rest
+KIND is ``floor`` (the runtime alone: torch, transformers, the engine and the tokenizer, no weights),
+``full``, ``accelerate`` (device_map="auto" with max_memory = non-expert bytes + budget, the rest
 offloaded the Hugging Face way), ``lru`` (on-demand loading into a per-layer LRU cache, no importance, no
 background swapper: mixtral-offloading's design, on ExpertSwap's loader) or ``expertswap:POLICY``.
 """
@@ -108,11 +109,25 @@ def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: s
             "peak_vram": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
 
 
+def run_floor(folder: str) -> dict:
+    """The runtime floor: what the process holds before any weight, measured in the same run as the contenders."""
+    from transformers import AutoTokenizer
+
+    from expertswap.engine import Engine  # noqa: F401  (its imports are the floor)
+    from expertswap.engine.memory import peak_rss_bytes
+
+    AutoTokenizer.from_pretrained(folder)
+    return {"ids": [], "times": [], "peak_rss": peak_rss_bytes(), "hit_rate": None, "bytes_loaded": None,
+            "peak_vram": 0}
+
+
 def main() -> None:
     kind, folder, budget, tokens, device = sys.argv[1:6]
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if kind in ("full", "accelerate"):
+    if kind == "floor":
+        result = run_floor(folder)
+    elif kind in ("full", "accelerate"):
         result = run_transformers(folder, budget, int(tokens), device, offload=kind == "accelerate")
     elif kind == "lru":
         result = run_expertswap(folder, "exact", budget, int(tokens), device, lru=True)
@@ -121,7 +136,7 @@ def main() -> None:
     times = result.pop("times")
     decode = times[1:]
     result |= {
-        "ttft": times[0],
+        "ttft": times[0] if times else 0.0,
         "tok_s": len(decode) / sum(decode) if decode else 0.0,
         "p50_ms": 1000 * _percentile(decode, 0.5),
         "p99_ms": 1000 * _percentile(decode, 0.99),

@@ -80,7 +80,7 @@ def sweep(model: str, device: str, tokens: int, repeats: int, budgets: tuple[str
     folder = model_folder(model, device)
     contenders = ("accelerate", "lru", *(f"expertswap:{p}" for p in POLICIES[device]))
     contenders = tuple(c for c in contenders if not only or c.rpartition(":")[2] in only)
-    plan = [("full", "100%")] + [(k, b) for b in budgets for k in contenders]
+    plan = [("full", "100%"), ("floor", "-")] + [(k, b) for b in budgets for k in contenders]
     runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plan}
     for repeat in range(repeats):
         for key in plan:
@@ -104,10 +104,29 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
         med = {m: statistics.median(r[m] for r in results) for m in ("tok_s", "ttft", "p50_ms", "p99_ms", "peak_rss", "peak_vram")}
         hit = [r["hit_rate"] for r in results if r["hit_rate"] is not None]
         moved = [r["bytes_loaded"] for r in results if r["bytes_loaded"] is not None]
-        same = all(r["ids"] == full[0]["ids"] for r in results)
+        same = bool(full) and all(r["ids"] == full[0]["ids"] for r in results)
         rows.append({"kind": kind, "budget": budget, **med, "hit_rate": statistics.median(hit) if hit else None,
                      "bytes_loaded": statistics.median(moved) if moved else None, "same_tokens": same, "n": len(results)})
     return rows
+
+
+def memory_bound(floor: int, rows: list[dict], folder: Path, device: str) -> list[str]:
+    """Each exact row's peak RSS against the runtime floor + non-expert bytes + budget, plus 10%."""
+    from transformers import AutoConfig
+
+    from expertswap.engine.fit import fit_report
+
+    scale = run_dtype(device).itemsize / AutoConfig.from_pretrained(folder).dtype.itemsize  # checkpoint -> run dtype
+    lines = ["", "## Whole-process memory", "",
+             f"Runtime floor measured in this run (torch, transformers, the engine and the tokenizer, no weights): "
+             f"{floor / 2**20:.0f} MiB. Bound = 1.1 x (floor + non-expert bytes + budget), in the run dtype.", "",
+             "| budget | peak RSS MiB | bound MiB | within |", "| --- | ---: | ---: | --- |"]
+    for r in rows:
+        report = fit_report(folder, r["budget"])
+        bound = 1.1 * (floor + (report.non_expert_bytes + report.budget_bytes) * scale)
+        lines.append(f"| {r['budget']} | {r['peak_rss'] / 2**20:.0f} | {bound / 2**20:.0f} | "
+                     f"{'yes' if r['peak_rss'] <= bound else 'no'} |")
+    return lines
 
 
 def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) -> Path:
@@ -119,6 +138,8 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     cuda = device == "cuda"
     accel = {r["budget"]: r["tok_s"] for r in rows if r["kind"] == "accelerate" and "error" not in r}
     full = next(r["tok_s"] for r in rows if r["kind"] == "full")
+    floor = next((r for r in rows if r["kind"] == "floor" and "error" not in r), None)
+    rows = [r for r in rows if r["kind"] != "floor"]
     stamped = stamp(device)
     lines = [
         f"# Decode speed and memory: {model} on {device}", "", stamped + ".",
@@ -153,6 +174,9 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     if sub50:
         x = sub50["tok_s"] / full
         lines.append(f"- `substitute` at 50% >= 0.8x full residency: {x:.2f}x, {'met' if x >= 0.8 else 'not met'}.")
+    if floor:
+        lines += memory_bound(floor["peak_rss"], [r for r in rows if r["kind"] == "expertswap:exact" and "error" not in r],
+                              model_folder(model, device), device)
     stem = f"speed-{model}-{device}"
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"] != "full"):
