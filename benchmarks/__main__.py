@@ -1,4 +1,7 @@
-"""python -m benchmarks [speed|swap-copy|budget-latency|quality|default-model|core-sweep|exact-budgets|llama-cpp|prediction] ...: the benchmark harness (results in benchmarks/results)."""
+"""The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results).
+
+Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     copy.add_argument("models", nargs="*", default=["olmoe-shape", "qwen3-shape"])
     sub.add_parser("quality", help="perplexity and top-1 agreement per policy and budget (default model)")
     sub.add_parser("default-model", help="the default model's quality report")
-    latency = sub.add_parser("budget-latency", help="how fast a budget change applies mid-reply, and the stall it causes")
+    latency = sub.add_parser(
+        "budget-latency", help="how fast a budget change applies mid-reply, and the stall it causes"
+    )
     latency.add_argument("--model", choices=["default", "olmoe-shape", "qwen3-shape"], default="default")
     latency.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sub.add_parser("core-sweep", help="the engine's policy/budget sweep on a synthetic model")

@@ -8,6 +8,7 @@ the latency of the token that absorbs the change against the median token.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
@@ -50,29 +51,41 @@ def one_run(folder: Path, device: str) -> list[dict]:
     thread.join()
     applied = [e for e in events.drain() if isinstance(e, BudgetChange) and e.applied]
     engine.close()
-    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps[1:])]
     typical = statistics.median(gaps)
     for change in found:
         done = next(e for e in applied if e.t >= change["start"])
         after = next(i for i, t in enumerate(stamps) if t > change["start"])  # the first token after the request
-        change |= {"applied": done.t - change["start"], "tokens_until_applied": sum(change["start"] < t < done.t for t in stamps),
-                   "stall": (stamps[after] - stamps[after - 1]) - typical, "typical": typical}
+        change |= {
+            "applied": done.t - change["start"],
+            "tokens_until_applied": sum(change["start"] < t < done.t for t in stamps),
+            "stall": (stamps[after] - stamps[after - 1]) - typical,
+            "typical": typical,
+        }
     return found
 
 
 def main(model: str, device: str, repeats: int = 3) -> Path:
     runs = [one_run(model_folder(model, device), device) for _ in range(repeats)]
     lines = [
-        f"# Budget change latency mid-reply ({model}, {device}, {str(run_dtype(device)).removeprefix('torch.')})", "",
-        f"Model: {describe(model, device)}.", "",
-        f"{stamp(device)}; medians of {repeats} replies. Written by "
-        "`python -m benchmarks budget-latency`.", "",
-        "| change | request -> applied (ms) | tokens generated meanwhile | request -> committee at new size (ms) | stall of the next token (ms) | median token (ms) |",
+        f"# Budget change latency mid-reply ({model}, {device}, {str(run_dtype(device)).removeprefix('torch.')})",
+        "",
+        f"Model: {describe(model, device)}.",
+        "",
+        (f"{stamp(device)}; medians of {repeats} replies. Written by `python -m benchmarks budget-latency`."),
+        "",
+        (
+            "| change | request -> applied (ms) | tokens generated meanwhile | request -> committee at new size (ms) | "
+            "stall of the next token (ms) | median token (ms) |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for i, (at, budget) in enumerate(CHANGES):
         rows = [run[i] for run in runs]
-        med = {k: statistics.median(r[k] for r in rows) for k in ("applied", "tokens_until_applied", "sized", "stall", "typical")}
+        med = {
+            k: statistics.median(r[k] for r in rows)
+            for k in ("applied", "tokens_until_applied", "sized", "stall", "typical")
+        }
         lines.append(f"| to {budget} at token {at} | {1000 * med['applied']:.1f} | {med['tokens_until_applied']:.0f} | "
                      f"{1000 * med['sized']:.1f} | {1000 * med['stall']:.1f} | {1000 * med['typical']:.1f} |")
     lines += ["", "Target: a change applies within one token plus its swap time."]

@@ -18,10 +18,12 @@ import time
 
 import torch
 
+from expertswap.engine.compat import mkldnn_bf16_supported
+
 PROMPT = "Explain how a Python dictionary stores its keys and what makes lookups fast."
 def run_dtype(device: str) -> torch.dtype:
     """bf16 on GPUs and on CPUs with oneDNN bf16 kernels (as the app runs); float32 on CPUs without them."""
-    if device.split(":")[0] == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.split(":")[0] == "cuda" or mkldnn_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
@@ -49,7 +51,7 @@ def offload_cap(folder: str, budget: str, dtype: torch.dtype) -> int:
     """accelerate's max_memory: non-expert bytes + the budget, counted in the dtype the model runs in."""
     from transformers import AutoConfig
 
-    from expertswap.engine.fit import fit_report
+    from expertswap.models.fit import fit_report
 
     report = fit_report(folder, budget)  # checkpoint bytes
     scale = dtype.itemsize / AutoConfig.from_pretrained(folder).dtype.itemsize

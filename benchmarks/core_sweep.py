@@ -16,7 +16,7 @@ from pathlib import Path
 from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
-SHAPE = dict(num_experts=32, top_k=4, layers=4, hidden=256, intermediate=256, heads=4)
+SHAPE = {"num_experts": 32, "top_k": 4, "layers": 4, "hidden": 256, "intermediate": 256, "heads": 4}
 
 RUN = """
 import json, sys
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    from expertswap.engine.synthetic import build_model
+    from tools.synthetic import build_model
 
     folder = build_model("qwen3_moe", Path(tempfile.mkdtemp()) / "m", init_std=0.02, **SHAPE)
     rows = []
@@ -54,15 +54,23 @@ def main() -> None:
     lines = [
         f"# Engine core sweep ({args.device})",
         "",
-        f"{stamp(args.device)}. Synthetic Qwen3-MoE {SHAPE}, fp32, greedy, "
-        f"{args.tokens} new tokens; experts {rows[0]['total'] / 2**20:.1f} MiB in all.",
+        (
+            f"{stamp(args.device)}. Synthetic Qwen3-MoE {SHAPE}, fp32, greedy, "
+            f"{args.tokens} new tokens; experts {rows[0]['total'] / 2**20:.1f} MiB in all."
+        ),
         "",
-        "| policy | swapper | budget | tokens/s | first token (s) | hit rate | expert loads | peak resident experts (MiB) | peak RSS (MiB) |",
+        (
+            "| policy | swapper | budget | tokens/s | first token (s) | hit rate | expert loads | "
+            "peak resident experts (MiB) | peak RSS (MiB) |"
+        ),
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['swapper']} | {r['budget']} | {r['tok_s']:.1f} | {r['ttft']:.3f} | {r['hit_rate']:.2f} | "
-                     f"{r['loads']} | {r['resident'] / 2**20:.1f} | {r['peak_rss'] / 2**20:.0f} |")
+        lines.append(
+            f"| {r['policy']} | {r['swapper']} | {r['budget']} | {r['tok_s']:.1f} | {r['ttft']:.3f} | "
+            f"{r['hit_rate']:.2f} | "
+            f"{r['loads']} | {r['resident'] / 2**20:.1f} | {r['peak_rss'] / 2**20:.0f} |"
+        )
     out = RESULTS / f"core-sweep-{args.device.split(':')[0]}.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())

@@ -21,10 +21,10 @@ import torch
 import transformers
 
 from expertswap.engine import Engine, SamplingSettings
-from expertswap.engine.default_model import resolve_model, shipped
-from expertswap.engine.default_model.build import shipped_folder
-from expertswap.engine.default_model.gguf_source import find_gguf, load_tokenizer
-from expertswap.engine.default_model.recipe.data import EVAL_PROMPTS, heldout
+from expertswap.models.default_model import resolve_model, shipped
+from expertswap.models.default_model.build import shipped_folder
+from expertswap.models.default_model.gguf_source import find_gguf, load_tokenizer
+from tools.recipe.data import EVAL_PROMPTS, heldout
 
 from .stamp import stamp
 
@@ -61,7 +61,7 @@ def build_cost() -> dict:
     """First-launch build in a fresh cache, in a child process: seconds, peak RSS, size on disk."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, EXPERTSWAP_CACHE=cache)
-        code = "from expertswap.engine.default_model import resolve_model; resolve_model('default')"
+        code = "from expertswap.models.default_model import resolve_model; resolve_model('default')"
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
         seconds = time.perf_counter() - start
@@ -100,7 +100,9 @@ def main() -> None:
             if budget == "100%":
                 for prompt in EVAL_PROMPTS:
                     ids = engine.encode_chat([{"role": "user", "content": prompt}])
-                    answers["moe"].append(engine.decode(list(engine.generate(ids, SamplingSettings(max_new_tokens=60)))))
+                    answers["moe"].append(
+                        engine.decode(list(engine.generate(ids, SamplingSettings(max_new_tokens=60))))
+                    )
         print(rows[-1], flush=True)
     _, _, recipe = shipped.load(shipped_folder())
     write_report(rows, answers, cost, recipe, docs)
@@ -115,6 +117,7 @@ def _share_summary(shares: list[list[float]]) -> str:
 
 def write_report(rows, answers, cost, recipe, docs) -> None:
     full = recipe["after_shipped"]
+    shipped_mib = sum(p.stat().st_size for p in shipped_folder().iterdir()) / 2**20
     lines = [
         "# The default model: SmolLM2-135M-Instruct as a Qwen2-MoE",
         "",
@@ -122,9 +125,9 @@ def write_report(rows, answers, cost, recipe, docs) -> None:
         "",
         "Design: layers 0 and 29 dense; layers 1-28 each cut into one shared expert (192 neurons, always on) and",
         "8 routed experts of 168 neurons, top-2 (34% of each MLP's neurons active per token). Distilled on an",
-        f"{recipe['device']} for {recipe['resumed_from']['steps'] + recipe['steps']} steps of 32 x 512 tokens "
+        (f"{recipe['device']} for {recipe['resumed_from']['steps'] + recipe['steps']} steps of 32 x 512 tokens "
         f"({recipe['resumed_from']['minutes'] + recipe['minutes']:.1f} min of training; prepare and evaluation "
-        "brought the GPU total to about 18 min).",
+        "brought the GPU total to about 18 min)."),
         "",
         "## Perplexity on held-out text (full texts, recipe's GPU evaluation, bf16, 512-token windows)",
         "",
@@ -139,14 +142,14 @@ def write_report(rows, answers, cost, recipe, docs) -> None:
     before = recipe["resumed_from"]["before"]
     lines += [
         "",
-        f"Before distillation (the training-free cut, same routers' initialisation): {before['pydoc']['student']:.1f} "
-        f"(pydoc) and {before['gpl3']['student']:.1f} (GPL).",
+        (f"Before distillation (the training-free cut, same routers' initialisation): {before['pydoc']['student']:.1f} "
+        f"(pydoc) and {before['gpl3']['student']:.1f} (GPL)."),
         "",
         "## The budget slider: perplexity through the engine on this CPU (float32)",
         "",
-        f"Subset: the first {PYDOC_TOKENS} tokens of each odd pydoc topic ({sum(len(d) - 1 for d in docs['pydoc'])} "
+        (f"Subset: the first {PYDOC_TOKENS} tokens of each odd pydoc topic ({sum(len(d) - 1 for d in docs['pydoc'])} "
         f"scored tokens) and the first {GPL_TOKENS} of the GPL-3 ({sum(len(d) - 1 for d in docs['gpl3'])}). "
-        "Tokens go through `Engine.score`: the KV cache, 16-token chunks under decode rules, the swapper between",
+        "Tokens go through `Engine.score`: the KV cache, 16-token chunks under decode rules, the swapper between"),
         "chunks. Budgets are fractions of the routed experts' bytes (25% = 2 of 8 experts per layer = top-k, the",
         "minimum).",
         "",
@@ -174,7 +177,7 @@ def write_report(rows, answers, cost, recipe, docs) -> None:
         "| --- | --- | --- |",
     ]
     clean = lambda s: s.strip().replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
-    for prompt, t, m in zip(EVAL_PROMPTS, answers["teacher"], answers["moe"]):
+    for prompt, t, m in zip(EVAL_PROMPTS, answers["teacher"], answers["moe"], strict=True):
         lines.append(f"| {clean(prompt)} | {clean(t)} | {clean(m)} |")
     lines += [
         "",
@@ -186,7 +189,7 @@ def write_report(rows, answers, cost, recipe, docs) -> None:
         f"| peak RSS of the build | {cost['peak_rss'] / 2**20:.0f} MiB | |",
         f"| cache on disk (bf16 checkpoint + tokenizer) | {cost['cache_bytes'] / 2**20:.0f} MiB | |",
         f"| later launch: verify hashes, return the folder | {cost['cached_launch_s']:.1f} s | |",
-        f"| shipped file in the repository | {sum(p.stat().st_size for p in shipped_folder().iterdir()) / 2**20:.1f} MiB | <= 64 MB |",
+        f"| shipped files in the package | {shipped_mib:.1f} MiB | <= 64 MB |",
         "",
     ]
     RESULTS.mkdir(exist_ok=True)

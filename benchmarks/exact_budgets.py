@@ -22,7 +22,7 @@ from .stamp import stamp
 
 
 def _build(model: str, layers: int) -> Path:
-    from expertswap.engine.synthetic import build_model
+    from tools.synthetic import build_model
 
     family, shape = SHAPES[model]
     folder = Path(tempfile.gettempdir()) / f"expertswap-{model}-{layers}"
@@ -61,7 +61,9 @@ def main(model: str, device: str, layers: int, budgets: list[str], tokens: int, 
     plain_speed, plain_tokens = _plain(folder, device, ids, tokens, repeats)
     reference: list[int] | None = None
     for budget in budgets:
-        with Engine.load(folder, budget=budget, device=device, dtype=run_dtype(device), ram_tier=device == "cuda") as engine:
+        with Engine.load(
+            folder, budget=budget, device=device, dtype=run_dtype(device), ram_tier=device == "cuda"
+        ) as engine:
             speeds, same = [], []
             for _ in range(repeats):
                 out = list(engine.generate(ids, SamplingSettings(max_new_tokens=tokens)))
@@ -75,12 +77,12 @@ def main(model: str, device: str, layers: int, budgets: list[str], tokens: int, 
     path = RESULTS / f"exact-budgets-{model}-{device}.md"
     full = rows[0][1] if rows and rows[0][0] == "100%" else None
     lines = [f"# Exact at every budget: {model}, {layers} layers, {device}", "", stamp(device), "",
-             f"Greedy, {tokens} new tokens, {run_dtype(device)}, medians of {repeats} generations in one process"
+             (f"Greedy, {tokens} new tokens, {run_dtype(device)}, medians of {repeats} generations in one process"
              f"{', experts in pinned host RAM' if device == 'cuda' else ''}. "
              f"`same as 100%`: the engine's tokens equal its own full residency's in every repetition. "
-             f"Plain transformers (eager, same weights): **{plain_speed:.1f} tok/s**.", "",
-             "| budget | tok/s | x plain transformers | x engine 100% | hit rate | prefetch precision / recall "
-             "| same as 100% | same as transformers |",
+             f"Plain transformers (eager, same weights): **{plain_speed:.1f} tok/s**."), "",
+             ("| budget | tok/s | x plain transformers | x engine 100% | hit rate | prefetch precision / recall "
+             "| same as 100% | same as transformers |"),
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for budget, speed, hit, same_full, same_plain, predicted in rows:
         ratio = f"{speed / full:.2f}" if full else "-"

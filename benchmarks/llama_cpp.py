@@ -86,9 +86,9 @@ def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, b
     path = RESULTS / f"llama-cpp-cpu{suffix}.md"
     lines = [f"# ExpertSwap and llama.cpp on the CPU{f', total memory capped at {cap_mib} MiB' if cap_mib else ''}",
              "", stamp("cpu"), "",
-             f"Model: `{Path(folder).name}` (its GGUFs converted by llama.cpp's own `convert_hf_to_gguf.py`). "
+             (f"Model: `{Path(folder).name}` (its GGUFs converted by llama.cpp's own `convert_hf_to_gguf.py`). "
              f"Decode only ({tokens} tokens; llama-bench `-p 0 -n {tokens} -t 2`), 2 threads, medians of {repeats} "
-             "fresh processes, contenders round-robin.", "",
+             "fresh processes, contenders round-robin."), "",
              "| contender | decode tok/s | peak RSS MiB |", "| --- | ---: | ---: |"]
     for name, results in runs.items():
         failed = next((r["error"] for r in results if "error" in r), None)

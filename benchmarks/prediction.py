@@ -11,6 +11,7 @@ tokens are reported apart. Usage: python -m benchmarks prediction [--tokens 48].
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import torch
 
 from expertswap.engine import Engine, SamplingSettings
 from expertswap.engine.compact_step import MoEBlock
-from expertswap.engine.default_model import DEFAULT_MODEL, resolve_model
-from expertswap.engine.default_model.recipe.data import EVAL_PROMPTS
+from expertswap.models.default_model import DEFAULT_MODEL, resolve_model
+from tools.recipe.data import EVAL_PROMPTS
 
 from .stamp import stamp
 
@@ -33,7 +34,7 @@ class Counts:
     right: int = 0
 
     def add(self, guess: torch.Tensor, used: torch.Tensor) -> None:
-        for g, u in zip(guess.tolist(), used.tolist()):
+        for g, u in zip(guess.tolist(), used.tolist(), strict=True):
             self.predicted += len(g)
             self.used += len(u)
             self.right += len(set(g) & set(u))
@@ -62,15 +63,15 @@ def measure(tokens: int) -> dict[str, Counts]:
         assert engine.compact is not None, "the default model runs on the compact step"
         blocks = [layer.mlp for layer in engine.compact.layers if isinstance(layer.mlp, MoEBlock)]
         recorders = [Recorder(block.router) for block in blocks]
-        for block, recorder in zip(blocks, recorders):
+        for block, recorder in zip(blocks, recorders, strict=True):
             block.router = recorder
         for prompt in EVAL_PROMPTS:
             ids = engine.encode_chat([{"role": "user", "content": prompt}])
             list(engine.generate(ids, SamplingSettings(max_new_tokens=tokens, temperature=0.0)))
         with torch.no_grad():
-            for here, following in zip(recorders, recorders[1:]):
+            for here, following in itertools.pairwise(recorders):
                 k = here.calls[0][1].shape[-1]
-                for (y, _), (_, used) in zip(here.calls, following.calls):
+                for (y, _), (_, used) in zip(here.calls, following.calls, strict=True):
                     logits, _, guess = following.router(y)  # the engine's own prediction: top k
                     phase = "decode" if y.shape[0] == 1 else "prompt"
                     counts[f"{phase}, top k"].add(guess, used)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from expertswap.engine import Engine
-from expertswap.engine.default_model import resolve_model
-from expertswap.engine.default_model.gguf_source import find_gguf, load_tokenizer
-from expertswap.engine.default_model.recipe.data import calibration_texts, heldout
+from expertswap.models.default_model import resolve_model
+from expertswap.models.default_model.gguf_source import find_gguf, load_tokenizer
+from tools.recipe.data import calibration_texts, heldout
 
 from .stamp import stamp
 
@@ -57,7 +57,9 @@ def routing_counts(folder: Path, calibration: list[list[int]]) -> dict[int, list
 def measure(folder: Path) -> tuple[list[dict], dict]:
     tokenizer = load_tokenizer(find_gguf())
     docs = texts(tokenizer)
-    calibration = [tokenizer(t, add_special_tokens=False)["input_ids"][:CALIBRATION_TOKENS] for t in calibration_texts()]
+    calibration = [
+        tokenizer(t, add_special_tokens=False)["input_ids"][:CALIBRATION_TOKENS] for t in calibration_texts()
+    ]
     counts = routing_counts(folder, calibration)
     rows = []
     with Engine.load(folder, budget="100%", dtype="float32") as engine:
@@ -96,12 +98,19 @@ def write(rows: list[dict], tokens: dict[str, int]) -> Path:
 
     stamped = stamp()
     lines = [
-        "# Quality against budget: the default model's real routing", "", stamped + ". Written by `python -m benchmarks quality`.", "",
-        f"Held-out text: the first {TOKENS['pydoc']} tokens of each odd pydoc topic ({tokens['pydoc']} scored tokens) and the first",
-        f"{TOKENS['gpl3']} of the GPL-3 ({tokens['gpl3']}), float32, through `Engine.score` (KV cache, 16-token chunks under decode",
+        "# Quality against budget: the default model's real routing",
+        "",
+        stamped + ". Written by `python -m benchmarks quality`.",
+        "",
+        (f"Held-out text: the first {TOKENS['pydoc']} tokens of each odd pydoc topic ({tokens['pydoc']} scored tokens) "
+        "and the first"),
+        (f"{TOKENS['gpl3']} of the GPL-3 ({tokens['gpl3']}), float32, through `Engine.score` (KV cache, "
+         "16-token chunks under decode"),
         "rules). Agreement: share of positions whose top-1 token equals the full model's. Static committee: the",
         "N most routed experts per layer on calibration text (even pydoc topics), pinned, never swapped, misses",
-        "substituted. Budgets are shares of the routed experts' bytes: 25% = 2 of 8 experts per layer (top-2: the minimum).", "",
+        ("substituted. Budgets are shares of the routed experts' bytes: 25% = 2 of 8 experts per layer "
+        "(top-2: the minimum)."),
+        "",
         "| policy | budget | pydoc ppl | pydoc top-1 agreement | GPL-3 ppl | GPL-3 top-1 agreement |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
@@ -109,10 +118,10 @@ def write(rows: list[dict], tokens: dict[str, int]) -> Path:
         lines.append(f"| {r['policy']} | {r['budget']} | {r['pydoc_ppl']:.2f} | {r['pydoc_agree']:.1%} | "
                      f"{r['gpl3_ppl']:.2f} | {r['gpl3_agree']:.1%} |")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, name in zip(axes, ("pydoc", "gpl3")):
+    for ax, name in zip(axes, ("pydoc", "gpl3"), strict=True):
         for policy in ("exact", "substitute", "static", "skip"):
             pts = [(int(r["budget"].rstrip("%")), r[f"{name}_agree"]) for r in rows if r["policy"] == policy]
-            ax.plot(*zip(*pts), marker="o", label=policy)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
         ax.set(xlabel="budget (% of expert bytes)", ylabel="top-1 agreement with the full model", title=name)
     axes[0].legend(fontsize=8)
     fig.text(0.01, 0.01, stamped, fontsize=6)

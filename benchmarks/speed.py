@@ -26,9 +26,14 @@ POLICIES = {"cpu": ("exact", "substitute", "skip"), "cuda": ("exact", "substitut
 LABELS = {"full": "full residency", "accelerate": "accelerate offload", "lru": "LRU on demand"}
 # random weights in the real layer shapes (attention heads of 128 dims); fewer layers to fit the time
 SHAPES = {
-    "olmoe-shape": ("olmoe", dict(num_experts=64, top_k=8, hidden=2048, intermediate=1024, heads=16, vocab_size=50304)),
-    "qwen3-shape": ("qwen3_moe", dict(num_experts=128, top_k=8, hidden=2048, intermediate=768, heads=16,
-                                      vocab_size=151936)),
+    "olmoe-shape": (
+        "olmoe",
+        {"num_experts": 64, "top_k": 8, "hidden": 2048, "intermediate": 1024, "heads": 16, "vocab_size": 50304},
+    ),
+    "qwen3-shape": (
+        "qwen3_moe",
+        {"num_experts": 128, "top_k": 8, "hidden": 2048, "intermediate": 768, "heads": 16, "vocab_size": 151936},
+    ),
 }
 LAYERS = {"cpu": 2, "cuda": 2}  # each GPU call must build and sweep within 10 minutes
 
@@ -36,10 +41,10 @@ LAYERS = {"cpu": 2, "cuda": 2}  # each GPU call must build and sweep within 10 m
 def model_folder(name: str, device: str = "cpu") -> Path:
     """``default`` (the built-in model) or a name in SHAPES (OLMoE-1B-7B / Qwen3-30B-A3B layer shapes)."""
     if name == "default":
-        from expertswap.engine.default_model import resolve_model
+        from expertswap.models.default_model import resolve_model
 
         return resolve_model("default")
-    from expertswap.engine.synthetic import build_model
+    from tools.synthetic import build_model
 
     family, shape = SHAPES[name]
     layers = LAYERS[device]
@@ -61,14 +66,20 @@ def describe(name: str, device: str) -> str:
     if name == "default":
         return "the built-in default model (SmolLM2-135M cut into a Qwen2-MoE, 28 MoE layers x 8 experts, top-2)"
     family, shape = SHAPES[name]
-    return (f"random {family} weights, {LAYERS[device]} layers of {shape['num_experts']} experts (top-{shape['top_k']}, "
-            f"hidden {shape['hidden']}, expert width {shape['intermediate']}), the real model's layer shapes")
+    return (
+        f"random {family} weights, {LAYERS[device]} layers of {shape['num_experts']} experts (top-{shape['top_k']}, "
+        f"hidden {shape['hidden']}, expert width {shape['intermediate']}), the real model's layer shapes"
+    )
 
 
 def measure(kind: str, folder: Path, budget: str, tokens: int, device: str) -> dict:
     """One contender in a fresh process; a contender that cannot run there returns {"error": its last words}."""
-    run = subprocess.run([sys.executable, "-m", "benchmarks.contenders", kind, str(folder), budget, str(tokens), device],
-                         capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.contenders", kind, str(folder), budget, str(tokens), device],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"),
+    )
     if run.returncode:
         return {"error": (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1][:160]}
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -86,8 +97,10 @@ def sweep(model: str, device: str, tokens: int, repeats: int, budgets: tuple[str
         for key in plan:
             start = time.perf_counter()
             runs[key].append(measure(key[0], folder, key[1], tokens, device))
-            progress(f"{model} repeat {repeat + 1}/{repeats}: {key[0]} at {key[1]} ({time.perf_counter() - start:.0f} s)",
-                     summarise(runs))
+            progress(
+                f"{model} repeat {repeat + 1}/{repeats}: {key[0]} at {key[1]} ({time.perf_counter() - start:.0f} s)",
+                summarise(runs),
+            )
     return summarise(runs)
 
 
@@ -101,12 +114,24 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
         if failed := next((r["error"] for r in results if "error" in r), None):
             rows.append({"kind": kind, "budget": budget, "error": failed})
             continue
-        med = {m: statistics.median(r[m] for r in results) for m in ("tok_s", "ttft", "p50_ms", "p99_ms", "peak_rss", "peak_vram")}
+        med = {
+            m: statistics.median(r[m] for r in results)
+            for m in ("tok_s", "ttft", "p50_ms", "p99_ms", "peak_rss", "peak_vram")
+        }
         hit = [r["hit_rate"] for r in results if r["hit_rate"] is not None]
         moved = [r["bytes_loaded"] for r in results if r["bytes_loaded"] is not None]
         same = bool(full) and all(r["ids"] == full[0]["ids"] for r in results)
-        rows.append({"kind": kind, "budget": budget, **med, "hit_rate": statistics.median(hit) if hit else None,
-                     "bytes_loaded": statistics.median(moved) if moved else None, "same_tokens": same, "n": len(results)})
+        rows.append(
+            {
+                "kind": kind,
+                "budget": budget,
+                **med,
+                "hit_rate": statistics.median(hit) if hit else None,
+                "bytes_loaded": statistics.median(moved) if moved else None,
+                "same_tokens": same,
+                "n": len(results),
+            }
+        )
     return rows
 
 
@@ -114,12 +139,12 @@ def memory_bound(floor: int, rows: list[dict], folder: Path, device: str) -> lis
     """Each exact row's peak RSS against the runtime floor + non-expert bytes + budget, plus 10%."""
     from transformers import AutoConfig
 
-    from expertswap.engine.fit import fit_report
+    from expertswap.models.fit import fit_report
 
     scale = run_dtype(device).itemsize / AutoConfig.from_pretrained(folder).dtype.itemsize  # checkpoint -> run dtype
     lines = ["", "## Whole-process memory", "",
-             f"Runtime floor measured in this run (torch, transformers, the engine and the tokenizer, no weights): "
-             f"{floor / 2**20:.0f} MiB. Bound = 1.1 x (floor + non-expert bytes + budget), in the run dtype.", "",
+             (f"Runtime floor measured in this run (torch, transformers, the engine and the tokenizer, no weights): "
+             f"{floor / 2**20:.0f} MiB. Bound = 1.1 x (floor + non-expert bytes + budget), in the run dtype."), "",
              "| budget | peak RSS MiB | bound MiB | within |", "| --- | ---: | ---: | --- |"]
     for r in rows:
         report = fit_report(folder, r["budget"])
@@ -142,14 +167,25 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
     rows = [r for r in rows if r["kind"] != "floor"]
     stamped = stamp(device)
     lines = [
-        f"# Decode speed and memory: {model} on {device}", "", stamped + ".",
-        f"Greedy, {tokens} new tokens after a chat prompt, {str(run_dtype(device)).removeprefix('torch.')}"
-        f"{', experts in pinned host RAM' if device == 'cuda' else ''}; medians of {repeats} runs, each a fresh process, "
-        "contenders interleaved round-robin. `same tokens`: identical to full residency in every run.", "",
-        f"Model: {describe(model, device)}.", "",
-        "| contender | budget | tokens/s | x accelerate | x full | first token (s) | p50 ms | p99 ms | hit rate | MiB moved | "
-        f"peak RSS MiB | {'peak VRAM MiB | ' if cuda else ''}same tokens |",
-        f"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | {'---: | ' if cuda else ''}--- |",
+        f"# Decode speed and memory: {model} on {device}",
+        "",
+        stamped + ".",
+        (
+            f"Greedy, {tokens} new tokens after a chat prompt, {str(run_dtype(device)).removeprefix('torch.')}"
+            f"{', experts in pinned host RAM' if device == 'cuda' else ''}; medians of {repeats} runs, "
+            "each a fresh process, "
+            "contenders interleaved round-robin. `same tokens`: identical to full residency in every run."
+        ),
+        "",
+        f"Model: {describe(model, device)}.",
+        "",
+        (
+            "| contender | budget | tokens/s | x accelerate | x full | first token (s) | p50 ms | p99 ms | hit rate | "
+            "MiB moved | "
+            f"peak RSS MiB | {'peak VRAM MiB | ' if cuda else ''}same tokens |"
+        ),
+        ("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+        f"{'---: | ' if cuda else ''}--- |"),
     ]
     for r in rows:
         if "error" in r:
@@ -163,8 +199,12 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
             f"{r['tok_s'] / full:.2f} | {r['ttft']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {hit} | {moved} | "
             f"{r['peak_rss'] / 2**20:.0f} | {vram(r) if cuda else ''}"
             f"{'yes' if r['same_tokens'] else 'no'} |")
-    exact50 = next((r for r in rows if r["kind"] == "expertswap:exact" and r["budget"] == "50%" and "error" not in r), None)
-    sub50 = next((r for r in rows if r["kind"] == "expertswap:substitute" and r["budget"] == "50%" and "error" not in r), None)
+    exact50 = next(
+        (r for r in rows if r["kind"] == "expertswap:exact" and r["budget"] == "50%" and "error" not in r), None
+    )
+    sub50 = next(
+        (r for r in rows if r["kind"] == "expertswap:substitute" and r["budget"] == "50%" and "error" not in r), None
+    )
     lines += ["", "## Targets", ""]
     if exact50 and "50%" not in accel:
         lines.append("- `exact` at 50% >= 3x accelerate offloading: accelerate could not run at 50% (above).")
@@ -175,14 +215,18 @@ def write(rows: list[dict], model: str, device: str, tokens: int, repeats: int) 
         x = sub50["tok_s"] / full
         lines.append(f"- `substitute` at 50% >= 0.8x full residency: {x:.2f}x, {'met' if x >= 0.8 else 'not met'}.")
     if floor:
-        lines += memory_bound(floor["peak_rss"], [r for r in rows if r["kind"] == "expertswap:exact" and "error" not in r],
-                              model_folder(model, device), device)
+        lines += memory_bound(
+            floor["peak_rss"],
+            [r for r in rows if r["kind"] == "expertswap:exact" and "error" not in r],
+            model_folder(model, device),
+            device,
+        )
     stem = f"speed-{model}-{device}"
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"] != "full"):
         pts = [(int(r["budget"].rstrip("%")), r["tok_s"]) for r in rows if r["kind"] == kind and "error" not in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label(kind))
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label(kind))
     ax.axhline(full, color="black", linestyle="--", label="full residency")
     ax.set(xlabel="budget (% of expert bytes)", ylabel="decode tokens/s", title=f"{model} on {device}")
     ax.set_yscale("log")

@@ -54,7 +54,9 @@ def swap_path_throughput(engine: Engine, swaps: int, batch: int) -> tuple[float,
         committee = engine.committees[n % len(engine.committees)]
         outside = [e for e in range(committee.num_experts) if e not in committee.resident_experts]
         experts, slots = rng.sample(outside, batch), rng.sample(range(committee.capacity), batch)
-        plan = [Swap(e, s, engine.store.read(committee.layer, e), "prefetch") for e, s in zip(experts, slots)]
+        plan = [
+            Swap(e, s, engine.store.read(committee.layer, e), "prefetch") for e, s in zip(experts, slots, strict=True)
+        ]
         torch.cuda.synchronize()
         start = time.perf_counter()
         with engine.runtime.lock:
@@ -100,18 +102,20 @@ def write(results: list[dict]) -> Path:
         f"(its batch: `swaps_per_layer` experts; a miss burst: {BURST}), 64 experts after 2 warm-up batches, wall",
         "time including the lock and the maps. Decode events: the swap events of a 64-token reply at a 25% budget",
         "(reading the experts included). The target is judged on the swapper's batch.", "",
-        "| model | expert MiB | link, 256 MiB copy (GiB/s) | link, one expert's size (GiB/s) | swap path (GiB/s) | "
+        ("| model | expert MiB | link, 256 MiB copy (GiB/s) | link, one expert's size (GiB/s) | swap path (GiB/s) | "
         f"swap path / link | ms per swap | batch of {BURST} (GiB/s) | decode events | decode swaps (GiB/s, median) | "
-        "target (>= 70%) |",
+        "target (>= 70%) |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         share = r["path"] / r["link_big"]
         lines.append(
-            f"| {r['model']} | {r['expert_bytes'] / 2**20:.1f} | {r['link_big'] / gib:.1f} | {r['link_expert'] / gib:.1f} | "
-            f"{r['path'] / gib:.1f} (batch of {r['batch']}) | {share:.0%} | {r['path_ms']:.2f} | {r['burst'] / gib:.1f} | "
+            f"| {r['model']} | {r['expert_bytes'] / 2**20:.1f} | {r['link_big'] / gib:.1f} | "
+            f"{r['link_expert'] / gib:.1f} | {r['path'] / gib:.1f} (batch of {r['batch']}) | {share:.0%} | "
+            f"{r['path_ms']:.2f} | {r['burst'] / gib:.1f} | "
             f"{r['events']} | {r['event_rate'] / gib:.1f} | "
-            f"{'met' if share >= 0.7 else 'not met'} |")
+            f"{'met' if share >= 0.7 else 'not met'} |"
+        )
     lines += ["", *(f"- {r['model']}: {describe(r['model'], 'cuda')}." for r in results), ""]
     out = RESULTS / "swap-copy-cuda.md"
     out.write_text("\n".join(lines))

@@ -28,7 +28,8 @@ INSTALL_SH = """#!/bin/sh
 here="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$HOME/.local/share/applications" "$HOME/.local/share/icons/hicolor/256x256/apps"
 cp "$here/expertswap.png" "$HOME/.local/share/icons/hicolor/256x256/apps/expertswap.png"
-sed "s|^Exec=expertswap|Exec=\\"$here/expertswap\\"|" "$here/expertswap.desktop" > "$HOME/.local/share/applications/expertswap.desktop"
+apps="$HOME/.local/share/applications"
+sed "s|^Exec=expertswap|Exec=\\"$here/expertswap\\"|" "$here/expertswap.desktop" > "$apps/expertswap.desktop"
 echo "ExpertSwap added to the menu; run it with: $here/expertswap"
 """
 
@@ -54,7 +55,7 @@ def executable(app: Path) -> Path:
 def linux_tarball(app: Path) -> Path:
     """Desktop integration files next to the binary, then the whole folder as a tar.gz."""
     shutil.copy(ROOT / "packaging" / "expertswap.desktop", app / "expertswap.desktop")
-    shutil.copy(ROOT / "resources" / "icons" / "expertswap.png", app / "expertswap.png")
+    shutil.copy(ROOT / "src" / "expertswap" / "app" / "icons" / "expertswap.png", app / "expertswap.png")
     script = app / "install.sh"
     script.write_text(INSTALL_SH)
     script.chmod(0o755)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-OUT = Path(__file__).resolve().parents[1] / "resources" / "icons"
+OUT = Path(__file__).resolve().parents[1] / "src" / "expertswap" / "app" / "icons"
 LIT = {(0, 1), (1, 3), (2, 0), (2, 2), (3, 1)}  # resident experts, one per row or two: the committee
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ try:
 except ModuleNotFoundError as missing:  # a GPU box running only the engine's CUDA tests has no Qt
     if missing.name != "PySide6":
         raise
-from expertswap.engine.synthetic import FAMILY_NAMES, build_model
+from expertswap.engine import Engine
+from tools.synthetic import FAMILY_NAMES, build_model
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -53,6 +55,30 @@ def reference() -> Callable[[Path], PreTrainedModel]:
 
 
 ALL_FAMILIES = FAMILY_NAMES
+
+
+@pytest.fixture
+def open_engine() -> Iterator[Callable[..., Engine]]:
+    """``open_engine(folder, ...)``: ``Engine.load`` whose engines are closed when the test ends, pass or fail."""
+    engines: list[Engine] = []
+
+    def load(*args: object, **kwargs: object) -> Engine:
+        engines.append(Engine.load(*args, **kwargs))
+        return engines[-1]
+
+    yield load
+    for engine in engines:
+        engine.close()
+
+
+@pytest.fixture(autouse=True)
+def no_engine_thread_outlives_its_test() -> Iterator[None]:
+    """Every engine a test opens is closed by its end: none of its threads (swapper, memory watcher,
+    generation worker) may still run. A leak here would make later tests share a busy CPU and lock."""
+    before = set(threading.enumerate())
+    yield
+    alive = [t.name for t in threading.enumerate() if t not in before and t.name.startswith("expertswap-")]
+    assert not alive, f"engine threads still running after the test (close every engine it opened): {alive}"
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ from .conftest import make_window as _make_window
 
 
 def _run_reply(loop, window: MainWindow, text: str, stop_after: int | None = None) -> tuple[list[str], list[str], int]:
-    chunks, finished, ticks = [], [], [0]
+    chunks, finished, ticks = [], [], [0]  # ticks: timer events between the first chunk and the last
     timer = QTimer(interval=5)
-    timer.timeout.connect(lambda: ticks.__setitem__(0, ticks[0] + 1))
+    timer.timeout.connect(lambda: chunks and not finished and ticks.__setitem__(0, ticks[0] + 1))
     window.session.reply_chunk.connect(chunks.append)
     window.session.reply_finished.connect(finished.append)
     if stop_after is not None:
@@ -35,7 +36,7 @@ def test_reply_streams_into_the_view_and_gui_stays_responsive(window: MainWindow
     window.reply_settings.max_tokens.setValue(24)
     chunks, finished, ticks = _run_reply(loop, window, "Hello there")
     assert len(chunks) == 24 and finished == ["done"]
-    assert ticks > 3  # the GUI thread kept running timers while tokens were generated
+    assert ticks >= 1  # the GUI thread ran a timer between the reply's first token and its end
     reply = "".join(chunks)
     assert window.messages[-1] == {"role": "assistant", "content": reply}
     assert reply.strip()[:10] in window.chat.toPlainText()
@@ -53,13 +54,15 @@ def test_slider_resizes_the_committee_and_telemetry_reaches_map_and_log(window: 
     before = sum(engine.residency().capacity.values())
     window.budget.slider.setValue(0)  # the minimum committee
     qtbot.waitUntil(lambda: engine.stats().budget_bytes == engine.stats().minimum_budget_bytes, timeout=3000)
-    assert sum(engine.residency().capacity.values()) < before
-    assert "experts" in window.budget.label.text()
+    held = sum(engine.residency().capacity.values())
+    assert held < before
+    # the label shows the engine's own count, not an estimate from bytes
+    assert f"committee of {held} of {engine.total_experts} experts" in window.budget.label.text()
     window.reply_settings.max_tokens.setValue(16)
     _run_reply(loop, window, "Swap some experts please")
     window.session.drain()
     assert window.log.table.rowCount() > 0  # swap events arrived
-    shown = {layer: experts for layer, experts in window.map.resident.items()}
+    shown = dict(window.map.resident.items())
     assert shown == {layer: set(experts) for layer, experts in engine.residency().resident.items()}
     assert all(len(v) <= engine.residency().capacity[k] for k, v in shown.items())
     snapshot = engine.residency()
@@ -192,7 +195,7 @@ def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, loop, tiny_mode
     from expertswap.app import models_dialog
     from expertswap.app.models_dialog import ModelsDialog
     from expertswap.engine import format_bytes
-    from expertswap.engine.fit import fit_report
+    from expertswap.models.fit import fit_report
 
     threads: list[threading.Thread] = []
 
@@ -249,7 +252,9 @@ def test_models_dialog_downloads_with_progress_then_reports(qtbot, loop, tiny_mo
     from .test_download import FakeHub
 
     class TinyHub(FakeHub):
-        files = {p.name: p.read_bytes() for p in tiny_model("olmoe").iterdir() if p.is_file()}
+        files: ClassVar[dict[str, bytes]] = {
+            p.name: p.read_bytes() for p in tiny_model("olmoe").iterdir() if p.is_file()
+        }
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), TinyHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -295,8 +300,16 @@ def test_an_offline_download_says_so_and_can_be_retried(qtbot, loop, tmp_path: P
 
 def test_every_control_has_an_accessible_name(qtbot, tmp_path: Path) -> None:
     from PySide6.QtWidgets import (
-        QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QListWidget, QPlainTextEdit, QSlider, QTableWidget,
-        QTextBrowser, QWidget,
+        QAbstractButton,
+        QAbstractSpinBox,
+        QComboBox,
+        QLineEdit,
+        QListWidget,
+        QPlainTextEdit,
+        QSlider,
+        QTableWidget,
+        QTextBrowser,
+        QWidget,
     )
 
     from expertswap.app.models_dialog import ModelsDialog
@@ -331,8 +344,8 @@ def test_budget_moves_mid_reply_and_policy_controls_reach_the_engine(window: Mai
     chunks, finished, _ = _run_reply(loop, window, "Keep talking while I move the slider")
     assert finished == ["done"] and len(chunks) == 40
     qtbot.waitUntil(lambda: engine.stats().budget_bytes == engine.stats().minimum_budget_bytes, timeout=3000)
-    cpu_item = window.budget.policy.model().item(window.budget.policy.findText("cpu"))
-    assert not cpu_item.isEnabled()  # a CPU engine has no cpu policy
+    policies = [window.budget.policy.itemText(i) for i in range(window.budget.policy.count())]
+    assert policies == list(engine.policies) and "cpu" not in policies  # the engine's own list: no cpu on a CPU
     window.budget.policy.setCurrentText("skip")
     window.budget.threshold.setValue(0.3)
     assert window.budget.threshold.isEnabled()

@@ -37,7 +37,7 @@ def test_missing_folder(tmp_path: Path) -> None:
 def test_missing_config(tiny_model, tmp_path: Path) -> None:
     folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
     (folder / "config.json").unlink()
-    with pytest.raises(ModelFormatError, match="config.json"):
+    with pytest.raises(ModelFormatError, match=r"config\.json"):
         Engine.load(folder)
 
 
@@ -94,9 +94,9 @@ def test_unsupported_switch_transformers(tmp_path: Path) -> None:
         Engine.load(tmp_path)
 
 
-def test_budget_below_minimum(tiny_model) -> None:
+def test_budget_below_minimum(tiny_model, open_engine) -> None:
     folder = tiny_model("qwen3_moe")
-    minimum = Engine.load(folder).minimum_budget_bytes
+    minimum = open_engine(folder).minimum_budget_bytes
     with pytest.raises(BudgetTooSmallError) as err:
         Engine.load(folder, budget=minimum - 1)
     assert err.value.minimum_bytes == minimum
@@ -178,7 +178,7 @@ CONFIG_CASES = {
 def test_bad_configs_are_model_format_errors(tiny_model, tmp_path: Path, case: str) -> None:
     folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
     _edit_config(folder, CONFIG_CASES[case])
-    with pytest.raises(ModelFormatError, match="config.json|layer"):
+    with pytest.raises(ModelFormatError, match=r"config\.json|layer"):
         Engine.load(folder)
 
 
@@ -297,7 +297,7 @@ def test_a_pickle_beside_the_safetensors_is_never_loaded(tiny_model, reference, 
 
 
 def _cli(capsys, *args: str) -> tuple[int, str]:
-    from expertswap.engine.cli import main
+    from expertswap.cli import main
 
     code = main(list(args))
     return code, capsys.readouterr().err
@@ -308,12 +308,12 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model, tmp_path: Path, capsys)
     capsys.readouterr()  # building the fixture printed a progress bar
     base = ["generate", "--model", model, "--max-new-tokens", "4"]
     cases = {
-        "empty prompt": (base + ["--prompt", ""], "empty"),
-        "budget 1e400": (base + ["--prompt", "hi", "--budget", "1e400"], "too large"),
+        "empty prompt": ([*base, "--prompt", ""], "empty"),
+        "budget 1e400": ([*base, "--prompt", "hi", "--budget", "1e400"], "too large"),
         "no tokens": (["generate", "--model", model, "--max-new-tokens", "0", "--prompt", "hi"], "max_new_tokens"),
-        "unwritable events": (base + ["--prompt", "hi", "--events", str(tmp_path / "no" / "such" / "dir" / "e.jsonl")],
+        "unwritable events": ([*base, "--prompt", "hi", "--events", str(tmp_path / "no" / "such" / "dir" / "e.jsonl")],
                               "cannot write events"),
-        "undecodable prompt": (base + ["--prompt", "caf\udce9"], "UTF-8"),
+        "undecodable prompt": ([*base, "--prompt", "caf\udce9"], "UTF-8"),
         "chat at temperature nan": (["chat", "--model", model, "--temperature", "nan"], "temperature"),
         "chat with top-p 0": (["chat", "--model", model, "--top-p", "0"], "top_p"),
         "a model folder of garbage": (["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "2"],
@@ -333,7 +333,7 @@ def test_cli_chat_skips_an_undecodable_line_and_ctrl_c_ends_cleanly(tiny_model) 
     import time
 
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    cmd = [sys.executable, "-m", "expertswap.engine.cli", "chat", "--model", str(tiny_model("qwen3_moe")),
+    cmd = [sys.executable, "-m", "expertswap.cli", "chat", "--model", str(tiny_model("qwen3_moe")),
            "--max-new-tokens", "4"]
     done = subprocess.run(cmd, input=b"caf\xe9\nhello\n\n", capture_output=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
@@ -345,8 +345,10 @@ def test_cli_chat_skips_an_undecodable_line_and_ctrl_c_ends_cleanly(tiny_model) 
     child.stdin.flush()
     seen = b""
     while b"bot> " not in seen:  # generating now
-        seen += child.stdout.read1(64)
+        chunk = child.stdout.read1(64)
+        assert chunk, f"the chat ended before replying: {child.communicate()[1][-2000:]!r}"
+        seen += chunk
     time.sleep(0.2)
     child.send_signal(signal.SIGINT)
-    out, err = child.communicate(b"\n", timeout=60)
+    _out, err = child.communicate(b"\n", timeout=60)
     assert b"Traceback" not in err and child.returncode in (0, 130), err

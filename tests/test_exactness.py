@@ -20,8 +20,11 @@ def _reference_tokens(ref, ids: list[int]) -> list[int]:
 
 def _slot_bytes(engine: Engine) -> int:
     """Resident bytes counted independently of the engine: every parameter the committees own."""
-    tensors = [t for c in engine.committees
-               for t in [*c.inner.parameters(), *(w for slot in getattr(c.storage, "slots", []) for w in slot.values())]]
+    tensors = [
+        t
+        for c in engine.committees
+        for t in [*c.inner.parameters(), *(w for slot in getattr(c.storage, "slots", []) for w in slot.values())]
+    ]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -78,7 +81,7 @@ def test_substitute_half_budget_never_loads_while_decoding(tiny_model, family: s
     ids = engine.encode(PROMPT)
     loads_after_prompt = None
     count = 0
-    for count, _ in enumerate(engine.generate(ids, SamplingSettings(max_new_tokens=NEW_TOKENS)), start=1):
+    for count, _ in enumerate(engine.generate(ids, SamplingSettings(max_new_tokens=NEW_TOKENS)), start=1):  # noqa: B007 (read below)
         if loads_after_prompt is None:
             loads_after_prompt = engine.stats().expert_loads
             events.drain()

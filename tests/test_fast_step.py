@@ -124,4 +124,6 @@ def test_the_graphed_decode_pieces_reproduce_the_compact_step(tiny_model, family
         assert engine.stats().misses > 0 if budget == "50%" else engine.stats().misses == 0
         guessed = graphed.prediction
         if budget == "50%":  # the next layer's router on this layer's state: counted against what was used
-            assert guessed.predicted > 0 and guessed.used > 0 and 0 < guessed.right <= min(guessed.predicted, guessed.used)
+            assert (
+                guessed.predicted > 0 and guessed.used > 0 and 0 < guessed.right <= min(guessed.predicted, guessed.used)
+            )

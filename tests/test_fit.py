@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from expertswap.engine import Engine, ModelNotFoundError, UnsupportedArchitectureError
-from expertswap.engine.fit import fit_report
+from expertswap.models.fit import fit_report
+
 from .conftest import ALL_FAMILIES
 
 
@@ -33,7 +34,7 @@ def test_plain_warnings(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     class Tiny:
         available = 1024
 
-    monkeypatch.setattr("expertswap.engine.fit.psutil.virtual_memory", lambda: Tiny())
+    monkeypatch.setattr("expertswap.models.fit.psutil.virtual_memory", lambda: Tiny())
     report = fit_report(folder, "100%")
     assert not report.fits and "will not fit" in report.warning() and "free RAM" in report.warning()
 

@@ -43,7 +43,7 @@ def _mutate_header(rng: random.Random, header: dict) -> object:
         return {k: v for k, v in header.items() if k != key}
     entry = dict(header[key])
     field = rng.choice(["dtype", "shape", "data_offsets"])
-    entry[field] = rng.choice(VALUES + ["F16", "I32", "BF16", "Q4", [0, 4], [8, 4], [-4, 4], [1, 2, 3]])
+    entry[field] = rng.choice([*VALUES, "F16", "I32", "BF16", "Q4", [0, 4], [8, 4], [-4, 4], [1, 2, 3]])
     return {**header, key: entry}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from expertswap.engine.synthetic import build_model
+from tools.synthetic import build_model
 
 MiB = 2**20
 
@@ -79,7 +79,7 @@ def test_dropped_file_pages_leave_the_resident_set_and_read_back_intact(tmp_path
 
     def resident_kib() -> int:
         kib, inside = 0, False
-        for line in open("/proc/self/smaps"):
+        for line in Path("/proc/self/smaps").read_text().splitlines():
             if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
                 inside = line.rstrip().endswith(str(path))
             elif inside and line.startswith("Rss:"):
@@ -102,7 +102,7 @@ def test_no_page_of_the_checkpoint_stays_mapped_after_load_and_a_reply(tmp_path)
     import torch
 
     from expertswap.engine import Engine, SamplingSettings
-    from expertswap.engine.synthetic import build_model
+    from tools.synthetic import build_model
 
     if not sys.platform.startswith("linux"):
         pytest.skip("the Linux measures")
@@ -110,7 +110,7 @@ def test_no_page_of_the_checkpoint_stays_mapped_after_load_and_a_reply(tmp_path)
 
     def mapped_kib() -> int:
         kib, inside = 0, False
-        for line in open("/proc/self/smaps"):
+        for line in Path("/proc/self/smaps").read_text().splitlines():
             if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
                 inside = "model" in line and line.rstrip().endswith(".safetensors") and str(folder) in line
             elif inside and line.startswith("Rss:"):

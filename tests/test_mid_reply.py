@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,7 @@ def _assert_stored_equals_shown(window: MainWindow) -> None:
     assert window.chat.texts() == [m["content"] for m in window.messages]
     for chat in window.store.search():
         roles = [m["role"] for m in window.store.messages(chat.id)]
-        assert roles[:1] == ["user"] and ("assistant", "assistant") not in zip(roles, roles[1:]), roles
+        assert roles[:1] == ["user"] and ("assistant", "assistant") not in itertools.pairwise(roles), roles
 
 
 def _spy_contexts(window: MainWindow, monkeypatch: pytest.MonkeyPatch) -> list[list[dict[str, str]]]:
@@ -285,7 +286,7 @@ def test_kill_9_of_the_real_window_mid_reply(tiny_model, tmp_path: Path) -> None
             assert messages[at + 1]["role"] == "assistant" and len(messages[at + 1]["content"]) == length
         for messages in stored.values():
             roles = [m["role"] for m in messages]
-            assert roles[:1] == ["user"] and ("assistant", "assistant") not in zip(roles, roles[1:])
+            assert roles[:1] == ["user"] and ("assistant", "assistant") not in itertools.pairwise(roles)
         asked = max(finished, default=-1) + 1  # plus the one in progress, if its question was committed
         assert len(questions) in (asked, asked + 1)
         replies += len(finished)

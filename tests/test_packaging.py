@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "packaging"))
 
-from .test_default_model import has_gguf  # noqa: E402
-
 from version import VERSION, write_windows_version_file  # noqa: E402
+
+from .test_default_model import has_gguf  # noqa: E402
 
 
 @has_gguf
@@ -45,9 +45,13 @@ def test_desktop_entry_and_icons() -> None:
     entry.optionxform = str
     entry.read(ROOT / "packaging" / "expertswap.desktop")
     desktop = entry["Desktop Entry"]
-    assert desktop["Type"] == "Application" and desktop["Exec"].startswith("expertswap") and desktop["Icon"] == "expertswap"
+    assert (
+        desktop["Type"] == "Application"
+        and desktop["Exec"].startswith("expertswap")
+        and desktop["Icon"] == "expertswap"
+    )
     for name in ("expertswap.png", "expertswap.ico", "expertswap.icns"):
-        assert (ROOT / "resources" / "icons" / name).stat().st_size > 1000
+        assert (ROOT / "src" / "expertswap" / "app" / "icons" / name).stat().st_size > 1000
 
 
 @has_gguf
@@ -62,7 +66,14 @@ def test_linux_package_builds_and_passes_its_self_test() -> None:
     with tarfile.open(tarball) as tar:
         names = set(tar.getnames())
     top = f"expertswap-{VERSION}"
-    for member in ("expertswap", "expertswap.desktop", "install.sh", "_internal/resources/default_model/plan.safetensors"):
+    for member in (
+        "expertswap",
+        "expertswap.desktop",
+        "install.sh",
+        "_internal/expertswap/models/default_model/files/plan.safetensors",
+        "_internal/expertswap/app/icons/expertswap.png",
+        "_internal/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ):
         assert f"{top}/{member}" in names
 
 
@@ -85,7 +96,9 @@ def test_gui_libs_names_the_apt_packages_of_missing_libraries(tmp_path: Path, mo
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(plugin), str(tmp_path / "plugin.c"), str(dep)], check=True)
     dep.unlink()
     monkeypatch.setattr(gui_libs, "xcb_plugin_libraries", lambda: [plugin])
-    assert gui_libs.missing_sonames("\tlibfoo.so.1 => not found\n\tlibc.so.6 => /lib/libc.so.6 (0x1)\n") == ["libfoo.so.1"]
+    assert gui_libs.missing_sonames("\tlibfoo.so.1 => not found\n\tlibc.so.6 => /lib/libc.so.6 (0x1)\n") == [
+        "libfoo.so.1"
+    ]
     assert gui_libs.check() == ["libexpertswap-absent7"]
     monkeypatch.setattr(gui_libs.os, "geteuid", lambda: 1000)  # not root: say what to run, do not run it
     monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)

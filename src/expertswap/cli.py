@@ -11,18 +11,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .committee import EVICTIONS, POLICIES
-from .default_model import DEFAULT_MODEL, resolve_model
-from .engine import Engine
-from .errors import ExpertSwapError, PromptError
-from .generation import IncrementalDecoder, SamplingSettings
-from .telemetry import Subscription
+from .engine import (
+    EVICTIONS,
+    POLICIES,
+    Engine,
+    ExpertSwapError,
+    IncrementalDecoder,
+    PromptError,
+    SamplingSettings,
+    Subscription,
+)
+from .models import DEFAULT_MODEL, resolve_model
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help='local model folder (config.json + safetensors), or "default" (the built-in model)')
-    parser.add_argument("--budget", default="100%", help='expert memory: bytes with a unit ("300MiB", "1.5GB") or "50%%"')
+    parser.add_argument(
+        "--budget", default="100%", help='expert memory: bytes with a unit ("300MiB", "1.5GB") or "50%%"'
+    )
     parser.add_argument("--policy", choices=POLICIES, default="exact", help="what a missing expert does")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip-threshold", type=float, default=0.0,

@@ -6,7 +6,7 @@ they share wording). Training: the even-numbered pydoc topics, the other common 
 Python standard library's own sources, plus chat answers the teacher generates on the GPU from
 ``chat_prompts()`` (the five evaluation prompts excluded).
 
-Run ``python -m expertswap.engine.default_model.recipe.data OUT`` to write ``OUT/corpus.bin``
+Run ``python -m tools.recipe.data OUT`` to write ``OUT/corpus.bin``
 (uint16 tokens, documents separated by EOS) and ``OUT/corpus.json`` (sources and counts).
 """
 
@@ -128,7 +128,7 @@ def write_corpus(out: Path, tokenizer, eos_id: int, stdlib_tokens: int = STDLIB_
 
 
 if __name__ == "__main__":
-    from ..gguf_source import find_gguf, load_tokenizer, read_shape, _reader
+    from expertswap.models.default_model.gguf_source import _reader, find_gguf, load_tokenizer, read_shape
 
     gguf = find_gguf()
     shape = read_shape(_reader(gguf))

@@ -1,8 +1,8 @@
 """Rebuild the default model's shipped file: split SmolLM2's MLPs into experts and distil on a GPU.
 
-    python -m expertswap.engine.default_model.recipe.data build/recipe          # corpus (CPU, 20 s)
-    python -m expertswap.engine.default_model.recipe.distill prepare --gguf G --work build/recipe
-    python -m expertswap.engine.default_model.recipe.distill train --gguf G --work build/recipe \\
+    python -m tools.recipe.data build/recipe          # corpus (CPU, 20 s)
+    python -m tools.recipe.distill prepare --gguf G --work build/recipe
+    python -m tools.recipe.distill train --gguf G --work build/recipe \\
         --minutes 6 --out resources/default_model
 
 The shipped file came from ``prepare --samples 3``, then ``train --minutes 5.5 --balance 1e-2``, then
@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import shipped
-from ..gguf_source import LlamaShape, load_tokenizer, read_dense
-from ..moe_layout import LayerPlan, MoeDesign, convert, exact_plan
+from expertswap.models.default_model import shipped
+from expertswap.models.default_model.gguf_source import LlamaShape, load_tokenizer, read_dense
+from expertswap.models.default_model.moe_layout import LayerPlan, MoeDesign, convert, exact_plan
+
 from . import data
 from .model import Distiller
 
@@ -66,10 +67,12 @@ def generate_chat(shape: LlamaShape, dense: dict, tokenizer, prompts: list[str],
     torch.manual_seed(SEED)
     out: list[int] = []
     for start in range(0, len(texts), batch):
-        enc = tokenizer(texts[start:start + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            model.device
+        )
         with torch.no_grad():
             gen = model.generate(**enc, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=max_new)
-        for row, mask in zip(gen.tolist(), enc["attention_mask"].tolist()):
+        for row, mask in zip(gen.tolist(), enc["attention_mask"].tolist(), strict=True):
             ids = row[len(mask) - sum(mask):]
             if shape.eos_token_id in ids[sum(mask):]:
                 ids = ids[: sum(mask) + ids[sum(mask):].index(shape.eos_token_id) + 1]
@@ -99,11 +102,15 @@ def _balanced_kmeans(features: torch.Tensor, clusters: int, iters: int, gen: tor
                 left -= 1
                 if left == 0:
                     break
-        centroids = torch.stack([F.normalize(feats[(labels == c).to(feats.device)].mean(0), dim=0) for c in range(clusters)])
+        centroids = torch.stack(
+            [F.normalize(feats[(labels == c).to(feats.device)].mean(0), dim=0) for c in range(clusters)]
+        )
     return labels
 
 
-def calibrate(net: Distiller, tokens: np.ndarray, windows: int, design: MoeDesign, shape: LlamaShape) -> dict[int, LayerPlan]:
+def calibrate(
+    net: Distiller, tokens: np.ndarray, windows: int, design: MoeDesign, shape: LlamaShape
+) -> dict[int, LayerPlan]:
     """Neuron order, routers and shared gates for every MoE layer from the teacher's activations."""
     gen = torch.Generator().manual_seed(SEED)
     starts = torch.randint(0, len(tokens) - SEQ, (windows,), generator=gen).tolist()
@@ -191,7 +198,7 @@ def train(net: Distiller, batches: Batches, minutes: float, lr: float, router_lr
         torch.nn.utils.clip_grad_norm_(experts + routers, 1.0)
         frac = step / total if total else 0.0
         factor = min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for group, lr0 in zip(opt.param_groups, base):
+        for group, lr0 in zip(opt.param_groups, base, strict=True):
             group["lr"] = lr0 * factor
         opt.step()
         step += 1
@@ -266,7 +273,9 @@ def main() -> None:
     device = _device()
     if args.stage == "prepare":
         t0 = time.perf_counter()
-        chat = generate_chat(shape, dense, tokenizer, data.chat_prompts()[: args.prompts], args.samples, args.max_new, 512)
+        chat = generate_chat(
+            shape, dense, tokenizer, data.chat_prompts()[: args.prompts], args.samples, args.max_new, 512
+        )
         (args.work / "chat.bin").write_bytes(chat.tobytes())
         print(f"chat: {chat.size} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
         base = convert(shape, dense, design, exact_plan(shape, design))
@@ -281,10 +290,16 @@ def main() -> None:
     else:
         plans, earlier = {k: LayerPlan(**v) for k, v in torch.load(args.work / "plans.pt").items()}, None
     start_state = convert(shape, dense, design, plans)
-    base_state = convert(shape, dense, design, {k: LayerPlan(p.order, p.router, p.shared_gate) for k, p in plans.items()})
+    base_state = convert(
+        shape, dense, design, {k: LayerPlan(p.order, p.router, p.shared_gate) for k, p in plans.items()}
+    )
     net = Distiller(shape, design, start_state, dense).to(device)
     before = evaluate(net, tokenizer, windows=args.eval_windows)
-    print("before", json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "shares"} for k, v in before.items()}), flush=True)
+    print(
+        "before",
+        json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "shares"} for k, v in before.items()}),
+        flush=True,
+    )
     log = train(net, Batches(corpus, chat, args.batch, SEED), args.minutes, args.lr, args.router_lr, args.balance)
     trained = net.trained_state()
     for layer, plan in plans.items():
@@ -295,11 +310,26 @@ def main() -> None:
         plan.deltas = {k[len(src) + 1:]: v - base_state[k].float() for k, v in trained.items()
                        if k.startswith(src + ".") and k.endswith("proj.weight")}
     after = evaluate(net, tokenizer, windows=args.eval_windows)
-    recipe = {"seed": SEED, "seq": SEQ, "batch": args.batch, "minutes": args.minutes, "lr": args.lr,
-              "router_lr": args.router_lr, "balance": args.balance, "samples": args.samples,
-              "max_new": args.max_new, "calibration_windows": args.calibration, "steps": log[-1]["step"],
-              "log": log, "before": before, "after_fp32": after, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "resumed_from": earlier, "corpus": json.loads((args.work / "corpus.json").read_text()), "chat_tokens": int(chat.size)}
+    recipe = {
+        "seed": SEED,
+        "seq": SEQ,
+        "batch": args.batch,
+        "minutes": args.minutes,
+        "lr": args.lr,
+        "router_lr": args.router_lr,
+        "balance": args.balance,
+        "samples": args.samples,
+        "max_new": args.max_new,
+        "calibration_windows": args.calibration,
+        "steps": log[-1]["step"],
+        "log": log,
+        "before": before,
+        "after_fp32": after,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "resumed_from": earlier,
+        "corpus": json.loads((args.work / "corpus.json").read_text()),
+        "chat_tokens": int(chat.size),
+    }
     out = args.out or args.work / "shipped"
     written = shipped.save(out, design, plans, recipe)
     _, shipped_plans, _ = shipped.load(out)

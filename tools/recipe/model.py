@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gguf_source import LlamaShape
-from ..moe_layout import MoeDesign
+from expertswap.models.default_model.gguf_source import LlamaShape
+from expertswap.models.default_model.moe_layout import MoeDesign
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,7 +112,9 @@ class Distiller(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         for layer in range(s.layers):
-            h = h + self._attention(layer, rms_norm(h, self._b(f"model.layers.{layer}.input_layernorm.weight"), s.rms_eps), cos, sin)
+            h = h + self._attention(
+                layer, rms_norm(h, self._b(f"model.layers.{layer}.input_layernorm.weight"), s.rms_eps), cos, sin
+            )
             moe = student and layer in self.moe_layers
             norm = self.norm[str(layer)] if moe else self._b(f"model.layers.{layer}.post_attention_layernorm.weight")
             x = rms_norm(h, norm, s.rms_eps)
@@ -131,7 +133,7 @@ class Distiller(nn.Module):
             gate, up, down = (t.detach().float().cpu() for t in (self.gate_w[key], self.up_w[key], self.down_w[key]))
             names = [f"{src}.shared_expert"] + [f"{src}.experts.{e}" for e in range(d.num_experts)]
             bounds = [0, d.shared] + [d.shared + (e + 1) * r for e in range(d.num_experts)]
-            for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+            for name, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True):
                 out[f"{name}.gate_proj.weight"] = gate[lo:hi].contiguous()
                 out[f"{name}.up_proj.weight"] = up[lo:hi].contiguous()
                 out[f"{name}.down_proj.weight"] = down[:, lo:hi].contiguous()

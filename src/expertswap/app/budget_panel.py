@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
+from collections.abc import Callable, Sequence
 
-from expertswap.engine import format_bytes
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QHBoxLayout,
+    QLabel,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from expertswap.engine import POLICIES, format_bytes
 
 STEPS = 1000
 
@@ -18,15 +29,15 @@ class BudgetPanel(QWidget):
 
     def __init__(self) -> None:
         super().__init__()
-        self.minimum = self.total = 0
-        self.expert_bytes = self.experts = 1
+        self.minimum = self.total = self.experts = 0
+        self.committee_size: Callable[[int], int] = lambda _budget: 0
         self.slider = QSlider(Qt.Orientation.Horizontal)
         self.slider.setRange(0, STEPS)
         self.slider.setAccessibleName("Memory budget")
         self.label = QLabel("no model")
         self.label.setAccessibleName("Budget in force")
         self.policy = QComboBox()
-        self.policy.addItems(["exact", "substitute", "skip", "cpu"])
+        self.policy.addItems(POLICIES)  # until a model is loaded; then the engine's own list
         self.policy.setAccessibleName("Miss policy")
         self.threshold = QDoubleSpinBox(minimum=0.0, maximum=0.99, singleStep=0.05, value=0.2, prefix="threshold ")
         self.threshold.setAccessibleName("Skip threshold")
@@ -52,10 +63,16 @@ class BudgetPanel(QWidget):
         layout.addLayout(row)
         self.setEnabled(False)
 
-    def configure(self, minimum: int, total: int, experts: int, current: int) -> None:
-        """Range of the loaded model, which has ``experts`` experts in all its MoE layers."""
-        self.minimum, self.total, self.experts = minimum, total, max(experts, 1)
-        self.expert_bytes = max(total // self.experts, 1)
+    def configure(self, minimum: int, total: int, current: int, experts: int, committee_size: Callable[[int], int],
+                  policies: Sequence[str]) -> None:
+        """The loaded engine's figures: byte range, expert count, its planner's committee size, its policies."""
+        self.minimum, self.total, self.experts, self.committee_size = minimum, total, experts, committee_size
+        chosen = self.policy.currentText()
+        self.policy.blockSignals(True)
+        self.policy.clear()
+        self.policy.addItems(list(policies))
+        self.policy.setCurrentText(chosen if chosen in policies else policies[0])
+        self.policy.blockSignals(False)
         self.slider.blockSignals(True)
         self.slider.setValue(self._to_step(current))
         self.slider.blockSignals(False)
@@ -75,17 +92,12 @@ class BudgetPanel(QWidget):
     def show_budget(self, budget: int) -> None:
         share = budget / self.total if self.total else 0.0
         self.label.setText(f"{format_bytes(budget)} · {share:.0%} of expert bytes · "
-                           f"committee of {min(budget // self.expert_bytes, self.experts)} of {self.experts} experts")
+                           f"committee of {self.committee_size(budget)} of {self.experts} experts")
 
     def _policy_moved(self) -> None:
         policy = self.policy.currentText()
         self.threshold.setEnabled(policy == "skip")
         self.policy_changed.emit(policy, self.threshold.value() if policy == "skip" else 0.0)
-
-    def set_cpu_policy_allowed(self, allowed: bool) -> None:
-        """The cpu policy computes misses on the CPU beside a GPU; on a CPU-only engine it means nothing."""
-        item = self.policy.model().item(self.policy.findText("cpu"))
-        item.setEnabled(allowed)
 
     def _to_step(self, budget: int) -> int:
         span = self.total - self.minimum

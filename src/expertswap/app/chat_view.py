@@ -5,9 +5,14 @@ from __future__ import annotations
 import bisect
 
 from PySide6.QtCore import QByteArray
-from PySide6.QtGui import QTextBlockFormat, QTextCharFormat, QTextCursor, QTextDocument, QTextOption
+from PySide6.QtGui import (
+    QTextBlockFormat,
+    QTextCharFormat,
+    QTextCursor,
+    QTextDocument,
+    QTextOption,
+)
 from PySide6.QtWidgets import QApplication, QTextBrowser
-
 
 # GitHub Markdown with raw HTML shown as text: "<script>" in a prompt is words, not markup that hides them
 MARKDOWN = QTextDocument.MarkdownFeature(
@@ -28,7 +33,7 @@ class ChatView(QTextBrowser):
         self._starts: list[int] = []  # where each message begins in the document
         self._texts: list[str] = []
 
-    def loadResource(self, kind: int, url) -> QByteArray:  # noqa: N802 (Qt name)
+    def loadResource(self, kind: int, url) -> QByteArray:
         """No remote (or local) resources are ever loaded into the view: every image or sheet is empty.
 
         (An empty QByteArray, not None: PySide6 mis-counts None returned from this override.)
@@ -76,7 +81,7 @@ class ChatView(QTextBrowser):
         index = bisect.bisect_right(self._starts, position) - 1
         return self._texts[index] if index >= 0 else None
 
-    def contextMenuEvent(self, event) -> None:  # noqa: N802 (Qt name)
+    def contextMenuEvent(self, event) -> None:
         menu = self.createStandardContextMenu(event.pos())
         text = self.message_at(self.cursorForPosition(event.pos()).position())
         if text is not None:

@@ -7,6 +7,7 @@ an in-memory copy, and ``problem`` says so in words for the window to show.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -80,10 +81,8 @@ class ConversationStore:
     def _memory(self, source: sqlite3.Connection | None = None) -> sqlite3.Connection:
         db = sqlite3.connect(":memory:")
         if source is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):  # nothing readable to carry over
                 source.backup(db)
-            except sqlite3.Error:
-                pass  # nothing readable to carry over
         db.execute("PRAGMA foreign_keys = ON")
         db.executescript(SCHEMA)
         return db

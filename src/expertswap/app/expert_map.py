@@ -60,7 +60,7 @@ class ExpertMap(QWidget):
             return self.layers[row], col
         return None
 
-    def paintEvent(self, _event) -> None:  # noqa: N802 (Qt name)
+    def paintEvent(self, _event) -> None:
         painter = QPainter(self)
         palette = self.palette()
         painter.fillRect(self.rect(), palette.base())
@@ -96,7 +96,7 @@ class ExpertMap(QWidget):
         return (f"layer {layer}, expert {expert}: {state}{last}; routed {routed[expert] if expert < len(routed) else 0}"
                 f" times, importance {scores[expert] if expert < len(scores) else 0.0:.3g}")
 
-    def mouseMoveEvent(self, event) -> None:  # noqa: N802 (Qt name)
+    def mouseMoveEvent(self, event) -> None:
         cell = self.cell_at(event.position().x(), event.position().y())
         if cell is not None:
             QToolTip.showText(event.globalPosition().toPoint(), self.cell_text(*cell), self)

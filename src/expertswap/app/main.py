@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import os
 import sys
+from importlib.resources import files
 
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
-from expertswap.engine.resources import resources_root
+from expertswap.engine import DEFAULT_BUDGET
+from expertswap.models import DEFAULT_MODEL
 
 
 def version() -> str:
@@ -29,11 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     from .main_window import MainWindow
 
     parser = argparse.ArgumentParser(prog="expertswap", description="Chat with MoE models on small machines.")
-    parser.add_argument("--model", help='model folder, or "default" (the built-in model); default: the last one')
-    parser.add_argument("--budget", help='starting expert budget ("50%%", "300MiB"); default: the last one, or 50%%')
+    parser.add_argument(
+        "--model", help=f'model folder, or "{DEFAULT_MODEL}" (the built-in model); default: the last one'
+    )
+    parser.add_argument("--budget", help='starting expert budget ("50%%", "300MiB"); default: the last one, or '
+                        + DEFAULT_BUDGET.replace("%", "%%"))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where experts run; default: a GPU if there is one")
-    parser.add_argument("--self-test", action="store_true",
-                        help="offscreen: load the default model, stream a short reply, move the budget; exit 0 if all works")
+    parser.add_argument(
+        "--self-test",
+        action="store_true",
+        help="offscreen: load the default model, stream a short reply, move the budget; exit 0 if all works",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     args, qt_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     app = QApplication.instance() or QApplication([sys.argv[0], *qt_args])
     app.setApplicationName("ExpertSwap")
-    app.setWindowIcon(QIcon(str(resources_root() / "icons" / "expertswap.png")))
+    app.setWindowIcon(QIcon(str(files("expertswap.app") / "icons" / "expertswap.png")))
     app.setStyle("Fusion")  # Fusion takes the platform's light or dark palette the same way on every OS
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
@@ -55,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         window.session.device = args.device
     window.show()
-    model = args.model or str(window.state.value("model", "default"))
-    budget = args.budget or str(window.state.value("budget", "50%"))
+    model = args.model or str(window.state.value("model", DEFAULT_MODEL))
+    budget = args.budget or str(window.state.value("budget", DEFAULT_BUDGET))
     # the loop outlives the window until its tasks (a reply stopped by closing, a load) have unwound:
     # qasync runs leftover callbacks without a running loop once Qt's loop has quit
     app.setQuitOnLastWindowClosed(False)

@@ -10,11 +10,23 @@ from typing import TypeVar
 from PySide6.QtCore import QSettings, QStandardPaths, Qt, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QApplication, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressDialog, QPushButton,
-    QSplitter, QTabWidget, QVBoxLayout, QWidget,
+    QApplication,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QPlainTextEdit,
+    QProgressDialog,
+    QPushButton,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
 )
 
-from expertswap.engine import format_bytes
+from expertswap.engine import DEFAULT_BUDGET, format_bytes
+from expertswap.models import DEFAULT_MODEL
 
 from .budget_panel import BudgetPanel
 from .charts import Charts
@@ -149,7 +161,7 @@ class MainWindow(QMainWindow):
         QShortcut(QKeySequence.StandardKey.New, self, activated=self.new_chat)
         menu = self.menuBar().addMenu("&Model")
         menu.addAction("&Open model…", QKeySequence.StandardKey.Open, self.choose_model)
-        menu.addAction("Open the &default model", lambda: self.spawn(self.load_model("default")))
+        menu.addAction("Open the &default model", lambda: self.spawn(self.load_model(DEFAULT_MODEL)))
         self.budget.budget_requested.connect(self.session.set_budget)
         self.budget.policy_changed.connect(self._set_policy)
         self.budget.follow.toggled.connect(self.session.follow_free_memory)
@@ -186,7 +198,7 @@ class MainWindow(QMainWindow):
         self.state.sync()
 
     # ---- model ---------------------------------------------------------------------------------
-    async def load_model(self, model: str, budget: str = "50%") -> bool:
+    async def load_model(self, model: str, budget: str = DEFAULT_BUDGET) -> bool:
         self.statusBar().showMessage(f"Loading {model}…")
         ok = await self.session.load(model, budget, self.budget.policy.currentText())
         if self._progress is not None:
@@ -196,12 +208,9 @@ class MainWindow(QMainWindow):
             return False
         engine = self.session.engine
         assert engine is not None
-        stats = engine.stats()
-        snapshot = engine.residency()
-        experts = sum(len(v) for v in snapshot.importance.values())
-        self.budget.configure(stats.minimum_budget_bytes, stats.total_expert_bytes, experts, stats.budget_bytes)
-        self.log.set_layers(sorted(snapshot.resident))
-        self.budget.set_cpu_policy_allowed(engine.device.type == "cuda")
+        self.budget.configure(engine.minimum_budget_bytes, engine.total_expert_bytes, engine.budget_bytes,
+                              engine.total_experts, engine.committee_size, engine.policies)
+        self.log.set_layers(sorted(engine.residency().resident))
         self.model_name = model
         self._status()
         return True
@@ -427,7 +436,7 @@ class MainWindow(QMainWindow):
         if self._closing:
             self.session.close()  # a load that finished after the window closed
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+    def closeEvent(self, event) -> None:
         """Save the reply in progress as it stands, stop the engine, then close the store."""
         self._closing = True
         self._save_state()

@@ -8,15 +8,30 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
-    QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-    QListWidgetItem, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
 )
 
-from expertswap.engine import format_bytes
-from expertswap.engine.default_model import cache_root
-from expertswap.engine.download import download
-from expertswap.engine.fit import FitReport, fit_report
-from expertswap.engine.hub import cached_models, downloaded_models
+from expertswap.engine import DEFAULT_BUDGET_PERCENT, format_bytes
+from expertswap.models import (
+    FitReport,
+    cache_root,
+    cached_models,
+    download,
+    downloaded_models,
+    fit_report,
+)
 
 from .ops import describe, run_op
 
@@ -70,7 +85,7 @@ class ModelsDialog(QDialog):
         self.download_button.clicked.connect(self.start_download)
         self.cancel_download.clicked.connect(self._cancel.set)
         self.download_progress.connect(self._show_progress)
-        self.budget = QSpinBox(minimum=1, maximum=100, value=50, suffix=" % of experts")
+        self.budget = QSpinBox(minimum=1, maximum=100, value=DEFAULT_BUDGET_PERCENT, suffix=" % of experts")
         self.budget.setAccessibleName("Starting budget")
         self.context = QSpinBox(minimum=256, maximum=262144, value=4096, singleStep=1024, suffix=" tokens")
         self.context.setAccessibleName("Context length")
@@ -133,10 +148,10 @@ class ModelsDialog(QDialog):
         if r.free_vram_bytes is not None:
             free += f", free VRAM {format_bytes(r.free_vram_bytes)}"
         lines = [
-            f"{r.family}: weights outside the experts {format_bytes(r.non_expert_bytes)}; all experts "
-            f"{format_bytes(r.total_expert_bytes)}; minimum budget {format_bytes(r.minimum_budget_bytes)}.",
-            f"At this budget: experts {format_bytes(r.budget_bytes)}, KV cache {format_bytes(r.kv_cache_bytes)} "
-            f"at {r.context_tokens} tokens; {free}.",
+            (f"{r.family}: weights outside the experts {format_bytes(r.non_expert_bytes)}; all experts "
+            f"{format_bytes(r.total_expert_bytes)}; minimum budget {format_bytes(r.minimum_budget_bytes)}."),
+            (f"At this budget: experts {format_bytes(r.budget_bytes)}, KV cache {format_bytes(r.kv_cache_bytes)} "
+            f"at {r.context_tokens} tokens; {free}."),
             r.warning() or "It fits.",
         ]
         self.report.setText("\n".join(lines))

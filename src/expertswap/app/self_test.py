@@ -14,6 +14,9 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings
 
+from expertswap.engine import DEFAULT_BUDGET
+from expertswap.models import DEFAULT_MODEL
+
 from .conversations import ConversationStore
 from .main_window import MainWindow
 
@@ -35,7 +38,7 @@ async def run(report) -> int:
 
 
 async def _checks(window: MainWindow, report, start: float) -> int:
-    if not await window.load_model("default", "50%"):
+    if not await window.load_model(DEFAULT_MODEL, DEFAULT_BUDGET):
         report("FAIL: the default model did not load")
         return 1
     engine = window.session.engine

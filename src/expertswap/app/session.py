@@ -10,9 +10,20 @@ from collections.abc import Sequence
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from expertswap.engine import Engine, ExpertSwapError, SamplingSettings, default_device
-from expertswap.engine.default_model import resolve_model
-from expertswap.engine.telemetry import BudgetChange, MemorySample, ResidencySnapshot, SwapEvent, TokenStats
+from expertswap.engine import (
+    DEFAULT_BUDGET,
+    POLICIES,
+    BudgetChange,
+    Engine,
+    ExpertSwapError,
+    MemorySample,
+    ResidencySnapshot,
+    SamplingSettings,
+    SwapEvent,
+    TokenStats,
+    default_device,
+)
+from expertswap.models import resolve_model
 
 from .ops import describe, run_op
 
@@ -45,7 +56,7 @@ class EngineSession(QObject):
         self._signals = {SwapEvent: self.swap, ResidencySnapshot: self.residency, TokenStats: self.token_stats,
                          MemorySample: self.memory, BudgetChange: self.budget}
 
-    async def load(self, model: str, budget: str = "50%", policy: str = "exact") -> bool:
+    async def load(self, model: str, budget: str = DEFAULT_BUDGET, policy: str = POLICIES[0]) -> bool:
         """Build (if "default") and load ``model``; on any failure the old engine stays and ``load_failed`` says why."""
 
         def work() -> Engine:

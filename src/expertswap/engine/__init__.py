@@ -1,6 +1,7 @@
 """Inference engine: a resident committee of MoE experts under a byte budget. Never imports Qt."""
 
-from .budget import format_bytes, parse_budget
+from .budget import DEFAULT_BUDGET, DEFAULT_BUDGET_PERCENT, format_bytes, parse_budget
+from .committee import EVICTIONS, POLICIES
 from .decoder import TokenChunk, TokenScores
 from .engine import Engine, EngineStats, default_device, resolve_device
 from .errors import (
@@ -19,12 +20,50 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .families import FAMILIES, supported_names
-from .generation import SamplingSettings
+from .generation import IncrementalDecoder, SamplingSettings
+from .telemetry import (
+    BudgetChange,
+    MemorySample,
+    ResidencySnapshot,
+    Subscription,
+    SwapEvent,
+    TokenStats,
+)
 
 __all__ = [
-    "FAMILIES", "BudgetError", "BudgetTooSmallError", "CacheError", "DeviceError", "Engine", "EngineBusyError",
+    "DEFAULT_BUDGET",
+    "DEFAULT_BUDGET_PERCENT",
+    "EVICTIONS",
+    "FAMILIES",
+    "POLICIES",
+    "BudgetChange",
+    "BudgetError",
+    "BudgetTooSmallError",
+    "CacheError",
+    "DeviceError",
+    "Engine",
+    "EngineBusyError",
     "EngineStats",
-    "ExpertSwapError", "ModelFormatError", "ModelNotFoundError", "OutOfMemoryError", "PolicyError", "PromptError",
-    "SamplingSettings", "SettingsError", "TokenChunk", "TokenScores", "UnsupportedArchitectureError", "default_device",
-    "format_bytes", "parse_budget", "resolve_device", "supported_names",
+    "ExpertSwapError",
+    "IncrementalDecoder",
+    "MemorySample",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "OutOfMemoryError",
+    "PolicyError",
+    "PromptError",
+    "ResidencySnapshot",
+    "SamplingSettings",
+    "SettingsError",
+    "Subscription",
+    "SwapEvent",
+    "TokenChunk",
+    "TokenScores",
+    "TokenStats",
+    "UnsupportedArchitectureError",
+    "default_device",
+    "format_bytes",
+    "parse_budget",
+    "resolve_device",
+    "supported_names",
 ]

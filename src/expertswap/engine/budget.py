@@ -7,6 +7,9 @@ import re
 
 from .errors import BudgetError
 
+DEFAULT_BUDGET_PERCENT = 50  # the front ends' starting budget, as a share of all expert bytes
+DEFAULT_BUDGET = f"{DEFAULT_BUDGET_PERCENT}%"
+
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

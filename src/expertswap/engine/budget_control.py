@@ -67,7 +67,9 @@ class BudgetController:
         demand = [effective_experts(c.scores(), c.top_k) for c in self.committees]
         capacities = plan_capacities(new, shapes, demand)
         # shrink first so that the transient copies of a resize never stack up
-        for committee, capacity in sorted(zip(self.committees, capacities), key=lambda p: p[1] - p[0].capacity):
+        for committee, capacity in sorted(
+            zip(self.committees, capacities, strict=True), key=lambda p: p[1] - p[0].capacity
+        ):
             committee.resize(capacity)
         old, self.budget_bytes = self.budget_bytes, new
         self.runtime.telemetry.emit(BudgetChange(old_bytes=old, new_bytes=new, applied=True, capacities=capacities,

@@ -7,18 +7,25 @@ the process's resident set the way a long-lived mmap would.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import ModelFormatError, ModelNotFoundError
 from .families import Family, family_for
-from .validate import check_header_entry, check_moe_config, check_raw_config, read_json_object
+from .validate import (
+    check_header_entry,
+    check_moe_config,
+    check_raw_config,
+    read_json_object,
+)
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -66,7 +73,7 @@ def check_model_folder(folder: str | os.PathLike) -> Path:
     return path
 
 
-def read_config(model_dir: str | os.PathLike) -> tuple[Path, object, Family]:
+def read_config(model_dir: str | os.PathLike) -> tuple[Path, Any, Family]:  # Any: each family's config class
     """The checked folder, its config (never remote code) and its supported family, or a typed error."""
     from transformers import AutoConfig
 
@@ -92,7 +99,7 @@ class Checkpoint:
         self.entries: dict[str, TensorEntry] = {}
         for file in sorted(folder.glob("*.safetensors")):
             self.entries.update(_read_header(file))
-        self._handles: dict[Path, tuple[threading.Lock, object]] = {}
+        self._handles: dict[Path, tuple[threading.Lock, io.FileIO]] = {}
         self._handles_lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
@@ -113,7 +120,7 @@ class Checkpoint:
         result = out if out is not None else torch.empty(shape, dtype=entry.dtype)
         if tuple(result.shape) != tuple(shape) or result.dtype != entry.dtype:
             raise ValueError(f"buffer {tuple(result.shape)} {result.dtype} does not fit {shape} {entry.dtype}")
-        view = memoryview(result.view(-1).view(torch.uint8).numpy())
+        view = result.view(-1).view(torch.uint8).numpy().data
         lock, handle = self._handle(entry.file)
         with lock:
             handle.seek(offset)
@@ -128,10 +135,10 @@ class Checkpoint:
                 handle.close()
             self._handles.clear()
 
-    def _handle(self, file: Path) -> tuple[threading.Lock, object]:
+    def _handle(self, file: Path) -> tuple[threading.Lock, io.FileIO]:
         with self._handles_lock:
             if file not in self._handles:
-                self._handles[file] = (threading.Lock(), open(file, "rb", buffering=0))
+                self._handles[file] = (threading.Lock(), open(file, "rb", buffering=0))  # noqa: SIM115 (closed by close())
             return self._handles[file]
 
 

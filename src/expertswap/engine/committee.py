@@ -18,7 +18,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .compat import experts_implementation, foreach_norm, set_expert_parallel
 from .copier import Copier
+from .counters import Counters, RoutingCounts
 from .expert_rows import routed_pairs, supports_rows
 from .host_compute import HostExperts
 from .packed import packing_pays
@@ -41,15 +43,6 @@ class Swap(NamedTuple):
     slot: int
     tensors: dict[str, torch.Tensor]
     reason: str  # miss | prefetch | grow
-
-
-@dataclass
-class Counters:
-    """Host-side counts of work done on the host (loads); routing counts live on the device."""
-
-    loads: int = 0
-    bytes_loaded: int = 0
-    extra_passes: int = 0
 
 
 @dataclass
@@ -94,19 +87,18 @@ class Committee(nn.Module):
         E = self.num_experts
         self.importance = torch.zeros(E, device=device)
         self.norms = torch.full((E,), float("nan"), device=device)  # |expert|, known once it has been loaded
-        self.routing_counts = torch.zeros(4, dtype=torch.long, device=device)  # hits, misses, skipped, substituted
+        self.routing = RoutingCounts(device)
         self.routed = torch.zeros(E, dtype=torch.long, device=device)  # how often the router chose each expert
         self.last_token = torch.full((spec.top_k,), -1, dtype=torch.long, device=device)  # the latest token's choice
         self.last_used = torch.zeros(E, dtype=torch.long, device=device)  # forward count when last routed to (lru)
         self.clock = torch.zeros((), dtype=torch.long, device=device)  # on the device: a captured step advances it
-        self.cpu_computed = 0
         self._norm_known = [False] * E
         self.slots = SlotMap(E, capacity, device)
         self.version = 0  # bumped by resize: a swap planned against an older layout is dropped
         self._router_logits: torch.Tensor | None = None
         self._host: HostExperts | None = None
-        self._sentinel_ok = getattr(inner.config, "_experts_implementation", None) in ("grouped_mm", "batched_mm")
-        inner._is_expert_parallel = self._sentinel_ok  # grouped_mm then skips ids >= num_experts
+        self._sentinel_ok = experts_implementation(inner.config) in ("grouped_mm", "batched_mm")
+        set_expert_parallel(inner, self._sentinel_ok)
         if router is not None:
             router.register_forward_hook(self._capture_router_logits)
         if device.type == "cpu" and supports_rows(inner):
@@ -156,7 +148,7 @@ class Committee(nn.Module):
         if self.slots.full:
             return self.compute(hidden, index, weights)
         if not runtime.allow_loads and runtime.policy == "substitute":
-            self.routing_counts[3] += ((index >= 0) & ~resident).sum()
+            self.routing.substituted += ((index >= 0) & ~resident).sum()
             return self.compute(hidden, self._substitute(index, resident), weights)
         if not runtime.allow_loads and runtime.policy == "cpu":
             return self._run_with_host(hidden, index, weights, resident)
@@ -185,8 +177,8 @@ class Committee(nn.Module):
             self.last_used.scatter_reduce_(0, clamped.flatten(), stamp, reduce="amax")
         self.last_token.copy_(index[-1])
         resident = (self.slots.device_map[clamped] >= 0) & valid
-        self.routing_counts[0] += resident.sum()
-        self.routing_counts[1] += (valid & ~resident).sum()
+        self.routing.hits += resident.sum()
+        self.routing.misses += (valid & ~resident).sum()
         return index, weights, resident
 
     def needed(self, index: torch.Tensor) -> list[int]:
@@ -225,7 +217,7 @@ class Committee(nn.Module):
         rows, width = expert_index.shape
         slot = self.slots.device_map[expert_index.clamp(min=0)]
         dropped = (expert_index < 0) | (slot < 0)
-        if self.storage.rows:
+        if isinstance(self.storage, RowSlots):
             return routed_pairs(self.inner, self.storage.weights, hidden, slot.masked_fill(dropped, -1).tolist(),
                                 weights)
         pair_hidden = hidden.repeat_interleave(width, dim=0)
@@ -255,13 +247,13 @@ class Committee(nn.Module):
             rows, cols = ((host_index == expert) & host_missing).nonzero(as_tuple=True)
             y = self._host.compute(self.store.read(self.layer, expert), host_hidden[rows])
             extra.index_add_(0, rows, (y * host_weights[rows, cols, None]).to(extra.dtype))
-            self.cpu_computed += int(rows.numel())
+            self.runtime.counters.cpu_computed += int(rows.numel())
         return out + extra.to(out.device, non_blocking=True)
 
     # ---- policies on the device ----------------------------------------------------------------
     def _skip(self, index: torch.Tensor, weights: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
         index, weights, dropped = skip_routings(index, weights, threshold)
-        self.routing_counts[2] += dropped
+        self.routing.skipped += dropped
         return index, weights
 
     def _substitute(self, index: torch.Tensor, resident: torch.Tensor) -> torch.Tensor:
@@ -289,7 +281,7 @@ class Committee(nn.Module):
             return
         start = time.perf_counter()
         self.apply_swaps([Swap(expert, slot, self.store.read(self.layer, expert), "miss")
-                          for expert, slot in zip(missing, self.victims(set(wanted)))], start)
+                          for expert, slot in zip(missing, self.victims(set(wanted)), strict=False)], start)
 
     def victims(self, keep: set[int]) -> list[int]:
         """Slots to load into, best first: empty ones, then the least important (or least recently used)."""
@@ -309,9 +301,9 @@ class Committee(nn.Module):
         resident = sorted((s for s, e in enumerate(held) if e >= 0), key=lambda s: float(scores[held[s]]))
         outside = sorted((e for e in range(self.num_experts) if not self.slots.is_resident(e)),
                          key=lambda e: -float(scores[e]))
-        plan = []
+        plan: list[tuple[int, int, int]] = []
         victims = empty + resident
-        for expert, slot in zip(outside, victims):
+        for expert, slot in zip(outside, victims, strict=False):
             if len(plan) >= limit:
                 break
             victim = held[slot]
@@ -343,7 +335,7 @@ class Committee(nn.Module):
         ms = (time.perf_counter() - start) * 1000 / len(swaps)
         self.runtime.counters.loads += len(swaps)
         self.runtime.counters.bytes_loaded += self.spec.expert_bytes * len(swaps)
-        for swap, old in zip(swaps, evicted):
+        for swap, old in zip(swaps, evicted, strict=True):
             self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=swap.expert, expert_out=old,
                                                   bytes=self.spec.expert_bytes, ms=ms, reason=swap.reason))
         return finish if ahead else None
@@ -359,7 +351,7 @@ class Committee(nn.Module):
             return None
         start = time.perf_counter()
         swaps = [Swap(expert, slot, self.store.read(self.layer, expert), "prefetch")
-                 for expert, slot in zip(missing, self.victims(set(predicted)))]
+                 for expert, slot in zip(missing, self.victims(set(predicted)), strict=False)]
         return self.apply_swaps(swaps, start, ahead=True)
 
     @torch.inference_mode()
@@ -390,7 +382,7 @@ class Committee(nn.Module):
         if not new:
             return
         views = [view for swap in new for view in self.storage.views(swap.slot, swap.tensors)]
-        per_param = torch.stack(torch._foreach_norm(views, 2, dtype=torch.float32)).view(len(new), -1)
+        per_param = torch.stack(foreach_norm(views)).view(len(new), -1)
         experts = torch.tensor([swap.expert for swap in new], device=self.device)
         self.norms.index_copy_(0, experts, per_param.square().sum(1).sqrt())
         for swap in new:

@@ -15,6 +15,7 @@ transformers' forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from transformers import PreTrainedModel
 
 from .host_memory import drop_file_pages
 from .packed import linear, pack, packing_pays
+
+if TYPE_CHECKING:
+    from .committee import Committee
 
 SUPPORTED = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
 _GROW = 256  # caches hold a multiple of this many positions (captured graphs are reused across replies)
@@ -92,7 +96,7 @@ class KVCache:
 class _Attention:
     """One layer's attention with fused q/k/v."""
 
-    def __init__(self, attn: nn.Module, config: object) -> None:
+    def __init__(self, attn: Any, config: Any) -> None:  # a family's attention module and config
         self.qkv = Linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o = Linear([attn.o_proj])
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -101,8 +105,8 @@ class _Attention:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.scaling = attn.scaling
-        self.q_norm = getattr(attn, "q_norm", None)
-        self.k_norm = getattr(attn, "k_norm", None)
+        self.q_norm: Any = getattr(attn, "q_norm", None)
+        self.k_norm: Any = getattr(attn, "k_norm", None)
         # Qwen3 normalises each head, OLMoE the whole projection
         self.norm_per_head = self.q_norm is not None and self.q_norm.weight.shape[0] == self.head_dim
         self.clip = getattr(config, "clip_qkv", None)
@@ -161,7 +165,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class _MLP:
     """A gated MLP (dense layers, shared experts) with gate and up in one matmul."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: Any) -> None:  # a family's MLP module
         self.gate_up = Linear([mlp.gate_proj, mlp.up_proj])
         self.down = Linear([mlp.down_proj])
         self.act = mlp.act_fn
@@ -173,31 +177,38 @@ class _MLP:
         return self.down(self.act(gate) * up)
 
 
+class _SharedExpert:
+    """Qwen2-MoE's shared expert, scaled by its sigmoid gate."""
+
+    def __init__(self, block: Any) -> None:
+        self.mlp = _MLP(block.shared_expert)
+        self.gate = Linear([block.shared_expert_gate])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x)) * self.mlp(x)
+
+
 class MoEBlock:
     """The family's router and the committee; Qwen2-MoE's gated shared expert beside them."""
 
-    def __init__(self, block: nn.Module) -> None:
-        self.router = block.gate
-        self.experts = block.experts
-        shared = getattr(block, "shared_expert", None)
-        self.shared = _MLP(shared) if shared is not None else None
-        self.shared_gate = Linear([block.shared_expert_gate]) if shared is not None else None
+    def __init__(self, block: Any) -> None:  # a family's sparse MoE block, its experts a Committee
+        self.router: Any = block.gate
+        self.experts: Committee = block.experts
+        self.shared = _SharedExpert(block) if getattr(block, "shared_expert", None) is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         _, weights, index = self.router(x)
         out = self.experts(x, index, weights)
-        if self.shared is not None:
-            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
-        return out
+        return out + self.shared(x) if self.shared is not None else out
 
 
-class _Layer:
-    def __init__(self, layer: nn.Module, config: object) -> None:
+class Layer:
+    def __init__(self, layer: Any, config: Any) -> None:  # a family's decoder layer and config
         self.norm_in = layer.input_layernorm
         self.norm_mid = layer.post_attention_layernorm
         self.attention = _Attention(layer.self_attn, config)
         block = layer.mlp
-        self.mlp = MoEBlock(block) if hasattr(block, "experts") else _MLP(block)
+        self.mlp: MoEBlock | _MLP = MoEBlock(block) if hasattr(block, "experts") else _MLP(block)
 
 
 class CompactModel:
@@ -205,13 +216,13 @@ class CompactModel:
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
-        inner = model.model
+        inner: Any = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
         config = model.config
-        self.layers = [_Layer(layer, config) for layer in inner.layers]
-        head = model.lm_head
+        self.layers = [Layer(layer, config) for layer in inner.layers]
+        head: Any = model.lm_head
         tied = head.weight is self.embed.weight
         self.head = (lambda x: F.linear(x, self.embed.weight)) if tied else Linear([head])
         if not tied:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
 from .errors import EngineBusyError, PromptError
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop
 from .session import Session
@@ -78,7 +80,7 @@ class Decoder:
             predictors: list[torch.Tensor] = []
             last: torch.Tensor | None = None
             for n, piece in enumerate(pieces):
-                logits = self.guard.run(lambda piece=piece: session.run(piece, all_logits=True), is_prefill=n == 0,
+                logits = self.guard.run(functools.partial(session.run, piece, all_logits=True), is_prefill=n == 0,
                                         session=session).float().cpu()
                 predictors.append(logits[:-1] if last is None else torch.cat([last[None], logits[:-1]]))
                 last = logits[-1]

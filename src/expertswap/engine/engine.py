@@ -9,21 +9,25 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, PreTrainedModel
-
 import psutil
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .budget import parse_budget
 from .budget_control import BudgetController
 from .checkpoint import Checkpoint, read_config
+from .committee import EVICTIONS, POLICIES, Committee, Runtime
 from .compact_step import CompactModel
 from .compact_step import supports as supports_compact
-from .committee import EVICTIONS, POLICIES, Committee, Runtime
 from .copier import Copier
+from .counters import totals
 from .decoder import Decoder, TokenChunk, TokenScores
 from .errors import (
-    BudgetError, DeviceError, ModelFormatError, PolicyError, PromptError,
+    BudgetError,
+    DeviceError,
+    ModelFormatError,
+    PolicyError,
+    PromptError,
 )
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings
@@ -102,7 +106,7 @@ class Engine:
     def __init__(
         self,
         model: PreTrainedModel,
-        tokenizer: object | None,
+        tokenizer: PreTrainedTokenizerBase | None,
         family: Family,
         committees: list[Committee],
         store: ExpertStore,
@@ -179,9 +183,11 @@ class Engine:
         runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction)
         committees = []
         copier = Copier(torch_device)
-        for site, capacity in zip(sites, capacities):
+        for site, capacity in zip(sites, capacities, strict=True):
             attr = site.name.rpartition(".")[2]
-            router = next((m for m in (getattr(site.parent, n, None) for n in ("gate", "router")) if m is not None), None)
+            router = next(
+                (m for m in (getattr(site.parent, n, None) for n in ("gate", "router")) if m is not None), None
+            )
             committee = Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router,
                                   copier)
             setattr(site.parent, attr, committee)
@@ -203,6 +209,21 @@ class Engine:
         """The budget in force (a request waits for the next step)."""
         return self.budget.budget_bytes
 
+    @property
+    def total_experts(self) -> int:
+        """Experts in all MoE layers together."""
+        return sum(c.num_experts for c in self.committees)
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        """The miss policies this engine takes: ``cpu`` computes misses on the host beside a GPU, so only on CUDA."""
+        return tuple(p for p in POLICIES if p != "cpu" or self.device.type == "cuda")
+
+    def committee_size(self, budget_bytes: int) -> int:
+        """How many experts (all MoE layers together) the planner keeps resident at ``budget_bytes``."""
+        shapes = [LayerShape(c.num_experts, c.top_k, c.spec.expert_bytes) for c in self.committees]
+        return sum(plan_capacities(max(budget_bytes, self.minimum_budget_bytes), shapes))
+
     def resident_expert_bytes(self) -> int:
         """Bytes held by every committee's slot tensors right now."""
         return sum(c.resident_bytes for c in self.committees)
@@ -223,7 +244,7 @@ class Engine:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._require_tokenizer().decode(list(ids), skip_special_tokens=True)
+        return str(self._require_tokenizer().decode(list(ids), skip_special_tokens=True))
 
     # ---- generation --------------------------------------------------------------------------
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
@@ -336,22 +357,21 @@ class Engine:
             )
 
     def stats(self) -> EngineStats:
-        c = self.runtime.counters
-        routing = torch.stack([m.routing_counts for m in self.committees]).sum(dim=0).tolist()  # one transfer
+        counts = totals(self.runtime.counters, [m.routing for m in self.committees])  # one device read
         return EngineStats(
             budget_bytes=self.budget_bytes,
             total_expert_bytes=self.total_expert_bytes,
             minimum_budget_bytes=self.minimum_budget_bytes,
             resident_expert_bytes=self.resident_expert_bytes(),
             peak_resident_expert_bytes=self._peak_resident,
-            expert_loads=c.loads,
-            bytes_loaded=c.bytes_loaded,
-            hits=routing[0],
-            misses=routing[1],
-            skipped=routing[2],
-            substituted=routing[3],
-            cpu_computed=sum(m.cpu_computed for m in self.committees),
-            background_swaps=self.swapper.swaps,
+            expert_loads=counts.loads,
+            bytes_loaded=counts.bytes_loaded,
+            hits=counts.hits,
+            misses=counts.misses,
+            skipped=counts.skipped,
+            substituted=counts.substituted,
+            cpu_computed=counts.cpu_computed,
+            background_swaps=counts.background_swaps,
             tokens_generated=self.decoder.last.tokens,
             tokens_per_s=self.decoder.last.tokens_per_s,
             time_to_first_token_s=self.decoder.last.time_to_first_token_s,
@@ -422,7 +442,7 @@ class Engine:
                 ids.update(int(v) for v in value)
         return ids
 
-    def _require_tokenizer(self) -> object:
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
             raise ModelFormatError("this model folder has no tokenizer; text prompts need one")
         return self.tokenizer
@@ -438,7 +458,7 @@ def _close_live_engines() -> None:
 def _check_policy(policy: str, device: torch.device, skip_threshold: float) -> None:
     if policy not in POLICIES:
         raise PolicyError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
-    if policy == "cpu" and device.type != "cuda":
+    if policy == "cpu" and device.type != "cuda":  # the rule Engine.policies publishes
         raise PolicyError("policy cpu computes misses on the CPU while the GPU works: it needs --device cuda")
     if not 0.0 <= skip_threshold < 1.0:
         raise PolicyError(f"skip threshold must be in [0, 1), got {skip_threshold}")
@@ -452,7 +472,7 @@ def _check_text(text: str) -> None:
         raise PromptError("the text is not valid UTF-8") from None
 
 
-def _load_tokenizer(folder: Path) -> object | None:
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     try:

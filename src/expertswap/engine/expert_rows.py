@@ -15,26 +15,26 @@ needs: every budget gives full residency's bits.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import nn
 
 from .packed import linear, pack
 
 _UP = ("gate_up_proj", "up_proj")
 
 
-def supports_rows(inner: nn.Module) -> bool:
+def supports_rows(inner: Any) -> bool:
     """Whether ``inner`` is a transformers fused-experts module whose math this path reproduces."""
     flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "act_fn")
     return all(hasattr(inner, name) for name in flags) and not inner.has_post_expert_norm
 
 
-def up_name(inner: nn.Module) -> str:
+def up_name(inner: Any) -> str:
     return _UP[0] if inner.has_gate else _UP[1]
 
 
-def slot_weights(inner: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def slot_weights(inner: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One expert's weights, matrices as [out, in] (transposed layouts turned); never written to, so not copied."""
     return {name: tensor if name.endswith("_bias") or not inner.is_transposed else tensor.t().contiguous()
             for name, tensor in tensors.items()}
@@ -45,7 +45,7 @@ def packed_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t if name.endswith("_bias") else pack(t) for name, t in weights.items()}
 
 
-def routed_pairs(inner: nn.Module, weights_of: Callable[[int], dict[str, torch.Tensor]], hidden: torch.Tensor,
+def routed_pairs(inner: Any, weights_of: Callable[[int], dict[str, torch.Tensor]], hidden: torch.Tensor,
                  index: list[list[int]], weights: torch.Tensor) -> torch.Tensor:
     """[T, k, H]: ``weights[t, j] * expert(index[t][j])(hidden[t])``, zero where the slot id is -1.
 

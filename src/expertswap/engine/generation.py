@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -77,7 +78,7 @@ def decode_loop(
     cancel: threading.Event,
     guard: StepGuard,
 ) -> Iterator[int]:
-    """Yield new token ids: a prefill, then one token at a time on the session's cache, each forward through ``guard``."""
+    """Yield new token ids: a prefill, then one token at a time on the session's cache, each through ``guard``."""
     generator = None
     if settings.seed is not None:
         generator = torch.Generator().manual_seed(settings.seed)
@@ -85,7 +86,7 @@ def decode_loop(
     for step in range(settings.max_new_tokens):
         if cancel.is_set():
             return
-        logits = guard.run(lambda tokens=tokens: session.run(tokens), is_prefill=step == 0, session=session)
+        logits = guard.run(functools.partial(session.run, tokens), is_prefill=step == 0, session=session)
         token = pick_token(logits[-1], settings, generator)
         yield token
         if token in stop_ids:

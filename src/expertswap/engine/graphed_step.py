@@ -22,15 +22,21 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .committee import Committee, Runtime
-from .compact_step import CompactModel, KVCache, MoEBlock, cache_size
+from .compact_step import CompactModel, KVCache, Layer, MoEBlock, cache_size
 
 _TRIAL = 256  # predictions before their precision decides whether prefetching goes on
 _PREFETCH_PRECISION = 0.8
-_STATE = ("importance", "routed", "routing_counts", "last_used", "clock", "last_token")
+_STATE = ("importance", "routed", "routing", "last_used", "clock", "last_token")
+
+
+def _state(committee: Committee, name: str) -> torch.Tensor:
+    """One of a committee's device tensors that a warmup run advances (and must put back)."""
+    return committee.routing.tensor if name == "routing" else getattr(committee, name)
 
 
 @dataclass
@@ -86,7 +92,9 @@ class GraphedDecode:
     def usable(self) -> bool:
         """The exact policy in bf16/fp16: other policies decide per token on the host in ways a graph cannot
         hold, and transformers' grouped_mm falls back to host-side offsets in fp32 (not capturable)."""
-        return self.runtime.policy == "exact" and (not self.cuda or self.compact.dtype in (torch.bfloat16, torch.float16))
+        return self.runtime.policy == "exact" and (
+            not self.cuda or self.compact.dtype in (torch.bfloat16, torch.float16)
+        )
 
     def new_cache(self, capacity: int) -> KVCache:
         """The reply's cache: the persistent one (length 0), grown to a bucket that holds ``capacity``."""
@@ -149,15 +157,15 @@ class GraphedDecode:
         compact, cache = self.compact, self.cache
         assert cache is not None
         x = torch.zeros(1, compact.embed.weight.shape[1], dtype=compact.dtype, device=compact.device)
-        held: dict[str, object] = {}  # tensors one piece leaves for the next (static under capture)
+        held: dict[str, Any] = {}  # tensors one piece leaves for the next (static under capture)
 
         def embed() -> None:
             x.copy_(compact.embed(self._token))
             held["cos"], held["sin"] = (t[0] for t in compact.rotary(x[None], self._position[None]))
 
         pieces = [_Piece(embed)]
-        moe = [i for i, layer in enumerate(compact.layers) if isinstance(layer.mlp, MoEBlock)]
-        following = {i: compact.layers[j].mlp for i, j in itertools.pairwise(moe)}
+        blocks = {i: layer.mlp for i, layer in enumerate(compact.layers) if isinstance(layer.mlp, MoEBlock)}
+        following = {i: blocks[j] for i, j in itertools.pairwise(blocks)}
         for i, layer in enumerate(compact.layers):
             pieces.extend(self._layer_pieces(i, layer, x, held, cache, following.get(i)))
         self._guess, self._joins = {}, {}
@@ -172,15 +180,14 @@ class GraphedDecode:
         self._held = held
         self.captures += 1
 
-    def _layer_pieces(self, i: int, layer: object, x: torch.Tensor, held: dict[str, object],
+    def _layer_pieces(self, i: int, layer: Layer, x: torch.Tensor, held: dict[str, Any],
                       cache: KVCache, following: MoEBlock | None) -> list[_Piece]:
-        attention, mlp = layer.attention, layer.mlp  # type: ignore[attr-defined]
+        attention, mlp = layer.attention, layer.mlp
         position = self._position
 
-        def attend() -> torch.Tensor:
-            h = x + attention.step(layer.norm_in(x), held["cos"], held["sin"],  # type: ignore[attr-defined]
-                                   cache.keys[i], cache.values[i], position)
-            return h, layer.norm_mid(h)  # type: ignore[attr-defined]
+        def attend() -> tuple[torch.Tensor, torch.Tensor]:
+            h = x + attention.step(layer.norm_in(x), held["cos"], held["sin"], cache.keys[i], cache.values[i], position)
+            return h, layer.norm_mid(h)
 
         if not isinstance(mlp, MoEBlock):
             def dense() -> None:
@@ -199,14 +206,14 @@ class GraphedDecode:
                 held[f"{i}:next"] = following.router(y)[2]
 
         def experts() -> None:
-            h, y, index, weights = held[f"{i}"]  # type: ignore[misc]
+            h, y, index, weights = held[f"{i}"]
             out = committee.compute(y, index, weights)
             if mlp.shared is not None:
-                out = out + torch.sigmoid(mlp.shared_gate(y)) * mlp.shared(y)
+                out = out + mlp.shared(y)
             x.copy_(h + out)
 
         def routing() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return held[f"{i}"][2], held.get(f"{i}:next")  # type: ignore[index, return-value]
+            return held[f"{i}"][2], held.get(f"{i}:next")
 
         def after() -> None:
             self._between(committee, routing, following.experts if following else None)
@@ -216,7 +223,7 @@ class GraphedDecode:
     def _capture(self, pieces: list[_Piece]) -> None:
         """Warm up on a side stream (bookkeeping restored after), then capture each piece in order."""
         committees = self._committees()
-        saved = [{name: getattr(c, name).clone() for name in _STATE} for c in committees]
+        saved = [{name: _state(c, name).clone() for name in _STATE} for c in committees]
         stream = torch.cuda.Stream(self.compact.device)
         stream.wait_stream(torch.cuda.current_stream(self.compact.device))
         with torch.cuda.stream(stream):
@@ -224,9 +231,9 @@ class GraphedDecode:
                 piece.run()
         torch.cuda.current_stream(self.compact.device).wait_stream(stream)
         torch.cuda.synchronize(self.compact.device)
-        for committee, state in zip(committees, saved):
+        for committee, state in zip(committees, saved, strict=True):
             for name, value in state.items():
-                getattr(committee, name).copy_(value)
+                _state(committee, name).copy_(value)
         for piece in pieces:
             piece.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(piece.graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
@@ -234,4 +241,4 @@ class GraphedDecode:
 
     @property
     def _logits(self) -> torch.Tensor:
-        return self._held["logits"]  # type: ignore[return-value]
+        return self._held["logits"]

@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from .compat import set_expert_parallel
 from .store import LayerExperts
 
 _EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -26,7 +27,7 @@ class HostExperts:
                 setattr(config, attr, 1)
         with torch.device("cpu"):
             self.module = type(inner)(config)
-        self.module._is_expert_parallel = False
+        set_expert_parallel(self.module, False)
         self.spec = spec
 
     def compute(self, tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:

@@ -16,18 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import linear_pointwise, mkldnn_bf16_supported, reorder_linear_weight
 from .host_memory import drop_file_pages
 
 
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """Only bf16 on a CPU whose oneDNN has bf16 kernels (fp32 matmuls go to MKL, which needs no packing)."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    return device.type == "cpu" and dtype == torch.bfloat16 and mkldnn_bf16_supported()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [out, in] in oneDNN's layout for a matmul with a few rows."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+    return reorder_linear_weight(weight)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,7 +38,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with a packed weight; any leading shape."""
     rows = x.reshape(-1, x.shape[-1])
-    y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    y = linear_pointwise(rows, weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

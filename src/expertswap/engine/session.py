@@ -7,7 +7,7 @@ A session appends tokens and returns their logits; ``mark``/``roll_back`` undo a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -57,14 +57,17 @@ class TransformersSession:
 
     def run(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         batch = torch.tensor([list(ids)], device=self.model.device)
-        out = self.model(input_ids=batch, past_key_values=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        out = self.model(
+            input_ids=batch, past_key_values=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+        )
         return out.logits[0]
 
     def mark(self) -> object:
-        return [layer.get_seq_length() for layer in self.cache.layers]
+        layers: Any = self.cache.layers  # attention layers only: every family the session serves
+        return [layer.get_seq_length() for layer in layers]
 
     def roll_back(self, mark: object) -> bool:
-        for layer, before in zip(self.cache.layers, mark):  # type: ignore[call-overload]
+        for layer, before in zip(self.cache.layers, mark, strict=True):  # type: ignore[call-overload]
             grown = layer.get_seq_length() - before
             if grown > 0:
                 try:

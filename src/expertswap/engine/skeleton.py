@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import importlib
 import re
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from .compat import after_init, mark_initialised
 from .errors import ModelFormatError
 from .families import Family
 from .store import ParamSpec
 
-_PATCH_LOCK = threading.Lock()
 _SPECS_ATTR = "_expertswap_param_specs"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -35,7 +33,7 @@ class ExpertsSite:
     layer: int
     name: str
     parent: nn.Module
-    module: nn.Module
+    module: Any  # the family's experts module (its class varies)
     params: tuple[ParamSpec, ...]
 
 
@@ -45,27 +43,13 @@ def experts_class(family: Family) -> type[nn.Module]:
     return getattr(module, family.experts_class)
 
 
-@contextmanager
-def _experts_without_weights(cls: type[nn.Module]) -> Iterator[None]:
-    """Make ``cls`` drop its parameters right after construction, remembering their shapes."""
-    original = cls.__init__
-
-    def init(self: nn.Module, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)
-        specs = tuple(
-            ParamSpec(name, tuple(p.shape[1:]), p.dtype) for name, p in self.named_parameters(recurse=False)
-        )
-        for spec in specs:
-            del self._parameters[spec.name]
-        setattr(self, _SPECS_ATTR, specs)
-        self._is_hf_initialized = True  # nothing left for transformers to initialise
-
-    with _PATCH_LOCK:
-        cls.__init__ = init  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            cls.__init__ = original  # type: ignore[method-assign]
+def _drop_weights(experts: nn.Module) -> None:
+    """Right after construction: remember the parameters' shapes, then drop them."""
+    specs = tuple(ParamSpec(name, tuple(p.shape[1:]), p.dtype) for name, p in experts.named_parameters(recurse=False))
+    for spec in specs:
+        del experts._parameters[spec.name]
+    setattr(experts, _SPECS_ATTR, specs)
+    mark_initialised(experts)  # nothing left for transformers to initialise
 
 
 def load_skeleton(
@@ -80,11 +64,12 @@ def load_skeleton(
     hf_logging.set_verbosity_error()  # the load report would list every expert key as unexpected
     hf_logging.disable_progress_bar()
     try:
-        with _experts_without_weights(cls):
+        with after_init(cls, _drop_weights):
             # use_safetensors: never fall back to a pickle (pytorch_model.bin) lying beside the safetensors
-            model, info = AutoModelForCausalLM.from_pretrained(
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
                 folder, trust_remote_code=False, use_safetensors=True, output_loading_info=True, **kwargs
             )
+            model, info = loaded
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as exc:  # transformers reports a bad checkpoint as any of many exception types

@@ -9,6 +9,7 @@ routed experts run, each on its own rows), packed for oneDNN where that pays.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ class StackedSlots:
 
     rows = False
 
-    def __init__(self, inner: nn.Module, spec: LayerExperts, device: torch.device, copier: Copier) -> None:
+    def __init__(self, inner: Any, spec: LayerExperts, device: torch.device, copier: Copier) -> None:
         self.inner, self.spec, self.device, self.copier = inner, spec, device, copier
 
     def allocate(self, capacity: int) -> None:
@@ -71,7 +72,7 @@ class RowSlots:
 
     rows = True
 
-    def __init__(self, inner: nn.Module, spec: LayerExperts, packed: bool) -> None:
+    def __init__(self, inner: Any, spec: LayerExperts, packed: bool) -> None:
         self.inner, self.spec, self.packed = inner, spec, packed
         self.slots: list[dict[str, torch.Tensor]] = []
         self.uses: list[int] = []

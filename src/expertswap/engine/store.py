@@ -56,10 +56,6 @@ class ExpertStore:
     def total_expert_bytes(self) -> int:
         return sum(spec.num_experts * spec.expert_bytes for spec in self.layers.values())
 
-    @property
-    def ram_tier_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in self._ram.values() for t in d.values())
-
     def fill_ram_tier(self) -> None:
         """Copy every expert into host RAM (pinned on CUDA) so later swaps never touch the disk."""
         for layer, spec in self.layers.items():
@@ -86,12 +82,15 @@ class ExpertStore:
                 # gate and up read straight into their halves of one tensor: no concatenation copy
                 tensor = torch.empty(param.shape, dtype=param.dtype)
                 row = 0
-                for entry, whole in zip(entries, fused):
+                for entry, whole in zip(entries, fused, strict=True):
                     rows = entry.shape[1] if whole else entry.shape[0]
                     self.checkpoint.read(entry, index=expert if whole else None, out=tensor[row : row + rows])
                     row += rows
             else:
-                parts = [self.checkpoint.read(e, index=expert if whole else None) for e, whole in zip(entries, fused)]
+                parts = [
+                    self.checkpoint.read(e, index=expert if whole else None)
+                    for e, whole in zip(entries, fused, strict=True)
+                ]
                 tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
                 tensor = tensor.to(param.dtype).reshape(param.shape)
             out[param.name] = tensor.pin_memory() if pin else tensor
@@ -123,7 +122,11 @@ def _layout_keys(layout: Layout, prefix: str) -> dict[str, tuple[str, ...]]:
 
 
 def _check_shapes(
-    checkpoint: Checkpoint, keys: dict[str, tuple[str, ...]], params: tuple[ParamSpec, ...], num_experts: int, layer: int
+    checkpoint: Checkpoint,
+    keys: dict[str, tuple[str, ...]],
+    params: tuple[ParamSpec, ...],
+    num_experts: int,
+    layer: int,
 ) -> None:
     for param in params:
         templates = keys[param.name]

@@ -29,7 +29,6 @@ class Swapper:
         self.copier = copier
         self.swaps_per_layer = swaps_per_layer
         self.enabled = True
-        self.swaps = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="expertswap-swapper", daemon=True)
@@ -67,7 +66,7 @@ class Swapper:
                          and swap.expert not in committee.resident_experts]
                 committee.apply_swaps(batch, start, background=True)
             done += len(batch)
-        self.swaps += done
+        self.runtime.counters.background_swaps += done
         return done
 
     def _loop(self) -> None:

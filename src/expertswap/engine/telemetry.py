@@ -7,6 +7,7 @@ residency snapshot gives exactly the next snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -100,7 +101,6 @@ class Subscription:
     def __init__(self, hub: Telemetry, maxsize: int) -> None:
         self._hub = hub
         self._queue: queue.Queue[Event] = queue.Queue(maxsize)
-        self.dropped = 0
 
     def put(self, event: Event) -> None:
         while True:
@@ -108,11 +108,8 @@ class Subscription:
                 self._queue.put_nowait(event)
                 return
             except queue.Full:
-                try:
+                with contextlib.suppress(queue.Empty):
                     self._queue.get_nowait()
-                    self.dropped += 1
-                except queue.Empty:
-                    pass
 
     def get(self, timeout: float | None = None) -> Event | None:
         try:

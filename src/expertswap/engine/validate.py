@@ -45,18 +45,22 @@ def check_raw_config(raw: dict, defaults: object) -> None:
                 raise ModelFormatError(f"config.json: {key} must be a whole number, got {value!r}")
             if key in _POSITIVE and value <= 0:
                 raise ModelFormatError(f"config.json: {key} must be positive, got {value}")
-        elif isinstance(default, float):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        elif isinstance(default, float) and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
                 raise ModelFormatError(f"config.json: {key} must be a finite number, got {value!r}")
+
+
+def _positive_whole(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelFormatError(f"config.json: {name} must be a positive whole number, got {value!r}")
+    return value
 
 
 def check_moe_config(config: object) -> tuple[int, int]:
     """(experts per layer, experts per token) of a loaded config, both sane, or a typed error."""
-    experts = next((getattr(config, k) for k in _EXPERT_COUNT_KEYS if getattr(config, k, None) is not None), None)
-    top_k = getattr(config, "num_experts_per_tok", None)
-    for name, value in (("number of experts", experts), ("num_experts_per_tok", top_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ModelFormatError(f"config.json: {name} must be a positive whole number, got {value!r}")
+    experts = _positive_whole("number of experts", next(
+        (getattr(config, k) for k in _EXPERT_COUNT_KEYS if getattr(config, k, None) is not None), None))
+    top_k = _positive_whole("num_experts_per_tok", getattr(config, "num_experts_per_tok", None))
     if top_k > experts:
         raise ModelFormatError(f"config.json: num_experts_per_tok ({top_k}) exceeds the number of experts ({experts})")
     return experts, top_k

@@ -9,7 +9,6 @@ import psutil
 import torch
 
 
-
 def free_memory_probe(device: torch.device) -> Callable[[], int]:
     """Free bytes where the experts live: available RAM on CPU, free VRAM on CUDA."""
     if device.type == "cuda":

@@ -9,10 +9,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from .budget import format_bytes, parse_budget
-from .checkpoint import Checkpoint, read_config
-from .errors import ModelFormatError
-from .families import Family
+from ..engine.budget import format_bytes, parse_budget
+from ..engine.checkpoint import Checkpoint, read_config
+from ..engine.errors import ModelFormatError
+from ..engine.families import Family
 
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 

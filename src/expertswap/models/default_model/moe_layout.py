@@ -99,7 +99,10 @@ def _split_layer(
     gate, up, down = (take(f"{src}.{p}_proj.weight") for p in ("gate", "up", "down"))
     order = plan.order
     gate, up, down = gate[order], up[order], down[:, order]
-    out: dict[str, torch.Tensor] = {f"{src}.gate.weight": plan.router, f"{src}.shared_expert_gate.weight": plan.shared_gate}
+    out: dict[str, torch.Tensor] = {
+        f"{src}.gate.weight": plan.router,
+        f"{src}.shared_expert_gate.weight": plan.shared_gate,
+    }
     s = design.shared
     out[f"{src}.shared_expert.gate_proj.weight"] = gate[:s]
     out[f"{src}.shared_expert.up_proj.weight"] = up[:s]

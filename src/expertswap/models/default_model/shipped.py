@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import ModelFormatError
+from ...engine.errors import ModelFormatError
 from .moe_layout import LayerPlan, MoeDesign
 
 GROUP = 64
@@ -89,7 +89,7 @@ def load(folder: Path) -> tuple[MoeDesign, dict[int, LayerPlan], dict]:
             design_fields = json.loads(meta["design"])
             design_fields["dense_layers"] = tuple(design_fields["dense_layers"])
             design, recipe = MoeDesign(**design_fields), json.loads(meta["recipe"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
         plans: dict[int, LayerPlan] = {}
         for key in tensors:
             layer, name = key.split(".", 1)
