@@ -1,6 +1,7 @@
 """The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results).
 
-Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction.
+Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
+replay, record-traces.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     exact.add_argument("--repeats", type=int, default=3)
     prediction = sub.add_parser("prediction", help="the prefetch predictor's precision and recall on the default model")
     prediction.add_argument("--tokens", type=int, default=48)
+    replay = sub.add_parser("replay", help="routing traces through the engine's residency code, against Belady")
+    replay.add_argument("traces", nargs="+", help="trace files (JSON Lines, see README: Routing traces)")
+    replay.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%"])
+    sub.add_parser("record-traces", help="record the committed routing traces (benchmarks/traces/)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "speed":
         from tqdm import tqdm
@@ -88,6 +93,16 @@ def main(argv: list[str] | None = None) -> None:
         from .prediction import main as run
 
         run(args.tokens)
+    elif args.command == "replay":
+        from .replay import main as run
+
+        for path in run(args.traces, args.budgets):
+            print(path.read_text())
+    elif args.command == "record-traces":
+        from .record_traces import main as run
+
+        for path in run():
+            print(path)
     elif args.command == "default-model":
         from .default_model import main as run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -69,6 +70,15 @@ def open_engine() -> Iterator[Callable[..., Engine]]:
     yield load
     for engine in engines:
         engine.close()
+
+
+@pytest.fixture(autouse=True)
+def qt_garbage_collected_on_the_gui_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A Qt test's windows are collected here, on the GUI thread, before the next test starts an engine
+    thread: collected there, a wrapper's C++ deletion deadlocked against the next window's paint event."""
+    yield
+    if "qtbot" in request.fixturenames:
+        gc.collect()
 
 
 @pytest.fixture(autouse=True)

@@ -265,14 +265,14 @@ def test_lru_eviction_replaces_the_least_recently_routed_expert(tiny_model, refe
         assert list(lru.generate(ids, settings)) == list(full.generate(ids, settings))
         committee = lru.committees[0]
         resident = committee.resident_experts
-        assert int(committee.last_used.max()) > 0  # routings were stamped while generating
-        committee.last_used[:] = 100
-        committee.last_used[resident[1]] = 7  # the stalest resident expert
+        assert int(committee.cache.last_used.max()) > 0  # routings were stamped while generating
+        committee.cache.last_used[:] = 100
+        committee.cache.last_used[resident[1]] = 7  # the stalest resident expert
         slot_of_stale = committee.slots.slot_to_expert.index(resident[1])
-        assert committee.victims(set())[0] == slot_of_stale
-        committee.last_used[resident[1]] = 200
-        assert committee.victims(set())[0] != slot_of_stale
-        assert slot_of_stale not in committee.victims({resident[1]})  # a wanted expert is never a victim
+        assert committee.cache.victims(set())[0] == slot_of_stale
+        committee.cache.last_used[resident[1]] = 200
+        assert committee.cache.victims(set())[0] != slot_of_stale
+        assert slot_of_stale not in committee.cache.victims({resident[1]})  # a wanted expert is never a victim
 
 
 def test_pinned_committee_stays_put_and_bad_requests_are_refused(tiny_model) -> None:
@@ -313,10 +313,10 @@ def test_batched_swaps_keep_maps_and_norms_true(tiny_model) -> None:
                 for name, tensor in engine.store.read(c.layer, expert).items():
                     assert torch.equal(held[name], tensor)
         assert torch.equal(c.slots.device_map.cpu(), expected)
-        known = [e for e in range(c.num_experts) if not torch.isnan(c.norms[e])]
+        known = [e for e in range(c.num_experts) if not torch.isnan(c.cache.norms[e])]
         assert len(known) > c.capacity  # experts that came and went keep their norm
         for e in known:
             weights = engine.store.read(c.layer, e).values()
             true = torch.sqrt(sum(t.float().square().sum() for t in weights))
-            torch.testing.assert_close(c.norms[e], true, rtol=1e-5, atol=0)
+            torch.testing.assert_close(c.cache.norms[e], true, rtol=1e-5, atol=0)
     engine.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .engine import (
+    DEFAULT_EVICTION,
     EVICTIONS,
     POLICIES,
     Engine,
@@ -36,7 +38,7 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="policy skip: drop routings whose weight is below this (0 = drop none)")
     parser.add_argument("--ram-tier", action="store_true", help="keep every expert in host RAM (faster swaps)")
     parser.add_argument("--no-swapper", action="store_true", help="no background swapping (misses only)")
-    parser.add_argument("--eviction", choices=EVICTIONS, default="importance",
+    parser.add_argument("--eviction", choices=EVICTIONS, default=DEFAULT_EVICTION,
                         help="which expert a miss replaces: least important, or least recently used (baseline)")
 
 
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget-schedule", type=parse_schedule, default=[],
                      help='change the budget at generated-token counts, e.g. "0:100%%,8:30%%,16:80%%"')
     gen.add_argument("--events", type=Path, help="write every telemetry event to this file as JSON lines")
+    gen.add_argument("--trace", type=Path, help="write the routing trace (every token's experts per layer) here")
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
     _add_load_options(chat)
     chat.add_argument("--max-new-tokens", type=int, default=256)
@@ -143,12 +146,13 @@ def _generate(args: argparse.Namespace) -> int:
             ids = engine.encode_chat([{"role": "user", "content": args.prompt}])
         else:
             ids = engine.encode(args.prompt)
-        for token in engine.generate(ids, settings):
-            tokens.append(token)
-            while pending and pending[0][0] <= len(tokens):
-                engine.set_budget(pending.pop(0)[1])
-            if not args.json:
-                print(decoder.push(token), end="", flush=True)
+        with engine.record_trace(args.trace, Path(args.model).name) if args.trace else contextlib.nullcontext():
+            for token in engine.generate(ids, settings):
+                tokens.append(token)
+                while pending and pending[0][0] <= len(tokens):
+                    engine.set_budget(pending.pop(0)[1])
+                if not args.json:
+                    print(decoder.push(token), end="", flush=True)
     finally:
         engine.close()
         writer_stop.set()

@@ -6,6 +6,7 @@ asyncio (qasync's loop is Qt's loop); telemetry is drained on a timer and re-emi
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 
 from PySide6.QtCore import QObject, QTimer, Signal
@@ -63,6 +64,10 @@ class EngineSession(QObject):
             return Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy)
 
         failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
+        # Collect unreachable Qt wrappers (closed dialogs, menus) here, on the GUI thread: left to the loading
+        # thread's garbage collection, their C++ deletion there deadlocked against a paint event on the GUI
+        # thread (it held the GIL and waited for a QObject mutex the loader held while waiting for the GIL).
+        gc.collect()
         return await run_op(None, work).success(self._adopt).failure(failed).run()
 
     def _adopt(self, engine: Engine) -> None:

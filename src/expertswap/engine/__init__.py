@@ -1,7 +1,7 @@
 """Inference engine: a resident committee of MoE experts under a byte budget. Never imports Qt."""
 
 from .budget import DEFAULT_BUDGET, DEFAULT_BUDGET_PERCENT, format_bytes, parse_budget
-from .committee import EVICTIONS, POLICIES
+from .committee import POLICIES
 from .decoder import TokenChunk, TokenScores
 from .engine import Engine, EngineStats, default_device, resolve_device
 from .errors import (
@@ -19,6 +19,7 @@ from .errors import (
     SettingsError,
     UnsupportedArchitectureError,
 )
+from .expert_cache import DEFAULT_EVICTION, EVICTIONS
 from .families import FAMILIES, supported_names
 from .generation import IncrementalDecoder, SamplingSettings
 from .telemetry import (
@@ -29,10 +30,12 @@ from .telemetry import (
     SwapEvent,
     TokenStats,
 )
+from .trace import TraceError, TraceHeader, TraceToken, read_trace
 
 __all__ = [
     "DEFAULT_BUDGET",
     "DEFAULT_BUDGET_PERCENT",
+    "DEFAULT_EVICTION",
     "EVICTIONS",
     "FAMILIES",
     "POLICIES",
@@ -60,10 +63,14 @@ __all__ = [
     "TokenChunk",
     "TokenScores",
     "TokenStats",
+    "TraceError",
+    "TraceHeader",
+    "TraceToken",
     "UnsupportedArchitectureError",
     "default_device",
     "format_bytes",
     "parse_budget",
+    "read_trace",
     "resolve_device",
     "supported_names",
 ]

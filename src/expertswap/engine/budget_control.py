@@ -64,7 +64,7 @@ class BudgetController:
             return
         new, reason = pending
         shapes = [LayerShape(c.num_experts, c.top_k, c.spec.expert_bytes) for c in self.committees]
-        demand = [effective_experts(c.scores(), c.top_k) for c in self.committees]
+        demand = [effective_experts(c.cache.scores(), c.top_k) for c in self.committees]
         capacities = plan_capacities(new, shapes, demand)
         # shrink first so that the transient copies of a resize never stack up
         for committee, capacity in sorted(

@@ -21,19 +21,18 @@ from torch import nn
 from .compat import experts_implementation, foreach_norm, set_expert_parallel
 from .copier import Copier
 from .counters import Counters, RoutingCounts
+from .expert_cache import DEFAULT_EVICTION, ExpertCache
 from .expert_rows import routed_pairs, supports_rows
 from .host_compute import HostExperts
 from .packed import packing_pays
-from .policies import skip_routings, substitute_misses
+from .policies import substitute_misses
 from .slot_map import SlotMap
 from .slot_storage import RowSlots, StackedSlots
 from .store import ExpertStore, LayerExperts
 from .telemetry import SwapEvent, Telemetry
+from .trace import TraceRecorder
 
 POLICIES = ("exact", "substitute", "skip", "cpu")
-EVICTIONS = ("importance", "lru")
-DECAY_PER_TOKEN = 0.95
-SWAP_HYSTERESIS = 1.25
 
 
 class Swap(NamedTuple):
@@ -51,12 +50,13 @@ class Runtime:
 
     policy: str = "exact"
     skip_threshold: float = 0.0
-    eviction: str = "importance"  # or "lru": evict the least recently routed expert (the on-demand baseline)
+    eviction: str = DEFAULT_EVICTION  # or another of expert_cache.EVICTIONS
     allow_loads: bool = True
     pinned: bool = False  # a static committee: nothing loads, the swapper rests (Engine.pin_committee)
     counters: Counters = field(default_factory=Counters)
     lock: threading.RLock = field(default_factory=threading.RLock)
     telemetry: Telemetry = field(default_factory=Telemetry)
+    trace: TraceRecorder | None = None  # Engine.record_trace: every layer notes its routing
     active_layers: int = 0  # committees inside forward right now; swaps must only happen at 0
     swaps_during_forward: int = 0  # must stay 0: counted by apply_swaps as an invariant check
 
@@ -84,16 +84,8 @@ class Committee(nn.Module):
         self.store = store
         self.runtime = runtime
         self.device = device
-        E = self.num_experts
-        self.importance = torch.zeros(E, device=device)
-        self.norms = torch.full((E,), float("nan"), device=device)  # |expert|, known once it has been loaded
-        self.routing = RoutingCounts(device)
-        self.routed = torch.zeros(E, dtype=torch.long, device=device)  # how often the router chose each expert
-        self.last_token = torch.full((spec.top_k,), -1, dtype=torch.long, device=device)  # the latest token's choice
-        self.last_used = torch.zeros(E, dtype=torch.long, device=device)  # forward count when last routed to (lru)
-        self.clock = torch.zeros((), dtype=torch.long, device=device)  # on the device: a captured step advances it
-        self._norm_known = [False] * E
-        self.slots = SlotMap(E, capacity, device)
+        self.cache = ExpertCache(self.num_experts, spec.top_k, capacity, device, runtime.eviction)
+        self._norm_known = [False] * self.num_experts
         self.version = 0  # bumped by resize: a swap planned against an older layout is dropped
         self._router_logits: torch.Tensor | None = None
         self._host: HostExperts | None = None
@@ -106,14 +98,22 @@ class Committee(nn.Module):
         else:
             self.storage = StackedSlots(inner, spec, device, copier)
         self.storage.allocate(capacity)
-        for slot in range(capacity):  # one expert at a time: the host never holds more than one of them
-            first = Swap(slot, slot, self.store.read(self.layer, slot), "grow")
+        for slot, expert in enumerate(self.cache.first_residents()):  # one at a time: the host holds one of them
+            first = Swap(expert, slot, self.store.read(self.layer, expert), "grow")
             self.storage.write([(slot, first.tensors)])()
             self._learn_norms([first])
-            self.slots.install(slot, slot)
+            self.slots.install(slot, expert)
         self.slots.publish()
 
     # ---- what is resident ---------------------------------------------------------------------
+    @property
+    def slots(self) -> SlotMap:
+        return self.cache.slots
+
+    @property
+    def routing(self) -> RoutingCounts:
+        return self.cache.routing
+
     @property
     def capacity(self) -> int:
         return self.slots.capacity
@@ -126,13 +126,6 @@ class Committee(nn.Module):
     def resident_bytes(self) -> int:
         """Bytes the slot weights really occupy, read off the tensors themselves."""
         return self.storage.nbytes
-
-    def scores(self) -> torch.Tensor:
-        """SwapMoE importance per expert on the host: decayed sum of |x| * routing weight, times |expert|."""
-        norms = self.norms.cpu()
-        known = ~norms.isnan()
-        default = norms[known].mean() if bool(known.any()) else 1.0
-        return self.importance.float().cpu() * norms.nan_to_num(float(default))
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -152,7 +145,7 @@ class Committee(nn.Module):
             return self.compute(hidden, self._substitute(index, resident), weights)
         if not runtime.allow_loads and runtime.policy == "cpu":
             return self._run_with_host(hidden, index, weights, resident)
-        needed = self.needed(index)
+        needed = self.cache.needed(index)
         if len(needed) <= self.capacity:
             self.make_resident(needed)
             return self.compute(hidden, index, weights)
@@ -160,31 +153,12 @@ class Committee(nn.Module):
 
     def observe(self, hidden: torch.Tensor, index: torch.Tensor,
                 weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Routing bookkeeping, before any load: importance, counts, LRU stamps, skipping. Device work only.
-
-        Returns the routing as the policy leaves it and which routed experts are resident now.
-        """
+        """Routing bookkeeping, before any load (``ExpertCache.observe`` weighing each token by |x|)."""
         runtime = self.runtime
-        self._note_importance(hidden, index, weights)
-        if runtime.policy == "skip" and runtime.skip_threshold > 0:
-            index, weights = self._skip(index, weights, runtime.skip_threshold)
-        valid = index >= 0
-        clamped = index.clamp(min=0)
-        self.routed.scatter_add_(0, clamped.flatten(), valid.flatten().long())
-        if runtime.eviction == "lru":  # only the LRU baseline reads the stamps
-            self.clock += 1
-            stamp = torch.where(valid, self.clock, 0).flatten()
-            self.last_used.scatter_reduce_(0, clamped.flatten(), stamp, reduce="amax")
-        self.last_token.copy_(index[-1])
-        resident = (self.slots.device_map[clamped] >= 0) & valid
-        self.routing.hits += resident.sum()
-        self.routing.misses += (valid & ~resident).sum()
-        return index, weights, resident
-
-    def needed(self, index: torch.Tensor) -> list[int]:
-        """The distinct experts a routing names (one host sync)."""
-        host_index = index.cpu()
-        return torch.unique(host_index[host_index >= 0]).tolist()
+        if runtime.trace is not None:
+            runtime.trace.note(self.layer, index, weights)
+        threshold = runtime.skip_threshold if runtime.policy == "skip" else 0.0
+        return self.cache.observe(index, weights, hidden.detach().float().norm(dim=-1, keepdim=True), threshold)
 
     def compute(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The experts' output for a routing whose experts are resident; ids < 0 contribute nothing."""
@@ -194,8 +168,7 @@ class Committee(nn.Module):
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, needed: list[int]
     ) -> torch.Tensor:
         """More experts needed than slots (a long prompt at a small budget): compute in groups of C."""
-        order = sorted(needed, key=lambda e: not self.slots.is_resident(e))  # resident ones first: fewer loads
-        groups = [order[i : i + self.capacity] for i in range(0, len(order), self.capacity)]
+        groups = self.cache.passes(needed)
         self.runtime.counters.extra_passes += len(groups) - 1
         pairs: torch.Tensor | None = None
         for group in groups:
@@ -251,66 +224,27 @@ class Committee(nn.Module):
         return out + extra.to(out.device, non_blocking=True)
 
     # ---- policies on the device ----------------------------------------------------------------
-    def _skip(self, index: torch.Tensor, weights: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        index, weights, dropped = skip_routings(index, weights, threshold)
-        self.routing.skipped += dropped
-        return index, weights
-
     def _substitute(self, index: torch.Tensor, resident: torch.Tensor) -> torch.Tensor:
         """Scores from this token's router logits when captured, else the layer's importance."""
         logits = self._router_logits
         if logits is not None and logits.shape[0] == index.shape[0]:
             scores = logits.detach().float()
         else:
-            scores = self.importance.expand(index.shape[0], -1)
+            scores = self.cache.importance.expand(index.shape[0], -1)
         return substitute_misses(index, resident, scores, self.slots.device_map >= 0)
-
-    def _note_importance(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
-        contribution = weights.detach().float() * hidden.detach().float().norm(dim=-1, keepdim=True)
-        self.importance.mul_(DECAY_PER_TOKEN ** hidden.shape[0])
-        self.importance.index_add_(0, index.reshape(-1), contribution.reshape(-1))
 
     def _capture_router_logits(self, _module: nn.Module, _inputs: object, output: object) -> None:
         self._router_logits = output[0] if isinstance(output, tuple) else None
 
     # ---- loading and swapping (the caller holds the runtime lock) -------------------------------
     def make_resident(self, wanted: list[int]) -> None:
-        """Load the wanted experts that are missing into the least important slots not wanted now."""
-        missing = [e for e in wanted if not self.slots.is_resident(e)]
-        if not missing:
+        """Load the wanted experts that are missing into the cache's victims (never a wanted one)."""
+        loads = self.cache.loads(wanted)
+        if not loads:
             return
         start = time.perf_counter()
-        self.apply_swaps([Swap(expert, slot, self.store.read(self.layer, expert), "miss")
-                          for expert, slot in zip(missing, self.victims(set(wanted)), strict=False)], start)
-
-    def victims(self, keep: set[int]) -> list[int]:
-        """Slots to load into, best first: empty ones, then the least important (or least recently used)."""
-        rank = self.last_used.cpu() if self.runtime.eviction == "lru" else self.scores()
-        held = self.slots.slot_to_expert
-        free = [s for s, e in enumerate(held) if e not in keep]
-        free.sort(key=lambda s: -1.0 if held[s] < 0 else float(rank[held[s]]))
-        return free
-
-    def plan_swaps(self, limit: int) -> list[tuple[int, int, int]]:
-        """(expert in, slot, expert out) pairs that raise the committee's importance, best first."""
-        if self.slots.full:
-            return []
-        scores = self.scores()
-        held = self.slots.slot_to_expert
-        empty = [s for s, e in enumerate(held) if e < 0]
-        resident = sorted((s for s, e in enumerate(held) if e >= 0), key=lambda s: float(scores[held[s]]))
-        outside = sorted((e for e in range(self.num_experts) if not self.slots.is_resident(e)),
-                         key=lambda e: -float(scores[e]))
-        plan: list[tuple[int, int, int]] = []
-        victims = empty + resident
-        for expert, slot in zip(outside, victims, strict=False):
-            if len(plan) >= limit:
-                break
-            victim = held[slot]
-            if victim >= 0 and float(scores[expert]) <= SWAP_HYSTERESIS * float(scores[victim]) + 1e-12:
-                break
-            plan.append((expert, slot, victim))
-        return plan
+        self.apply_swaps([Swap(expert, slot, self.store.read(self.layer, expert), "miss") for expert, slot in loads],
+                         start)
 
     @torch.inference_mode()
     def apply_swaps(self, swaps: Sequence[Swap], start: float, background: bool = False,
@@ -346,22 +280,20 @@ class Committee(nn.Module):
         Only from pinned host copies (the RAM tier): the copy runs beside the compute. Returns the
         callable that makes the device wait for it (call it before this layer's experts run), or None.
         """
-        missing = [e for e in predicted if not self.slots.is_resident(e)]
-        if not missing or not self.store.pinned(self.layer, missing[0]):
+        loads = self.cache.loads(predicted)
+        if not loads or not self.store.pinned(self.layer, loads[0][0]):
             return None
         start = time.perf_counter()
-        swaps = [Swap(expert, slot, self.store.read(self.layer, expert), "prefetch")
-                 for expert, slot in zip(missing, self.victims(set(predicted)), strict=False)]
+        swaps = [Swap(expert, slot, self.store.read(self.layer, expert), "prefetch") for expert, slot in loads]
         return self.apply_swaps(swaps, start, ahead=True)
 
     @torch.inference_mode()
     def resize(self, capacity: int) -> None:
-        """Change the number of slots, keeping the most important residents; new slots start empty."""
+        """Change the number of slots, keeping the highest ranked residents; new slots start empty."""
         if capacity == self.capacity:
             return
-        scores = self.scores()
         held = self.slots.slot_to_expert
-        order = sorted(range(self.capacity), key=lambda s: (held[s] < 0, -float(scores[max(held[s], 0)])))
+        order = self.cache.shrink_order()
         kept, evicted = order[:capacity], order[capacity:]
         for slot in evicted:
             expert = held[slot]
@@ -384,6 +316,6 @@ class Committee(nn.Module):
         views = [view for swap in new for view in self.storage.views(swap.slot, swap.tensors)]
         per_param = torch.stack(foreach_norm(views)).view(len(new), -1)
         experts = torch.tensor([swap.expert for swap in new], device=self.device)
-        self.norms.index_copy_(0, experts, per_param.square().sum(1).sqrt())
+        self.cache.norms.index_copy_(0, experts, per_param.square().sum(1).sqrt())
         for swap in new:
             self._norm_known[swap.expert] = True

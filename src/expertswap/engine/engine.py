@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import itertools
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .budget import parse_budget
 from .budget_control import BudgetController
 from .checkpoint import Checkpoint, read_config
-from .committee import EVICTIONS, POLICIES, Committee, Runtime
+from .committee import POLICIES, Committee, Runtime
 from .compact_step import CompactModel
 from .compact_step import supports as supports_compact
 from .copier import Copier
@@ -25,10 +28,12 @@ from .decoder import Decoder, TokenChunk, TokenScores
 from .errors import (
     BudgetError,
     DeviceError,
+    EngineBusyError,
     ModelFormatError,
     PolicyError,
     PromptError,
 )
+from .expert_cache import DEFAULT_EVICTION, EVICTIONS
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings
 from .graphed_step import GraphedDecode
@@ -42,6 +47,7 @@ from .step import StepGuard
 from .store import ExpertStore, resolve_layer
 from .swapper import Swapper
 from .telemetry import MemorySample, ResidencySnapshot, Subscription, TokenStats
+from .trace import TraceHeader, TraceRecorder
 from .validate import check_layers
 from .watcher import MemoryWatcher, free_memory_probe
 
@@ -114,11 +120,13 @@ class Engine:
         budget_bytes: int,
         swapper: bool,
         copier: Copier,
+        routers: list[nn.Module | None],
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.family = family
         self.committees = committees
+        self.routers = routers  # each MoE layer's router, beside its committee
         self.store = store
         self.runtime = runtime
         self.device = model.device
@@ -126,7 +134,7 @@ class Engine:
         self.budget = BudgetController(committees, runtime, budget_bytes, store.total_expert_bytes, self.device,
                                        wake=lambda: self.swapper.wake(),
                                        applied=lambda: self.telemetry.emit(self.residency()))
-        self.guard = StepGuard(runtime.lock, self._before_step, self.budget.shrink_after_oom)
+        self.guard = StepGuard(runtime.lock, self._before_step, self.budget.shrink_after_oom, self._after_step)
         self.compact = CompactModel(model) if supports_compact(model) else None
         self.graphed = GraphedDecode(self.compact, runtime) if self.compact and self.device.type == "cuda" else None
         if self.compact is None and packing_pays(self.device, model.dtype):
@@ -157,7 +165,7 @@ class Engine:
         dtype: str | torch.dtype = "auto",
         skip_threshold: float = 0.0,
         swapper: bool = True,
-        eviction: str = "importance",
+        eviction: str = DEFAULT_EVICTION,
     ) -> Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``."""
         return_large_frees()
@@ -181,7 +189,7 @@ class Engine:
         if eviction not in EVICTIONS:
             raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction)
-        committees = []
+        committees, routers = [], []
         copier = Copier(torch_device)
         for site, capacity in zip(sites, capacities, strict=True):
             attr = site.name.rpartition(".")[2]
@@ -192,8 +200,9 @@ class Engine:
                                   copier)
             setattr(site.parent, attr, committee)
             committees.append(committee)
+            routers.append(router)
         tokenizer = _load_tokenizer(folder)
-        return cls(model, tokenizer, family, committees, store, runtime, budget_bytes, swapper, copier)
+        return cls(model, tokenizer, family, committees, store, runtime, budget_bytes, swapper, copier, routers)
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -311,6 +320,40 @@ class Engine:
         """Stop the reply in progress after its current token; safe from any thread."""
         self.decoder.cancel()
 
+    @contextlib.contextmanager
+    def record_trace(self, path: str | Path, model: str | None = None) -> Iterator[TraceRecorder]:
+        """Within the block, every forward's routing goes to ``path`` as a trace (format: ``engine/trace.py``).
+
+        ``model`` names the model in the header (default: its folder's name).
+
+        Decode then runs eagerly (a captured CUDA graph would not call the recorder).
+        """
+        c = self.committees
+        folder = Path(self.model.config.name_or_path or "model").name
+        name = model or folder
+        tokenizer = Path(getattr(self.tokenizer, "name_or_path", "") or "").name or None
+        header = TraceHeader(model=name, family=self.family.model_type,
+                             layers=[m.layer for m in c], experts=c[0].num_experts, top_k=c[0].top_k,
+                             tokenizer=name if tokenizer == folder else tokenizer,  # the model's own
+                             expert_bytes=c[0].spec.expert_bytes)
+        recorder = TraceRecorder(path, header)
+        with self.runtime.lock:
+            if self.runtime.trace is not None:
+                recorder.close()
+                raise EngineBusyError("a trace is already being recorded")
+            self.runtime.trace = recorder
+        hooks = [here.register_forward_hook(_guess_next(recorder, following, c[i + 1].layer, c[i + 1].top_k))
+                 for i, (here, following) in enumerate(itertools.pairwise(self.routers))
+                 if here is not None and following is not None]
+        try:
+            yield recorder
+        finally:
+            for hook in hooks:
+                hook.remove()
+            with self.runtime.lock:
+                self.runtime.trace = None
+            recorder.close()
+
     # ---- live committee -----------------------------------------------------------------------
     def subscribe(self, maxsize: int = 100_000) -> Subscription:
         """A queue of every telemetry event from now on; ``drain()`` it from any thread."""
@@ -343,14 +386,14 @@ class Engine:
         with self.runtime.lock:
             cs = self.committees
             # one device read for every layer's counters (this runs after each token while the GUI listens)
-            flat = torch.cat([t for c in cs for t in (c.routed, c.last_token)]).tolist()
+            flat = torch.cat([t for c in cs for t in (c.cache.routed, c.cache.last_token)]).tolist()
             routed, last = {}, {}
             for c in cs:
                 routed[c.layer], flat = flat[: c.num_experts], flat[c.num_experts :]
                 last[c.layer], flat = sorted(e for e in flat[: c.top_k] if e >= 0), flat[c.top_k :]
             return ResidencySnapshot(
                 resident={c.layer: sorted(c.resident_experts) for c in cs},
-                importance={c.layer: [round(float(v), 6) for v in c.scores()] for c in cs},
+                importance={c.layer: [round(float(v), 6) for v in c.cache.scores()] for c in cs},
                 capacity={c.layer: c.capacity for c in cs},
                 routed=routed,
                 last_token=last,
@@ -404,6 +447,13 @@ class Engine:
         self.budget.apply_pending()
         # substitute and cpu keep the prompt exact (loading what it needs) and never load while decoding
         self.runtime.allow_loads = not self.runtime.pinned and (is_prefill or self.runtime.policy in ("exact", "skip"))
+        if self.runtime.trace is not None:
+            self.runtime.trace.begin()
+
+    def _after_step(self, is_prefill: bool) -> None:
+        """Runs under the step lock after each forward that succeeded."""
+        if self.runtime.trace is not None:
+            self.runtime.trace.end(is_prefill)
 
     def _after_token(self, count: int) -> None:
         self._peak_resident = max(self._peak_resident, self.resident_expert_bytes())
@@ -453,6 +503,18 @@ def _close_live_engines() -> None:
     """Background threads must not be inside torch when the interpreter tears down."""
     for engine in list(_LIVE):
         engine.close()
+
+
+def _guess_next(recorder: TraceRecorder, following: nn.Module, layer: int,
+                k: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...], object], None]:
+    """A router hook: the next MoE layer's router on this layer's input, the prefetch predictor's guess."""
+    def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: object) -> None:
+        out = following.forward(inputs[0])  # forward, not __call__: the next router's own hooks stay quiet
+        logits = out[0] if isinstance(out, tuple) else out
+        if logits.is_floating_point():  # a router that returns ids first gives no guess
+            recorder.note_guess(layer, logits.topk(k, dim=-1).indices.reshape(-1, k))
+
+    return hook
 
 
 def _check_policy(policy: str, device: torch.device, skip_threshold: float) -> None:

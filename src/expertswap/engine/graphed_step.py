@@ -31,12 +31,12 @@ from .compact_step import CompactModel, KVCache, Layer, MoEBlock, cache_size
 
 _TRIAL = 256  # predictions before their precision decides whether prefetching goes on
 _PREFETCH_PRECISION = 0.8
-_STATE = ("importance", "routed", "routing", "last_used", "clock", "last_token")
+_STATE = ("importance", "frequency", "routed", "routing", "last_used", "clock", "last_token")
 
 
 def _state(committee: Committee, name: str) -> torch.Tensor:
     """One of a committee's device tensors that a warmup run advances (and must put back)."""
-    return committee.routing.tensor if name == "routing" else getattr(committee, name)
+    return committee.cache.routing.tensor if name == "routing" else getattr(committee.cache, name)
 
 
 @dataclass
@@ -92,7 +92,7 @@ class GraphedDecode:
     def usable(self) -> bool:
         """The exact policy in bf16/fp16: other policies decide per token on the host in ways a graph cannot
         hold, and transformers' grouped_mm falls back to host-side offsets in fp32 (not capturable)."""
-        return self.runtime.policy == "exact" and (
+        return self.runtime.policy == "exact" and self.runtime.trace is None and (
             not self.cuda or self.compact.dtype in (torch.bfloat16, torch.float16)
         )
 

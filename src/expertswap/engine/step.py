@@ -26,9 +26,10 @@ class StepGuard:
     """Runs a forward under the step lock and forward mode, after ``before_step``; retries it after an OOM."""
 
     def __init__(self, lock: threading.RLock, before_step: Callable[[bool], None],
-                 on_oom: Callable[[BaseException], bool]) -> None:
+                 on_oom: Callable[[BaseException], bool], after_step: Callable[[bool], None]) -> None:
         self.lock = lock
         self.before_step = before_step
+        self.after_step = after_step
         self.on_oom = on_oom
         self.steps = 0  # forwards run, retries included: tests read it to see that every forward came here
 
@@ -43,7 +44,9 @@ class StepGuard:
                 with self.lock, forward_mode():
                     self.steps += 1
                     self.before_step(is_prefill)
-                    return forward()
+                    result = forward()
+                    self.after_step(is_prefill)
+                    return result
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 if not session.roll_back(mark) or not self.on_oom(exc):
                     raise OutOfMemoryError(f"out of memory even at the smallest budget: {exc}".splitlines()[0]) from exc

@@ -15,13 +15,15 @@ from .committee import Committee, Runtime, Swap
 from .copier import Copier
 from .store import ExpertStore
 
+SWAPS_PER_LAYER = 2  # experts swapped in per layer and round, at most
+
 
 class Swapper:
     """A daemon thread woken after every token and every budget change."""
 
     def __init__(
         self, committees: Sequence[Committee], store: ExpertStore, runtime: Runtime, copier: Copier,
-        swaps_per_layer: int = 2,
+        swaps_per_layer: int = SWAPS_PER_LAYER,
     ) -> None:
         self.committees = committees
         self.store = store
@@ -52,7 +54,7 @@ class Swapper:
             if self._stop.is_set():
                 break
             with self.runtime.lock:
-                plan, version = committee.plan_swaps(self.swaps_per_layer), committee.version
+                plan, version = committee.cache.plan_swaps(self.swaps_per_layer), committee.version
             if not plan:
                 continue
             start = time.perf_counter()

@@ -1,0 +1,282 @@
+"""Replay routing traces through the engine's own residency code, at several budgets, against Belady's optimum.
+
+``python -m benchmarks replay TRACE... [--budgets 25% 50% 75%]``. No weights are loaded: each MoE layer
+gets the engine's ``ExpertCache`` (the bookkeeping the committee runs), sized by the engine's planner for
+the trace's expert count and a nominal expert size, and is driven as an ``exact`` forward drives it:
+observe the routing (the cache's own hit and miss counters), load what is missing pass by pass, and (for
+the engine's default) one background-swapper round after each decode token. Hit rates count decode
+tokens; prompt tokens are reported apart. Contenders:
+
+- the engine's default eviction with its swapper, and each eviction it offers (``lru``, ``lfu``, and
+  ``importance`` without the swapper), on demand;
+- a static committee: the N experts each layer routed to most in the first half, scored on the second;
+- Belady's MIN, the offline optimum for demand loading (evict the expert needed again latest);
+- the default with prefetch, from the trace's ``predicted`` experts (layer L+1's router on layer L's
+  hidden state, the GPU step's predictor) or from co-activation (the experts this token chose in layer L
+  name those it will choose in L+1, learned online from earlier tokens): the guesses are loaded before
+  layer L+1 runs, and a prefetched expert counts as a hit, as it would if its copy arrived in time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from expertswap.engine import TraceHeader, TraceToken, parse_budget, read_trace
+from expertswap.engine.expert_cache import DEFAULT_EVICTION, ExpertCache
+from expertswap.engine.planner import LayerShape, plan_capacities
+from expertswap.engine.swapper import SWAPS_PER_LAYER
+from expertswap.engine.trace import steps
+
+from .stamp import stamp
+
+RESULTS = Path(__file__).parent / "results"
+NOMINAL = 1 << 20  # expert size when the trace does not give one: budgets are shares of it either way
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Tally:
+    hits: int = 0
+    misses: int = 0
+    prompt_hits: int = 0
+    prompt_misses: int = 0
+    loads: int = 0
+    predicted: int = 0
+    right: int = 0
+    used: int = 0
+
+    def count(self, decode: bool, hits: int, routed: int) -> None:
+        if decode:
+            self.hits, self.misses = self.hits + hits, self.misses + routed - hits
+        else:
+            self.prompt_hits, self.prompt_misses = self.prompt_hits + hits, self.prompt_misses + routed - hits
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 1.0
+
+    @property
+    def prompt_hit_rate(self) -> float:
+        total = self.prompt_hits + self.prompt_misses
+        return self.prompt_hits / total if total else 1.0
+
+
+def capacities(header: TraceHeader, budget: str) -> list[int]:
+    """Committee sizes from the engine's planner for ``budget`` of the trace's experts."""
+    size = header.expert_bytes or NOMINAL
+    shapes = [LayerShape(header.experts, header.top_k, size) for _ in header.layers]
+    return plan_capacities(parse_budget(budget, size * header.experts * len(header.layers)), shapes)
+
+
+def _routing(group: list[TraceToken], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.tensor([t.experts[layer] for t in group])
+    weights = torch.tensor([t.weights.get(layer) or [1.0] * len(t.experts[layer]) for t in group])
+    return index, weights
+
+
+def _install(cache: ExpertCache, loads: list[tuple[int, int]]) -> int:
+    for expert, slot in loads:
+        cache.slots.install(slot, expert)
+    cache.slots.publish()
+    return len(loads)
+
+
+class CoActivation:
+    """Predicts layer L+1's experts from those a token chose in layer L, from counts of earlier tokens."""
+
+    def __init__(self, layers: list[int], experts: int) -> None:
+        self.counts = {layer: torch.zeros(experts, experts) for layer in layers[1:]}
+        self.before = dict(zip(layers[1:], layers, strict=False))
+
+    def predict(self, layer: int, chosen: list[int], k: int) -> list[int]:
+        row = self.counts[layer][chosen].sum(0)
+        return [int(e) for e in row.topk(k).indices if row[e] > 0]
+
+    def learn(self, group: list[TraceToken]) -> None:
+        for token in group:
+            for layer, earlier in self.before.items():
+                for a in token.experts[earlier]:
+                    self.counts[layer][a, token.experts[layer]] += 1
+
+
+def engine_replay(header: TraceHeader, tokens: list[TraceToken], caps: list[int], eviction: str,
+                  swapper: bool = False, prefetch: str | None = None) -> Tally:
+    """The engine's residency code on the trace: what the committees of an ``exact`` run would have done."""
+    caches = {layer: ExpertCache(header.experts, header.top_k, cap, CPU, eviction)
+              for layer, cap in zip(header.layers, caps, strict=True)}
+    for cache in caches.values():
+        _install(cache, list(zip(cache.first_residents(), range(cache.capacity), strict=True)))
+    predictor = CoActivation(header.layers, header.experts) if prefetch == "co-activation" else None
+    tally = Tally()
+    for group in steps(tokens):
+        decode = group[0].phase == "decode"
+        for i, layer in enumerate(header.layers):
+            cache = caches[layer]
+            index, weights = _routing(group, layer)
+            if prefetch and decode and i > 0:
+                guess = (predictor.predict(layer, group[0].experts[header.layers[i - 1]], header.top_k)
+                         if predictor is not None else group[0].predicted.get(layer, []))
+                tally.loads += _install(cache, cache.loads(guess))
+                used = set(group[0].experts[layer])
+                tally.predicted += len(guess)
+                tally.right += len(used & set(guess))
+                tally.used += len(used)
+            hits, misses = int(cache.routing.hits), int(cache.routing.misses)
+            cache.observe(index, weights)  # the cache's own counters decide what was a hit
+            hits = int(cache.routing.hits) - hits
+            tally.count(decode, hits, hits + int(cache.routing.misses) - misses)
+            for part in cache.passes(cache.needed(index)):
+                tally.loads += _install(cache, cache.loads(part))
+        if swapper and decode:
+            for cache in caches.values():
+                plan = cache.plan_swaps(SWAPS_PER_LAYER)
+                tally.loads += _install(cache, [(expert, slot) for expert, slot, _ in plan])
+        if predictor is not None:
+            predictor.learn(group)
+    return tally
+
+
+def belady(header: TraceHeader, tokens: list[TraceToken], caps: list[int]) -> Tally:
+    """Belady's MIN per layer, demand loading only, from the engine's starting committee (experts 0..C-1)."""
+    groups = list(steps(tokens))
+    tally = Tally()
+    for layer, cap in zip(header.layers, caps, strict=True):
+        needs = [{e for t in g for e in t.experts[layer]} for g in groups]
+        uses: dict[int, list[int]] = {}
+        for s, need in enumerate(needs):
+            for e in need:
+                uses.setdefault(e, []).append(s)
+        resident = set(range(cap))
+        for s, group in enumerate(groups):
+            routed = [e for t in group for e in t.experts[layer]]
+            tally.count(group[0].phase == "decode", sum(e in resident for e in routed), len(routed))
+            for e in sorted(needs[s] - resident):
+                if len(resident) >= cap:
+                    candidates = resident - needs[s]
+                    if not candidates:  # more needed than slots (a long prompt): counted, not simulated
+                        continue
+                    resident.remove(max(candidates, key=lambda x: _next_use(uses.get(x, []), s, len(groups))))
+                resident.add(e)
+                tally.loads += 1
+    return tally
+
+
+def _next_use(steps_used: list[int], now: int, never: int) -> int:
+    return next((u for u in steps_used if u > now), never)
+
+
+def static(header: TraceHeader, tokens: list[TraceToken], caps: list[int]) -> Tally:
+    """The top-N experts per layer of the first half, pinned; hit rate over the second half's decode tokens."""
+    half = len(tokens) // 2
+    tally = Tally()
+    for layer, cap in zip(header.layers, caps, strict=True):
+        seen = Counter(e for t in tokens[:half] for e in t.experts[layer])
+        pinned = {e for e, _ in seen.most_common(cap)}
+        for t in tokens[half:]:
+            tally.count(t.phase == "decode", sum(e in pinned for e in t.experts[layer]), len(t.experts[layer]))
+    return tally
+
+
+def contenders() -> dict[str, Callable[[TraceHeader, list[TraceToken], list[int]], Tally]]:
+    default = DEFAULT_EVICTION
+    return {
+        f"engine default ({default} + swapper)": lambda h, t, c: engine_replay(h, t, c, default, swapper=True),
+        "LRU": lambda h, t, c: engine_replay(h, t, c, "lru"),
+        "LFU, decayed": lambda h, t, c: engine_replay(h, t, c, "lfu"),
+        "importance, no swapper": lambda h, t, c: engine_replay(h, t, c, "importance"),
+        "static (first half)": static,
+        "Belady MIN": belady,
+        "default + co-activation prefetch": lambda h, t, c: engine_replay(h, t, c, default, swapper=True,
+                                                                          prefetch="co-activation"),
+        "default + router prefetch": lambda h, t, c: engine_replay(h, t, c, default, swapper=True, prefetch="router"),
+    }
+
+
+@dataclass
+class Report:
+    trace: Path
+    header: TraceHeader
+    tokens: int
+    decode: int
+    rows: dict[tuple[str, str], Tally] = field(default_factory=dict)
+
+
+def measure(path: Path, budgets: list[str]) -> Report:
+    header, tokens = read_trace(path)
+    report = Report(path, header, len(tokens), sum(t.phase == "decode" for t in tokens))
+    for budget in budgets:
+        caps = capacities(header, budget)
+        for name, run in contenders().items():
+            report.rows[(name, budget)] = run(header, tokens, caps)
+    return report
+
+
+def write(report: Report, budgets: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = report.header
+    stem = f"replay-{report.trace.stem}"
+    size = h.expert_bytes or NOMINAL
+    lines = [
+        f"# Routing trace replay: {report.trace.name}", "", stamp() + ". Written by `python -m benchmarks replay`.", "",
+        (f"{h.model} ({h.family}), {len(h.layers)} MoE layers x {h.experts} experts, top-{h.top_k}; "
+        f"{report.tokens} tokens, {report.decode} of them decoded. Committee sizes from the engine's planner; "
+        "hit rates over decode tokens (the static committee: the second half's), prompt tokens apart. "
+        f"Moved: experts loaded x {'the expert size' if h.expert_bytes else 'a nominal 1 MiB'}."), "",
+        "| contender | budget | decode hit rate | prompt hit rate | MiB moved | prefetch precision | prefetch recall |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (name, budget), t in report.rows.items():
+        precision = f"{t.right / t.predicted:.2f}" if t.predicted else "-"
+        recall = f"{t.right / t.used:.2f}" if t.used else "-"
+        prompt = "-" if name.startswith("static") else f"{t.prompt_hit_rate:.3f}"
+        lines.append(f"| {name} | {budget} | {t.hit_rate:.3f} | {prompt} | {t.loads * size / 2**20:.1f} | "
+                     f"{precision} | {recall} |")
+    lines += ["", "## Targets at 50%", "", *targets(report)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = dict.fromkeys(name for name, _ in report.rows)
+    for name in names:
+        xs = [int(b.rstrip("%")) for b in budgets]
+        ax.plot(xs, [report.rows[(name, b)].hit_rate for b in budgets], marker="o", label=name,
+                linestyle="--" if name == "Belady MIN" else "-")
+    ax.set(xlabel="budget (% of expert bytes)", ylabel="decode hit rate", title=report.trace.name)
+    ax.legend(fontsize=7)
+    fig.text(0.01, 0.01, stamp(), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    lines += ["", f"![decode hit rate against budget]({stem}.png)", ""]
+    out = RESULTS / f"{stem}.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def targets(report: Report) -> list[str]:
+    rows = {name: t for (name, budget), t in report.rows.items() if budget == "50%"}
+    if not rows:
+        return ["- no 50% budget in this run"]
+    default = next(t for name, t in rows.items() if name.startswith("engine default"))
+    lru, best = rows["LRU"].hit_rate, rows["Belady MIN"].hit_rate
+    ahead = max(rows["default + co-activation prefetch"].hit_rate, rows["default + router prefetch"].hit_rate)
+    return [
+        (f"- default >= LRU + 5 points: {default.hit_rate:.3f} vs {lru:.3f} + 0.05: "
+        f"{'met' if default.hit_rate >= lru + 0.05 else 'not met'}"),
+        (f"- default >= 95% of Belady: {default.hit_rate:.3f} vs 0.95 x {best:.3f}: "
+        f"{'met' if default.hit_rate >= 0.95 * best else 'not met'}"),
+        f"- with prefetch above Belady: {ahead:.3f} vs {best:.3f}: {'yes' if ahead > best else 'no'}",
+    ]
+
+
+def main(traces: list[str], budgets: list[str]) -> list[Path]:
+    written = []
+    for trace in traces:
+        report = measure(Path(trace), budgets)
+        written.append(write(report, budgets))
+    return written
