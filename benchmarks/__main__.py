@@ -1,7 +1,7 @@
 """The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, record-traces.
+replay, record-traces, quantized, fit-real.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     replay = sub.add_parser("replay", help="routing traces through the engine's residency code, against Belady")
     replay.add_argument("traces", nargs="+", help="trace files (JSON Lines, see README: Routing traces)")
     replay.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%"])
+    quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
+    quantized.add_argument("--repeats", type=int, default=3)
+    sub.add_parser("fit-real", help="real MoE models' sizes from their configs: what fits a laptop and a GPU")
     sub.add_parser("record-traces", help="record the committed routing traces (benchmarks/traces/)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "speed":
@@ -98,6 +101,14 @@ def main(argv: list[str] | None = None) -> None:
 
         for path in run(args.traces, args.budgets):
             print(path.read_text())
+    elif args.command == "quantized":
+        from .quantized import main as run
+
+        print(run(args.repeats).read_text())
+    elif args.command == "fit-real":
+        from .fit_real import main as run
+
+        print(run().read_text())
     elif args.command == "record-traces":
         from .record_traces import main as run
 

@@ -5,7 +5,7 @@
 KIND is ``floor`` (the runtime alone: torch, transformers, the engine and the tokenizer, no weights),
 ``full``, ``accelerate`` (device_map="auto" with max_memory = non-expert bytes + budget, the rest
 offloaded the Hugging Face way), ``lru`` (on-demand loading into a per-layer LRU cache, no importance, no
-background swapper: mixtral-offloading's design, on ExpertSwap's loader) or ``expertswap:POLICY``.
+background swapper: mixtral-offloading's design, on ExpertSwap's loader) or ``expertswap:POLICY[:QUANTISATION]``.
 """
 
 from __future__ import annotations
@@ -89,13 +89,14 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
             "peak_vram": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
 
 
-def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str, lru: bool = False) -> dict:
+def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str, lru: bool = False,
+                   quantize: str | None = None) -> dict:
     from expertswap.engine import Engine, SamplingSettings
 
     # on a GPU every expert waits in pinned host RAM, as accelerate keeps its offloaded layers in RAM
     engine = Engine.load(folder, budget=budget, policy=policy, device=device, dtype=run_dtype(device),
                          ram_tier=device.startswith("cuda"), skip_threshold=0.3 if policy == "skip" else 0.0,
-                         swapper=not lru, eviction="lru" if lru else "importance")
+                         swapper=not lru, eviction="lru" if lru else "importance", quantize=quantize)
     ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
     out, times = [], []
     last = time.perf_counter()
@@ -133,8 +134,9 @@ def main() -> None:
         result = run_transformers(folder, budget, int(tokens), device, offload=kind == "accelerate")
     elif kind == "lru":
         result = run_expertswap(folder, "exact", budget, int(tokens), device, lru=True)
-    else:
-        result = run_expertswap(folder, kind.split(":", 1)[1], budget, int(tokens), device)
+    else:  # expertswap:POLICY, or expertswap:POLICY:QUANTISATION
+        _, policy, *quantize = kind.split(":")
+        result = run_expertswap(folder, policy, budget, int(tokens), device, quantize=quantize[0] if quantize else None)
     times = result.pop("times")
     decode = times[1:]
     result |= {

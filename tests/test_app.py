@@ -218,11 +218,16 @@ def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, loop, tiny_mode
     text = _report(loop, dialog)
     assert "OLMoE" in text and "It fits." in text and format_bytes(report.minimum_budget_bytes) in text
     assert threads and threading.main_thread() not in threads
-    assert open_button.isEnabled() and dialog.chosen() == (str(snapshot), "50%")
+    assert open_button.isEnabled() and dialog.chosen() == (str(snapshot), "50%", None)
     dialog.budget.setValue(1)  # below the minimum committee
     assert "below this model's minimum" in _report(loop, dialog) and not open_button.isEnabled()
     dialog.budget.setValue(50)
     assert "It fits." in _report(loop, dialog) and open_button.isEnabled()
+    dialog.quantize.setCurrentText("nf4")  # quantised experts: the report counts their bytes and says what they are
+    text = _report(loop, dialog)
+    quantised = fit_report(snapshot, "50%", 4096, quantize="nf4")
+    assert format_bytes(quantised.total_expert_bytes) in text and "not the original" in text
+    assert dialog.chosen() == (str(snapshot), "50%", "nf4")
     dialog.folder.setText(str(tmp_path / "nowhere"))  # a bad folder after a good one
     assert not open_button.isEnabled() and "OLMoE" not in dialog.report.text()
     assert _report(loop, dialog).startswith("Cannot use this folder") and not open_button.isEnabled()
@@ -237,6 +242,7 @@ def test_models_dialog_shows_only_the_newest_report(qtbot, loop, tiny_model, tmp
     dialog._ask_report()
     good = dialog.report_task
     dialog.folder.setText(str(tmp_path / "typed-on"))
+    dialog._debounce.stop()  # the test asks itself, now, instead of after the typing pause
     dialog._ask_report()
     loop.run_until_complete(asyncio.gather(good, dialog.report_task))
     assert dialog.report.text().startswith("Cannot use this folder")
@@ -472,3 +478,14 @@ def test_pyside_import_hook_is_taken_back(qapp) -> None:
 
     assert "PySide6.QtCore" in sys.modules
     assert builtins.__import__.__name__ == "__import__"
+
+
+def test_a_quantised_model_says_so_and_the_slider_counts_its_bytes(qtbot, loop, tiny_model, tmp_path: Path) -> None:
+    win = _make_window(qtbot, tmp_path)
+    win.show()
+    assert loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe")), "50%", "nf4"))
+    engine = win.session.engine
+    assert engine.quantize == "nf4"
+    assert "nf4 experts: not the original model" in win.statusBar().currentMessage()
+    assert win.budget.total == engine.total_expert_bytes  # the quantised bytes, not the checkpoint's
+    win.session.close()

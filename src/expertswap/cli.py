@@ -16,6 +16,7 @@ from .engine import (
     DEFAULT_EVICTION,
     EVICTIONS,
     POLICIES,
+    QUANTIZATIONS,
     Engine,
     ExpertSwapError,
     IncrementalDecoder,
@@ -33,6 +34,8 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
         "--budget", default="100%", help='expert memory: bytes with a unit ("300MiB", "1.5GB") or "50%%"'
     )
     parser.add_argument("--policy", choices=POLICIES, default="exact", help="what a missing expert does")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help="quantise the experts when read: more of them per byte, but no longer the original model")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip-threshold", type=float, default=0.0,
                         help="policy skip: drop routings whose weight is below this (0 = drop none)")
@@ -95,7 +98,7 @@ def _load(args: argparse.Namespace, budget: str | None = None) -> Engine:
     folder = resolve_model(args.model, _BuildBar())
     return Engine.load(folder, budget=budget or args.budget, device=args.device, policy=args.policy,
                        ram_tier=args.ram_tier, skip_threshold=args.skip_threshold, swapper=not args.no_swapper,
-                       eviction=args.eviction)
+                       eviction=args.eviction, quantize=args.quantize)
 
 
 def _open_events(path: Path | None) -> TextIO | None:

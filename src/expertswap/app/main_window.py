@@ -198,9 +198,9 @@ class MainWindow(QMainWindow):
         self.state.sync()
 
     # ---- model ---------------------------------------------------------------------------------
-    async def load_model(self, model: str, budget: str = DEFAULT_BUDGET) -> bool:
+    async def load_model(self, model: str, budget: str = DEFAULT_BUDGET, quantize: str | None = None) -> bool:
         self.statusBar().showMessage(f"Loading {model}…")
-        ok = await self.session.load(model, budget, self.budget.policy.currentText())
+        ok = await self.session.load(model, budget, self.budget.policy.currentText(), quantize)
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -219,8 +219,8 @@ class MainWindow(QMainWindow):
         """The models dialog (folder or HF cache, fit report); loads the choice if accepted."""
         dialog = ModelsDialog(self)
         if dialog.exec() == ModelsDialog.DialogCode.Accepted:
-            folder, budget = dialog.chosen()
-            self.spawn(self.load_model(folder, budget))
+            folder, budget, quantize = dialog.chosen()
+            self.spawn(self.load_model(folder, budget, quantize))
 
     def _build_progress(self, stage: str, done: int, total: int) -> None:
         if stage == "checking":
@@ -419,7 +419,10 @@ class MainWindow(QMainWindow):
         engine = self.session.engine
         if engine is None:
             return
-        parts = [self.model_name, str(engine.device), self.budget.policy.currentText()] + ([extra] if extra else [])
+        parts = [self.model_name, str(engine.device), self.budget.policy.currentText()]
+        if engine.quantize:
+            parts.append(f"{engine.quantize} experts: not the original model")
+        parts += [extra] if extra else []
         self.statusBar().showMessage(" · ".join(parts))
 
     def spawn(self, coroutine: Coroutine[object, object, T]) -> asyncio.Task[T]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
+    QComboBox,
     QDialog,
     QDialogButtonBox,
     QFileDialog,
@@ -23,7 +24,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
 )
 
-from expertswap.engine import DEFAULT_BUDGET_PERCENT, format_bytes
+from expertswap.engine import DEFAULT_BUDGET_PERCENT, QUANTIZATIONS, format_bytes
 from expertswap.models import (
     FitReport,
     cache_root,
@@ -35,11 +36,12 @@ from expertswap.models import (
 
 from .ops import describe, run_op
 
+AS_STORED = "as stored"  # the quantisation choice that keeps the experts as the checkpoint stores them
 REPORT_DELAY_MS = 250
 
 
 class ModelsDialog(QDialog):
-    """``chosen()`` gives (folder, budget) once accepted; Open stays disabled until a report says it can load."""
+    """``chosen()`` gives (folder, budget, quantisation) once accepted; Open stays disabled until it can load."""
 
     download_progress = Signal(int, int)
     download_finished = Signal(str, str)  # folder, error ("" when it worked)
@@ -87,6 +89,11 @@ class ModelsDialog(QDialog):
         self.download_progress.connect(self._show_progress)
         self.budget = QSpinBox(minimum=1, maximum=100, value=DEFAULT_BUDGET_PERCENT, suffix=" % of experts")
         self.budget.setAccessibleName("Starting budget")
+        self.quantize = QComboBox()
+        self.quantize.addItems([AS_STORED, *QUANTIZATIONS])
+        self.quantize.setAccessibleName("Expert quantisation")
+        self.quantize.setToolTip("Quantised experts: more of them fit a budget, but the replies are no longer the "
+                                 "original model's")
         self.context = QSpinBox(minimum=256, maximum=262144, value=4096, singleStep=1024, suffix=" tokens")
         self.context.setAccessibleName("Context length")
         self.report = QLabel("Choose a model folder.")
@@ -100,6 +107,7 @@ class ModelsDialog(QDialog):
         row.addWidget(browse)
         form = QFormLayout()
         form.addRow("Budget", self.budget)
+        form.addRow("Experts", self.quantize)
         form.addRow("Context", self.context)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
@@ -114,12 +122,23 @@ class ModelsDialog(QDialog):
         layout.addLayout(form)
         layout.addWidget(self.report)
         layout.addWidget(self.buttons)
-        for signal in (self.folder.textChanged, self.budget.valueChanged, self.context.valueChanged):
+        for signal in (self.folder.textChanged, self.budget.valueChanged, self.context.valueChanged,
+                       self.quantize.currentTextChanged):
             signal.connect(self.update_report)
         self.update_report()
 
-    def chosen(self) -> tuple[str, str]:
-        return self.folder.text().strip(), f"{self.budget.value()}%"
+    def done(self, result: int) -> None:
+        """Closing ends the typing pause too: a closed dialog starts no report."""
+        self._debounce.stop()
+        super().done(result)
+
+    def chosen(self) -> tuple[str, str, str | None]:
+        """The folder, the starting budget and the expert quantisation (None: as stored)."""
+        return self.folder.text().strip(), f"{self.budget.value()}%", self._quantize()
+
+    def _quantize(self) -> str | None:
+        text = self.quantize.currentText()
+        return None if text == AS_STORED else text
 
     def update_report(self) -> None:
         """Re-read sizes for the current choice off the GUI thread; Open is enabled only for a loadable model.
@@ -137,8 +156,8 @@ class ModelsDialog(QDialog):
 
     def _ask_report(self) -> None:
         asked, folder = self._asked, self.folder.text().strip()
-        budget, context = f"{self.budget.value()}%", self.context.value()
-        self.report_task = run_op(self, lambda: fit_report(folder, budget, context)).success(
+        budget, context, quantize = f"{self.budget.value()}%", self.context.value(), self._quantize()
+        self.report_task = run_op(self, lambda: fit_report(folder, budget, context, quantize=quantize)).success(
             lambda r: asked == self._asked and self._show_report(r)).failure(
             lambda exc: asked == self._asked and self.report.setText(f"Cannot use this folder: {describe(exc)}")
         ).start()
@@ -154,6 +173,9 @@ class ModelsDialog(QDialog):
             f"at {r.context_tokens} tokens; {free}."),
             r.warning() or "It fits.",
         ]
+        if kind := self._quantize():
+            lines.append(f"Experts quantised as {kind} when read: sizes above are {kind} bytes; the replies are the "
+                         "quantised model's, not the original's.")
         self.report.setText("\n".join(lines))
         self._open_button().setEnabled(r.budget_bytes >= r.minimum_budget_bytes)
 

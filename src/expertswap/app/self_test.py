@@ -62,7 +62,12 @@ async def _checks(window: MainWindow, report, start: float) -> int:
         await asyncio.sleep(0.05)  # the slider's debounce, then the engine applies it
     resident = engine.resident_expert_bytes()
     report(f"budget moved to {engine.budget_bytes} bytes (minimum {engine.minimum_budget_bytes}); resident {resident}")
+    quantised = await window.load_model(DEFAULT_MODEL, DEFAULT_BUDGET, "nf4")  # bitsandbytes is in the build
+    nf4 = window.session.engine
+    report(f"nf4 experts: {'loaded' if quantised else 'did not load'}"
+           + (f", {nf4.total_expert_bytes} expert bytes" if quantised and nf4 is not None else ""))
     failures = [text for ok, text in (
+        (quantised and nf4 is not None and nf4.quantize == "nf4", "the default model did not load with nf4 experts"),
         (bool(reply), "the reply was empty"),
         (finished[-1:] == ["done"], f"the reply ended with {finished[-1:]}"),
         (engine.budget_bytes == engine.minimum_budget_bytes, "the budget slider did not reach the engine"),

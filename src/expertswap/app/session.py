@@ -57,11 +57,13 @@ class EngineSession(QObject):
         self._signals = {SwapEvent: self.swap, ResidencySnapshot: self.residency, TokenStats: self.token_stats,
                          MemorySample: self.memory, BudgetChange: self.budget}
 
-    async def load(self, model: str, budget: str = DEFAULT_BUDGET, policy: str = POLICIES[0]) -> bool:
+    async def load(self, model: str, budget: str = DEFAULT_BUDGET, policy: str = POLICIES[0],
+                   quantize: str | None = None) -> bool:
         """Build (if "default") and load ``model``; on any failure the old engine stays and ``load_failed`` says why."""
 
         def work() -> Engine:
-            return Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy)
+            return Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy,
+                               quantize=quantize)
 
         failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
         # Collect unreachable Qt wrappers (closed dialogs, menus) here, on the GUI thread: left to the loading

@@ -22,6 +22,7 @@ from .errors import (
 from .expert_cache import DEFAULT_EVICTION, EVICTIONS
 from .families import FAMILIES, supported_names
 from .generation import IncrementalDecoder, SamplingSettings
+from .quantize import QUANTIZATIONS
 from .telemetry import (
     BudgetChange,
     MemorySample,
@@ -38,7 +39,7 @@ __all__ = [
     "DEFAULT_EVICTION",
     "EVICTIONS",
     "FAMILIES",
-    "POLICIES",
+    "POLICIES", "QUANTIZATIONS",
     "BudgetChange",
     "BudgetError",
     "BudgetTooSmallError",

@@ -57,6 +57,7 @@ class Runtime:
     lock: threading.RLock = field(default_factory=threading.RLock)
     telemetry: Telemetry = field(default_factory=Telemetry)
     trace: TraceRecorder | None = None  # Engine.record_trace: every layer notes its routing
+    quantize: str | None = None  # experts quantised when read (engine/quantize.py)
     active_layers: int = 0  # committees inside forward right now; swaps must only happen at 0
     swaps_during_forward: int = 0  # must stay 0: counted by apply_swaps as an invariant check
 
@@ -93,8 +94,9 @@ class Committee(nn.Module):
         set_expert_parallel(inner, self._sentinel_ok)
         if router is not None:
             router.register_forward_hook(self._capture_router_logits)
-        if device.type == "cpu" and supports_rows(inner):
-            self.storage: StackedSlots | RowSlots = RowSlots(inner, spec, packing_pays(device, spec.params[0].dtype))
+        if (device.type == "cpu" or spec.quantize is not None) and supports_rows(inner):
+            packed = packing_pays(device, spec.params[0].dtype)
+            self.storage: StackedSlots | RowSlots = RowSlots(inner, spec, packed, device)
         else:
             self.storage = StackedSlots(inner, spec, device, copier)
         self.storage.allocate(capacity)
@@ -218,7 +220,7 @@ class Committee(nn.Module):
         extra = torch.zeros_like(host_hidden)
         for expert in torch.unique(host_index[host_missing]).tolist():
             rows, cols = ((host_index == expert) & host_missing).nonzero(as_tuple=True)
-            y = self._host.compute(self.store.read(self.layer, expert), host_hidden[rows])
+            y = self._host.compute(self.spec.plain(self.store.read(self.layer, expert)), host_hidden[rows])
             extra.index_add_(0, rows, (y * host_weights[rows, cols, None]).to(extra.dtype))
             self.runtime.counters.cpu_computed += int(rows.numel())
         return out + extra.to(out.device, non_blocking=True)

@@ -32,8 +32,11 @@ from .errors import (
     ModelFormatError,
     PolicyError,
     PromptError,
+    SettingsError,
+    UnsupportedArchitectureError,
 )
 from .expert_cache import DEFAULT_EVICTION, EVICTIONS
+from .expert_rows import supports_rows
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings
 from .graphed_step import GraphedDecode
@@ -41,6 +44,7 @@ from .host_memory import own_weights, return_large_frees
 from .memory import current_rss_bytes, peak_rss_bytes
 from .packed import pack_linears, packing_pays
 from .planner import LayerShape, plan_capacities
+from .quantize import QUANTIZATIONS
 from .session import CompactSession, Session, TransformersSession
 from .skeleton import load_skeleton
 from .step import StepGuard
@@ -166,18 +170,28 @@ class Engine:
         skip_threshold: float = 0.0,
         swapper: bool = True,
         eviction: str = DEFAULT_EVICTION,
+        quantize: str | None = None,
     ) -> Engine:
-        """Load ``model_dir`` with only a budget's worth of experts resident on ``device``."""
+        """Load ``model_dir`` with only a budget's worth of experts resident on ``device``.
+
+        ``quantize`` (int8, nf4, fp4) quantises every expert when it is read: the budget then counts
+        quantised bytes, and the output is the quantised model's, not the original's.
+        """
         return_large_frees()
         torch_device = resolve_device(device)
         _check_policy(policy, torch_device, skip_threshold)
+        if quantize is not None and quantize not in QUANTIZATIONS:
+            raise SettingsError(f"unknown quantisation {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
         folder, config, family = read_config(model_dir)
         checkpoint = Checkpoint(folder)
         check_layers(list(checkpoint.entries), int(config.num_hidden_layers))
         model, sites = load_skeleton(str(folder), family, torch_device, dtype)
         top_k = int(config.num_experts_per_tok)
+        if quantize is not None and not all(supports_rows(site.module) for site in sites):
+            raise UnsupportedArchitectureError(f"quantised experts are not supported for {family.name} yet")
         layers = {
-            site.layer: resolve_layer(checkpoint, family, site.layer, int(site.module.num_experts), top_k, site.params)
+            site.layer: resolve_layer(checkpoint, family, site.layer, int(site.module.num_experts), top_k, site.params,
+                                      quantize)
             for site in sites
         }
         store = ExpertStore(checkpoint, layers, pin_memory=torch_device.type == "cuda")
@@ -188,7 +202,7 @@ class Engine:
             store.fill_ram_tier()
         if eviction not in EVICTIONS:
             raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
-        runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction)
+        runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction, quantize=quantize)
         committees, routers = [], []
         copier = Copier(torch_device)
         for site, capacity in zip(sites, capacities, strict=True):
@@ -217,6 +231,11 @@ class Engine:
     def budget_bytes(self) -> int:
         """The budget in force (a request waits for the next step)."""
         return self.budget.budget_bytes
+
+    @property
+    def quantize(self) -> str | None:
+        """How the experts were quantised when read (int8, nf4, fp4), or None: as stored."""
+        return self.runtime.quantize
 
     @property
     def total_experts(self) -> int:

@@ -68,12 +68,17 @@ PACK_AFTER_USES = 4  # packing costs ~200 us, each later use saves some: an expe
 
 
 class RowSlots:
-    """One weight set per slot (CPU), packed once it has been used often if ``packed``; an empty slot holds nothing."""
+    """One weight set per slot, packed once it has been used often if ``packed``; an empty slot holds nothing.
+
+    The CPU's slots, and any device's when experts are quantised: a slot then holds the quantised expert,
+    dequantised for each forward that routes to it.
+    """
 
     rows = True
 
-    def __init__(self, inner: Any, spec: LayerExperts, packed: bool) -> None:
-        self.inner, self.spec, self.packed = inner, spec, packed
+    def __init__(self, inner: Any, spec: LayerExperts, packed: bool, device: torch.device) -> None:
+        self.inner, self.spec, self.device = inner, spec, device
+        self.packed = packed and spec.quantize is None
         self.slots: list[dict[str, torch.Tensor]] = []
         self.uses: list[int] = []
 
@@ -84,6 +89,8 @@ class RowSlots:
     def weights(self, slot: int) -> dict[str, torch.Tensor]:
         """A slot's weights for a forward; packed in place at its ``PACK_AFTER_USES``-th use."""
         self.uses[slot] += 1
+        if self.spec.quantize is not None:
+            return slot_weights(self.inner, self.spec.plain(self.slots[slot]))
         if self.packed and self.uses[slot] == PACK_AFTER_USES:
             self.slots[slot] = packed_weights(self.slots[slot])
         return self.slots[slot]
@@ -95,11 +102,14 @@ class RowSlots:
     def write(self, writes: Writes, background: bool = False, ahead: bool = False) -> Callable[[], None]:
         for slot, tensors in writes:
             self.slots[slot] = {}  # the old expert's memory goes before the new one's arrives
-            self.slots[slot] = slot_weights(self.inner, dict(tensors))
+            on_device = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
+            self.slots[slot] = on_device if self.spec.quantize is not None else slot_weights(self.inner, on_device)
             self.uses[slot] = 0
         return lambda: None
 
     def read(self, slot: int) -> dict[str, torch.Tensor]:
+        if self.spec.quantize is not None:
+            return self.spec.plain(self.slots[slot])
         out = {}
         for name, tensor in self.slots[slot].items():
             plain = tensor.to_dense() if tensor.is_mkldnn else tensor
@@ -107,7 +117,7 @@ class RowSlots:
         return out
 
     def views(self, _slot: int, host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        return list(host.values())
+        return list(self.spec.plain(dict(host)).values())
 
     def reshape(self, kept: Sequence[int], capacity: int) -> None:
         old, uses = self.slots, self.uses

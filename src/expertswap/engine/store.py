@@ -13,6 +13,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import ModelFormatError
 from .families import Family, Layout
+from .quantize import dequantize, quantize, quantized_nbytes
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,18 @@ class LayerExperts:
     top_k: int
     params: tuple[ParamSpec, ...]
     keys: dict[str, tuple[str, ...]]  # param -> key templates with {expert}
+    quantize: str | None = None  # int8 | nf4 | fp4: experts are quantised when read (engine/quantize.py)
 
     @property
     def expert_bytes(self) -> int:
-        return sum(p.nbytes for p in self.params)
+        """One expert's bytes as the store hands it out (quantised, when it is)."""
+        return sum(quantized_nbytes(p.shape, p.dtype, self.quantize) for p in self.params)
+
+    def plain(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An expert's tensors as the model computes with them: dequantised to its dtype when quantised."""
+        if self.quantize is None:
+            return tensors
+        return dequantize(tensors, self.quantize, {p.name: p.shape for p in self.params}, self.params[0].dtype)
 
 
 class ExpertStore:
@@ -68,9 +77,19 @@ class ExpertStore:
         return cached is not None and all(t.is_pinned() for t in cached.values())
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """Host tensors of one expert, per in-memory parameter, in the model's dtype."""
+        """Host tensors of one expert, per in-memory parameter, in the model's dtype (or quantised).
+
+        A quantised expert is kept in host RAM after its first read: it is quantised once, and a later miss
+        costs a copy of its quantised bytes (all of them together are what the fit report counts).
+        """
         cached = self._ram.get((layer, expert))
-        return cached if cached is not None else self._read_disk(layer, expert, pin=False)
+        if cached is not None:
+            return cached
+        quantised = self.layers[layer].quantize is not None
+        tensors = self._read_disk(layer, expert, pin=quantised and self.pin_memory)
+        if quantised:
+            self._ram[(layer, expert)] = tensors
+        return tensors
 
     def _read_disk(self, layer: int, expert: int, pin: bool) -> dict[str, torch.Tensor]:
         spec = self.layers[layer]
@@ -93,12 +112,15 @@ class ExpertStore:
                 ]
                 tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
                 tensor = tensor.to(param.dtype).reshape(param.shape)
-            out[param.name] = tensor.pin_memory() if pin else tensor
-        return out
+            out[param.name] = tensor
+        if spec.quantize is not None:
+            out = quantize(out, spec.quantize)
+        return {name: t.pin_memory() for name, t in out.items()} if pin else out
 
 
 def resolve_layer(
-    checkpoint: Checkpoint, family: Family, layer: int, num_experts: int, top_k: int, params: tuple[ParamSpec, ...]
+    checkpoint: Checkpoint, family: Family, layer: int, num_experts: int, top_k: int, params: tuple[ParamSpec, ...],
+    quantize: str | None = None,
 ) -> LayerExperts:
     """Find which of the family's disk layouts this checkpoint uses and check every expert is present."""
     prefix = family.disk_prefix.format(layer=layer)
@@ -109,7 +131,7 @@ def resolve_layer(
         tried.append(first[0])
         if all(k in checkpoint for k in first) and set(keys) == {p.name for p in params}:
             _check_shapes(checkpoint, keys, params, num_experts, layer)
-            return LayerExperts(layer, num_experts, top_k, params, keys)
+            return LayerExperts(layer, num_experts, top_k, params, keys, quantize)
     raise ModelFormatError(
         f"expert weights of MoE layer {layer} not found in {checkpoint.folder} (looked for {', '.join(tried)})"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..engine.budget import format_bytes, parse_budget
 from ..engine.checkpoint import Checkpoint, read_config
 from ..engine.errors import ModelFormatError
 from ..engine.families import Family
+from ..engine.quantize import quantized_nbytes
 
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -68,23 +70,38 @@ def _layer_of(match: re.Match[str]) -> int:
     return int(next(g for g in match.groups() if g is not None))
 
 
+def _expert_entry_bytes(key: str, shape: tuple[int, ...], dtype: torch.dtype, experts: int,
+                        quantize: str | None) -> int:
+    """An expert tensor's bytes once loaded: quantised matrices as the engine holds them, the rest as stored."""
+    if quantize is None or "bias" in key or len(shape) < 2:
+        return math.prod(shape) * dtype.itemsize
+    if len(shape) == 3 and shape[0] == experts:  # every expert's matrix in one tensor
+        return experts * quantized_nbytes(shape[1:], dtype, quantize)
+    return quantized_nbytes(shape, dtype, quantize)
+
+
 def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens: int = 4096,
-               device: str = "cpu") -> FitReport:
-    """Sizes of a model folder and the machine's free memory; reads no weights."""
+               device: str = "cpu", quantize: str | None = None) -> FitReport:
+    """Sizes of a model folder and the machine's free memory; reads no weights.
+
+    ``quantize`` (int8, nf4, fp4) counts the experts as the engine holds them once quantised.
+    """
     folder, config, family = read_config(model_dir)
     checkpoint = Checkpoint(folder)
+    experts = next((int(getattr(config, f)) for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None)), 0)
     try:
         pattern = _expert_pattern(family)
         per_layer: dict[int, int] = {}
         total = 0
         for key, entry in checkpoint.entries.items():
-            total += entry.nbytes
             if match := pattern.fullmatch(key):
                 layer = _layer_of(match)
-                per_layer[layer] = per_layer.get(layer, 0) + entry.nbytes
+                size = _expert_entry_bytes(key, tuple(entry.shape), entry.dtype, experts, quantize)
+                per_layer[layer] = per_layer.get(layer, 0) + size
+            else:
+                total += entry.nbytes
     finally:
         checkpoint.close()
-    experts = next((int(getattr(config, f)) for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None)), 0)
     if not per_layer or experts <= 0:
         raise ModelFormatError(f"no expert weights found in {folder}")
     top_k = int(config.num_experts_per_tok)
@@ -97,7 +114,7 @@ def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     return FitReport(
         family=family.name,
-        non_expert_bytes=total - expert_total,
+        non_expert_bytes=total,
         total_expert_bytes=expert_total,
         minimum_budget_bytes=sum(top_k * size // experts for size in per_layer.values()),
         budget_bytes=parse_budget(budget, expert_total),

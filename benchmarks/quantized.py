@@ -1,0 +1,122 @@
+"""Quantised experts on the default model: what each quantisation costs in quality, and what it buys per byte.
+
+``python -m benchmarks quantized [--repeats 3]`` (CPU, bf16 as the app runs here). Quality: perplexity of
+held-out text (the first 128 tokens of each odd pydoc topic, the first 512 of the GPL-3) through
+``Engine.score`` under ``exact``, and top-1 agreement with the unquantised model; under ``exact`` neither
+depends on the budget. Speed: greedy decode tokens/s in fresh processes (medians), at 100/50/25% of the
+*unquantised* expert bytes, with how many experts each budget holds and the hit rate.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from expertswap.engine import QUANTIZATIONS, Engine
+from expertswap.models import resolve_model
+from expertswap.models.default_model.gguf_source import find_gguf, load_tokenizer
+from tools.recipe.data import heldout
+
+from .speed import measure
+from .stamp import stamp
+
+RESULTS = Path(__file__).parent / "results"
+TOKENS = {"pydoc": 128, "gpl3": 512}
+SHARES = (100, 50, 25)
+KINDS: tuple[str | None, ...] = (None, *QUANTIZATIONS)
+
+
+def _texts() -> dict[str, list[list[int]]]:
+    tokenizer = load_tokenizer(find_gguf())
+    docs = heldout()
+    return {name: [tokenizer(t, add_special_tokens=False)["input_ids"][: TOKENS[name]] for t in docs[name]]
+            for name in TOKENS}
+
+
+def quality(folder: Path) -> dict[str | None, dict[str, float]]:
+    docs = _texts()
+    scored: dict[str | None, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for kind in KINDS:
+        with Engine.load(folder, budget="100%", quantize=kind, dtype="bfloat16", swapper=False) as engine:
+            scores = {name: [engine.score(ids) for ids in items] for name, items in docs.items()}
+        scored[kind] = {name: (torch.cat([s.nll for s in v]), torch.cat([s.top1 for s in v]))
+                        for name, v in scores.items()}
+    out = {}
+    for kind, result in scored.items():
+        row = {}
+        for name, (nll, top1) in result.items():
+            row[f"{name}_ppl"] = math.exp(nll.float().mean().item())
+            row[f"{name}_agree"] = (top1 == scored[None][name][1]).float().mean().item()
+        out[kind] = row
+    return out
+
+
+def speed(folder: Path, repeats: int) -> list[dict]:
+    with Engine.load(folder, budget="100%", swapper=False) as engine:
+        plain_total = engine.total_expert_bytes
+    plan = [(kind, share) for share in SHARES for kind in KINDS]
+    runs: dict[tuple[str | None, int], list[dict]] = {key: [] for key in plan}
+    for _ in range(repeats):
+        for kind, share in plan:
+            budget = f"{plain_total * share // 100}B"
+            contender = "expertswap:exact" + (f":{kind}" if kind else "")
+            runs[(kind, share)].append(measure(contender, folder, budget, 48, "cpu"))
+    rows = []
+    for (kind, share), results in runs.items():
+        with Engine.load(folder, budget=f"{plain_total * share // 100}B", quantize=kind, swapper=False) as engine:
+            held = sum(c.capacity for c in engine.committees)
+            total = engine.total_experts
+        failed = next((r["error"] for r in results if "error" in r), None)
+        rows.append({"kind": kind, "share": share, "held": held, "experts": total, "error": failed,
+                     **({} if failed else {m: statistics.median(r[m] for r in results)
+                                           for m in ("tok_s", "hit_rate", "peak_rss")})})
+    return rows
+
+
+def write(quality_rows: dict[str | None, dict[str, float]], speed_rows: list[dict], repeats: int) -> Path:
+    name = {None: "bf16 (as stored)"}
+    lines = [
+        "# Quantised experts: the default model", "", stamp() + ". Written by `python -m benchmarks quantized`.", "",
+        "## Quality (exact; the same at every budget)", "",
+        (f"Held-out text: the first {TOKENS['pydoc']} tokens of each odd pydoc topic and the first {TOKENS['gpl3']} "
+        "of the GPL-3, scored through `Engine.score` in bf16. Agreement: positions whose top-1 token equals the "
+        "unquantised model's."), "",
+        "| experts | pydoc ppl | pydoc cost | pydoc top-1 agreement | GPL-3 ppl | GPL-3 cost | GPL-3 agreement |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base = quality_rows[None]
+    for kind, r in quality_rows.items():
+        pydoc_cost = r["pydoc_ppl"] / base["pydoc_ppl"] - 1
+        lines.append(f"| {name.get(kind, kind)} | {r['pydoc_ppl']:.2f} | {pydoc_cost:+.1%} | "
+                     f"{r['pydoc_agree']:.3f} | {r['gpl3_ppl']:.2f} | {r['gpl3_ppl'] / base['gpl3_ppl'] - 1:+.1%} | "
+                     f"{r['gpl3_agree']:.3f} |")
+    lines += ["", f"## Speed (greedy, 48 tokens, medians of {repeats} fresh processes)", "",
+              "Budgets are shares of the unquantised expert bytes; a quantised model holds more experts in them.", "",
+              "| experts | budget (of bf16 bytes) | experts held | decode tok/s | hit rate | peak RSS MiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in speed_rows:
+        if r["error"]:
+            lines.append(f"| {name.get(r['kind'], r['kind'])} | {r['share']}% | failed: `{r['error']}` | | | |")
+            continue
+        lines.append(f"| {name.get(r['kind'], r['kind'])} | {r['share']}% | {r['held']} of {r['experts']} | "
+                     f"{r['tok_s']:.1f} | {r['hit_rate']:.2f} | {r['peak_rss'] / 2**20:.0f} |")
+    plain25 = next(r for r in speed_rows if r["kind"] is None and r["share"] == 25)
+    nf4_25 = next(r for r in speed_rows if r["kind"] == "nf4" and r["share"] == 25)
+    cost = quality_rows["nf4"]["pydoc_ppl"] / base["pydoc_ppl"] - 1
+    if not plain25["error"] and not nf4_25["error"]:
+        faster = nf4_25["tok_s"] > plain25["tok_s"]
+        lines += ["", "## Target", "",
+                  (f"- nf4 at a 25% byte budget faster than bf16 at the same bytes, with a perplexity cost under 5%: "
+                  f"{nf4_25['tok_s']:.1f} against {plain25['tok_s']:.1f} tok/s, cost {cost:+.1%} (pydoc): "
+                  f"{'met' if faster and cost < 0.05 else 'not met'}.")]
+    out = RESULTS / "quantized-default-cpu.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(repeats: int) -> Path:
+    folder = resolve_model("default")
+    return write(quality(folder), speed(folder, repeats), repeats)

@@ -1,0 +1,79 @@
+"""Quantised experts: the engine's output equals the dequantised full model, and the budget counts quantised bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from expertswap.engine import QUANTIZATIONS, SettingsError, UnsupportedArchitectureError
+from expertswap.engine.quantize import dequantize, quantize, quantized_nbytes
+from expertswap.models import fit_report
+
+from .conftest import ALL_FAMILIES
+
+IDS = [1, 5, 9, 13, 2, 7, 11, 3]
+
+
+def _dequantised_reference(folder, kind: str):
+    """transformers' model with every expert matrix replaced by what quantising and dequantising it gives."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    for module in model.modules():
+        if not isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if name.endswith("_bias"):
+                continue
+            for e in range(param.shape[0]):
+                codes = quantize({name: param.data[e].clone()}, kind)
+                param.data[e] = dequantize(codes, kind, {name: tuple(param.shape[1:])}, param.dtype)[name]
+    return model
+
+
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f != "gpt_oss"])
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+def test_quantised_slots_give_the_dequantised_models_logits(tiny_model, open_engine, family: str, kind: str) -> None:
+    folder = tiny_model(family)
+    with torch.no_grad():
+        want = _dequantised_reference(folder, kind)(torch.tensor([IDS])).logits[0]
+    for budget in ("100%", "50%"):
+        engine = open_engine(folder, budget=budget, quantize=kind, swapper=False)
+        torch.testing.assert_close(engine.logits(IDS), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_budget_counts_quantised_bytes_and_holds_more_experts(tiny_model, open_engine) -> None:
+    folder = tiny_model("qwen3_moe")
+    plain = open_engine(folder, budget="50%", swapper=False)
+    nf4 = open_engine(folder, budget=plain.budget_bytes, quantize="nf4", swapper=False)
+    assert nf4.total_expert_bytes < plain.total_expert_bytes / 3  # 4-bit codes and a scale per 64 values
+    assert sum(c.capacity for c in nf4.committees) > sum(c.capacity for c in plain.committees)
+    for engine in (plain, nf4):
+        engine.logits(IDS * 4)
+        assert engine.resident_expert_bytes() <= engine.budget_bytes  # the bytes the slots really hold
+    spec = nf4.committees[0].spec
+    assert nf4.committees[0].resident_bytes == nf4.committees[0].capacity * spec.expert_bytes
+    report = fit_report(folder, "100%", quantize="nf4")
+    assert report.total_expert_bytes == nf4.total_expert_bytes
+
+
+def test_quantised_sizes() -> None:
+    assert quantized_nbytes((128, 64), torch.bfloat16, None) == 128 * 64 * 2
+    assert quantized_nbytes((128, 64), torch.bfloat16, "int8") == 128 * 64 + 128 * 4
+    assert quantized_nbytes((128, 64), torch.bfloat16, "nf4") == 128 * 64 // 2 + 128 * 64 // 64 * 4
+    assert quantized_nbytes((64,), torch.bfloat16, "nf4") == 64 * 2  # biases stay as stored
+
+
+def test_bad_quantisation_settings_are_refused(tiny_model) -> None:
+    from expertswap.engine import Engine
+
+    with pytest.raises(SettingsError, match="nf3"):
+        Engine.load(tiny_model("olmoe"), quantize="nf3")
+    with pytest.raises(UnsupportedArchitectureError, match="GPT-OSS"):
+        Engine.load(tiny_model("gpt_oss"), quantize="nf4")
+
+
+def test_mismatched_scales_are_an_error() -> None:
+    codes = quantize({"w": torch.randn(16, 64)}, "nf4")
+    codes["w.scale"] = codes["w.scale"][:3]  # scales of another tensor
+    with pytest.raises((RuntimeError, ValueError)):
+        dequantize(codes, "nf4", {"w": (16, 64)}, torch.float32)
