@@ -1,7 +1,7 @@
 """The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, record-traces, quantized, fit-real.
+replay, record-traces, quantized, quantized-gpu, fit-real.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     replay.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%"])
     quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
     quantized.add_argument("--repeats", type=int, default=3)
+    sub.add_parser("quantized-gpu", help="quantised experts on the GPU (OLMoE shapes): tokens/s per budget")
     sub.add_parser("fit-real", help="real MoE models' sizes from their configs: what fits a laptop and a GPU")
     sub.add_parser("record-traces", help="record the committed routing traces (benchmarks/traces/)")
     args, rest = parser.parse_known_args(argv)
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         from .quantized import main as run
 
         print(run(args.repeats).read_text())
+    elif args.command == "quantized-gpu":
+        from .quantized_gpu import main as run
+
+        print(run().read_text())
     elif args.command == "fit-real":
         from .fit_real import main as run
 

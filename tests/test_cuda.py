@@ -117,3 +117,16 @@ def test_cuda_prefetch_of_predicted_experts_keeps_tokens_exact(tiny_model) -> No
         assert list(engine.generate(ids, SamplingSettings(max_new_tokens=24))) == expected
         reasons = {getattr(e, "reason", None) for e in events.drain()}
         assert "prefetch" in reasons and engine.graphed.prediction.right > 0
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantised_experts_on_cuda_give_the_dequantised_models_logits(tiny_model, kind: str) -> None:
+    """bitsandbytes dequantises on the GPU exactly as on the CPU: the slots' output is the quantised model's."""
+    from .test_quantize import IDS, _dequantised_reference
+
+    folder = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        want = _dequantised_reference(folder, kind)(torch.tensor([IDS])).logits[0]
+    for budget in ("100%", "50%"):
+        with Engine.load(folder, budget=budget, device="cuda", quantize=kind, swapper=False) as engine:
+            torch.testing.assert_close(engine.logits(IDS).cpu(), want, rtol=1e-4, atol=1e-4)

@@ -116,8 +116,9 @@ class RowSlots:
             out[name] = plain.t() if self.inner.is_transposed and not name.endswith("_bias") else plain
         return out
 
-    def views(self, _slot: int, host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        return list(self.spec.plain(dict(host)).values())
+    def views(self, slot: int, _host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The slot's weights as the model computes with them, where they live (for |expert|)."""
+        return list(self.read(slot).values())
 
     def reshape(self, kept: Sequence[int], capacity: int) -> None:
         old, uses = self.slots, self.uses
