@@ -24,8 +24,6 @@ Writes = Sequence[tuple[int, Mapping[str, torch.Tensor]]]
 class StackedSlots:
     """Slots as the experts module's own [C, ...] parameters."""
 
-    rows = False
-
     def __init__(self, inner: Any, spec: LayerExperts, device: torch.device, copier: Copier) -> None:
         self.inner, self.spec, self.device, self.copier = inner, spec, device, copier
 
@@ -73,8 +71,6 @@ class RowSlots:
     The CPU's slots, and any device's when experts are quantised: a slot then holds the quantised expert,
     dequantised for each forward that routes to it.
     """
-
-    rows = True
 
     def __init__(self, inner: Any, spec: LayerExperts, packed: bool, device: torch.device) -> None:
         self.inner, self.spec, self.device = inner, spec, device
