@@ -1,7 +1,7 @@
 """The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, record-traces, quantized, quantized-gpu, fit-real.
+replay, record-traces, quantized, quantized-gpu, lowbit, fit-real.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
     quantized.add_argument("--repeats", type=int, default=3)
     sub.add_parser("quantized-gpu", help="quantised experts on the GPU (OLMoE shapes): tokens/s per budget")
+    sub.add_parser("lowbit", help="mixed precision for misses on the default model: quality cost and share")
     sub.add_parser("fit-real", help="real MoE models' sizes from their configs: what fits a laptop and a GPU")
     sub.add_parser("record-traces", help="record the committed routing traces (benchmarks/traces/)")
     args, rest = parser.parse_known_args(argv)
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         print(run(args.repeats).read_text())
     elif args.command == "quantized-gpu":
         from .quantized_gpu import main as run
+
+        print(run().read_text())
+    elif args.command == "lowbit":
+        from .lowbit import main as run
 
         print(run().read_text())
     elif args.command == "fit-real":

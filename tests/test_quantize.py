@@ -77,3 +77,34 @@ def test_mismatched_scales_are_an_error() -> None:
     codes["w.scale"] = codes["w.scale"][:3]  # scales of another tensor
     with pytest.raises((RuntimeError, ValueError)):
         dequantize(codes, "nf4", {"w": (16, 64)}, torch.float32)
+
+
+def test_lowbit_computes_misses_from_the_nf4_copy_and_loads_nothing_while_decoding(tiny_model, open_engine) -> None:
+    from expertswap.engine import SamplingSettings
+    from expertswap.engine.host_compute import HostExperts
+
+    folder = tiny_model("qwen3_moe")
+    full = open_engine(folder, budget="100%", policy="lowbit", swapper=False)
+    exact = open_engine(folder, budget="100%", swapper=False)
+    torch.testing.assert_close(full.logits(IDS), exact.logits(IDS))  # nothing missing: exact
+    engine = open_engine(folder, budget=full.minimum_budget_bytes, policy="lowbit", swapper=False)
+    ids = engine.encode("the committee keeps what it needs and borrows the rest")
+    loads = None
+    for n, _ in enumerate(engine.generate(ids, SamplingSettings(max_new_tokens=12))):
+        if n == 0:
+            loads = engine.stats().expert_loads  # the prompt ran exact, loading what it needed
+    stats = engine.stats()
+    assert stats.low_precision > 0 and stats.expert_loads == loads
+    # one layer by hand: a resident expert at full precision plus a missing one through transformers' own
+    # experts forward on its dequantised nf4 copy
+    committee = engine.committees[0]
+    resident, missing = committee.resident_experts[0], next(
+        e for e in range(committee.num_experts) if e not in committee.resident_experts)
+    hidden = torch.randn(1, engine.model.config.hidden_size)
+    index, weights = torch.tensor([[resident, missing]]), torch.tensor([[0.6, 0.4]])
+    engine.runtime.allow_loads = False
+    got = committee(hidden, index, weights)
+    host = HostExperts(committee.inner, committee.spec)
+    want = (0.6 * host.compute(committee.spec.plain(committee.store.read(committee.layer, resident)), hidden)
+            + 0.4 * host.compute(committee.store.low_precision(committee.layer, missing), hidden))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ from .compat import experts_implementation, foreach_norm, set_expert_parallel
 from .copier import Copier
 from .counters import Counters, RoutingCounts
 from .expert_cache import DEFAULT_EVICTION, ExpertCache
-from .expert_rows import routed_pairs, supports_rows
+from .expert_rows import routed_pairs, slot_weights, supports_rows
 from .host_compute import HostExperts
 from .packed import packing_pays
 from .policies import substitute_misses
@@ -32,7 +32,7 @@ from .store import ExpertStore, LayerExperts
 from .telemetry import SwapEvent, Telemetry
 from .trace import TraceRecorder
 
-POLICIES = ("exact", "substitute", "skip", "cpu")
+POLICIES = ("exact", "substitute", "skip", "cpu", "lowbit")
 
 
 class Swap(NamedTuple):
@@ -147,6 +147,8 @@ class Committee(nn.Module):
             return self.compute(hidden, self._substitute(index, resident), weights)
         if not runtime.allow_loads and runtime.policy == "cpu":
             return self._run_with_host(hidden, index, weights, resident)
+        if not runtime.allow_loads and runtime.policy == "lowbit":
+            return self._run_low_precision(hidden, index, weights, resident)
         needed = self.cache.needed(index)
         if len(needed) <= self.capacity:
             self.make_resident(needed)
@@ -224,6 +226,20 @@ class Committee(nn.Module):
             extra.index_add_(0, rows, (y * host_weights[rows, cols, None]).to(extra.dtype))
             self.runtime.counters.cpu_computed += int(rows.numel())
         return out + extra.to(out.device, non_blocking=True)
+
+    def _run_low_precision(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, resident: torch.Tensor
+    ) -> torch.Tensor:
+        """``lowbit`` policy (HOBBIT's idea): misses computed from their nf4 copy, nothing loaded or evicted."""
+        pairs = self._pairs(hidden, index.masked_fill(~resident, -1), weights)
+        missing = index.masked_fill(resident | (index < 0), -1).tolist()  # one host sync
+        experts = sorted({e for row in missing for e in row if e >= 0})
+        if experts:
+            plain = {e: slot_weights(self.inner, {name: t.to(self.device, non_blocking=True) for name, t in
+                                                  self.store.low_precision(self.layer, e).items()}) for e in experts}
+            pairs = pairs + routed_pairs(self.inner, plain.__getitem__, hidden, missing, weights).to(pairs.dtype)
+            self.runtime.counters.low_precision += sum(e >= 0 for row in missing for e in row)
+        return pairs.sum(dim=1).to(hidden.dtype)  # each pair from one of the two: one reduction over k
 
     # ---- policies on the device ----------------------------------------------------------------
     def _substitute(self, index: torch.Tensor, resident: torch.Tensor) -> torch.Tensor:

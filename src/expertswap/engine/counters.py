@@ -31,6 +31,7 @@ class Counters:
     extra_passes: int = 0  # forwards that ran in more than one pass because the committee was too small
     cpu_computed: int = 0  # (token, expert) rows computed on the host (the ``cpu`` policy)
     background_swaps: int = 0  # swaps the background swapper made between tokens
+    low_precision: int = 0  # (token, expert) rows computed from an expert's nf4 copy (the ``lowbit`` policy)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Totals:
     extra_passes: int
     cpu_computed: int
     background_swaps: int
+    low_precision: int
     hits: int
     misses: int
     skipped: int

@@ -75,6 +75,7 @@ class EngineStats:
     skipped: int
     substituted: int
     cpu_computed: int
+    low_precision: int
     background_swaps: int
     tokens_generated: int
     tokens_per_s: float
@@ -187,6 +188,7 @@ class Engine:
         check_layers(list(checkpoint.entries), int(config.num_hidden_layers))
         model, sites = load_skeleton(str(folder), family, torch_device, dtype)
         top_k = int(config.num_experts_per_tok)
+        _check_policy(policy, torch_device, skip_threshold, all(supports_rows(site.module) for site in sites))
         if quantize is not None and not all(supports_rows(site.module) for site in sites):
             raise UnsupportedArchitectureError(f"quantised experts are not supported for {family.name} yet")
         layers = {
@@ -244,8 +246,9 @@ class Engine:
 
     @property
     def policies(self) -> tuple[str, ...]:
-        """The miss policies this engine takes: ``cpu`` computes misses on the host beside a GPU, so only on CUDA."""
-        return tuple(p for p in POLICIES if p != "cpu" or self.device.type == "cuda")
+        """The miss policies this engine takes: ``cpu`` (host beside a GPU) only on CUDA, ``lowbit`` on the row path."""
+        rows = all(supports_rows(c.inner) for c in self.committees)
+        return tuple(p for p in POLICIES if (p != "cpu" or self.device.type == "cuda") and (p != "lowbit" or rows))
 
     def committee_size(self, budget_bytes: int) -> int:
         """How many experts (all MoE layers together) the planner keeps resident at ``budget_bytes``."""
@@ -389,7 +392,7 @@ class Engine:
     def set_policy(self, policy: str, skip_threshold: float | None = None) -> None:
         """Switch the miss policy; takes effect at the next token."""
         threshold = self.runtime.skip_threshold if skip_threshold is None else skip_threshold
-        _check_policy(policy, self.device, threshold)
+        _check_policy(policy, self.device, threshold, all(supports_rows(c.inner) for c in self.committees))
         with self.runtime.lock:
             if self.runtime.pinned and policy != "substitute":
                 raise PolicyError("release the pinned committee (pin_committee(None)) before leaving substitute")
@@ -433,6 +436,7 @@ class Engine:
             skipped=counts.skipped,
             substituted=counts.substituted,
             cpu_computed=counts.cpu_computed,
+            low_precision=counts.low_precision,
             background_swaps=counts.background_swaps,
             tokens_generated=self.decoder.last.tokens,
             tokens_per_s=self.decoder.last.tokens_per_s,
@@ -536,11 +540,14 @@ def _guess_next(recorder: TraceRecorder, following: nn.Module, layer: int,
     return hook
 
 
-def _check_policy(policy: str, device: torch.device, skip_threshold: float) -> None:
+def _check_policy(policy: str, device: torch.device, skip_threshold: float, rows: bool = True) -> None:
+    """``rows``: every layer's experts run on the per-expert row path (what ``lowbit`` computes misses with)."""
     if policy not in POLICIES:
         raise PolicyError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
-    if policy == "cpu" and device.type != "cuda":  # the rule Engine.policies publishes
+    if policy == "cpu" and device.type != "cuda":  # the rules Engine.policies publishes
         raise PolicyError("policy cpu computes misses on the CPU while the GPU works: it needs --device cuda")
+    if policy == "lowbit" and not rows:
+        raise PolicyError("policy lowbit is not supported for this model's experts yet")
     if not 0.0 <= skip_threshold < 1.0:
         raise PolicyError(f"skip threshold must be in [0, 1), got {skip_threshold}")
 

@@ -14,6 +14,7 @@ import math
 import torch
 
 QUANTIZATIONS = ("int8", "nf4", "fp4")
+LOW_PRECISION = "nf4"  # the copy the lowbit policy computes misses from
 BLOCK = 64  # values per 4-bit scale
 
 
