@@ -25,23 +25,25 @@ def test_stream_chat_matches_sync_generation(tiny_model) -> None:
     engine.close()
 
 
-def test_cancel_stops_the_reply_and_frees_the_engine(tiny_model) -> None:
-    engine = Engine.load(tiny_model("mixtral"), budget="50%")
+def test_cancel_stops_the_reply_and_frees_the_engine(tiny_model, open_engine) -> None:
+    engine = open_engine(tiny_model("mixtral"), budget="50%")
     settings = SamplingSettings(max_new_tokens=200)
 
-    async def stop_after_three() -> int:
-        seen = 0
+    async def stop_after_three() -> tuple[int, int]:
+        seen = generated = 0
         async for _ in engine.stream_chat(MESSAGES, settings):
             seen += 1
             if seen == 3:
+                generated = engine.stats().tokens_generated  # the worker may be ahead of the stream
                 engine.cancel()
-        return seen
+        return seen, generated
 
-    seen = asyncio.run(stop_after_three())
-    assert 3 <= seen <= 4  # the token being computed when cancel arrived may still come
+    seen, at_cancel = asyncio.run(stop_after_three())
+    # counted in tokens, not time: the token being computed when cancel arrived may still come, no other
+    assert at_cancel >= 3 and engine.stats().tokens_generated <= at_cancel + 1
+    assert seen == engine.stats().tokens_generated  # and every token generated reached the stream
     # the engine is free again: a new reply runs
     assert len(list(engine.generate(engine.encode("x"), SamplingSettings(max_new_tokens=2)))) >= 1
-    engine.close()
 
 
 def test_closing_the_stream_cancels(tiny_model) -> None:
