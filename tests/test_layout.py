@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 
-def test_importing_engine_models_and_cli_loads_no_qt() -> None:
-    code = ("import sys, expertswap.engine, expertswap.models, expertswap.cli; "
+def test_importing_engine_models_cli_and_server_loads_no_qt() -> None:
+    code = ("import sys, expertswap.engine, expertswap.models, expertswap.cli, expertswap.server.app; "
             "print(sorted(m for m in sys.modules if 'PySide' in m or m.startswith(('expertswap.app', 'tools'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

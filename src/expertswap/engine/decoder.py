@@ -11,7 +11,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -119,7 +119,7 @@ class Decoder:
                 self.around_reply()
 
     async def stream_ids(self, input_ids: Sequence[int], settings: SamplingSettings,
-                         text: IncrementalDecoder) -> AsyncIterator[TokenChunk]:
+                         text: IncrementalDecoder) -> AsyncGenerator[TokenChunk, None]:
         """Run generation on the decoder's worker thread and hand tokens to the event loop as they come."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()

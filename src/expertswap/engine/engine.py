@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +235,16 @@ class Engine:
         return self.budget.budget_bytes
 
     @property
+    def policy(self) -> str:
+        """The miss policy in force."""
+        return self.runtime.policy
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The model's context length, when its config gives one."""
+        return self.decoder.context
+
+    @property
     def quantize(self) -> str | None:
         """How the experts were quantised when read (int8, nf4, fp4), or None: as stored."""
         return self.runtime.quantize
@@ -326,14 +336,14 @@ class Engine:
 
     async def stream_chat(
         self, messages: Sequence[Message], settings: SamplingSettings = SamplingSettings()
-    ) -> AsyncIterator[TokenChunk]:
+    ) -> AsyncGenerator[TokenChunk, None]:
         """Stream a reply to a conversation; closing or cancelling the iterator stops generation."""
         async for chunk in self.stream_ids(self.encode_chat(messages), settings):
             yield chunk
 
     async def stream_ids(
         self, input_ids: Sequence[int], settings: SamplingSettings = SamplingSettings()
-    ) -> AsyncIterator[TokenChunk]:
+    ) -> AsyncGenerator[TokenChunk, None]:
         """Generate on the decoder's worker thread, handing tokens (and their text) to the event loop."""
         async for chunk in self.decoder.stream_ids(input_ids, settings, IncrementalDecoder(self._require_tokenizer())):
             yield chunk

@@ -1,0 +1,59 @@
+"""``expertswap serve --model DIR|default --budget 50% [--host 127.0.0.1] [--port 8000] [--api-key KEY]``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from expertswap.engine import DEFAULT_BUDGET, POLICIES, QUANTIZATIONS, Engine, ExpertSwapError, default_device
+from expertswap.models import DEFAULT_MODEL, resolve_model
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="expertswap serve", description="An OpenAI-compatible API for one model.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help='model folder, or "default" (the built-in model)')
+    p.add_argument("--budget", default=DEFAULT_BUDGET, help='expert memory: "50%%", "300MiB"')
+    p.add_argument("--policy", choices=POLICIES, default=POLICIES[0])
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--host", default="127.0.0.1", help="another address than loopback needs --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="required from clients as: Authorization: Bearer KEY")
+    return p
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not loopback(args.host) and not args.api_key:
+        print(f"expertswap serve: error: listening on {args.host} (not loopback) needs --api-key", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        folder = resolve_model(args.model)
+        engine = Engine.load(folder, budget=args.budget, device=args.device or default_device(), policy=args.policy,
+                             quantize=args.quantize)
+    except ExpertSwapError as exc:
+        print(f"expertswap serve: error: {exc}", file=sys.stderr)
+        return 2
+    name = DEFAULT_MODEL if args.model == DEFAULT_MODEL else Path(args.model).name
+    print(f"serving {name} at http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,143 @@
+"""``expertswap serve``: driven with the official openai client against a real uvicorn server on a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from expertswap.engine import Engine, SamplingSettings
+from expertswap.server.app import create_app
+from expertswap.server.cli import main as serve
+
+KEY = "sk-test"
+MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+class Server:
+    def __init__(self, engine: Engine, queue: int = 8) -> None:
+        self.engine = engine
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        config = uvicorn.Config(create_app(engine, "tiny", KEY, queue), host="127.0.0.1", port=self.port,
+                                log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(tiny_model, open_engine) -> Iterator[Server]:
+    running = Server(open_engine(tiny_model("qwen3_moe"), budget="50%"))
+    yield running
+    running.stop()
+
+
+def _greedy(engine: Engine, n: int) -> str:
+    return engine.decode(list(engine.generate(engine.encode_chat(MESSAGES), SamplingSettings(max_new_tokens=n))))
+
+
+def test_chat_streamed_and_whole_give_the_engines_greedy_reply_and_usage(server: Server, tiny_model) -> None:
+    client = server.client()
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)
+    streamed = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                              stream=True)
+    parts = [c.choices[0].delta.content or "" for c in streamed if c.choices]
+    with Engine.load(tiny_model("qwen3_moe"), budget="100%", swapper=False) as engine:
+        want = _greedy(engine, 8)
+        prompt = len(engine.encode_chat(MESSAGES))
+    assert whole.choices[0].message.content == "".join(parts) == want
+    assert whole.choices[0].finish_reason == "length"
+    usage = whole.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt, 8, prompt + 8)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_stop_sequences_cut_the_reply(server: Server) -> None:
+    client = server.client()
+    full = client.completions.create(model="tiny", prompt="The sea is", max_tokens=12, temperature=0).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = client.completions.create(model="tiny", prompt="The sea is", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_errors_have_openais_shape_and_status(server: Server) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        server.client("wrong").models.list()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client().chat.completions.create(model="gpt-9", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError) as bad:
+        server.client().chat.completions.create(model="tiny", messages=MESSAGES, temperature=7)
+    assert bad.value.body["param"] == "temperature"
+    reply = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "x " * 5000}]})
+    assert reply.status_code == 413 and reply.json()["error"]["param"] == "messages"
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_budget_and_stats_extension(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    stats = httpx.get(f"{server.url}/v1/expertswap/stats", headers=headers).json()
+    moved = httpx.post(f"{server.url}/v1/expertswap/budget", headers=headers, json={"budget": "100%"}).json()
+    assert moved["budget_bytes"] == stats["total_expert_bytes"] > stats["budget_bytes"]
+    bad = httpx.post(f"{server.url}/v1/expertswap/budget", headers=headers, json={"budget": "lots"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "budget"
+
+
+def test_a_disconnected_stream_cancels_its_reply(server: Server) -> None:
+    client = server.client()
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=400, temperature=0,
+                                            stream=True)
+    content = 0
+    for chunk in stream:
+        content += bool(chunk.choices and chunk.choices[0].delta.content)
+        if content == 3:
+            break
+    stream.close()  # the client goes away mid-reply
+    counts = [-1]
+    while counts[-1] != (now := server.engine.stats().tokens_generated):  # until the reply stops growing
+        counts.append(now)
+        time.sleep(0.3)
+    assert 3 <= counts[-1] < 400  # cancelled, not run to its 400 tokens
+    after = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0)
+    assert after.usage.completion_tokens == 2  # and the engine is free for the next one
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_model, open_engine) -> None:
+    running = Server(open_engine(tiny_model("qwen3_moe"), budget="50%"), queue=0)
+    try:
+        async def two() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=running.url, headers={"Authorization": f"Bearer {KEY}"}) as c:
+                body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 64}
+                return list(await asyncio.gather(c.post("/v1/chat/completions", json=body),
+                                                 c.post("/v1/chat/completions", json=body)))
+
+        replies = sorted(asyncio.run(two()), key=lambda r: r.status_code)
+        assert [r.status_code for r in replies] == [200, 429]
+        assert replies[1].headers["retry-after"] == "1" and replies[1].json()["error"]["type"] == "rate_limit_exceeded"
+    finally:
+        running.stop()
+
+
+def test_a_non_loopback_host_needs_an_api_key(capsys) -> None:
+    assert serve(["--host", "0.0.0.0", "--model", "default"]) == 2
+    assert "needs --api-key" in capsys.readouterr().err
