@@ -1,5 +1,6 @@
-"""Quantised experts on a GPU: the OLMoE-1B-7B layer shapes (8 layers, random bf16 weights), bf16 against int8
-and nf4 at 100/50/25% of the bf16 expert bytes, experts in pinned RAM; medians of 3 loads, 32 greedy tokens.
+"""Quantised experts on a GPU: the OLMoE-1B-7B layer shapes (random bf16 weights, 16 layers: the full depth),
+bf16 against int8 and nf4 at 100/50/25% of the bf16 expert bytes, experts in pinned RAM; medians of 3 loads,
+32 greedy tokens.
 
 ``python -m benchmarks quantized-gpu`` (needs CUDA). Prints the table and writes it to
 ``benchmarks/results/quantized-olmoe-shape-cuda.md``.
@@ -36,19 +37,20 @@ def _decode(folder: Path, budget: str, kind: str | None, ids: list[int]) -> tupl
             e.stats().hit_rate
 
 
-def main() -> Path:
+def main(layers: int = 16, shares: tuple[int, ...] = (100, 50, 25),
+         kinds: tuple[str | None, ...] = (None, "int8", "nf4")) -> Path:
     family, shape = SHAPES["olmoe-shape"]
-    folder = build_model(family, Path(tempfile.mkdtemp()) / "m", dtype=torch.bfloat16, init_std=0.02, layers=8,
+    folder = build_model(family, Path(tempfile.mkdtemp()) / "m", dtype=torch.bfloat16, init_std=0.02, layers=layers,
                          **shape)
     with Engine.load(folder, budget="100%", device="cuda", dtype=torch.bfloat16, swapper=False) as engine:
         plain = engine.total_expert_bytes
         ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
-    lines = ["# Quantised experts on the GPU: OLMoE-1B-7B layer shapes, 8 layers", "", stamp("cuda") + ". Written by "
-             "`python -m benchmarks quantized-gpu`.", "",
+    lines = [f"# Quantised experts on the GPU: OLMoE-1B-7B layer shapes, {layers} layers", "",
+             stamp("cuda") + ". Written by `python -m benchmarks quantized-gpu`.", "",
              "| experts | budget (of bf16 bytes) | decode tok/s | experts held | hit rate |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    for share in (100, 50, 25):
-        for kind in (None, "int8", "nf4"):
+    for share in shares:
+        for kind in kinds:
             runs = [_decode(folder, f"{plain * share // 100}B", kind, ids) for _ in range(3)]
             rate = statistics.median(r[0] for r in runs)
             _, held, total, hit = runs[-1]

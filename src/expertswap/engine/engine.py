@@ -132,6 +132,7 @@ class Engine:
         self.family = family
         self.committees = committees
         self.routers = routers  # each MoE layer's router, beside its committee
+        self.row_path = all(supports_rows(c.inner) for c in committees)  # lowbit computes misses on it
         self.store = store
         self.runtime = runtime
         self.device = model.device
@@ -188,8 +189,9 @@ class Engine:
         check_layers(list(checkpoint.entries), int(config.num_hidden_layers))
         model, sites = load_skeleton(str(folder), family, torch_device, dtype)
         top_k = int(config.num_experts_per_tok)
-        _check_policy(policy, torch_device, skip_threshold, all(supports_rows(site.module) for site in sites))
-        if quantize is not None and not all(supports_rows(site.module) for site in sites):
+        row_path = all(supports_rows(site.module) for site in sites)
+        _check_policy(policy, torch_device, skip_threshold, row_path)
+        if quantize is not None and not row_path:
             raise UnsupportedArchitectureError(f"quantised experts are not supported for {family.name} yet")
         layers = {
             site.layer: resolve_layer(checkpoint, family, site.layer, int(site.module.num_experts), top_k, site.params,
@@ -257,8 +259,8 @@ class Engine:
     @property
     def policies(self) -> tuple[str, ...]:
         """The miss policies this engine takes: ``cpu`` (host beside a GPU) only on CUDA, ``lowbit`` on the row path."""
-        rows = all(supports_rows(c.inner) for c in self.committees)
-        return tuple(p for p in POLICIES if (p != "cpu" or self.device.type == "cuda") and (p != "lowbit" or rows))
+        return tuple(p for p in POLICIES
+                     if (p != "cpu" or self.device.type == "cuda") and (p != "lowbit" or self.row_path))
 
     def committee_size(self, budget_bytes: int) -> int:
         """How many experts (all MoE layers together) the planner keeps resident at ``budget_bytes``."""
@@ -402,7 +404,7 @@ class Engine:
     def set_policy(self, policy: str, skip_threshold: float | None = None) -> None:
         """Switch the miss policy; takes effect at the next token."""
         threshold = self.runtime.skip_threshold if skip_threshold is None else skip_threshold
-        _check_policy(policy, self.device, threshold, all(supports_rows(c.inner) for c in self.committees))
+        _check_policy(policy, self.device, threshold, self.row_path)
         with self.runtime.lock:
             if self.runtime.pinned and policy != "substitute":
                 raise PolicyError("release the pinned committee (pin_committee(None)) before leaving substitute")

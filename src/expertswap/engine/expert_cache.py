@@ -45,6 +45,11 @@ class ExpertCache:
     def capacity(self) -> int:
         return self.slots.capacity
 
+    def device_state(self) -> list[torch.Tensor]:
+        """The tensors ``observe`` advances in place (a captured step's warmup run must put them back)."""
+        return [self.importance, self.frequency, self.routed, self.routing.tensor, self.last_used, self.clock,
+                self.last_token]
+
     def observe(self, index: torch.Tensor, weights: torch.Tensor, signal: torch.Tensor | None = None,
                 skip_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routing bookkeeping before any load: scores, counts, stamps, skipping. Device work only.

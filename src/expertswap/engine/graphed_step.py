@@ -31,12 +31,6 @@ from .compact_step import CompactModel, KVCache, Layer, MoEBlock, cache_size
 
 _TRIAL = 256  # predictions before their precision decides whether prefetching goes on
 _PREFETCH_PRECISION = 0.8
-_STATE = ("importance", "frequency", "routed", "routing", "last_used", "clock", "last_token")
-
-
-def _state(committee: Committee, name: str) -> torch.Tensor:
-    """One of a committee's device tensors that a warmup run advances (and must put back)."""
-    return committee.cache.routing.tensor if name == "routing" else getattr(committee.cache, name)
 
 
 @dataclass
@@ -223,7 +217,7 @@ class GraphedDecode:
     def _capture(self, pieces: list[_Piece]) -> None:
         """Warm up on a side stream (bookkeeping restored after), then capture each piece in order."""
         committees = self._committees()
-        saved = [{name: _state(c, name).clone() for name in _STATE} for c in committees]
+        saved = [[t.clone() for t in c.cache.device_state()] for c in committees]
         stream = torch.cuda.Stream(self.compact.device)
         stream.wait_stream(torch.cuda.current_stream(self.compact.device))
         with torch.cuda.stream(stream):
@@ -232,8 +226,8 @@ class GraphedDecode:
         torch.cuda.current_stream(self.compact.device).wait_stream(stream)
         torch.cuda.synchronize(self.compact.device)
         for committee, state in zip(committees, saved, strict=True):
-            for name, value in state.items():
-                _state(committee, name).copy_(value)
+            for tensor, value in zip(committee.cache.device_state(), state, strict=True):
+                tensor.copy_(value)
         for piece in pieces:
             piece.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(piece.graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):

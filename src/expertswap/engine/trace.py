@@ -125,7 +125,7 @@ class TraceRecorder:
         self._file.write(json.dumps(asdict(header)) + "\n")
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._guesses: list[tuple[int, torch.Tensor]] = []
-        self.position = self.steps = self.tokens = 0
+        self.position = self.steps = 0
 
     def begin(self) -> None:
         """A forward (or its retry after an out-of-memory roll-back) starts: nothing of an earlier attempt stays."""
@@ -162,7 +162,6 @@ class TraceRecorder:
             self._file.write(json.dumps(line) + "\n")
         self.position += rows
         self.steps += 1
-        self.tokens += rows
 
     def close(self) -> None:
         self._file.close()
