@@ -127,3 +127,21 @@ def _experts_path(model, layer: int) -> str:
         if name.endswith(".experts") and f"layers.{layer}." in name:
             return name
     raise AssertionError(f"no experts module in layer {layer}")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_a_bf16_model_matches_transformers_on_the_cpu_rows(open_engine, tmp_path, family: str) -> None:
+    """Checkpoints ship in bf16; DeepSeek routes in float32, so each expert's weighted output is cast back
+    (it crashed on mixed dtypes). Sums in another order differ by a bf16 rounding step at most."""
+    from transformers import AutoModelForCausalLM
+
+    from tools.synthetic import build_model
+
+    folder = build_model(family, tmp_path / family, layers=3, dtype=torch.bfloat16)
+    engine = open_engine(folder, budget="50%", swapper=False)
+    ids = engine.encode(PROMPT)
+    with torch.inference_mode():
+        expected = AutoModelForCausalLM.from_pretrained(folder).eval()(torch.tensor([ids])).logits[0]
+    got = engine.logits(ids)
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.05, rtol=0.02)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9

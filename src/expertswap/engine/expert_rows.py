@@ -50,7 +50,8 @@ def routed_pairs(inner: Any, weights_of: Callable[[int], dict[str, torch.Tensor]
     """[T, k, H]: ``weights[t, j] * expert(index[t][j])(hidden[t])``, zero where the slot id is -1.
 
     ``weights_of(s)`` gives slot s's weights (from ``slot_weights``, maybe packed); ``index`` (slot
-    ids) is on the host.
+    ids) is on the host. Each product is cast to ``hidden``'s dtype, as transformers does: DeepSeek routes in
+    float32 while a bf16 model computes its experts in bf16.
     """
     rows, width = len(index), len(index[0]) if index else 0
     up, has_bias = up_name(inner), bool(inner.has_bias)
@@ -62,12 +63,13 @@ def routed_pairs(inner: Any, weights_of: Callable[[int], dict[str, torch.Tensor]
         return linear(y, weight["down_proj"], weight["down_proj_bias"] if has_bias else None)
 
     if rows == 1:  # a decode token: no gathering
-        return torch.stack([expert(s, hidden) * weights[0, j] if s >= 0 else hidden.new_zeros(hidden.shape)
+        return torch.stack([(expert(s, hidden) * weights[0, j]).to(hidden.dtype) if s >= 0
+                            else hidden.new_zeros(hidden.shape)
                             for j, s in enumerate(index[0])], dim=1)
     pairs = hidden.new_zeros(rows * width, hidden.shape[-1])
     flat = [s for row in index for s in row]
     for slot in sorted(set(flat) - {-1}):
         where = [i for i, s in enumerate(flat) if s == slot]
         take = torch.tensor(where)
-        pairs[take] = expert(slot, hidden[take // width]) * weights.reshape(-1)[take, None]
+        pairs[take] = (expert(slot, hidden[take // width]) * weights.reshape(-1)[take, None]).to(pairs.dtype)
     return pairs.view(rows, width, -1)
