@@ -18,6 +18,7 @@ except ModuleNotFoundError as missing:  # a GPU box running only the engine's CU
     if missing.name != "PySide6":
         raise
 from expertswap.engine import Engine
+from tools.quantized_checkpoints import to_fp8, to_mxfp4
 from tools.synthetic import FAMILY_NAMES, build_model
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -37,6 +38,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
         if family not in built:
             folder = tmp_path_factory.mktemp(f"tiny-{family}")
             built[family] = build_model(family, folder, layers=LAYERS.get(family, 2))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def packed_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``packed_model(family)``: a model of that family saved as its hub quantised layout (MXFP4 for GPT-OSS,
+    FP8 with 16x16 blocks for the others); float32 outside the packed experts, so that logits compare exactly."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            folder = build_model(family, tmp_path_factory.mktemp(f"packed-{family}"),
+                                 layers=LAYERS.get(family, 2))
+            built[family] = to_mxfp4(folder) if family == "gpt_oss" else to_fp8(folder)
         return built[family]
 
     return get

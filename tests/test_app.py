@@ -480,6 +480,20 @@ def test_pyside_import_hook_is_taken_back(qapp) -> None:
     assert builtins.__import__.__name__ == "__import__"
 
 
+def test_a_natively_fp8_model_says_what_it_holds(qtbot, loop, tiny_model, tmp_path: Path) -> None:
+    import shutil
+
+    from tools.quantized_checkpoints import to_fp8
+
+    folder = to_fp8(shutil.copytree(tiny_model("qwen3_moe"), tmp_path / "fp8"))
+    win = _make_window(qtbot, tmp_path)
+    win.show()
+    assert loop.run_until_complete(win.load_model(str(folder), "50%", None))
+    assert "fp8 experts, as the checkpoint ships them" in win.statusBar().currentMessage()
+    assert win.budget.total == win.session.engine.total_expert_bytes
+    win.session.close()
+
+
 def test_a_quantised_model_says_so_and_the_slider_counts_its_bytes(qtbot, loop, tiny_model, tmp_path: Path) -> None:
     win = _make_window(qtbot, tmp_path)
     win.show()

@@ -130,3 +130,16 @@ def test_quantised_experts_on_cuda_give_the_dequantised_models_logits(tiny_model
     for budget in ("100%", "50%"):
         with Engine.load(folder, budget=budget, device="cuda", quantize=kind, swapper=False) as engine:
             torch.testing.assert_close(engine.logits(IDS).cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_native_fp8_and_mxfp4_checkpoints_on_cuda_give_transformers_logits(packed_model, family: str) -> None:
+    """FP8 slots unpack on the GPU per forward; GPT-OSS's MXFP4 unpacks on the host into bf16/fp32 slots."""
+    from .test_native_formats import IDS, _reference
+
+    folder = packed_model(family)
+    with torch.no_grad():
+        want = _reference(folder)(torch.tensor([IDS])).logits[0]
+    for budget in ("100%", "50%"):
+        with Engine.load(folder, budget=budget, device="cuda", swapper=False) as engine:
+            torch.testing.assert_close(engine.logits(IDS).cpu(), want, rtol=1e-4, atol=1e-4)

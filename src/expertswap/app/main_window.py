@@ -422,6 +422,8 @@ class MainWindow(QMainWindow):
         parts = [self.model_name, str(engine.device), self.budget.policy.currentText()]
         if engine.quantize:
             parts.append(f"{engine.quantize} experts: not the original model")
+        elif engine.native_format:
+            parts.append(f"{engine.native_format} experts, as the checkpoint ships them")
         parts += [extra] if extra else []
         self.statusBar().showMessage(" · ".join(parts))
 

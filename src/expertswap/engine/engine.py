@@ -44,7 +44,7 @@ from .host_memory import own_weights, return_large_frees
 from .memory import current_rss_bytes, peak_rss_bytes
 from .packed import pack_linears, packing_pays
 from .planner import LayerShape, plan_capacities
-from .quantize import QUANTIZATIONS
+from .quantize import QUANTIZATIONS, native_packing
 from .session import CompactSession, Session, TransformersSession
 from .skeleton import load_skeleton
 from .step import StepGuard
@@ -185,9 +185,14 @@ class Engine:
         if quantize is not None and quantize not in QUANTIZATIONS:
             raise SettingsError(f"unknown quantisation {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
         folder, config, family = read_config(model_dir)
+        native, block = native_packing(config)
+        if native is not None and quantize is not None:
+            raise SettingsError(f"this checkpoint's experts are already {native}; --quantize applies to unquantised "
+                                "checkpoints")
         checkpoint = Checkpoint(folder)
         check_layers(list(checkpoint.entries), int(config.num_hidden_layers))
-        model, sites = load_skeleton(str(folder), family, torch_device, dtype)
+        model, sites = load_skeleton(str(folder), family, torch_device, dtype,
+                                     config.quantization_config if native else None)
         top_k = int(config.num_experts_per_tok)
         row_path = all(supports_rows(site.module) for site in sites)
         _check_policy(policy, torch_device, skip_threshold, row_path)
@@ -195,7 +200,7 @@ class Engine:
             raise UnsupportedArchitectureError(f"quantised experts are not supported for {family.name} yet")
         layers = {
             site.layer: resolve_layer(checkpoint, family, site.layer, int(site.module.num_experts), top_k, site.params,
-                                      quantize)
+                                      quantize or native, block, slots_plain=not row_path)
             for site in sites
         }
         store = ExpertStore(checkpoint, layers, pin_memory=torch_device.type == "cuda")
@@ -206,7 +211,8 @@ class Engine:
             store.fill_ram_tier()
         if eviction not in EVICTIONS:
             raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
-        runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction, quantize=quantize)
+        runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction, quantize=quantize,
+                          native=native, packed_slots=any(spec.quantize for spec in layers.values()))
         committees, routers = [], []
         copier = Copier(torch_device)
         for site, capacity in zip(sites, capacities, strict=True):
@@ -250,6 +256,11 @@ class Engine:
     def quantize(self) -> str | None:
         """How the experts were quantised when read (int8, nf4, fp4), or None: as stored."""
         return self.runtime.quantize
+
+    @property
+    def native_format(self) -> str | None:
+        """The packed format the checkpoint ships its experts in (fp8, mxfp4), or None: unquantised."""
+        return self.runtime.native
 
     @property
     def total_experts(self) -> int:

@@ -16,7 +16,8 @@ class ModelFormatError(ExpertSwapError):
 
 
 class UnsupportedArchitectureError(ExpertSwapError):
-    """The checkpoint is not one of the MoE families the engine knows how to swap."""
+    """The checkpoint is not one of the MoE families the engine knows how to swap, or is packed in a format it
+    cannot read (GPTQ, AWQ and the like)."""
 
 
 class BudgetError(ExpertSwapError):

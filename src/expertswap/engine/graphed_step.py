@@ -84,9 +84,9 @@ class GraphedDecode:
         self._position = torch.zeros(1, dtype=torch.long, device=compact.device)
 
     def usable(self) -> bool:
-        """The exact policy in bf16/fp16: other policies decide per token on the host in ways a graph cannot
-        hold, and transformers' grouped_mm falls back to host-side offsets in fp32 (not capturable)."""
-        return self.runtime.policy == "exact" and self.runtime.trace is None and self.runtime.quantize is None and (
+        """The exact policy in bf16/fp16 on plain slots: other policies and packed slots decide per token on the
+        host in ways a graph cannot hold, and transformers' grouped_mm falls back to host-side offsets in fp32."""
+        return self.runtime.policy == "exact" and self.runtime.trace is None and not self.runtime.packed_slots and (
             not self.cuda or self.compact.dtype in (torch.bfloat16, torch.float16)
         )
 

@@ -53,11 +53,20 @@ def _drop_weights(experts: nn.Module) -> None:
 
 
 def load_skeleton(
-    folder: str, family: Family, device: torch.device, dtype: torch.dtype | str
+    folder: str, family: Family, device: torch.device, dtype: torch.dtype | str, packed: Any = None
 ) -> tuple[PreTrainedModel, list[ExpertsSite]]:
-    """The model with non-expert weights on ``device`` and empty experts modules, and where those sit."""
+    """The model with non-expert weights on ``device`` and empty experts modules, and where those sit.
+
+    ``packed``: a natively quantised checkpoint's ``quantization_config``. transformers then unpacks the
+    (small) non-expert weights to the model's dtype as it loads them; the experts stay packed on disk.
+    """
     cls = experts_class(family)
     kwargs: dict[str, object] = {"dtype": dtype}
+    if packed is not None:
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        settings = packed if isinstance(packed, dict) else packed.to_dict()
+        kwargs["quantization_config"] = AutoQuantizationConfig.from_dict({**settings, "dequantize": True})
     if device.type != "cpu":
         kwargs["device_map"] = {"": device}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()

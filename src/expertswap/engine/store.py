@@ -6,6 +6,7 @@ Sizes are computed from the checkpoint headers and the in-memory parameter shape
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import ModelFormatError
 from .families import Family, Layout
-from .quantize import LOW_PRECISION, dequantize, quantize, quantized_nbytes
+from .quantize import LOW_PRECISION, NATIVE_FORMATS, dequantize, quantize, quantized_nbytes
 
 
 @dataclass(frozen=True)
@@ -37,19 +38,37 @@ class LayerExperts:
     num_experts: int
     top_k: int
     params: tuple[ParamSpec, ...]
-    keys: dict[str, tuple[str, ...]]  # param -> key templates with {expert}
-    quantize: str | None = None  # int8 | nf4 | fp4: experts are quantised when read (engine/quantize.py)
+    keys: dict[str, tuple[str, ...]]  # param -> key templates with {expert} (a packed matrix's codes)
+    # how the store keeps each expert (engine/quantize.py): int8 | nf4 | fp4 quantised when read, fp8 | mxfp4 as
+    # the checkpoint ships them; None: plain
+    packing: str | None = None
+    block: tuple[int, int] | None = None  # fp8's weight_block_size
+    slots_plain: bool = False  # the slots hold experts unpacked (families off the row path): read() unpacks
+
+    @property
+    def native(self) -> bool:
+        """Whether the checkpoint itself holds the experts packed (they are read as they lie)."""
+        return self.packing in NATIVE_FORMATS
+
+    @property
+    def quantize(self) -> str | None:
+        """The packed form the committee slots hold, dequantised for each forward (None: plain)."""
+        return None if self.slots_plain else self.packing
 
     @property
     def expert_bytes(self) -> int:
-        """One expert's bytes as the store hands it out (quantised, when it is)."""
-        return sum(quantized_nbytes(p.shape, p.dtype, self.quantize) for p in self.params)
+        """One expert's bytes as a committee slot holds it (packed, when it is)."""
+        return sum(quantized_nbytes(p.shape, p.dtype, self.quantize, self.block) for p in self.params)
 
     def plain(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """An expert's tensors as the model computes with them: dequantised to its dtype when quantised."""
-        if self.quantize is None:
+        """A slot's tensors as the model computes with them: dequantised to its dtype when packed."""
+        return tensors if self.quantize is None else self.unpack(tensors)
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An expert as the store keeps it, unpacked to the model's dtype."""
+        if self.packing is None:
             return tensors
-        return dequantize(tensors, self.quantize, {p.name: p.shape for p in self.params}, self.params[0].dtype)
+        return dequantize(tensors, self.packing, {p.name: p.shape for p in self.params}, self.params[0].dtype)
 
 
 class ExpertStore:
@@ -72,25 +91,35 @@ class ExpertStore:
             for expert in range(spec.num_experts):
                 self._ram[(layer, expert)] = self._read_disk(layer, expert, pin=self.pin_memory)
 
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the experts kept in host RAM (the RAM tier, packed experts after their first read)."""
+        return sum(t.nbytes for tensors in self._ram.values() for t in tensors.values())
+
+    def kept(self, layer: int, expert: int) -> dict[str, torch.Tensor] | None:
+        """The expert as host RAM keeps it (packed, when it is), or None when it is read from disk each time."""
+        return self._ram.get((layer, expert))
+
     def pinned(self, layer: int, expert: int) -> bool:
         """Whether this expert waits in pinned host memory (a copy from it can run beside the compute)."""
         cached = self._ram.get((layer, expert))
         return cached is not None and all(t.is_pinned() for t in cached.values())
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """Host tensors of one expert, per in-memory parameter, in the model's dtype (or quantised).
+        """Host tensors of one expert, per in-memory parameter, as its committee's slots hold them.
 
-        A quantised expert is kept in host RAM after its first read: it is quantised once, and a later miss
-        costs a copy of its quantised bytes (all of them together are what the fit report counts).
+        A packed expert is kept in host RAM after its first read: it is quantised (or read) once, and a later
+        miss costs a copy of its packed bytes (all of them together are what the fit report counts). Where the
+        slots hold experts plain, each read unpacks the kept copy.
         """
+        spec = self.layers[layer]
         cached = self._ram.get((layer, expert))
-        if cached is not None:
-            return cached
-        quantised = self.layers[layer].quantize is not None
-        tensors = self._read_disk(layer, expert, pin=quantised and self.pin_memory)
-        if quantised:
-            self._ram[(layer, expert)] = tensors
-        return tensors
+        if cached is None:
+            packed = spec.packing is not None
+            cached = self._read_disk(layer, expert, pin=packed and self.pin_memory and not spec.slots_plain)
+            if packed:
+                self._ram[(layer, expert)] = cached
+        return spec.unpack(cached) if spec.slots_plain else cached
 
     def low_precision(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's plain tensors from an nf4 copy (quantised on first use, kept in host RAM at a quarter of
@@ -105,6 +134,11 @@ class ExpertStore:
         spec = self.layers[layer]
         out: dict[str, torch.Tensor] = {}
         for param in spec.params:
+            if spec.native and len(param.shape) >= 2:
+                codes = spec.keys[param.name]
+                out[f"{param.name}.q"] = self._read_parts(codes, expert)
+                out[f"{param.name}.scale"] = self._read_parts([scale_key(t, spec.packing) for t in codes], expert)
+                continue
             entries = [self.checkpoint.entry(t.format(expert=expert)) for t in spec.keys[param.name]]
             fused = ["{expert}" not in t for t in spec.keys[param.name]]
             if len(entries) > 1 and all(e.dtype == param.dtype for e in entries):
@@ -123,28 +157,90 @@ class ExpertStore:
                 tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
                 tensor = tensor.to(param.dtype).reshape(param.shape)
             out[param.name] = tensor
-        if spec.quantize is not None:
-            out = quantize(out, spec.quantize)
+        if spec.packing is not None and not spec.native:
+            out = quantize(out, spec.packing)
         return {name: t.pin_memory() for name, t in out.items()} if pin else out
+
+    def _read_parts(self, templates: Sequence[str], expert: int) -> torch.Tensor:
+        """One expert's slices of these tensors as stored, joined along their first dimension."""
+        parts = [self.checkpoint.read(self.checkpoint.entry(t.format(expert=expert)),
+                                      index=None if "{expert}" in t else expert) for t in templates]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def scale_key(codes: str, packing: str | None) -> str:
+    """The key of the scales beside a packed matrix's codes (fp8: ``weight_scale_inv``; mxfp4: ``_scales``)."""
+    return codes + "_scale_inv" if packing == "fp8" else codes.removesuffix("_blocks") + "_scales"
 
 
 def resolve_layer(
     checkpoint: Checkpoint, family: Family, layer: int, num_experts: int, top_k: int, params: tuple[ParamSpec, ...],
-    quantize: str | None = None,
+    packing: str | None = None, block: tuple[int, int] | None = None, slots_plain: bool = False,
 ) -> LayerExperts:
     """Find which of the family's disk layouts this checkpoint uses and check every expert is present."""
     prefix = family.disk_prefix.format(layer=layer)
+    native = packing in NATIVE_FORMATS
+    matrices = {p.name for p in params if len(p.shape) >= 2}
     tried = []
     for layout in family.layouts:
         keys = _layout_keys(layout, prefix)
+        if packing == "mxfp4":  # GPT-OSS names its packed matrices' codes <name>_blocks
+            keys = {name: tuple(t + "_blocks" if name in matrices else t for t in ts) for name, ts in keys.items()}
         first = [k.format(expert=0) for ks in keys.values() for k in ks]
         tried.append(first[0])
         if all(k in checkpoint for k in first) and set(keys) == {p.name for p in params}:
-            _check_shapes(checkpoint, keys, params, num_experts, layer)
-            return LayerExperts(layer, num_experts, top_k, params, keys, quantize)
+            spec = LayerExperts(layer, num_experts, top_k, params, keys, packing, block, slots_plain)
+            plain = [p for p in params if not native or p.name not in matrices]
+            _check_shapes(checkpoint, keys, tuple(plain), num_experts, layer)
+            if native:
+                _check_packed(checkpoint, spec, [p for p in params if p.name in matrices])
+            return spec
     raise ModelFormatError(
         f"expert weights of MoE layer {layer} not found in {checkpoint.folder} (looked for {', '.join(tried)})"
     )
+
+
+def _check_packed(checkpoint: Checkpoint, spec: LayerExperts, matrices: list[ParamSpec]) -> None:
+    """Each packed matrix's codes and scales have the dtypes and shapes its format needs, for every expert:
+    a mismatch would otherwise surface as garbage text or a crash mid-reply."""
+    for param in matrices:
+        for expert in range(spec.num_experts):
+            rows = 0
+            for template in spec.keys[param.name]:
+                fused = "{expert}" not in template
+                codes = checkpoint.entry(template.format(expert=expert))
+                scales = checkpoint.entry(scale_key(template, spec.packing).format(expert=expert))
+                cshape, sshape = (c.shape[1:] if fused else c.shape for c in (codes, scales))
+                if fused and (codes.shape[0], scales.shape[0]) != (spec.num_experts, spec.num_experts):
+                    raise ModelFormatError(f"{template}: {codes.shape[0]} experts on disk, config says "
+                                           f"{spec.num_experts}")
+                want = _packed_shapes(spec, param, cshape)
+                if (codes.dtype, tuple(cshape), scales.dtype, tuple(sshape)) != want:
+                    raise ModelFormatError(
+                        f"layer {spec.layer} expert {expert}: {spec.packing} weights {param.name} "
+                        f"{tuple(cshape)} {codes.dtype} with scales {tuple(sshape)} {scales.dtype} do not match; "
+                        f"expected {want[1]} {want[0]} with scales {want[3]} {want[2]}"
+                    )
+                rows += cshape[0]
+            wanted_rows = param.shape[1] if spec.packing == "mxfp4" else param.shape[0]
+            if rows != wanted_rows:
+                raise ModelFormatError(f"layer {spec.layer} expert {expert}: {param.name} has {rows} rows on disk")
+            if "{expert}" not in spec.keys[param.name][0]:
+                break  # fused tensors: one check covers every expert
+
+
+PackedShapes = tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]]  # codes, then scales
+
+
+def _packed_shapes(spec: LayerExperts, param: ParamSpec, codes: tuple[int, ...]) -> PackedShapes:
+    """What one part's codes and scales must be, given the rows it has on disk."""
+    if spec.packing == "mxfp4":  # the model computes x @ W: a stored row is one of W's columns
+        rows, cols = codes[0], param.shape[0]
+        return torch.uint8, (rows, cols // 32, 16), torch.uint8, (rows, cols // 32)
+    assert spec.block is not None
+    rows, cols = codes[0], param.shape[1]
+    grid = (math.ceil(rows / spec.block[0]), math.ceil(cols / spec.block[1]))
+    return torch.float8_e4m3fn, (rows, cols), torch.float32, grid
 
 
 def _layout_keys(layout: Layout, prefix: str) -> dict[str, tuple[str, ...]]:

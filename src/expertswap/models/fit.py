@@ -12,9 +12,9 @@ import torch
 
 from ..engine.budget import format_bytes, parse_budget
 from ..engine.checkpoint import Checkpoint, read_config
-from ..engine.errors import ModelFormatError
+from ..engine.errors import ModelFormatError, SettingsError
 from ..engine.families import Family
-from ..engine.quantize import quantized_nbytes
+from ..engine.quantize import native_packing, quantized_nbytes
 
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -63,11 +63,24 @@ def _expert_pattern(family: Family) -> re.Pattern[str]:
     prefix = re.escape(family.disk_prefix).replace(r"\{layer\}", r"(\d+)")
     templates = {t for layout in family.layouts for ts in layout.values() for t in ts}
     bodies = sorted(re.escape(t).replace(r"\{prefix\}", prefix).replace(r"\{expert\}", r"\d+") for t in templates)
-    return re.compile("|".join(f"(?:{b})" for b in bodies))
+    packed = "(?:_scale_inv|_blocks|_scales)?"  # a natively packed matrix's codes and scales
+    return re.compile("|".join(f"(?:{b}{packed})" for b in bodies))
 
 
 def _layer_of(match: re.Match[str]) -> int:
     return int(next(g for g in match.groups() if g is not None))
+
+
+def _unpacked_bytes(key: str, shape: tuple[int, ...], dtype: torch.dtype, native: str | None,
+                    plain: torch.dtype) -> int | None:
+    """A natively packed tensor's bytes as the engine holds it, where that differs from the disk: fp8 weights
+    outside the experts unpacked to the model's dtype (their scales gone), GPT-OSS's experts unpacked into its
+    slots (its committee holds them plain; the RAM tier keeps them packed)."""
+    if (native == "fp8" and dtype == torch.float8_e4m3fn) or (native == "mxfp4" and key.endswith("_blocks")):
+        return math.prod(shape) * (2 if native == "mxfp4" else 1) * plain.itemsize
+    if key.endswith(("_scale_inv", "_scales")):
+        return 0
+    return None
 
 
 def _expert_entry_bytes(key: str, shape: tuple[int, ...], dtype: torch.dtype, experts: int,
@@ -84,9 +97,15 @@ def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens
                device: str = "cpu", quantize: str | None = None) -> FitReport:
     """Sizes of a model folder and the machine's free memory; reads no weights.
 
-    ``quantize`` (int8, nf4, fp4) counts the experts as the engine holds them once quantised.
+    ``quantize`` (int8, nf4, fp4) counts the experts as the engine holds them once quantised. A natively packed
+    checkpoint (fp8, mxfp4) is counted as the engine holds it (see ``_unpacked_bytes``).
     """
     folder, config, family = read_config(model_dir)
+    native, _ = native_packing(config)
+    if native is not None and quantize is not None:
+        raise SettingsError(f"this checkpoint's experts are already {native}; quantize applies to unquantised ones")
+    plain = getattr(config, "dtype", None)
+    plain = plain if isinstance(plain, torch.dtype) else torch.bfloat16
     checkpoint = Checkpoint(folder)
     experts = next((int(getattr(config, f)) for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None)), 0)
     try:
@@ -94,12 +113,16 @@ def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens
         per_layer: dict[int, int] = {}
         total = 0
         for key, entry in checkpoint.entries.items():
+            unpacked = _unpacked_bytes(key, tuple(entry.shape), entry.dtype, native, plain) if native else None
             if match := pattern.fullmatch(key):
                 layer = _layer_of(match)
-                size = _expert_entry_bytes(key, tuple(entry.shape), entry.dtype, experts, quantize)
+                if native == "fp8":  # the slots hold fp8 experts as stored, scales and all
+                    unpacked = entry.nbytes
+                size = unpacked if unpacked is not None else _expert_entry_bytes(key, tuple(entry.shape),
+                                                                                   entry.dtype, experts, quantize)
                 per_layer[layer] = per_layer.get(layer, 0) + size
             else:
-                total += entry.nbytes
+                total += unpacked if unpacked is not None else entry.nbytes
     finally:
         checkpoint.close()
     if not per_layer or experts <= 0:

@@ -127,7 +127,8 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
                 "resident_experts": sum(len(v) for v in engine.residency().resident.values()),
                 "total_experts": engine.total_experts, "hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses,
                 "expert_loads": s.expert_loads, "background_swaps": s.background_swaps,
-                "tokens_per_s": s.tokens_per_s, "policy": engine.policy, "quantize": engine.quantize}
+                "tokens_per_s": s.tokens_per_s, "policy": engine.policy, "quantize": engine.quantize,
+                "native_format": engine.native_format}
 
     @app.post("/v1/expertswap/budget")
     async def budget(body: BudgetRequest) -> dict[str, Any]:
