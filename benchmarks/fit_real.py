@@ -104,8 +104,8 @@ def main() -> Path:
                          f"{budget(GPU_VRAM, s)} | {q4 / GiB:.1f} GiB |")
     lines += ["", ("GPT-OSS's int8 and nf4 rows are sizes only: the engine does not quantise its experts when read "
                    "(it refuses with an error). It reads the MXFP4 checkpoint OpenAI ships: packed in RAM and on "
-                   "disk (a miss reads about a quarter of bf16's bytes), unpacked to bf16 in the committee slots, so its "
-                   "budget is bf16's. Qwen3-30B-A3B-FP8 keeps its experts packed in the slots too "
+                   "disk (a miss reads about a quarter of bf16's bytes), unpacked to bf16 in the committee slots, "
+                   "so its budget is bf16's. Qwen3-30B-A3B-FP8 keeps its experts packed in the slots too "
                    f"(e4m3 + a float32 scale per {FP8_BLOCK[0]}x{FP8_BLOCK[1]} block).")]
     out = RESULTS / "fit-real-models.md"
     out.write_text("\n".join(lines) + "\n")
