@@ -3,45 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from expertswap.engine import Engine, SamplingSettings
-from expertswap.server.app import create_app
+from expertswap.server import BackgroundServer
 from expertswap.server.cli import main as serve
 
 KEY = "sk-test"
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 
 
-class Server:
+class Server(BackgroundServer):
     def __init__(self, engine: Engine, queue: int = 8) -> None:
+        super().__init__(engine, "tiny", port=0, api_key=KEY, queue=queue)
         self.engine = engine
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        config = uvicorn.Config(create_app(engine, "tiny", KEY, queue), host="127.0.0.1", port=self.port,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.root = self.url.removesuffix("/v1")
 
     def client(self, key: str = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0)
 
 
 @pytest.fixture
@@ -88,18 +72,18 @@ def test_errors_have_openais_shape_and_status(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         server.client().chat.completions.create(model="tiny", messages=MESSAGES, temperature=7)
     assert bad.value.body["param"] == "temperature"
-    reply = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+    reply = httpx.post(f"{server.root}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "tiny", "messages": [{"role": "user", "content": "x " * 5000}]})
     assert reply.status_code == 413 and reply.json()["error"]["param"] == "messages"
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.root}/health").json() == {"status": "ok"}
 
 
 def test_budget_and_stats_extension(server: Server) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
-    stats = httpx.get(f"{server.url}/v1/expertswap/stats", headers=headers).json()
-    moved = httpx.post(f"{server.url}/v1/expertswap/budget", headers=headers, json={"budget": "100%"}).json()
+    stats = httpx.get(f"{server.root}/v1/expertswap/stats", headers=headers).json()
+    moved = httpx.post(f"{server.root}/v1/expertswap/budget", headers=headers, json={"budget": "100%"}).json()
     assert moved["budget_bytes"] == stats["total_expert_bytes"] > stats["budget_bytes"]
-    bad = httpx.post(f"{server.url}/v1/expertswap/budget", headers=headers, json={"budget": "lots"})
+    bad = httpx.post(f"{server.root}/v1/expertswap/budget", headers=headers, json={"budget": "lots"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "budget"
 
 
@@ -126,7 +110,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model, open_engine) -> N
     running = Server(open_engine(tiny_model("qwen3_moe"), budget="50%"), queue=0)
     try:
         async def two() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=running.url, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            async with httpx.AsyncClient(base_url=running.root, headers={"Authorization": f"Bearer {KEY}"}) as c:
                 body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 64}
                 return list(await asyncio.gather(c.post("/v1/chat/completions", json=body),
                                                  c.post("/v1/chat/completions", json=body)))

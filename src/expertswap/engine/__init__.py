@@ -30,6 +30,7 @@ from .telemetry import (
     Subscription,
     SwapEvent,
     TokenStats,
+    event_from_json,
 )
 from .trace import TraceError, TraceHeader, TraceToken, read_trace
 
@@ -69,6 +70,7 @@ __all__ = [
     "TraceToken",
     "UnsupportedArchitectureError",
     "default_device",
+    "event_from_json",
     "format_bytes",
     "parse_budget",
     "read_trace",

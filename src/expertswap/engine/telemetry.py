@@ -11,8 +11,8 @@ import contextlib
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 
 def _now() -> float:
@@ -93,6 +93,26 @@ class BudgetChange(Event):
     applied: bool
     capacities: list[int]
     reason: str = "user"  # "user", "follow" (free memory moved) or "oom" (a step ran out of memory)
+
+
+EVENTS: dict[str, type[Event]] = {c.type: c for c in (SwapEvent, ResidencySnapshot, MemorySample, TokenStats,
+                                                     BudgetChange)}
+
+
+def event_from_json(data: dict[str, Any]) -> Event:
+    """The event ``to_json`` gave (sent over HTTP, say): JSON's string keys of per-layer maps become ints again.
+
+    Raises ``ValueError`` for an unknown type or missing fields."""
+    cls = EVENTS.get(str(data.get("type")))
+    if cls is None:
+        raise ValueError(f"unknown telemetry event type {data.get('type')!r}")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in data:
+            raise ValueError(f"{cls.type} event without {f.name!r}")
+        value = data[f.name]
+        values[f.name] = {int(k): v for k, v in value.items()} if isinstance(value, dict) else value
+    return cls(**values)
 
 
 class Subscription:

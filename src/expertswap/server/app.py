@@ -2,26 +2,33 @@
 
 The engine serves one reply at a time: requests wait their turn in a bounded queue (a full queue answers
 429 with Retry-After), and a client that disconnects cancels its reply. Errors use OpenAI's JSON shape.
-``/v1/expertswap/stats`` and ``/v1/expertswap/budget`` give the figures the app's panels show.
+``/v1/expertswap/*`` gives what the app's panels show (stats, residency, telemetry events) and takes the
+budget and the miss policy, so the app can follow a remote engine as it follows its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from expertswap.engine import BudgetError, Engine, ExpertSwapError, SamplingSettings
+from expertswap.engine import BudgetError, Engine, EngineBusyError, ExpertSwapError, PolicyError, SamplingSettings
 
 QUEUE = 8  # requests that may wait for the engine before the next one is refused
+EVENTS_KEPT = 4096  # telemetry events a polling client can still catch up on
+MAX_CURVE_POINTS = 10_001  # budgets at which /v1/expertswap/committee gives the committee size
 
 
 class APIError(Exception):
@@ -61,6 +68,36 @@ class BudgetRequest(BaseModel):
     budget: str
 
 
+class PolicyRequest(BaseModel):
+    policy: str
+    skip_threshold: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class EventLog:
+    """The engine's telemetry, numbered, for clients that poll: the last ``EVENTS_KEPT`` events."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.subscription = engine.subscribe(EVENTS_KEPT)
+        self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=EVENTS_KEPT)
+        self.last = 0
+        self.lock = threading.Lock()
+
+    def since(self, after: int) -> dict[str, Any]:
+        """Events numbered above ``after``. A client that is new (``after`` < 0) or fell behind gets the current
+        residency first, so that replaying what follows keeps its expert map right."""
+        with self.lock:
+            for event in self.subscription.drain():
+                self.last += 1
+                self.events.append((self.last, event.to_json()))
+            first = self.events[0][0] if self.events else self.last + 1
+            behind = after < 0 or after + 1 < first
+            events = [e for n, e in self.events if n > after]
+        if behind:
+            events.insert(0, self.engine.residency().to_json())
+        return {"next": self.last, "events": events}
+
+
 def _error(status: int, message: str, kind: str, param: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
@@ -90,7 +127,14 @@ class Turns:
 
 def create_app(engine: Engine, model: str, api_key: str | None = None, queue: int = QUEUE) -> FastAPI:
     """The API for ``engine``, which it calls ``model``; ``api_key`` (if given) is required as a Bearer token."""
-    app = FastAPI(title="ExpertSwap", docs_url=None, redoc_url=None)
+    log = EventLog(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        log.subscription.close()
+
+    app = FastAPI(title="ExpertSwap", docs_url=None, redoc_url=None, lifespan=lifespan)
     turns = Turns(queue)
 
     @app.exception_handler(APIError)
@@ -122,13 +166,35 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
     @app.get("/v1/expertswap/stats")
     async def stats() -> dict[str, Any]:
         s = engine.stats()
-        return {"budget_bytes": s.budget_bytes, "total_expert_bytes": s.total_expert_bytes,
-                "minimum_budget_bytes": s.minimum_budget_bytes, "resident_expert_bytes": s.resident_expert_bytes,
+        return {**dataclasses.asdict(s), "hit_rate": s.hit_rate,
                 "resident_experts": sum(len(v) for v in engine.residency().resident.values()),
-                "total_experts": engine.total_experts, "hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses,
-                "expert_loads": s.expert_loads, "background_swaps": s.background_swaps,
-                "tokens_per_s": s.tokens_per_s, "policy": engine.policy, "quantize": engine.quantize,
-                "native_format": engine.native_format}
+                "committee_experts": engine.committee_size(s.budget_bytes),
+                "total_experts": engine.total_experts, "policy": engine.policy, "policies": list(engine.policies),
+                "device": str(engine.device), "quantize": engine.quantize, "native_format": engine.native_format}
+
+    @app.get("/v1/expertswap/committee")
+    async def committee(points: int = Query(101, ge=2, le=MAX_CURVE_POINTS)) -> dict[str, Any]:
+        """The planner's committee size at ``points`` budgets spread evenly from the minimum to all experts
+        (``minimum + span * i // (points - 1)``): a slider over that range can label each of its positions."""
+        low, high = engine.minimum_budget_bytes, engine.total_expert_bytes
+        budgets = [low + (high - low) * i // (points - 1) for i in range(points)]
+        return {"budgets": budgets, "experts": [engine.committee_size(b) for b in budgets]}
+
+    @app.get("/v1/expertswap/residency")
+    async def residency() -> dict[str, Any]:
+        return engine.residency().to_json()
+
+    @app.get("/v1/expertswap/events")
+    async def events(after: int = -1) -> dict[str, Any]:
+        return log.since(after)
+
+    @app.post("/v1/expertswap/policy")
+    async def policy(body: PolicyRequest) -> dict[str, Any]:
+        try:
+            engine.set_policy(body.policy, body.skip_threshold)
+        except PolicyError as exc:
+            raise APIError(400, str(exc), "invalid_request_error", "policy") from None
+        return await stats()
 
     @app.post("/v1/expertswap/budget")
     async def budget(body: BudgetRequest) -> dict[str, Any]:
@@ -172,7 +238,10 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
             await turns.__aenter__()  # the turn is held by the stream, given back when it ends or is cut
             return StreamingResponse(reply.sse(turns, request), media_type="text/event-stream")
         async with turns:
-            return await reply.whole()
+            try:
+                return await reply.whole()
+            except EngineBusyError as exc:  # the app that serves this engine is answering in its own window
+                raise APIError(503, str(exc), "server_busy", headers={"Retry-After": "1"}) from None
 
     return app
 
@@ -250,5 +319,8 @@ class _Reply:
                 yield event(self._choice(piece, None, delta=True))
             yield event(self._choice(None, self.finish, delta=True), usage=True)
             yield "data: [DONE]\n\n"
+        except ExpertSwapError as exc:  # after the headers went out: OpenAI's in-stream error event
+            kind = "server_busy" if isinstance(exc, EngineBusyError) else "server_error"
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind, 'param': None, 'code': None}})}\n\n"
         finally:
             await turns.__aexit__()

@@ -1,0 +1,359 @@
+"""A server that speaks OpenAI's chat API, used by the app the way it uses a local engine.
+
+Any such server works for chatting: vLLM, SGLang, llama.cpp's llama-server, LM Studio, Ollama's ``/v1`` and
+ExpertSwap's own. ExpertSwap's server also answers ``/v1/expertswap/*``; then the budget, the policy and the
+telemetry (swaps, residency, speed, memory) follow the remote engine as they follow a local one. For other
+servers ``expertswap`` is False and ``unavailable`` says why the panels are off.
+
+All HTTP runs on one private asyncio loop thread (httpx). Cancelling a reply cancels its task there, which
+closes the connection, which makes the server drop the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+from collections.abc import AsyncGenerator, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+
+from expertswap.engine import (
+    BudgetError,
+    ExpertSwapError,
+    PolicyError,
+    ResidencySnapshot,
+    SamplingSettings,
+    event_from_json,
+)
+
+T = TypeVar("T")
+POLL_S = 0.25  # how often telemetry and figures are fetched from an ExpertSwap server
+CURVE_POINTS = 1001  # budgets the committee sizes are fetched for at connect: the app slider's positions
+TIMEOUT_S = 10.0  # connecting and each non-streaming call; a streamed reply may pause longer between tokens
+log = logging.getLogger("expertswap.client")
+
+
+class RemoteError(ExpertSwapError):
+    """The server cannot be reached, refused the API key, or answered a request with an error."""
+
+
+@dataclass(frozen=True)
+class RemoteChunk:
+    """A piece of a streamed reply's text."""
+
+    text: str
+
+
+class RemoteSubscription:
+    """Telemetry fetched from the server, drained like a local engine's ``Subscription``."""
+
+    def __init__(self, owner: RemoteEngine) -> None:
+        self._owner = owner
+        self.queue: queue.Queue[Any] = queue.Queue()
+
+    def drain(self) -> list[Any]:
+        events = []
+        while True:
+            try:
+                events.append(self.queue.get_nowait())
+            except queue.Empty:
+                return events
+
+    def close(self) -> None:
+        self._owner.unsubscribe(self)
+
+
+def api_root(url: str) -> str:
+    """``http://host:8000`` or ``http://host:8000/v1/`` -> ``http://host:8000/v1/`` (the API's root)."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise RemoteError(f"not an http(s) address: {url or '(empty)'}")
+    return (url if url.endswith("/v1") else url + "/v1") + "/"
+
+
+class RemoteEngine:
+    """One connection to an OpenAI-compatible server; ``connect`` makes one (it checks the address and key)."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.base_url = api_root(url)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="expertswap-remote", daemon=True)
+        self._thread.start()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = self._call(self._client(headers))
+        self.model = ""
+        self.expertswap = False
+        self.unavailable = ""
+        self._figures: dict[str, Any] = {}
+        self._curve: list[tuple[int, int]] = []
+        self._subscribers: list[RemoteSubscription] = []
+        self._poller: concurrent.futures.Future[None] | None = None
+        self._reply: concurrent.futures.Future[None] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, url: str, api_key: str | None = None) -> RemoteEngine:
+        """Reach the server, learn its model and whether it is ExpertSwap's; a ``RemoteError`` says what failed."""
+        remote = cls(url, api_key)
+        try:
+            remote._call(remote._handshake())
+        except BaseException:
+            remote.close()
+            raise
+        return remote
+
+    # ---- what the app reads, as a local Engine has it ----------------------------------------------------
+    @property
+    def device(self) -> str:
+        return f"{self._figures.get('device', 'remote')} at {self.base_url.removesuffix('/v1/')}"
+
+    @property
+    def minimum_budget_bytes(self) -> int:
+        return int(self._figures.get("minimum_budget_bytes", 0))
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return int(self._figures.get("total_expert_bytes", 0))
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self._figures.get("budget_bytes", 0))
+
+    @property
+    def total_experts(self) -> int:
+        return int(self._figures.get("total_experts", 0))
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return tuple(self._figures.get("policies", ()))
+
+    @property
+    def policy(self) -> str:
+        return str(self._figures.get("policy", ""))
+
+    @property
+    def quantize(self) -> str | None:
+        return self._figures.get("quantize")
+
+    @property
+    def native_format(self) -> str | None:
+        return self._figures.get("native_format")
+
+    def committee_size(self, budget_bytes: int) -> int:
+        """The remote planner's committee at ``budget_bytes``: exact at the budget in force and at the
+        ``CURVE_POINTS`` budgets fetched at connect (the largest of those at or below ``budget_bytes`` elsewhere)."""
+        if budget_bytes == self.budget_bytes and "committee_experts" in self._figures:
+            return int(self._figures["committee_experts"])
+        at = bisect.bisect_right(self._curve, (budget_bytes, 1 << 62)) - 1
+        return self._curve[max(at, 0)][1] if self._curve else 0
+
+    def stats(self) -> dict[str, Any]:
+        """The server's figures as of the last poll (``/v1/expertswap/stats``); empty for other servers."""
+        return dict(self._figures)
+
+    def residency(self) -> ResidencySnapshot:
+        """The remote committees right now (a blocking call)."""
+        self._require_expertswap()
+        event = event_from_json(self._call(self._get("expertswap/residency")))
+        assert isinstance(event, ResidencySnapshot)
+        return event
+
+    def set_budget(self, budget: int | str) -> int:
+        """Ask the server for a new budget (a blocking call); returns the budget it took, in bytes."""
+        self._require_expertswap()
+        figures = self._call(self._post("expertswap/budget", {"budget": str(budget)}, BudgetError))
+        self._take(figures)
+        return int(figures["budget_bytes"])
+
+    def set_policy(self, policy: str, skip_threshold: float = 0.0) -> None:
+        self._require_expertswap()
+        self._take(self._call(self._post("expertswap/policy", {"policy": policy, "skip_threshold": skip_threshold},
+                                         PolicyError)))
+
+    def subscribe(self) -> RemoteSubscription:
+        """Telemetry from now on, fetched every ``POLL_S`` (nothing arrives from a server that is not ExpertSwap's)."""
+        subscription = RemoteSubscription(self)
+        with self._lock:
+            self._subscribers.append(subscription)
+            if self.expertswap and self._poller is None:
+                self._poller = asyncio.run_coroutine_threadsafe(self._poll(), self._loop)
+        return subscription
+
+    def unsubscribe(self, subscription: RemoteSubscription) -> None:
+        with self._lock:
+            if subscription in self._subscribers:
+                self._subscribers.remove(subscription)
+
+    async def stream_chat(self, messages: Sequence[dict[str, str]],
+                          settings: SamplingSettings = SamplingSettings()) -> AsyncGenerator[RemoteChunk, None]:
+        """Stream the server's reply; closing or cancelling the iterator (or ``cancel()``) drops it there too."""
+        here = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+        def put(item: str | BaseException | None) -> None:
+            here.call_soon_threadsafe(pieces.put_nowait, item)
+
+        reply = asyncio.run_coroutine_threadsafe(self._stream(list(messages), settings, put), self._loop)
+        with self._lock:
+            self._reply = reply
+        try:
+            while (item := await pieces.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield RemoteChunk(item)
+        finally:
+            reply.cancel()
+            with self._lock:
+                if self._reply is reply:
+                    self._reply = None
+
+    def cancel(self) -> None:
+        """Stop the reply in progress; safe from any thread."""
+        with self._lock:
+            if self._reply is not None:
+                self._reply.cancel()
+
+    def close(self) -> None:
+        """Drop any reply and the polling, close the connections, end the loop thread."""
+        with self._lock:
+            for future in (self._reply, self._poller):
+                if future is not None:
+                    future.cancel()
+            self._poller = None
+        if self._thread.is_alive():
+            if hasattr(self, "_http"):
+                asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(TIMEOUT_S)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(TIMEOUT_S)
+        self._loop.close()
+
+    # ---- the private loop --------------------------------------------------------------------------------
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _client(self, headers: dict[str, str]) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                 timeout=httpx.Timeout(TIMEOUT_S, read=None))
+
+    async def _handshake(self) -> None:
+        listed = await self._get("models")
+        ids = [m.get("id") for m in listed.get("data", []) if isinstance(m, dict) and m.get("id")]
+        if not ids:
+            raise RemoteError(f"{self.base_url} lists no models")
+        self.model = str(ids[0])
+        try:
+            self._take(await self._get("expertswap/stats"))
+            curve = await self._get(f"expertswap/committee?points={CURVE_POINTS}")
+            self._curve = sorted(zip(map(int, curve["budgets"]), map(int, curve["experts"]), strict=True))
+            self.expertswap = True
+        except RemoteError as exc:
+            self.unavailable = (f"not an ExpertSwap server ({exc}): it reports no experts, so the budget and "
+                                "expert panels are not available")
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                       rejected: type[ExpertSwapError] = RemoteError) -> Any:
+        try:
+            response = await self._http.request(method, path, json=body, timeout=TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"cannot reach {self.base_url}: {exc or type(exc).__name__}") from None
+        if response.status_code >= 400:
+            raise _refusal(response, path, rejected)
+        try:
+            return response.json()
+        except ValueError:
+            raise RemoteError(f"{self.base_url}{path} did not answer with JSON") from None
+
+    async def _get(self, path: str) -> Any:
+        return await self._request("GET", path)
+
+    async def _post(self, path: str, body: dict[str, Any], rejected: type[ExpertSwapError]) -> Any:
+        return await self._request("POST", path, body, rejected)
+
+    async def _stream(self, messages: list[dict[str, str]], settings: SamplingSettings,
+                      put: Any) -> None:
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
+                                "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
+                                "top_p": settings.top_p}
+        if settings.seed is not None:
+            body["seed"] = settings.seed
+        try:
+            async with self._http.stream("POST", "chat/completions", json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _refusal(response, "chat/completions", RemoteError)
+                async for line in response.aiter_lines():
+                    data = line.removeprefix("data:").strip() if line.startswith("data:") else ""
+                    if data == "[DONE]":
+                        break
+                    if data:
+                        for text in _delta_texts(json.loads(data)):
+                            put(text)
+        except asyncio.CancelledError:
+            raise
+        except httpx.HTTPError as exc:
+            put(RemoteError(f"the connection to {self.base_url} broke: {exc or type(exc).__name__}"))
+        except (ExpertSwapError, ValueError) as exc:
+            put(exc if isinstance(exc, ExpertSwapError) else RemoteError(f"unreadable reply from the server: {exc}"))
+        finally:
+            put(None)
+
+    async def _poll(self) -> None:
+        after = -1
+        while True:
+            try:
+                got = await self._get(f"expertswap/events?after={after}")
+                after = int(got["next"])
+                events = [event_from_json(e) for e in got["events"]]
+                self._take(await self._get("expertswap/stats"))
+                with self._lock:
+                    subscribers = list(self._subscribers)
+                for subscription in subscribers:
+                    for event in events:
+                        subscription.queue.put(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a server restarting or a network blip: keep the last figures, try again
+                log.warning("polling %s failed: %s", self.base_url, exc)
+            await asyncio.sleep(POLL_S)
+
+    def _take(self, figures: dict[str, Any]) -> None:
+        self._figures = figures
+
+    def _require_expertswap(self) -> None:
+        if not self.expertswap:
+            raise RemoteError(self.unavailable)
+
+
+def _delta_texts(payload: dict[str, Any]) -> list[str]:
+    """The text pieces of one streamed chunk; an in-stream error event becomes a ``RemoteError``."""
+    if isinstance(payload.get("error"), dict):
+        raise RemoteError(f"the server stopped the reply: {payload['error'].get('message', 'an error')}")
+    texts = []
+    for choice in payload.get("choices") or []:
+        text = (choice.get("delta") or {}).get("content")
+        if isinstance(text, str) and text:
+            texts.append(text)
+    return texts
+
+
+def _refusal(response: httpx.Response, path: str, rejected: type[ExpertSwapError]) -> ExpertSwapError:
+    """An HTTP error answer as one line: OpenAI's error message when the body has one."""
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip().splitlines()[0][:200] if response.text.strip() else response.reason_phrase
+    status = response.status_code
+    if status in (401, 403):
+        return RemoteError(f"the server refused the API key (HTTP {status}): {message}")
+    if status in (429, 503):
+        return RemoteError(f"the server is busy (HTTP {status}): {message}; try again shortly")
+    if status == 400 and rejected is not RemoteError:
+        return rejected(message)
+    return RemoteError(f"HTTP {status} from {path}: {message}")

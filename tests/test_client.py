@@ -1,0 +1,154 @@
+"""The app's client of OpenAI-compatible servers: ExpertSwap's own (figures, budget, telemetry follow it) and a
+plain one (chat only, panels off with a reason), against real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from expertswap.client import RemoteEngine, RemoteError, api_root
+from expertswap.engine import BudgetError, Engine, ResidencySnapshot, SamplingSettings, SwapEvent, TokenStats
+
+from .test_server import KEY, MESSAGES, Server, _greedy
+
+
+@pytest.fixture
+def server(tiny_model, open_engine) -> Iterator[Server]:
+    running = Server(open_engine(tiny_model("qwen3_moe"), budget="50%"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def remote(server: Server) -> Iterator[RemoteEngine]:
+    engine = RemoteEngine.connect(server.url, KEY)
+    yield engine
+    engine.close()
+
+
+def _reply(remote: RemoteEngine, settings: SamplingSettings, stop_after: int | None = None) -> str:
+    async def collect() -> str:
+        text = ""
+        async for chunk in remote.stream_chat(MESSAGES, settings):
+            text += chunk.text
+            if stop_after is not None and len(text) >= stop_after:
+                remote.cancel()
+        return text
+
+    return asyncio.run(collect())
+
+
+def test_an_expertswap_server_reports_what_a_local_engine_does(server: Server, remote: RemoteEngine) -> None:
+    engine = server.engine
+    assert (remote.model, remote.expertswap, remote.unavailable) == ("tiny", True, "")
+    assert (remote.total_expert_bytes, remote.minimum_budget_bytes, remote.budget_bytes, remote.total_experts) == (
+        engine.total_expert_bytes, engine.minimum_budget_bytes, engine.budget_bytes, engine.total_experts)
+    assert remote.policies == engine.policies and remote.policy == "exact"
+    low, span = engine.minimum_budget_bytes, engine.total_expert_bytes - engine.minimum_budget_bytes
+    for budget in [engine.budget_bytes] + [low + span * step // 1000 for step in (0, 1, 333, 500, 999, 1000)]:
+        assert remote.committee_size(budget) == engine.committee_size(budget), budget
+    assert remote.residency().resident == engine.residency().resident
+
+
+def test_a_remote_reply_is_the_engines_greedy_reply_and_telemetry_follows(server: Server,
+                                                                          remote: RemoteEngine) -> None:
+    subscription = remote.subscribe()
+    text = _reply(remote, SamplingSettings(max_new_tokens=8))
+    with Engine.load(server.engine.model.config.name_or_path, budget="100%", swapper=False) as local:
+        assert text == _greedy(local, 8)
+    events: list[object] = []
+    deadline = time.monotonic() + 5
+    while not any(isinstance(e, TokenStats) and e.tokens == 8 for e in events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        events += subscription.drain()
+    assert isinstance(events[0], ResidencySnapshot)  # a new follower starts from the committees as they are
+    assert any(isinstance(e, TokenStats) and e.tokens == 8 for e in events)
+    assert any(isinstance(e, SwapEvent) for e in events)  # 50%: the reply swapped experts
+    subscription.close()
+
+
+def test_cancel_drops_the_reply_on_the_server(server: Server, remote: RemoteEngine) -> None:
+    assert _reply(remote, SamplingSettings(max_new_tokens=200), stop_after=1)  # uncancelled: all 200 (no EOS)
+    time.sleep(0.5)  # the server notices the closed connection at its next token
+    assert server.engine.stats().tokens_generated < 50
+    assert _reply(remote, SamplingSettings(max_new_tokens=3))  # the engine is free again
+
+
+def test_budget_and_policy_move_the_remote_engine(server: Server, remote: RemoteEngine) -> None:
+    assert remote.set_budget("100%") == server.engine.total_expert_bytes
+    deadline = time.monotonic() + 5
+    while server.engine.budget_bytes != server.engine.total_expert_bytes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.budget_bytes == server.engine.total_expert_bytes
+    with pytest.raises(BudgetError):
+        remote.set_budget("lots")
+    remote.set_policy("substitute")
+    assert server.engine.policy == "substitute" and remote.policy == "substitute"
+
+
+def test_bad_addresses_and_keys_are_one_line_errors(server: Server) -> None:
+    with pytest.raises(RemoteError, match="refused the API key"):
+        RemoteEngine.connect(server.url, "sk-wrong")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    with pytest.raises(RemoteError, match="cannot reach") as info:
+        RemoteEngine.connect(f"http://127.0.0.1:{free}")
+    assert "\n" not in str(info.value)
+    with pytest.raises(RemoteError, match="not an http"):
+        RemoteEngine.connect("localhost:8000")
+    assert api_root("http://h:1") == api_root("http://h:1/v1/") == "http://h:1/v1/"
+
+
+def _plain_server() -> FastAPI:
+    """What llama-server, vLLM or LM Studio answer: models and streamed chat, no ExpertSwap endpoints."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, object]:
+        return {"object": "list", "data": [{"id": "llama-3", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> StreamingResponse:
+        async def pieces() -> AsyncIterator[str]:
+            for text in ("Hello", " there", "!"):
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': text}}]})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(pieces(), media_type="text/event-stream")
+
+    return app
+
+
+def test_any_openai_server_chats_and_says_why_the_panels_are_off() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(_plain_server(), log_level="warning"))
+        import threading
+
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="plain-server")
+        thread.start()
+        while not server.started:
+            time.sleep(0.01)
+        try:
+            remote = RemoteEngine.connect(f"http://127.0.0.1:{sock.getsockname()[1]}")
+            try:
+                assert remote.model == "llama-3" and not remote.expertswap
+                assert "not an ExpertSwap server" in remote.unavailable and "\n" not in remote.unavailable
+                assert _reply(remote, SamplingSettings(max_new_tokens=5)) == "Hello there!"
+                with pytest.raises(RemoteError, match="not an ExpertSwap server"):
+                    remote.set_budget("50%")
+                assert remote.subscribe().drain() == []
+            finally:
+                remote.close()
+        finally:
+            server.should_exit = True
+            thread.join(10)
