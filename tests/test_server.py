@@ -21,7 +21,6 @@ MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 class Server(BackgroundServer):
     def __init__(self, engine: Engine, queue: int = 8) -> None:
         super().__init__(engine, "tiny", port=0, api_key=KEY, queue=queue)
-        self.engine = engine
         self.root = self.url.removesuffix("/v1")
 
     def client(self, key: str = KEY) -> openai.OpenAI:
@@ -125,3 +124,37 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model, open_engine) -> N
 def test_a_non_loopback_host_needs_an_api_key(capsys) -> None:
     assert serve(["--host", "0.0.0.0", "--model", "default"]) == 2
     assert "needs --api-key" in capsys.readouterr().err
+
+
+def test_waiting_requests_are_answered_first_come_first_served(server: Server) -> None:
+    async def five() -> list[int]:
+        finished: list[int] = []
+        async with httpx.AsyncClient(base_url=server.root, headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=60) as c:
+            async def ask(n: int) -> None:
+                await asyncio.sleep(0.02 * n)  # arrive in order 0..4, all while the first is answering
+                body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 200, "temperature": 0}
+                assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+                finished.append(n)
+
+            await asyncio.gather(*(ask(n) for n in range(5)))
+        return finished
+
+    assert asyncio.run(five()) == [0, 1, 2, 3, 4]
+
+
+def test_a_request_while_the_engine_answers_elsewhere_is_503_busy(server: Server) -> None:
+    """Served from the app, the window's own reply holds the engine: API requests are told to retry."""
+    engine = server.engine
+    local = engine.generate(engine.encode_chat(MESSAGES), SamplingSettings(max_new_tokens=400))
+    next(local)  # the window's reply is under way
+    try:
+        reply = httpx.post(f"{server.root}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": "tiny", "messages": MESSAGES, "max_tokens": 4})
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+        assert reply.json()["error"]["type"] == "server_busy"
+        stream = server.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, stream=True)
+        with pytest.raises(openai.APIError, match="already"):
+            list(stream)
+    finally:
+        local.close()

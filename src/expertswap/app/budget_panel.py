@@ -79,6 +79,12 @@ class BudgetPanel(QWidget):
         self.show_budget(current)
         self.setEnabled(True)
 
+    def unavailable(self, reason: str) -> None:
+        """An engine whose budget cannot be set from here (a server that is not ExpertSwap's): say why."""
+        self.minimum = self.total = self.experts = 0
+        self.label.setText(f"Budget not available: {reason}")
+        self.setEnabled(False)
+
     def requested_bytes(self) -> int:
         return self.minimum + (self.total - self.minimum) * self.slider.value() // STEPS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from PySide6.QtCore import QRect, QSize
+from PySide6.QtCore import QRect, QSize, Qt
 from PySide6.QtGui import QColor, QPainter
 from PySide6.QtWidgets import QToolTip, QWidget
 
@@ -26,8 +26,16 @@ class ExpertMap(QWidget):
         self.routed: dict[int, list[int]] = {}
         self.last_token: dict[int, set[int]] = {}
         self.flashes: dict[tuple[int, int], float] = {}
+        self.reason = ""  # why there is nothing to show, painted in place of the grid
+
+    def unavailable(self, reason: str) -> None:
+        """No residency to show for this engine: an empty map that says why."""
+        self.layers, self.num_experts, self.reason = [], 0, reason
+        self.resident, self.importance, self.routed, self.last_token = {}, {}, {}, {}
+        self.update()
 
     def show_residency(self, snapshot) -> None:
+        self.reason = ""
         self.layers = sorted(snapshot.resident)
         self.resident = {layer: set(experts) for layer, experts in snapshot.resident.items()}
         self.importance = dict(snapshot.importance)
@@ -64,6 +72,11 @@ class ExpertMap(QWidget):
         painter = QPainter(self)
         palette = self.palette()
         painter.fillRect(self.rect(), palette.base())
+        if self.reason:
+            painter.setPen(palette.text().color())
+            painter.drawText(self.rect().adjusted(8, 8, -8, -8),
+                             int(Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap),
+                             f"Expert map not available: {self.reason}")
         w, h = self._cell()
         now = time.monotonic()
         accent = palette.highlight().color()

@@ -25,17 +25,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.engine import DEFAULT_BUDGET, format_bytes
+from expertswap.engine import DEFAULT_BUDGET, ExpertSwapError, format_bytes
 from expertswap.models import DEFAULT_MODEL
 
 from .budget_panel import BudgetPanel
 from .charts import Charts
 from .chat_view import ChatView
+from .connect_dialog import ConnectDialog
 from .conversations import ConversationStore
 from .expert_map import ExpertMap
 from .history_panel import HistoryPanel
 from .models_dialog import ModelsDialog
-from .ops import run_op
+from .ops import run_op, show_error
 from .reply_settings import ReplySettings
 from .reply_turn import ReplyTurn
 from .session import EngineSession
@@ -162,6 +163,11 @@ class MainWindow(QMainWindow):
         menu = self.menuBar().addMenu("&Model")
         menu.addAction("&Open model…", QKeySequence.StandardKey.Open, self.choose_model)
         menu.addAction("Open the &default model", lambda: self.spawn(self.load_model(DEFAULT_MODEL)))
+        menu.addSeparator()
+        menu.addAction("&Connect to server…", self.choose_server)
+        self.serve_action = menu.addAction("&Serve over the OpenAI API", self.toggle_serving)
+        self.serve_action.setCheckable(True)
+        self.serve_action.setEnabled(False)
         self.budget.budget_requested.connect(self.session.set_budget)
         self.budget.policy_changed.connect(self._set_policy)
         self.budget.follow.toggled.connect(self.session.follow_free_memory)
@@ -180,6 +186,7 @@ class MainWindow(QMainWindow):
         s.budget.connect(self._budget_changed)
         s.load_failed.connect(self._load_failed)
         s.build_progress.connect(self._build_progress)
+        s.problem.connect(self._notify)
 
     # ---- window state ------------------------------------------------------------------------
     def _restore_state(self) -> None:
@@ -191,7 +198,7 @@ class MainWindow(QMainWindow):
     def _save_state(self) -> None:
         self.state.setValue("geometry", self.saveGeometry())
         self.state.setValue("splitter", self.splitter.saveState())
-        if self.session.engine is not None:
+        if self.session.engine is not None and self.session.remote is None:
             stats = self.session.engine.stats()
             self.state.setValue("model", self.model_name)
             self.state.setValue("budget", f"{100 * stats.budget_bytes / stats.total_expert_bytes:.2f}%")
@@ -206,14 +213,68 @@ class MainWindow(QMainWindow):
             self._progress = None
         if not ok:
             return False
+        self.model_name = model
+        self._engine_changed()
+        return True
+
+    async def connect_server(self, url: str, api_key: str = "") -> bool:
+        """Chat through an OpenAI-compatible server; the panels follow it when it is ExpertSwap's."""
+        self.statusBar().showMessage(f"Connecting to {url}…")
+        if not await self.session.connect(url, api_key):
+            return False
+        remote = self.session.remote
+        assert remote is not None
+        self.model_name = f"{remote.model} (remote)"
+        self._engine_changed()
+        return True
+
+    def _engine_changed(self) -> None:
+        """Set the panels up for the engine just adopted, local or remote."""
         engine = self.session.engine
         assert engine is not None
-        self.budget.configure(engine.minimum_budget_bytes, engine.total_expert_bytes, engine.budget_bytes,
-                              engine.total_experts, engine.committee_size, engine.policies)
-        self.log.set_layers(sorted(engine.residency().resident))
-        self.model_name = model
+        self._stop_serving()
+        self.serve_action.setEnabled(self.session.remote is None)
+        self.budget.follow.setEnabled(self.session.remote is None)
+        if reason := self.session.panels_unavailable:
+            self.budget.unavailable(reason)
+            self.map.unavailable(reason)
+            self.log.set_layers([])
+        else:
+            self.budget.configure(engine.minimum_budget_bytes, engine.total_expert_bytes, engine.budget_bytes,
+                                  engine.total_experts, engine.committee_size, engine.policies)
+            self.log.set_layers(sorted(engine.residency().resident))
         self._status()
-        return True
+
+    def choose_server(self) -> None:
+        """Model > Connect to server…: a base URL and an optional API key."""
+        dialog = ConnectDialog(self, str(self.state.value("server", "http://127.0.0.1:8000/v1")))
+        if dialog.exec() == ConnectDialog.DialogCode.Accepted:
+            url, key = dialog.chosen()
+            self.state.setValue("server", url)
+            self.spawn(self.connect_server(url, key))
+
+    def toggle_serving(self) -> None:
+        """Model > Serve over the OpenAI API: start (showing the URL) or stop serving the loaded model."""
+        if self.session.server is not None:
+            self._stop_serving()
+            return
+        try:
+            url = self.session.serve(Path(self.model_name).name or "model")
+        except (OSError, ExpertSwapError) as exc:
+            self.serve_action.setChecked(False)
+            show_error(self, exc, "Could not serve the model")
+            return
+        self.serve_action.setChecked(True)
+        self._status()
+        self._notify(f"Serving {Path(self.model_name).name} at {url} (OpenAI API, this machine only). Point any "
+                     "OpenAI client there; replies take turns with this window's.")
+
+    def _stop_serving(self) -> None:
+        if self.session.server is not None:
+            self.session.stop_serving()
+            self._notify("")
+        self.serve_action.setChecked(False)
+        self._status()
 
     def choose_model(self) -> None:
         """The models dialog (folder or HF cache, fit report); loads the choice if accepted."""
@@ -419,7 +480,10 @@ class MainWindow(QMainWindow):
         engine = self.session.engine
         if engine is None:
             return
-        parts = [self.model_name, str(engine.device), self.budget.policy.currentText()]
+        parts = [self.model_name, str(engine.device)]
+        parts += [self.budget.policy.currentText()] if not self.session.panels_unavailable else []
+        if self.session.server is not None:
+            parts.append(f"serving at {self.session.server.url}")
         if engine.quantize:
             parts.append(f"{engine.quantize} experts: not the original model")
         elif engine.native_format:

@@ -2,7 +2,9 @@
 
 Offscreen, with throwaway settings and conversations (the user's are never touched): load the
 default model, stream a short reply, move the budget slider to its minimum mid-reply, and check
-that the engine ends at that budget with its experts inside it. Exit status 0 only if all held.
+that the engine ends at that budget with its experts inside it; serve it over the OpenAI API and
+chat through that server as a remote engine (the HTTP stack is in the build); load nf4 experts.
+Exit status 0 only if all held.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ async def _checks(window: MainWindow, report, start: float) -> int:
         await asyncio.sleep(0.05)  # the slider's debounce, then the engine applies it
     resident = engine.resident_expert_bytes()
     report(f"budget moved to {engine.budget_bytes} bytes (minimum {engine.minimum_budget_bytes}); resident {resident}")
+    remote_reply = await _served_and_remote(window, report)
     quantised = await window.load_model(DEFAULT_MODEL, DEFAULT_BUDGET, "nf4")  # bitsandbytes is in the build
     nf4 = window.session.engine
     report(f"nf4 experts: {'loaded' if quantised else 'did not load'}"
@@ -69,6 +72,7 @@ async def _checks(window: MainWindow, report, start: float) -> int:
     failures = [text for ok, text in (
         (quantised and nf4 is not None and nf4.quantize == "nf4", "the default model did not load with nf4 experts"),
         (bool(reply), "the reply was empty"),
+        (bool(remote_reply), "no reply through the app's own server"),
         (finished[-1:] == ["done"], f"the reply ended with {finished[-1:]}"),
         (engine.budget_bytes == engine.minimum_budget_bytes, "the budget slider did not reach the engine"),
         (resident <= engine.budget_bytes, "resident experts exceed the budget"),
@@ -77,3 +81,26 @@ async def _checks(window: MainWindow, report, start: float) -> int:
         report(f"FAIL: {text}")
     report("self-test passed" if not failures else "self-test FAILED")
     return 1 if failures else 0
+
+
+async def _served_and_remote(window: MainWindow, report) -> str:
+    """Model > Serve over the OpenAI API, then a second session connected to it: one reply through HTTP."""
+    from .session import EngineSession
+
+    window.serve_action.trigger()
+    server = window.session.server
+    if server is None:
+        report("FAIL: the model could not be served")
+        return ""
+    client = EngineSession()
+    try:
+        if not await client.connect(server.url):
+            return ""
+        texts: list[str] = []
+        client.reply_chunk.connect(texts.append)
+        outcome = await client.reply([{"role": "user", "content": PROMPT}], window.reply_settings.sampling())
+        report(f"served at {server.url}; a remote session's reply ({outcome}): {''.join(texts).strip()[:40]!r}")
+        return "".join(texts).strip() if outcome == "done" else ""
+    finally:
+        client.close()
+        window.serve_action.trigger()

@@ -2,6 +2,8 @@
 
 Blocking work (building the default model, loading, generating) runs on worker threads through
 asyncio (qasync's loop is Qt's loop); telemetry is drained on a timer and re-emitted as typed signals.
+The engine may be a local one or a remote server (``connect``): both answer the calls the GUI makes. A local
+engine can also be served over the OpenAI API (``serve``) while the window uses it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
+from expertswap.client import RemoteEngine
 from expertswap.engine import (
     DEFAULT_BUDGET,
     POLICIES,
@@ -25,6 +28,7 @@ from expertswap.engine import (
     default_device,
 )
 from expertswap.models import resolve_model
+from expertswap.server import BackgroundServer
 
 from .ops import describe, run_op
 
@@ -44,10 +48,12 @@ class EngineSession(QObject):
     token_stats = Signal(object)
     memory = Signal(object)
     budget = Signal(object)
+    problem = Signal(str)  # a background request to a remote engine failed, in words
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.engine: Engine | None = None
+        self.engine: Engine | RemoteEngine | None = None
+        self.server: BackgroundServer | None = None
         self.device = default_device()  # where models load: a GPU when there is one
         self._stopping = False
         self._subscription = None
@@ -72,13 +78,46 @@ class EngineSession(QObject):
         gc.collect()
         return await run_op(None, work).success(self._adopt).failure(failed).run()
 
-    def _adopt(self, engine: Engine) -> None:
+    async def connect(self, url: str, api_key: str | None = None) -> bool:
+        """Chat through the OpenAI-compatible server at ``url``; on failure the old engine stays (``load_failed``)."""
+        failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
+        return await run_op(None, lambda: RemoteEngine.connect(url, api_key or None)).success(self._adopt).failure(
+            failed).run()
+
+    @property
+    def remote(self) -> RemoteEngine | None:
+        return self.engine if isinstance(self.engine, RemoteEngine) else None
+
+    @property
+    def panels_unavailable(self) -> str:
+        """Why the budget and expert panels cannot follow this engine ("" when they can)."""
+        return self.remote.unavailable if self.remote is not None else ""
+
+    def _adopt(self, engine: Engine | RemoteEngine) -> None:
         self.close()
         self.engine = engine
         self._subscription = engine.subscribe()
         self._timer.start()
         self.loaded.emit(engine)
-        self.residency.emit(engine.residency())
+        if not self.panels_unavailable:
+            self.residency.emit(engine.residency())
+
+    def serve(self, name: str, port: int = 8000) -> str:
+        """Serve the local engine over the OpenAI API on loopback (``port``, or a free one if it is taken);
+        returns the URL. Raises ``ExpertSwapError`` without a local engine."""
+        if not isinstance(self.engine, Engine):
+            raise ExpertSwapError("serving needs a model loaded on this machine")
+        self.stop_serving()
+        try:
+            self.server = BackgroundServer(self.engine, name, port=port)
+        except OSError:
+            self.server = BackgroundServer(self.engine, name, port=0)
+        return self.server.url
+
+    def stop_serving(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     async def reply(self, messages: Sequence[dict[str, str]], settings: SamplingSettings) -> str:
         """Stream a reply into ``reply_chunk``; returns how it ended ("done", "stopped" or the error in words).
@@ -106,12 +145,17 @@ class EngineSession(QObject):
             self.engine.cancel()
 
     def set_budget(self, budget_bytes: int) -> None:
-        if self.engine is not None:
+        """In force before the next token; a remote engine is asked off the GUI thread (a failure: ``problem``)."""
+        if self.remote is not None:
+            remote = self.remote
+            run_op(None, lambda: remote.set_budget(int(budget_bytes))).failure(
+                lambda exc: self.problem.emit(describe(exc))).start()
+        elif self.engine is not None:
             self.engine.set_budget(int(budget_bytes))
 
     def set_policy(self, policy: str, skip_threshold: float = 0.0) -> str:
         """Switch policy; returns the engine's refusal in words, or "" when it took effect."""
-        if self.engine is None:
+        if self.engine is None or self.panels_unavailable:
             return ""
         try:
             self.engine.set_policy(policy, skip_threshold)
@@ -120,7 +164,7 @@ class EngineSession(QObject):
         return ""
 
     def follow_free_memory(self, enabled: bool) -> None:
-        if self.engine is not None:
+        if isinstance(self.engine, Engine):  # a remote engine follows its own machine's memory, not ours
             self.engine.follow_free_memory(enabled)
 
     def drain(self) -> None:
@@ -134,6 +178,9 @@ class EngineSession(QObject):
 
     def close(self) -> None:
         self._timer.stop()
+        self.stop_serving()
+        if self._subscription is not None:
+            self._subscription.close()
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -41,6 +41,8 @@ class SwapLog(QWidget):
         layout.addWidget(self.table)
 
     def set_layers(self, layers: list[int]) -> None:
+        """A new engine's layers; the old engine's swaps go."""
+        self.table.setRowCount(0)
         self.filter.blockSignals(True)
         self.filter.clear()
         self.filter.addItem("all layers", None)

@@ -24,6 +24,7 @@ class BackgroundServer:
                  api_key: str | None = None, queue: int = QUEUE) -> None:
         import uvicorn
 
+        self.engine = engine
         self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
