@@ -12,8 +12,34 @@ import pytest
 
 from expertswap.app.conversations import ConversationStore
 from expertswap.app.main_window import MainWindow
+from expertswap.server import BackgroundServer
 
 from .conftest import make_window
+
+
+@pytest.fixture(params=["local", "remote"])
+def window(request, qtbot, loop, tiny_model, open_engine, tmp_path: Path):
+    """A shown window on the tiny Qwen3-MoE at full budget: loaded in the window, or behind ExpertSwap's server
+    (Model > Connect to server…): every mid-reply action must hold for both."""
+    win = make_window(qtbot, tmp_path)
+    win.show()
+    server = None
+    if request.param == "local":
+        assert loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe")), budget="100%"))
+    else:
+        server = BackgroundServer(open_engine(tiny_model("qwen3_moe"), budget="100%"), "tiny", port=0)
+        assert loop.run_until_complete(win.connect_server(server.url))
+    win.served_by = server  # type: ignore[attr-defined]
+    yield win
+    win.session.close()
+    if server is not None:
+        server.stop()
+
+
+def _tokens(window: MainWindow, chunks: list[str]) -> int:
+    """Tokens in the last reply: a local session emits one chunk per token; a server sends text pieces."""
+    server = window.served_by  # type: ignore[attr-defined]
+    return len(chunks) if server is None else server.engine.stats().tokens_generated
 
 
 async def _settle(window: MainWindow) -> None:
@@ -121,14 +147,14 @@ def test_regenerate_and_edit_mid_reply_are_refused(window, loop) -> None:
         window.edit_last()
 
     chunks = _reply(loop, window, "steady", 30, at=5, action=meddle)
-    assert len(chunks) == 30 and window.prompt.toPlainText() == ""
+    assert _tokens(window, chunks) == 30 and window.prompt.toPlainText() == ""
     assert [m["role"] for m in window.messages] == ["user", "assistant"]
     _assert_stored_equals_shown(window)
 
 
 def test_budget_moves_mid_reply_keep_the_reply(window, loop) -> None:
     chunks = _reply(loop, window, "budget", 30, at=5, action=lambda: window.budget.slider.setValue(0))
-    assert len(chunks) == 30 and window.messages[-1]["content"] == "".join(chunks)
+    assert _tokens(window, chunks) == 30 and window.messages[-1]["content"] == "".join(chunks)
     _assert_stored_equals_shown(window)
 
 
@@ -206,6 +232,7 @@ def test_a_corrupt_database_is_moved_aside_and_the_window_opens(qtbot, tmp_path:
     assert window.history.list.count() == 0
 
 
+@pytest.mark.parametrize("window", ["local"], indirect=True)  # the engine's own step, on this machine
 def test_out_of_memory_mid_reply_shrinks_the_budget_and_says_so(window, loop, qtbot) -> None:
     from .test_oom import _fail_calls
 
