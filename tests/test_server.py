@@ -158,3 +158,83 @@ def test_a_request_while_the_engine_answers_elsewhere_is_503_busy(server: Server
             list(stream)
     finally:
         local.close()
+
+
+PROMPTS = [f"Question {n}: what does the {word} do?" for n, word in
+           enumerate(["sea", "wind", "list", "dict", "lambda", "class", "tuple", "set", "loop", "yield"])]
+
+
+def _references(server: Server, tokens: int) -> dict[str, str]:
+    """Each prompt's greedy reply from the server with nothing else going on (exact: the same at any budget)."""
+    client = server.client()
+    return {prompt: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=tokens, temperature=0).choices[0].message.content
+            for prompt in PROMPTS}
+
+
+def test_eight_concurrent_clients_get_what_each_would_get_alone(server: Server) -> None:
+    want = _references(server, 12)
+
+    async def eight() -> list[tuple[str, str]]:
+        client = openai.AsyncOpenAI(base_url=server.url, api_key=KEY, max_retries=0)
+
+        async def ask(prompt: str, stream: bool) -> tuple[str, str]:
+            kwargs = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 12,
+                      "temperature": 0}
+            if not stream:
+                return prompt, (await client.chat.completions.create(**kwargs)).choices[0].message.content
+            chunks = await client.chat.completions.create(stream=True, **kwargs)
+            return prompt, "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+
+        try:
+            return list(await asyncio.gather(*(ask(p, n % 2 == 0) for n, p in enumerate(PROMPTS[:8]))))
+        finally:
+            await client.close()
+
+    got = asyncio.run(eight())
+    assert len(got) == 8 and all(text == want[prompt] for prompt, text in got)
+
+
+def test_soak_200_requests_from_4_clients_with_budget_moves(server: Server) -> None:
+    """No error, every reply equal to its greedy reference whatever the budget, and memory that levels off."""
+    import random
+
+    import psutil
+
+    want = _references(server, 8)
+    engine = server.engine
+    process = psutil.Process()
+    rng = random.Random(0)
+
+    async def soak() -> tuple[list[bool], list[int]]:
+        client = openai.AsyncOpenAI(base_url=server.url, api_key=KEY, max_retries=0)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        same: list[bool] = []
+        rss: list[int] = []
+
+        async def user(n: int) -> None:
+            for i in range(50):
+                prompt = PROMPTS[(n * 50 + i) % len(PROMPTS)]
+                reply = await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0)
+                same.append(reply.choices[0].message.content == want[prompt])
+                if n == 0 and i % 10 == 0:
+                    rss.append(process.memory_info().rss)
+
+        async def mover() -> None:
+            async with httpx.AsyncClient(base_url=server.root, headers=headers) as c:
+                while len(same) < 200:
+                    budget = rng.randint(engine.minimum_budget_bytes, engine.total_expert_bytes)
+                    moved = await c.post("/v1/expertswap/budget", json={"budget": f"{budget}B"})
+                    assert moved.status_code == 200, moved.text
+                    await asyncio.sleep(0.02)
+
+        try:
+            await asyncio.gather(*(user(n) for n in range(4)), mover())
+        finally:
+            await client.close()
+        return same, rss
+
+    same, rss = asyncio.run(soak())
+    assert len(same) == 200 and all(same)
+    assert max(rss[1:]) - rss[1] < 64 * 2**20, [r // 2**20 for r in rss]  # after the first tenth: flat
