@@ -24,13 +24,14 @@ from expertswap.engine import Engine, SamplingSettings
 from expertswap.models.default_model import resolve_model, shipped
 from expertswap.models.default_model.build import shipped_folder
 from expertswap.models.default_model.gguf_source import find_gguf, load_tokenizer
-from tools.recipe.data import EVAL_PROMPTS, heldout
+from tools.recipe.data import EVAL_PROMPTS, FACTUAL, SIDE_BY_SIDE, correct, heldout
 
 from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
 PYDOC_TOKENS, GPL_TOKENS = 256, 2048
 CONFIGS = [("100%", "exact"), ("50%", "exact"), ("25%", "exact"), ("50%", "substitute"), ("25%", "substitute")]
+CHAT_TOKENS, FACTUAL_TOKENS = 60, 48
 
 
 def subset(tokenizer) -> dict[str, list[list[int]]]:
@@ -86,26 +87,65 @@ def main() -> None:
                                                                 dtype=torch.float32).eval()
     rows = [("dense teacher (SmolLM2-135M-Instruct)", "-", {k: teacher_ppl(teacher, v) for k, v in docs.items()})]
     print(rows[-1], flush=True)
-    answers: dict[str, list[str]] = {"teacher": [], "moe": []}
-    for prompt in EVAL_PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_dict=False)
-        with torch.inference_mode():
-            out = teacher.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False)
-        answers["teacher"].append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    answers = {"teacher": [teacher_reply(teacher, tokenizer, p, CHAT_TOKENS) for p in EVAL_PROMPTS]}
+    facts = {"teacher": [teacher_reply(teacher, tokenizer, p, FACTUAL_TOKENS) for p, _ in FACTUAL]}
     del teacher
     for budget, policy in CONFIGS:
         with Engine.load(folder, budget=budget, policy=policy, dtype="float32") as engine:
             rows.append((f"MoE top-2, {policy}", budget, {k: engine_ppl(engine, v) for k, v in docs.items()}))
             if budget == "100%":
-                for prompt in EVAL_PROMPTS:
-                    ids = engine.encode_chat([{"role": "user", "content": prompt}])
-                    answers["moe"].append(
-                        engine.decode(list(engine.generate(ids, SamplingSettings(max_new_tokens=60))))
-                    )
+                answers["moe"] = [moe_reply(engine, p, CHAT_TOKENS) for p in EVAL_PROMPTS]
+                facts["moe"] = [moe_reply(engine, p, FACTUAL_TOKENS) for p, _ in FACTUAL]
         print(rows[-1], flush=True)
     _, _, recipe = shipped.load(shipped_folder())
-    write_report(rows, answers, cost, recipe, docs)
+    write_report(rows, answers, facts, cost, recipe, docs)
+
+
+def teacher_reply(teacher, tokenizer, prompt: str, tokens: int) -> str:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_dict=False)
+    with torch.inference_mode():
+        out = teacher.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)
+    return str(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+
+
+def moe_reply(engine: Engine, prompt: str, tokens: int) -> str:
+    ids = engine.encode_chat([{"role": "user", "content": prompt}])
+    return engine.decode(list(engine.generate(ids, SamplingSettings(max_new_tokens=tokens))))
+
+
+def factual_lines(facts: dict[str, list[str]]) -> list[str]:
+    """Scores of the forty questions (contains-match) and five of them side by side."""
+    right = {who: [correct(reply, accepted) for reply, (_, accepted) in zip(replies, FACTUAL, strict=True)]
+             for who, replies in facts.items()}
+    both = sum(t and m for t, m in zip(right["teacher"], right["moe"], strict=True))
+    share = both / max(sum(right["teacher"]), 1)
+    lines = [
+        "",
+        f"## {len(FACTUAL)} factual and instruction questions, greedy, {FACTUAL_TOKENS} new tokens at most",
+        "",
+        "Capitals, arithmetic, science, definitions and simple Python (`tools/recipe/data.py`, `FACTUAL`; kept",
+        "out of every training prompt), scored by contains-match of an accepted answer as a whole word.",
+        "",
+        "| | dense teacher | MoE (100% budget, exact) |",
+        "| --- | ---: | ---: |",
+        f"| correct | {sum(right['teacher'])} / {len(FACTUAL)} | {sum(right['moe'])} / {len(FACTUAL)} |",
+        (f"| teacher's correct answers the MoE also gets | | {both} / {sum(right['teacher'])} ({share:.0%}; "
+         f"target >= 80%: {'met' if share >= 0.8 else 'not met'}) |"),
+        "",
+        "| question | dense teacher | MoE (100% budget) |",
+        "| --- | --- | --- |",
+    ]
+    for i in SIDE_BY_SIDE:
+        mark = {who: "" if right[who][i] else " ✗" for who in right}
+        lines.append(f"| {_cell(FACTUAL[i][0])} | {_cell(facts['teacher'][i])}{mark['teacher']} | "
+                     f"{_cell(facts['moe'][i])}{mark['moe']} |")
+    return lines
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell."""
+    return text.strip().replace("|", "\\|").replace("\n", "<br>")
 
 
 def _share_summary(shares: list[list[float]]) -> str:
@@ -115,7 +155,7 @@ def _share_summary(shares: list[list[float]]) -> str:
             f"(median {sorted(busiest)[len(busiest) // 2]:.0%}); least used {min(idle):.1%}-{max(idle):.0%}")
 
 
-def write_report(rows, answers, cost, recipe, docs) -> None:
+def write_report(rows, answers, facts, cost, recipe, docs) -> None:
     full = recipe["after_shipped"]
     shipped_mib = sum(p.stat().st_size for p in shipped_folder().iterdir()) / 2**20
     lines = [
@@ -176,9 +216,9 @@ def write_report(rows, answers, cost, recipe, docs) -> None:
         "| prompt | dense teacher | MoE (100% budget) |",
         "| --- | --- | --- |",
     ]
-    clean = lambda s: s.strip().replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
     for prompt, t, m in zip(EVAL_PROMPTS, answers["teacher"], answers["moe"], strict=True):
-        lines.append(f"| {clean(prompt)} | {clean(t)} | {clean(m)} |")
+        lines.append(f"| {_cell(prompt)} | {_cell(t)} | {_cell(m)} |")
+    lines += factual_lines(facts)
     lines += [
         "",
         "## First launch",

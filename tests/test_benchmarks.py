@@ -47,3 +47,26 @@ def test_swap_copy_measures_the_real_swap_path(tiny_model) -> None:
 
     result = measure("tiny", tiny_model("qwen3_moe"), swaps=8, tokens=8)
     assert result["link_big"] > 0 and result["path"] > 0 and result["path_ms"] > 0
+
+
+def test_the_factual_questions_are_held_out_and_scored_by_whole_words() -> None:
+    from tools.recipe.data import EVAL_PROMPTS, FACTUAL, SIDE_BY_SIDE, chat_prompts, correct
+
+    prompts = [p for p, _ in FACTUAL]
+    assert len(FACTUAL) == 40 and len(set(prompts)) == 40 and all(accepted for _, accepted in FACTUAL)
+    assert not set(prompts + list(EVAL_PROMPTS)) & set(chat_prompts())
+    assert max(SIDE_BY_SIDE) < 40 and len(SIDE_BY_SIDE) == 5
+    assert correct("The capital of France is Paris.", ("paris",))
+    assert correct("7 x 8 = 56", ("56", "fifty-six"))
+    assert not correct("It is 456.", ("56",)) and not correct("Use length()", ("len",))
+    assert not correct("The capital is Lyon.", ("paris",))
+
+
+def test_the_factual_report_counts_matches_among_the_teachers_correct_answers() -> None:
+    from benchmarks.default_model import factual_lines
+    from tools.recipe.data import FACTUAL
+
+    teacher = [accepted[0] for _, accepted in FACTUAL]  # all right
+    moe = teacher[:30] + ["no idea"] * 10  # 30 of the teacher's 40
+    lines = "\n".join(factual_lines({"teacher": teacher, "moe": moe}))
+    assert "| correct | 40 / 40 | 30 / 40 |" in lines and "30 / 40 (75%; target >= 80%: not met)" in lines

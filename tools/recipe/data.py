@@ -34,6 +34,52 @@ EVAL_PROMPTS = (
     "What are three tips for staying focused while studying?",
 )
 
+# Short questions with known answers, scored by contains-match (any accepted answer, case-insensitive) on the
+# teacher's and the MoE's greedy replies. Written for this project; kept out of every training prompt.
+FACTUAL: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("What is the capital of France? Answer in one sentence.", ("paris",)),
+    ("What is the capital of Japan?", ("tokyo",)),
+    ("What is the capital of Italy?", ("rome",)),
+    ("What is the capital of Germany?", ("berlin",)),
+    ("What is the capital of Spain?", ("madrid",)),
+    ("What is the capital of Egypt?", ("cairo",)),
+    ("What is the capital of Canada?", ("ottawa",)),
+    ("What is the capital of the United Kingdom?", ("london",)),
+    ("What is 2 + 2?", ("4", "four")),
+    ("What is 7 times 8?", ("56", "fifty-six", "fifty six")),
+    ("What is 10 minus 3?", ("7", "seven")),
+    ("What is 100 divided by 4?", ("25", "twenty-five", "twenty five")),
+    ("How many days are there in a week?", ("7", "seven")),
+    ("How many minutes are in an hour?", ("60", "sixty")),
+    ("How many legs does a spider have?", ("8", "eight")),
+    ("What is half of 50?", ("25", "twenty-five", "twenty five")),
+    ("What gas do plants take in from the air for photosynthesis?", ("carbon dioxide", "co2")),
+    ("What is the largest planet in our solar system?", ("jupiter",)),
+    ("Which planet is known as the Red Planet?", ("mars",)),
+    ("What is the freezing point of water in degrees Celsius?", ("0", "zero")),
+    ("What is the chemical symbol for water?", ("h2o",)),
+    ("What star is at the centre of our solar system?", ("sun",)),
+    ("Which organ pumps blood through the human body?", ("heart",)),
+    ("What do bees make from nectar?", ("honey",)),
+    ("What is a noun? Define it in one sentence.", ("person", "place", "thing")),
+    ("Define the word 'synonym' in one sentence.", ("same", "similar")),
+    ("What does a thermometer measure?", ("temperature",)),
+    ("What is the opposite of 'hot'?", ("cold",)),
+    ("What is the plural of 'mouse'?", ("mice",)),
+    ("Which language is mainly spoken in Brazil?", ("portuguese",)),
+    ("What colour do you get by mixing blue and yellow?", ("green",)),
+    ("How many continents are there on Earth?", ("7", "seven")),
+    ("In Python, which keyword defines a function?", ("def",)),
+    ("In Python, what function returns the length of a list?", ("len",)),
+    ("In Python, which function prints text to the screen?", ("print",)),
+    ("In Python, what does the expression 3 ** 2 evaluate to?", ("9", "nine")),
+    ("In Python, what type does the literal 3.14 have?", ("float",)),
+    ("In Python, which method adds an item to the end of a list?", ("append",)),
+    ("In Python, which keyword leaves a loop early?", ("break",)),
+    ("In Python, which built-in type stores key-value pairs?", ("dict",)),
+)
+SIDE_BY_SIDE = (0, 9, 16, 27, 33)  # the factual prompts the report shows in full
+
 
 def _topics() -> list[str]:
     from pydoc_data.topics import topics
@@ -103,7 +149,16 @@ _SMALL_TALK = (
 def chat_prompts() -> list[str]:
     """Prompts the teacher answers to make chat training data (never the evaluation prompts)."""
     prompts = list(_SMALL_TALK) + [t.format(s=s) for s, t in itertools.product(_SUBJECTS, _TASKS)]
-    return [p for p in prompts if p not in EVAL_PROMPTS]
+    held_out = set(EVAL_PROMPTS) | {prompt for prompt, _ in FACTUAL}
+    return [p for p in prompts if p not in held_out]
+
+
+def correct(reply: str, accepted: tuple[str, ...]) -> bool:
+    """Contains-match: any accepted answer as a whole word (or phrase) of the reply, case-insensitive."""
+    import re
+
+    text = reply.lower()
+    return any(re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w])", text) for answer in accepted)
 
 
 def write_corpus(out: Path, tokenizer, eos_id: int, stdlib_tokens: int = STDLIB_TOKENS) -> dict:
