@@ -18,7 +18,7 @@ from expertswap.server import BackgroundServer
 
 from .conftest import make_window
 from .test_app import _run_reply
-from .test_client import _plain_server
+from .test_client import plain_server
 
 
 async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -74,23 +74,11 @@ def test_stop_cancels_the_remote_reply(remote_window: MainWindow, server: Backgr
 
 
 def test_a_plain_openai_server_chats_with_the_panels_off_and_saying_why(qtbot, loop, tmp_path: Path) -> None:
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        plain = uvicorn.Server(uvicorn.Config(_plain_server(), log_level="warning"))
-        thread = threading.Thread(target=plain.run, kwargs={"sockets": [sock]}, name="plain-server")
-        thread.start()
-        while not plain.started:
-            time.sleep(0.01)
+    with plain_server() as url:
         win = make_window(qtbot, tmp_path)
         win.show()
         try:
-            assert loop.run_until_complete(win.connect_server(f"http://127.0.0.1:{sock.getsockname()[1]}"))
+            assert loop.run_until_complete(win.connect_server(url))
             assert not win.budget.isEnabled()
             assert win.budget.label.text().startswith("Budget not available: not an ExpertSwap server")
             assert "not an ExpertSwap server" in win.map.reason
@@ -98,8 +86,6 @@ def test_a_plain_openai_server_chats_with_the_panels_off_and_saying_why(qtbot, l
             assert finished == ["done"] and "".join(chunks) == "Hello there!"
         finally:
             win.session.close()
-            plain.should_exit = True
-            thread.join(10)
 
 
 def test_an_unreachable_server_is_one_line_and_the_old_engine_stays(window: MainWindow, loop, monkeypatch) -> None:

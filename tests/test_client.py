@@ -4,8 +4,10 @@ plain one (chat only, panels off with a reason), against real servers on loopbac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -129,27 +131,32 @@ def _plain_server() -> FastAPI:
     return app
 
 
-def test_any_openai_server_chats_and_says_why_the_panels_are_off() -> None:
+@contextlib.contextmanager
+def plain_server() -> Iterator[str]:
+    """``_plain_server()`` served on a free loopback port, as its base URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(_plain_server(), log_level="warning"))
-        import threading
-
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="plain-server")
         thread.start()
         while not server.started:
             time.sleep(0.01)
         try:
-            remote = RemoteEngine.connect(f"http://127.0.0.1:{sock.getsockname()[1]}")
-            try:
-                assert remote.model == "llama-3" and not remote.expertswap
-                assert "not an ExpertSwap server" in remote.unavailable and "\n" not in remote.unavailable
-                assert _reply(remote, SamplingSettings(max_new_tokens=5)) == "Hello there!"
-                with pytest.raises(RemoteError, match="not an ExpertSwap server"):
-                    remote.set_budget("50%")
-                assert remote.subscribe().drain() == []
-            finally:
-                remote.close()
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
         finally:
             server.should_exit = True
             thread.join(10)
+
+
+def test_any_openai_server_chats_and_says_why_the_panels_are_off() -> None:
+    with plain_server() as url:
+        remote = RemoteEngine.connect(url)
+        try:
+            assert remote.model == "llama-3" and not remote.expertswap
+            assert "not an ExpertSwap server" in remote.unavailable and "\n" not in remote.unavailable
+            assert _reply(remote, SamplingSettings(max_new_tokens=5)) == "Hello there!"
+            with pytest.raises(RemoteError, match="not an ExpertSwap server"):
+                remote.set_budget("50%")
+            assert remote.subscribe().drain() == []
+        finally:
+            remote.close()

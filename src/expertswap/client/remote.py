@@ -16,7 +16,6 @@ import bisect
 import concurrent.futures
 import json
 import logging
-import queue
 import threading
 from collections.abc import AsyncGenerator, Coroutine, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from expertswap.engine import (
     PolicyError,
     ResidencySnapshot,
     SamplingSettings,
+    Subscription,
+    Telemetry,
     event_from_json,
 )
 
@@ -49,25 +50,6 @@ class RemoteChunk:
     """A piece of a streamed reply's text."""
 
     text: str
-
-
-class RemoteSubscription:
-    """Telemetry fetched from the server, drained like a local engine's ``Subscription``."""
-
-    def __init__(self, owner: RemoteEngine) -> None:
-        self._owner = owner
-        self.queue: queue.Queue[Any] = queue.Queue()
-
-    def drain(self) -> list[Any]:
-        events = []
-        while True:
-            try:
-                events.append(self.queue.get_nowait())
-            except queue.Empty:
-                return events
-
-    def close(self) -> None:
-        self._owner.unsubscribe(self)
 
 
 def api_root(url: str) -> str:
@@ -93,7 +75,7 @@ class RemoteEngine:
         self.unavailable = ""
         self._figures: dict[str, Any] = {}
         self._curve: list[tuple[int, int]] = []
-        self._subscribers: list[RemoteSubscription] = []
+        self._telemetry = Telemetry()  # the server's events, re-emitted here as a local engine emits its own
         self._poller: concurrent.futures.Future[None] | None = None
         self._reply: concurrent.futures.Future[None] | None = None
         self._lock = threading.Lock()
@@ -177,19 +159,13 @@ class RemoteEngine:
         self._take(self._call(self._post("expertswap/policy", {"policy": policy, "skip_threshold": skip_threshold},
                                          PolicyError)))
 
-    def subscribe(self) -> RemoteSubscription:
+    def subscribe(self, maxsize: int = 100_000) -> Subscription:
         """Telemetry from now on, fetched every ``POLL_S`` (nothing arrives from a server that is not ExpertSwap's)."""
-        subscription = RemoteSubscription(self)
+        subscription = self._telemetry.subscribe(maxsize)
         with self._lock:
-            self._subscribers.append(subscription)
             if self.expertswap and self._poller is None:
                 self._poller = asyncio.run_coroutine_threadsafe(self._poll(), self._loop)
         return subscription
-
-    def unsubscribe(self, subscription: RemoteSubscription) -> None:
-        with self._lock:
-            if subscription in self._subscribers:
-                self._subscribers.remove(subscription)
 
     async def stream_chat(self, messages: Sequence[dict[str, str]],
                           settings: SamplingSettings = SamplingSettings()) -> AsyncGenerator[RemoteChunk, None]:
@@ -312,11 +288,8 @@ class RemoteEngine:
                 after = int(got["next"])
                 events = [event_from_json(e) for e in got["events"]]
                 self._take(await self._get("expertswap/stats"))
-                with self._lock:
-                    subscribers = list(self._subscribers)
-                for subscription in subscribers:
-                    for event in events:
-                        subscription.queue.put(event)
+                for event in events:
+                    self._telemetry.emit(event)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a server restarting or a network blip: keep the last figures, try again

@@ -29,6 +29,7 @@ from .telemetry import (
     ResidencySnapshot,
     Subscription,
     SwapEvent,
+    Telemetry,
     TokenStats,
     event_from_json,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "SettingsError",
     "Subscription",
     "SwapEvent",
+    "Telemetry",
     "TokenChunk",
     "TokenScores",
     "TokenStats",
