@@ -160,3 +160,19 @@ def test_any_openai_server_chats_and_says_why_the_panels_are_off() -> None:
             assert remote.subscribe().drain() == []
         finally:
             remote.close()
+
+
+def test_a_reply_cancelled_before_it_starts_ends_at_once(remote: RemoteEngine) -> None:
+    """Stop pressed right after Send: the request never started on the client's loop, and the wait still ends."""
+    async def cancelled_first() -> list[str]:
+        remote._loop.call_soon_threadsafe(time.sleep, 0.3)  # the client's loop is busy for a moment
+        stream = remote.stream_chat(MESSAGES, SamplingSettings(max_new_tokens=50))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.05)  # the request is queued behind the busy moment
+        remote.cancel()
+        try:
+            return [(await first).text]
+        except StopAsyncIteration:
+            return []
+
+    assert asyncio.run(asyncio.wait_for(cancelled_first(), 10)) == []

@@ -65,6 +65,7 @@ class RemoteEngine:
 
     def __init__(self, url: str, api_key: str | None = None) -> None:
         self.base_url = api_root(url)
+        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="expertswap-remote", daemon=True)
         self._thread.start()
@@ -78,7 +79,6 @@ class RemoteEngine:
         self._telemetry = Telemetry()  # the server's events, re-emitted here as a local engine emits its own
         self._poller: concurrent.futures.Future[None] | None = None
         self._reply: concurrent.futures.Future[None] | None = None
-        self._lock = threading.Lock()
 
     @classmethod
     def connect(cls, url: str, api_key: str | None = None) -> RemoteEngine:
@@ -174,7 +174,8 @@ class RemoteEngine:
         pieces: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
 
         def put(item: str | BaseException | None) -> None:
-            here.call_soon_threadsafe(pieces.put_nowait, item)
+            if not here.is_closed():  # the app's loop ends before a cancelled request's last word
+                here.call_soon_threadsafe(pieces.put_nowait, item)
 
         reply = asyncio.run_coroutine_threadsafe(self._stream(list(messages), settings, put), self._loop)
         with self._lock:
@@ -204,8 +205,7 @@ class RemoteEngine:
                     future.cancel()
             self._poller = None
         if self._thread.is_alive():
-            if hasattr(self, "_http"):
-                asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(TIMEOUT_S)
+            asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(TIMEOUT_S)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(TIMEOUT_S)
         self._loop.close()
