@@ -2,12 +2,14 @@
 
 Held out (never trained on): the odd-numbered topics of ``pydoc_data.topics`` and the GNU GPL v3 text
 Debian ships in /usr/share/common-licenses (every GPL/LGPL licence is kept out of training, since
-they share wording). Training: the even-numbered pydoc topics, the other common licences, and the
-Python standard library's own sources, plus chat answers the teacher generates on the GPU from
-``chat_prompts()`` (the five evaluation prompts excluded).
+they share wording), the five chat prompts and the forty ``FACTUAL`` questions. Training: the
+even-numbered pydoc topics, the other common licences, and the Python standard library's own sources,
+plus the teacher's own answers, sampled on the GPU, to ``prompt_mix()``: conversation, questions,
+short facts, instructions and continuations of prose from Debian's documentation and the licences.
 
-Run ``python -m tools.recipe.data OUT`` to write ``OUT/corpus.bin``
-(uint16 tokens, documents separated by EOS) and ``OUT/corpus.json`` (sources and counts).
+Run ``python -m tools.recipe.data OUT`` to write ``OUT/corpus.bin`` (uint16 tokens, documents separated
+by EOS), ``OUT/corpus.json`` (sources and counts) and ``OUT/prompts.json`` (the prompt mix, built here
+so that the GPU machine, whatever its documentation, answers the same prompts).
 """
 
 from __future__ import annotations
@@ -146,11 +148,83 @@ _SMALL_TALK = (
 )
 
 
-def chat_prompts() -> list[str]:
-    """Prompts the teacher answers to make chat training data (never the evaluation prompts)."""
-    prompts = list(_SMALL_TALK) + [t.format(s=s) for s, t in itertools.product(_SUBJECTS, _TASKS)]
+_CONVERSATION = (
+    "How was your weekend?", "I just got a new puppy!", "What should I cook for dinner tonight?",
+    "I can't sleep. What should I do?", "Can you recommend a good book?", "I feel a bit stressed today.",
+    "What's a good way to start the morning?", "Do you like music?", "I'm learning to play the guitar.",
+    "What's your favourite season and why?", "Any tips for a long flight?", "I passed my exam today!",
+    "It's raining again.", "What do you think about working from home?", "Can you cheer me up?",
+    "I'm planning a picnic. What should I bring?", "How do I make new friends in a new city?",
+    "What's a fun thing to do on a Sunday?", "Tell me something interesting.", "How do I say no politely?",
+)
+_COUNTRIES = (  # none of FACTUAL's: those stay unseen
+    "Portugal", "Greece", "Norway", "Sweden", "Kenya", "Peru", "Chile", "Australia", "India", "China",
+    "Mexico", "Poland", "Ireland", "Turkey", "Argentina", "Thailand", "Austria", "Finland", "Denmark",
+    "Hungary", "Morocco", "Vietnam", "Cuba", "Nigeria", "Belgium",
+)
+_FACT_TEMPLATES = (
+    "What is the capital of {c}?", "Which continent is {c} in?", "What language do people speak in {c}?",
+    "Name a famous food from {c}.",
+)
+_WORDS = ("happy", "fast", "big", "bright", "quiet", "brave", "tired", "ancient", "curious", "gentle")
+_INSTRUCTIONS = (
+    "Give a synonym for '{w}'.", "Give the opposite of '{w}'.", "Use the word '{w}' in a sentence.",
+    "Write a short sentence that describes something {w}.",
+)
+_TASK_INSTRUCTIONS = (
+    "Rewrite this sentence more politely: 'Give me the report now.'", "Turn this into a question: 'The shop is open.'",
+    "Summarise in one sentence: 'The meeting moved to Friday because two people were ill.'",
+    "List three fruits that are red.", "Write a two-line rhyme about a cat.", "Name three primary colours.",
+    "Write a polite email subject line asking for a day off.", "Explain what a verb is with two examples.",
+    "Sort these numbers from smallest to largest: 9, 2, 7, 4.", "Write a Python function that adds two numbers.",
+    "Write a Python loop that prints the numbers 1 to 5.", "How do I reverse a string in Python?",
+    "What does the Python 'return' statement do?", "Give an example of a Python dictionary.",
+    "Convert 3 kilometres to metres and show the working.", "What is 15 plus 27? Show the working.",
+    "What is 9 times 6? Answer with the number.", "Count the vowels in the word 'banana'.",
+)
+DOCS = Path("/usr/share/doc")
+CONTINUATIONS = 300  # prose passages from Debian's documentation and the (non-GPL) licences
+
+
+def _passages() -> Iterator[str]:
+    """Prose paragraphs (30-120 words, mostly letters) from Debian's package READMEs, then the licences."""
+    import gzip
+
+    def texts() -> Iterator[str]:
+        for path in sorted(DOCS.glob("*/README*")):
+            if path.is_file() and not path.is_symlink():
+                raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+                yield raw.decode("utf-8", errors="replace")
+        yield from _licenses()
+
+    for text in texts():
+        for paragraph in text.split("\n\n"):
+            words = paragraph.split()
+            letters = sum(ch.isalpha() for ch in paragraph)
+            if 30 <= len(words) <= 120 and letters > 0.7 * len(paragraph.replace(" ", "")):
+                yield " ".join(words)
+
+
+def prompt_mix() -> dict[str, list[str]]:
+    """The prompts the teacher answers, by kind; the evaluation prompts and FACTUAL never among them."""
+    arithmetic = [f"What is {a} {op} {b}?" for a, b, op in itertools.product(
+        (3, 6, 12, 19, 45), (2, 5, 9), ("plus", "minus", "times"))]
+    passages = list(itertools.islice(_passages(), CONTINUATIONS))
+    mix = {
+        "conversation": list(_SMALL_TALK) + list(_CONVERSATION),
+        "questions": [t.format(s=s) for s, t in itertools.product(_SUBJECTS, _TASKS)],
+        "facts": [t.format(c=c) for c, t in itertools.product(_COUNTRIES, _FACT_TEMPLATES)] + arithmetic,
+        "instructions": [t.format(w=w) for w, t in itertools.product(_WORDS, _INSTRUCTIONS)]
+                        + list(_TASK_INSTRUCTIONS),
+        "continuations": [f"Continue this text:\n\n{' '.join(p.split()[:40])}" for p in passages],
+    }
     held_out = set(EVAL_PROMPTS) | {prompt for prompt, _ in FACTUAL}
-    return [p for p in prompts if p not in held_out]
+    return {kind: [p for p in prompts if p not in held_out] for kind, prompts in mix.items()}
+
+
+def chat_prompts() -> list[str]:
+    """Prompts the teacher answers to make chat training data, all kinds in one list (see ``prompt_mix``)."""
+    return [p for prompts in prompt_mix().values() for p in prompts]
 
 
 def correct(reply: str, accepted: tuple[str, ...]) -> bool:
@@ -179,6 +253,9 @@ def write_corpus(out: Path, tokenizer, eos_id: int, stdlib_tokens: int = STDLIB_
         "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
     }
     (out / "corpus.json").write_text(json.dumps(record, indent=2))
+    mix = prompt_mix()
+    (out / "prompts.json").write_text(json.dumps(mix, indent=1))
+    record["prompts"] = {kind: len(prompts) for kind, prompts in mix.items()}
     return record
 
 

@@ -46,8 +46,9 @@ def _device() -> torch.device:
 
 
 def generate_chat(shape: LlamaShape, dense: dict, tokenizer, prompts: list[str], samples: int,
-                  max_new: int, batch: int) -> np.ndarray:
-    """Teacher answers to ``prompts`` (``samples`` each, T=0.7, top-p 0.9) as chat-formatted token ids."""
+                  max_new: int, batch: int, temperatures: tuple[float, ...] = (0.7,)) -> np.ndarray:
+    """Teacher answers to ``prompts`` (``samples`` at each of ``temperatures``, top-p 0.9) as chat-formatted
+    token ids: the teacher's own distribution, which is what the student should learn to reproduce."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -64,20 +65,21 @@ def generate_chat(shape: LlamaShape, dense: dict, tokenizer, prompts: list[str],
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts for _ in range(samples)]
+    jobs = [(t, start) for t in temperatures for start in range(0, len(texts), batch)]
     torch.manual_seed(SEED)
     out: list[int] = []
-    for start in range(0, len(texts), batch):
+    for done, (temperature, start) in enumerate(jobs, 1):
         enc = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(
             model.device
         )
         with torch.no_grad():
-            gen = model.generate(**enc, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=max_new)
+            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.9, max_new_tokens=max_new)
         for row, mask in zip(gen.tolist(), enc["attention_mask"].tolist(), strict=True):
             ids = row[len(mask) - sum(mask):]
             if shape.eos_token_id in ids[sum(mask):]:
                 ids = ids[: sum(mask) + ids[sum(mask):].index(shape.eos_token_id) + 1]
             out.extend(ids)
-        print(f"chat {min(start + batch, len(texts))}/{len(texts)}", flush=True)
+        print(f"chat batch {done}/{len(jobs)} (T={temperature})", flush=True)
     return np.asarray(out, dtype=np.uint16)
 
 
@@ -147,16 +149,17 @@ def calibrate(
 
 
 class Batches:
-    """Random SEQ-token windows, half from the chat answers and half from the corpus."""
+    """Random SEQ-token windows: ``chat_share`` of each batch from the teacher's answers, the rest from the corpus."""
 
-    def __init__(self, corpus: np.ndarray, chat: np.ndarray, batch: int, seed: int) -> None:
+    def __init__(self, corpus: np.ndarray, chat: np.ndarray, batch: int, seed: int, chat_share: float = 0.5) -> None:
         self.sources, self.batch = [corpus, chat], batch
+        self.chat_rows = round(batch * chat_share)
         self.gen = np.random.default_rng(seed)
 
     def __next__(self) -> torch.Tensor:
         rows = []
         for i in range(self.batch):
-            src = self.sources[i % 2]
+            src = self.sources[1 if i < self.chat_rows else 0]
             start = int(self.gen.integers(0, len(src) - SEQ))
             rows.append(src[start:start + SEQ])
         return torch.from_numpy(np.stack(rows).astype(np.int64))
@@ -242,6 +245,13 @@ def evaluate(net: Distiller, tokenizer, top_k: int | None = None, windows: int |
     return result
 
 
+def _prompt_mix(work: Path) -> dict[str, list[str]]:
+    """The prompts ``python -m tools.recipe.data`` wrote beside the corpus (built on the machine that has the
+    documentation), else the mix as this machine builds it."""
+    path = work / "prompts.json"
+    return json.loads(path.read_text()) if path.exists() else data.prompt_mix()
+
+
 def _setup(gguf: Path, work: Path, design: MoeDesign):
     shape, dense = read_dense(gguf)
     tokenizer = load_tokenizer(gguf)
@@ -260,7 +270,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--router-lr", type=float, default=2e-3)
     parser.add_argument("--balance", type=float, default=1e-3)
-    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=2, help="teacher answers per prompt and temperature")
+    parser.add_argument("--temperatures", type=lambda t: tuple(float(x) for x in t.split(",")), default=(0.7,),
+                        help="comma-separated sampling temperatures for the teacher's answers")
+    parser.add_argument("--chat-share", type=float, default=0.5,
+                        help="share of each training batch taken from the teacher's answers")
     parser.add_argument("--max-new", type=int, default=320)
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--resume", type=Path, help="continue from a shipped folder written by an earlier train")
@@ -273,10 +287,13 @@ def main() -> None:
     device = _device()
     if args.stage == "prepare":
         t0 = time.perf_counter()
-        chat = generate_chat(
-            shape, dense, tokenizer, data.chat_prompts()[: args.prompts], args.samples, args.max_new, 512
-        )
+        mix = _prompt_mix(args.work)
+        prompts = [p for kind in mix.values() for p in kind][: args.prompts]
+        chat = generate_chat(shape, dense, tokenizer, prompts, args.samples, args.max_new, 512, args.temperatures)
         (args.work / "chat.bin").write_bytes(chat.tobytes())
+        (args.work / "chat.json").write_text(json.dumps({
+            "prompts": {kind: len(p) for kind, p in mix.items()}, "used": len(prompts), "samples": args.samples,
+            "temperatures": list(args.temperatures), "max_new": args.max_new, "tokens": int(chat.size)}, indent=2))
         print(f"chat: {chat.size} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
         base = convert(shape, dense, design, exact_plan(shape, design))
         net = Distiller(shape, design, base, dense).to(device)
@@ -300,7 +317,8 @@ def main() -> None:
         json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "shares"} for k, v in before.items()}),
         flush=True,
     )
-    log = train(net, Batches(corpus, chat, args.batch, SEED), args.minutes, args.lr, args.router_lr, args.balance)
+    log = train(net, Batches(corpus, chat, args.batch, SEED, args.chat_share), args.minutes, args.lr, args.router_lr,
+                args.balance)
     trained = net.trained_state()
     for layer, plan in plans.items():
         src = f"model.layers.{layer}.mlp"
@@ -318,8 +336,8 @@ def main() -> None:
         "lr": args.lr,
         "router_lr": args.router_lr,
         "balance": args.balance,
-        "samples": args.samples,
-        "max_new": args.max_new,
+        "chat": json.loads(chat_record.read_text()) if (chat_record := args.work / "chat.json").exists() else None,
+        "chat_share": args.chat_share,
         "calibration_windows": args.calibration,
         "steps": log[-1]["step"],
         "log": log,
