@@ -36,6 +36,7 @@ class BudgetPanel(QWidget):
         self.slider.setAccessibleName("Memory budget")
         self.label = QLabel("no model")
         self.label.setAccessibleName("Budget in force")
+        self.label.setWordWrap(True)
         self.policy = QComboBox()
         self.policy.addItems(POLICIES)  # until a model is loaded; then the engine's own list
         self.policy.setAccessibleName("Miss policy")

@@ -44,6 +44,10 @@ log = logging.getLogger("expertswap.client")
 class RemoteError(ExpertSwapError):
     """The server cannot be reached, refused the API key, or answered a request with an error."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of the answer, when there was one
+
 
 @dataclass(frozen=True)
 class RemoteChunk:
@@ -230,8 +234,8 @@ class RemoteEngine:
             self._curve = sorted(zip(map(int, curve["budgets"]), map(int, curve["experts"]), strict=True))
             self.expertswap = True
         except RemoteError as exc:
-            self.unavailable = (f"not an ExpertSwap server ({exc}): it reports no experts, so the budget and "
-                                "expert panels are not available")
+            self.unavailable = ("not an ExpertSwap server: it reports no experts" if exc.status == 404 else
+                                f"the server's ExpertSwap figures cannot be read ({exc})")
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                        rejected: type[ExpertSwapError] = RemoteError) -> Any:
@@ -324,9 +328,9 @@ def _refusal(response: httpx.Response, path: str, rejected: type[ExpertSwapError
         message = response.text.strip().splitlines()[0][:200] if response.text.strip() else response.reason_phrase
     status = response.status_code
     if status in (401, 403):
-        return RemoteError(f"the server refused the API key (HTTP {status}): {message}")
+        return RemoteError(f"the server refused the API key (HTTP {status}): {message}", status)
     if status in (429, 503):
-        return RemoteError(f"the server is busy (HTTP {status}): {message}; try again shortly")
+        return RemoteError(f"the server is busy (HTTP {status}): {message}; try again shortly", status)
     if status == 400 and rejected is not RemoteError:
         return rejected(message)
-    return RemoteError(f"HTTP {status} from {path}: {message}")
+    return RemoteError(f"HTTP {status} from {path}: {message}", status)
