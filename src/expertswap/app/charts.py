@@ -32,7 +32,7 @@ class _Plot(pg.PlotWidget):
         self.addLegend(offset=(5, 5))
         self.t0: float | None = None
         self.x: deque[float] = deque(maxlen=HISTORY)
-        self.y = {name: deque(maxlen=HISTORY) for name in series}
+        self.y: dict[str, deque[float]] = {name: deque(maxlen=HISTORY) for name in series}
         self.curves = {name: self.plot(name=name, pen=pg.mkPen(color, width=2)) for name, color in series.items()}
 
     def add(self, t: float, values: dict[str, float]) -> None:

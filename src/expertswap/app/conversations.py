@@ -139,7 +139,8 @@ class ConversationStore:
             if first_message is not None:
                 db.execute("INSERT INTO messages (conversation, role, content, created) VALUES (?, 'user', ?, ?)",
                            (cursor.lastrowid, first_message, now))
-            return int(cursor.lastrowid)
+            assert cursor.lastrowid is not None  # an INSERT that succeeded has a row id
+            return cursor.lastrowid
 
         return self._write(change)
 
@@ -155,7 +156,7 @@ class ConversationStore:
             if cursor.rowcount != 1:
                 return None
             db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation))
-            return int(cursor.lastrowid)
+            return cursor.lastrowid
 
         return self._write(change)
 

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.self_test:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    app = QApplication.instance() or QApplication([sys.argv[0], *qt_args])
+    existing = QApplication.instance()
+    app = existing if isinstance(existing, QApplication) else QApplication([sys.argv[0], *qt_args])
     app.setApplicationName("ExpertSwap")
     app.setWindowIcon(QIcon(str(files("expertswap.app") / "icons" / "expertswap.png")))
     app.setStyle("Fusion")  # Fusion takes the platform's light or dark palette the same way on every OS

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.engine import DEFAULT_BUDGET, ExpertSwapError, format_bytes
+from expertswap.engine import DEFAULT_BUDGET, Engine, ExpertSwapError, format_bytes
 from expertswap.models import DEFAULT_MODEL
 
 from .budget_panel import BudgetPanel
@@ -157,9 +157,9 @@ class MainWindow(QMainWindow):
         self.regenerate_button.clicked.connect(self.regenerate)
         self.edit_button.clicked.connect(self.edit_last)
         self.copy_button.clicked.connect(self.copy_last_reply)
-        QShortcut(QKeySequence("Ctrl+Return"), self, activated=self.send)
-        QShortcut(QKeySequence(Qt.Key.Key_Escape), self, activated=self.session.stop)
-        QShortcut(QKeySequence.StandardKey.New, self, activated=self.new_chat)
+        for keys, action in ((QKeySequence("Ctrl+Return"), self.send), (QKeySequence(Qt.Key.Key_Escape),
+                             self.session.stop), (QKeySequence(QKeySequence.StandardKey.New), self.new_chat)):
+            QShortcut(keys, self).activated.connect(action)
         menu = self.menuBar().addMenu("&Model")
         menu.addAction("&Open model…", QKeySequence.StandardKey.Open, self.choose_model)
         menu.addAction("Open the &default model", lambda: self.spawn(self.load_model(DEFAULT_MODEL)))
@@ -198,7 +198,7 @@ class MainWindow(QMainWindow):
     def _save_state(self) -> None:
         self.state.setValue("geometry", self.saveGeometry())
         self.state.setValue("splitter", self.splitter.saveState())
-        if self.session.engine is not None and self.session.remote is None:
+        if isinstance(self.session.engine, Engine):  # a remote model is not reopened at the next start
             stats = self.session.engine.stats()
             self.state.setValue("model", self.model_name)
             self.state.setValue("budget", f"{100 * stats.budget_bytes / stats.total_expert_bytes:.2f}%")
@@ -220,7 +220,7 @@ class MainWindow(QMainWindow):
     async def connect_server(self, url: str, api_key: str = "") -> bool:
         """Chat through an OpenAI-compatible server; the panels follow it when it is ExpertSwap's."""
         self.statusBar().showMessage(f"Connecting to {url}…")
-        if not await self.session.connect(url, api_key):
+        if not await self.session.connect_server(url, api_key):
             return False
         remote = self.session.remote
         assert remote is not None

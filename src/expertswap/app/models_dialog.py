@@ -72,8 +72,7 @@ class ModelsDialog(QDialog):
         if self.cached.count() == 0:
             self.cached.setEnabled(False)
             self.cached.addItem("(no downloaded models yet)")
-        self.cached.currentItemChanged.connect(
-            lambda item, _: item is not None and self.folder.setText(item.data(Qt.ItemDataRole.UserRole)))
+        self.cached.currentItemChanged.connect(self._cached_chosen)
         self.repo = QLineEdit()
         self.repo.setPlaceholderText("Hugging Face repo id, e.g. allenai/OLMoE-1B-7B-0924")
         self.repo.setAccessibleName("Repo id to download")
@@ -154,13 +153,23 @@ class ModelsDialog(QDialog):
         self.report.setText("Checking this folder…")
         self._debounce.start()
 
+    def _cached_chosen(self, item: QListWidgetItem | None, _previous: QListWidgetItem | None) -> None:
+        if item is not None:
+            self.folder.setText(item.data(Qt.ItemDataRole.UserRole))
+
     def _ask_report(self) -> None:
         asked, folder = self._asked, self.folder.text().strip()
         budget, context, quantize = f"{self.budget.value()}%", self.context.value(), self._quantize()
+        def shown(report: FitReport) -> None:
+            if asked == self._asked:  # not overtaken by a newer request
+                self._show_report(report)
+
+        def failed(exc: BaseException) -> None:
+            if asked == self._asked:
+                self.report.setText(f"Cannot use this folder: {describe(exc)}")
+
         self.report_task = run_op(self, lambda: fit_report(folder, budget, context, quantize=quantize)).success(
-            lambda r: asked == self._asked and self._show_report(r)).failure(
-            lambda exc: asked == self._asked and self.report.setText(f"Cannot use this folder: {describe(exc)}")
-        ).start()
+            shown).failure(failed).start()
 
     def _show_report(self, r: FitReport) -> None:
         free = f"free RAM {format_bytes(r.free_ram_bytes)}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings
 
-from expertswap.engine import DEFAULT_BUDGET
+from expertswap.engine import DEFAULT_BUDGET, Engine
 from expertswap.models import DEFAULT_MODEL
 
 from .conversations import ConversationStore
@@ -44,13 +44,19 @@ async def _checks(window: MainWindow, report, start: float) -> int:
         report("FAIL: the default model did not load")
         return 1
     engine = window.session.engine
+    assert isinstance(engine, Engine)
     report(f"loaded the default model in {time.perf_counter() - start:.1f} s "
            f"(budget {engine.budget_bytes} of {engine.total_expert_bytes} expert bytes)")
     chunks: list[str] = []
     finished: list[str] = []
     window.session.reply_chunk.connect(chunks.append)
     window.session.reply_finished.connect(finished.append)
-    window.session.reply_chunk.connect(lambda _: len(chunks) == 4 and window.budget.slider.setValue(0))
+
+    def budget_to_minimum_at_the_fourth_chunk(_chunk: str) -> None:
+        if len(chunks) == 4:
+            window.budget.slider.setValue(0)
+
+    window.session.reply_chunk.connect(budget_to_minimum_at_the_fourth_chunk)
     window.reply_settings.max_tokens.setValue(24)
     window.prompt.setPlainText(PROMPT)
     window.send()
@@ -94,7 +100,7 @@ async def _served_and_remote(window: MainWindow, report) -> str:
         return ""
     client = EngineSession()
     try:
-        if not await client.connect(server.url):
+        if not await client.connect_server(server.url):
             return ""
         texts: list[str] = []
         client.reply_chunk.connect(texts.append)

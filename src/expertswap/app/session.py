@@ -23,6 +23,7 @@ from expertswap.engine import (
     MemorySample,
     ResidencySnapshot,
     SamplingSettings,
+    Subscription,
     SwapEvent,
     TokenStats,
     default_device,
@@ -56,7 +57,7 @@ class EngineSession(QObject):
         self.server: BackgroundServer | None = None
         self.device = default_device()  # where models load: a GPU when there is one
         self._stopping = False
-        self._subscription = None
+        self._subscription: Subscription | None = None
         self._timer = QTimer(self)
         self._timer.setInterval(DRAIN_MS)
         self._timer.timeout.connect(self.drain)
@@ -78,7 +79,7 @@ class EngineSession(QObject):
         gc.collect()
         return await run_op(None, work).success(self._adopt).failure(failed).run()
 
-    async def connect(self, url: str, api_key: str | None = None) -> bool:
+    async def connect_server(self, url: str, api_key: str | None = None) -> bool:
         """Chat through the OpenAI-compatible server at ``url``; on failure the old engine stays (``load_failed``)."""
         failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
         return await run_op(None, lambda: RemoteEngine.connect(url, api_key or None)).success(self._adopt).failure(

@@ -64,7 +64,8 @@ class SwapLog(QWidget):
     def _apply_filter(self) -> None:
         wanted = self.filter.currentData()
         for row in range(self.table.rowCount()):
-            self.table.setRowHidden(row, wanted is not None and self.table.item(row, 1).text() != str(wanted))
+            item = self.table.item(row, 1)
+            self.table.setRowHidden(row, wanted is not None and item is not None and item.text() != str(wanted))
 
 
 def _expert(index: int) -> str:
