@@ -57,8 +57,6 @@ class Runtime:
     lock: threading.RLock = field(default_factory=threading.RLock)
     telemetry: Telemetry = field(default_factory=Telemetry)
     trace: TraceRecorder | None = None  # Engine.record_trace: every layer notes its routing
-    quantize: str | None = None  # experts quantised when read (engine/quantize.py)
-    native: str | None = None  # the checkpoint's own packed format (fp8, mxfp4)
     packed_slots: bool = False  # slots hold packed experts, unpacked per forward on host-side routing
     active_layers: int = 0  # committees inside forward right now; swaps must only happen at 0
     swaps_during_forward: int = 0  # must stay 0: counted by apply_swaps as an invariant check

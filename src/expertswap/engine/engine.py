@@ -211,8 +211,8 @@ class Engine:
             store.fill_ram_tier()
         if eviction not in EVICTIONS:
             raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
-        runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction, quantize=quantize,
-                          native=native, packed_slots=any(spec.quantize for spec in layers.values()))
+        runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction,
+                          packed_slots=any(spec.quantize for spec in layers.values()))
         committees, routers = [], []
         copier = Copier(torch_device)
         for site, capacity in zip(sites, capacities, strict=True):
@@ -255,12 +255,14 @@ class Engine:
     @property
     def quantize(self) -> str | None:
         """How the experts were quantised when read (int8, nf4, fp4), or None: as stored."""
-        return self.runtime.quantize
+        spec = self.committees[0].spec
+        return None if spec.native else spec.packing
 
     @property
     def native_format(self) -> str | None:
         """The packed format the checkpoint ships its experts in (fp8, mxfp4), or None: unquantised."""
-        return self.runtime.native
+        spec = self.committees[0].spec
+        return spec.packing if spec.native else None
 
     @property
     def total_experts(self) -> int:

@@ -71,21 +71,26 @@ def _layer_of(match: re.Match[str]) -> int:
     return int(next(g for g in match.groups() if g is not None))
 
 
-def _unpacked_bytes(key: str, shape: tuple[int, ...], dtype: torch.dtype, native: str | None,
-                    plain: torch.dtype) -> int | None:
-    """A natively packed tensor's bytes as the engine holds it, where that differs from the disk: fp8 weights
-    outside the experts unpacked to the model's dtype (their scales gone), GPT-OSS's experts unpacked into its
-    slots (its committee holds them plain; the RAM tier keeps them packed)."""
-    if (native == "fp8" and dtype == torch.float8_e4m3fn) or (native == "mxfp4" and key.endswith("_blocks")):
-        return math.prod(shape) * (2 if native == "mxfp4" else 1) * plain.itemsize
-    if key.endswith(("_scale_inv", "_scales")):
+def _non_expert_bytes(key: str, shape: tuple[int, ...], dtype: torch.dtype, native: str | None,
+                      plain: torch.dtype) -> int:
+    """A tensor outside the experts once loaded: an fp8 checkpoint's weights unpacked to the model's dtype by
+    transformers (their scales gone), the rest as stored."""
+    if native == "fp8" and dtype == torch.float8_e4m3fn:
+        return math.prod(shape) * plain.itemsize
+    if native == "fp8" and key.endswith("_scale_inv"):
         return 0
-    return None
+    return math.prod(shape) * dtype.itemsize
 
 
 def _expert_entry_bytes(key: str, shape: tuple[int, ...], dtype: torch.dtype, experts: int,
-                        quantize: str | None) -> int:
-    """An expert tensor's bytes once loaded: quantised matrices as the engine holds them, the rest as stored."""
+                        quantize: str | None, native: str | None, plain: torch.dtype) -> int:
+    """An expert tensor's bytes once loaded: quantised matrices as the engine holds them, fp8 ones (and their
+    scales) as stored, GPT-OSS's MXFP4 blocks unpacked to the model's dtype as its slots hold them (the RAM
+    tier keeps them packed), the rest as stored."""
+    if native == "mxfp4" and key.endswith("_blocks"):
+        return math.prod(shape) * 2 * plain.itemsize
+    if native == "mxfp4" and key.endswith("_scales"):
+        return 0
     if quantize is None or "bias" in key or len(shape) < 2:
         return math.prod(shape) * dtype.itemsize
     if len(shape) == 3 and shape[0] == experts:  # every expert's matrix in one tensor
@@ -98,7 +103,7 @@ def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens
     """Sizes of a model folder and the machine's free memory; reads no weights.
 
     ``quantize`` (int8, nf4, fp4) counts the experts as the engine holds them once quantised. A natively packed
-    checkpoint (fp8, mxfp4) is counted as the engine holds it (see ``_unpacked_bytes``).
+    checkpoint (fp8, mxfp4) is counted as the engine holds it.
     """
     folder, config, family = read_config(model_dir)
     native, _ = native_packing(config)
@@ -113,16 +118,13 @@ def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens
         per_layer: dict[int, int] = {}
         total = 0
         for key, entry in checkpoint.entries.items():
-            unpacked = _unpacked_bytes(key, tuple(entry.shape), entry.dtype, native, plain) if native else None
+            shape = tuple(entry.shape)
             if match := pattern.fullmatch(key):
                 layer = _layer_of(match)
-                if native == "fp8":  # the slots hold fp8 experts as stored, scales and all
-                    unpacked = entry.nbytes
-                size = unpacked if unpacked is not None else _expert_entry_bytes(key, tuple(entry.shape),
-                                                                                   entry.dtype, experts, quantize)
+                size = _expert_entry_bytes(key, shape, entry.dtype, experts, quantize, native, plain)
                 per_layer[layer] = per_layer.get(layer, 0) + size
             else:
-                total += unpacked if unpacked is not None else entry.nbytes
+                total += _non_expert_bytes(key, shape, entry.dtype, native, plain)
     finally:
         checkpoint.close()
     if not per_layer or experts <= 0:
