@@ -242,7 +242,7 @@ class MainWindow(QMainWindow):
         else:
             self.budget.configure(engine.minimum_budget_bytes, engine.total_expert_bytes, engine.budget_bytes,
                                   engine.total_experts, engine.committee_size, engine.policies)
-            self.log.set_layers(sorted(engine.residency().resident))
+            self.log.set_layers(self.map.layers)  # the snapshot the session showed on adopting it (no second read)
         self._status()
 
     def choose_server(self) -> None:
