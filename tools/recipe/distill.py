@@ -1,21 +1,23 @@
 """Rebuild the default model's shipped file: split SmolLM2's MLPs into experts and distil on a GPU.
 
-    python -m tools.recipe.data build/recipe          # corpus (CPU, 20 s)
+    python -m tools.recipe.data build/recipe          # corpus and prompt mix (CPU, 20 s)
     python -m tools.recipe.distill prepare --gguf G --work build/recipe
-    python -m tools.recipe.distill train --gguf G --work build/recipe \\
-        --minutes 6 --out resources/default_model
+    python -m tools.recipe.distill train --gguf G --work build/recipe --minutes 8 --out resources/default_model
 
-The shipped file came from ``prepare --samples 3``, then ``train --minutes 5.5 --balance 1e-2``, then
-``train --resume <that output> --minutes 7.2 --lr 1.5e-4 --balance 1e-2`` on one H100 (the lent GPU's
-10-minute command limit split training in two); both runs' settings and logs are in its metadata.
+The shipped file came from three commands on one H200 (the lent GPU's 10-minute command limit split
+training in three): ``prepare --samples 2 --temperatures 0.3,0.7,1.0 --max-new 256`` (the teacher's
+answers took 269 s), ``train --minutes 2.27 --chat-share 0.75 --balance 1e-2``, then ``train --resume``
+of the last output with ``--minutes 8.2 --lr 1.5e-4`` and ``--minutes 7.9 --lr 1e-4`` (same chat share
+and balance); every run's settings and log are in its metadata.
 
-``prepare`` has the teacher answer ``data.chat_prompts()`` (sampled, seeded) and cuts every MoE layer:
-the neurons that matter most on calibration text form the shared expert; the rest are grouped by
-co-activation (balanced cosine k-means) into equal routed experts; each router starts as a
-least-squares fit of its experts' activation mass, scaled down so the first outputs stay close to
-the dense MLP's. ``train`` minimises KL(teacher || student) on half chat, half corpus windows, with a
-light load-balancing term, then writes routers, order and 4-bit deltas, and prints held-out
-perplexities and expert load shares.
+``prepare`` has the teacher answer ``data.chat_prompts()`` (sampled, seeded) and cuts every MoE layer
+(``--experts``, ``--top-k``, ``--shared``; the defaults are the shipped design): the neurons that matter
+most on calibration text form the shared expert; the rest are grouped by co-activation (balanced cosine
+k-means) into equal routed experts; each router starts as a least-squares fit of its experts' activation
+mass, scaled down so the first outputs stay close to the dense MLP's. ``train`` minimises
+KL(teacher || student) on ``--chat-share`` teacher answers and the rest corpus windows, with a light
+load-balancing term, then writes routers, order and 4-bit deltas, and prints held-out perplexities and
+expert load shares.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +255,7 @@ def _prompt_mix(work: Path) -> dict[str, list[str]]:
     return json.loads(path.read_text()) if path.exists() else data.prompt_mix()
 
 
-def _setup(gguf: Path, work: Path, design: MoeDesign):
+def _setup(gguf: Path, work: Path):
     shape, dense = read_dense(gguf)
     tokenizer = load_tokenizer(gguf)
     corpus = np.frombuffer((work / "corpus.bin").read_bytes(), dtype=np.uint16)
@@ -278,15 +281,19 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=320)
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--resume", type=Path, help="continue from a shipped folder written by an earlier train")
+    parser.add_argument("--experts", type=int, default=MoeDesign.num_experts, help="routed experts per layer (prepare)")
+    parser.add_argument("--top-k", type=int, default=MoeDesign.top_k, help="experts each token uses (prepare)")
+    parser.add_argument("--shared", type=int, default=MoeDesign.shared, help="neurons of the shared expert (prepare)")
     parser.add_argument("--prompts", type=int, help="use only the first N chat prompts (smoke tests)")
     parser.add_argument("--eval-windows", type=int, help="evaluate only N windows per document (smoke tests)")
     args = parser.parse_args()
     torch.manual_seed(SEED)
-    design = MoeDesign()
-    shape, dense, tokenizer, corpus = _setup(args.gguf, args.work, design)
+    shape, dense, tokenizer, corpus = _setup(args.gguf, args.work)
     device = _device()
     if args.stage == "prepare":
         t0 = time.perf_counter()
+        design = MoeDesign(num_experts=args.experts, top_k=args.top_k, shared=args.shared)
+        design.routed(shape)
         mix = _prompt_mix(args.work)
         prompts = [p for kind in mix.values() for p in kind][: args.prompts]
         chat = generate_chat(shape, dense, tokenizer, prompts, args.samples, args.max_new, 512, args.temperatures)
@@ -298,14 +305,16 @@ def main() -> None:
         base = convert(shape, dense, design, exact_plan(shape, design))
         net = Distiller(shape, design, base, dense).to(device)
         plans = calibrate(net, np.concatenate([corpus, chat]), args.calibration, design, shape)
-        torch.save({k: vars(v) for k, v in plans.items()}, args.work / "plans.pt")
+        torch.save({"design": asdict(design), "plans": {k: vars(v) for k, v in plans.items()}}, args.work / "plans.pt")
         print(f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)
         return
     chat = np.frombuffer((args.work / "chat.bin").read_bytes(), dtype=np.uint16)
     if args.resume:
-        _, plans, earlier = shipped.load(args.resume)
+        design, plans, earlier = shipped.load(args.resume)
     else:
-        plans, earlier = {k: LayerPlan(**v) for k, v in torch.load(args.work / "plans.pt").items()}, None
+        prepared = torch.load(args.work / "plans.pt")
+        design = MoeDesign(**prepared["design"] | {"dense_layers": tuple(prepared["design"]["dense_layers"])})
+        plans, earlier = {k: LayerPlan(**v) for k, v in prepared["plans"].items()}, None
     start_state = convert(shape, dense, design, plans)
     base_state = convert(
         shape, dense, design, {k: LayerPlan(p.order, p.router, p.shared_gate) for k, p in plans.items()}

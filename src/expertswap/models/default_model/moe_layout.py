@@ -22,7 +22,7 @@ class MoeDesign:
 
     num_experts: int = 8
     top_k: int = 2
-    shared: int = 192
+    shared: int = 512
     dense_layers: tuple[int, ...] = (0, 29)
 
     def routed(self, shape: LlamaShape) -> int:
