@@ -503,3 +503,16 @@ def test_a_quantised_model_says_so_and_the_slider_counts_its_bytes(qtbot, loop, 
     assert "nf4 experts: not the original model" in win.statusBar().currentMessage()
     assert win.budget.total == engine.total_expert_bytes  # the quantised bytes, not the checkpoint's
     win.session.close()
+
+
+def test_a_model_opened_without_a_budget_starts_at_its_own(qtbot, loop, tiny_model, tmp_path: Path) -> None:
+    """A folder starts at the engine's default share; the slider and its label show what the engine holds."""
+    from expertswap.engine import DEFAULT_BUDGET, parse_budget
+
+    win = _make_window(qtbot, tmp_path)
+    win.show()
+    assert loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe"))))
+    engine = win.session.engine
+    assert engine.budget_bytes == parse_budget(DEFAULT_BUDGET, engine.total_expert_bytes)
+    assert f"{engine.budget_bytes / engine.total_expert_bytes:.0%} of expert bytes" in win.budget.label.text()
+    win.session.close()

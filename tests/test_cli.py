@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from expertswap.engine import DEFAULT_BUDGET, parse_budget
+
 JSON_KEYS = {"text", "token_ids", "budget_bytes", "total_expert_bytes", "resident_expert_bytes", "expert_loads",
              "hits", "misses", "peak_rss_bytes", "tokens_per_s"}
 
@@ -34,6 +36,13 @@ def test_generate_json_matches_transformers(tiny_model, reference) -> None:
     assert out["resident_expert_bytes"] <= out["budget_bytes"] == out["total_expert_bytes"] // 2
     assert out["hits"] + out["misses"] > 0 and out["expert_loads"] > 0
     assert out["peak_rss_bytes"] > 0 and out["tokens_per_s"] > 0
+
+
+def test_without_a_budget_a_model_folder_starts_at_the_engines_default(tiny_model) -> None:
+    run = _cli("generate", "--model", str(tiny_model("olmoe")), "--prompt", "hi", "--max-new-tokens", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["budget_bytes"] == parse_budget(DEFAULT_BUDGET, out["total_expert_bytes"])
 
 
 def test_generate_chat_uses_template(tiny_model, open_engine) -> None:

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from expertswap.cli import main as cli_main
-from expertswap.engine import Engine, ModelFormatError, ModelNotFoundError, SamplingSettings
+from expertswap.engine import Engine, ModelFormatError, ModelNotFoundError, SamplingSettings, parse_budget
+from expertswap.models import DEFAULT_MODEL_BUDGET
 from expertswap.models.default_model import build, resolve_model, shipped
 from expertswap.models.default_model.gguf_source import LlamaShape, _reader, find_gguf, read_shape
 from expertswap.models.default_model.moe_layout import LayerPlan, MoeDesign, convert, exact_plan, qwen2_moe_config
@@ -193,6 +194,15 @@ def test_cli_selects_the_default_model(default_folder: Path, capsys: pytest.Capt
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and len(out["token_ids"]) >= 1
     assert out["resident_expert_bytes"] <= out["budget_bytes"] == out["total_expert_bytes"] // 4
+
+
+@has_gguf
+def test_without_a_budget_the_default_model_starts_at_its_measured_one(
+    default_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(["generate", "--model", "default", "--prompt", "Hi", "--max-new-tokens", "1", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and out["budget_bytes"] == parse_budget(DEFAULT_MODEL_BUDGET, out["total_expert_bytes"])
 
 
 def _fake_build(calls: list[Path], seconds: float = 0.0):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .engine import (
+    DEFAULT_BUDGET,
     DEFAULT_EVICTION,
     EVICTIONS,
     POLICIES,
@@ -24,14 +25,15 @@ from .engine import (
     SamplingSettings,
     Subscription,
 )
-from .models import DEFAULT_MODEL, resolve_model
+from .models import DEFAULT_MODEL, DEFAULT_MODEL_BUDGET, default_budget, resolve_model
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help='local model folder (config.json + safetensors), or "default" (the built-in model)')
     parser.add_argument(
-        "--budget", default="100%", help='expert memory: bytes with a unit ("300MiB", "1.5GB") or "50%%"'
+        "--budget", help='expert memory: bytes with a unit ("300MiB", "1.5GB") or "50%"; default: the model\'s own '
+        f"({DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET})".replace("%", "%%")
     )
     parser.add_argument("--policy", choices=POLICIES, default="exact", help="what a missing expert does")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
@@ -96,9 +98,9 @@ class _BuildBar:
 
 def _load(args: argparse.Namespace, budget: str | None = None) -> Engine:
     folder = resolve_model(args.model, _BuildBar())
-    return Engine.load(folder, budget=budget or args.budget, device=args.device, policy=args.policy,
-                       ram_tier=args.ram_tier, skip_threshold=args.skip_threshold, swapper=not args.no_swapper,
-                       eviction=args.eviction, quantize=args.quantize)
+    return Engine.load(folder, budget=budget or args.budget or default_budget(args.model), device=args.device,
+                       policy=args.policy, ram_tier=args.ram_tier, skip_threshold=args.skip_threshold,
+                       swapper=not args.no_swapper, eviction=args.eviction, quantize=args.quantize)
 
 
 def _open_events(path: Path | None) -> TextIO | None:

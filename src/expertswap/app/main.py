@@ -12,7 +12,7 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
 from expertswap.engine import DEFAULT_BUDGET
-from expertswap.models import DEFAULT_MODEL
+from expertswap.models import DEFAULT_MODEL, DEFAULT_MODEL_BUDGET, default_budget
 
 
 def version() -> str:
@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", help=f'model folder, or "{DEFAULT_MODEL}" (the built-in model); default: the last one'
     )
-    parser.add_argument("--budget", help='starting expert budget ("50%%", "300MiB"); default: the last one, or '
-                        + DEFAULT_BUDGET.replace("%", "%%"))
+    parser.add_argument("--budget", help='starting expert budget ("50%", "300MiB"); default: the last one, or '
+                        f"the model's own ({DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET})"
+                        .replace("%", "%%"))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where experts run; default: a GPU if there is one")
     parser.add_argument(
         "--self-test",
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         window.session.device = args.device
     window.show()
     model = args.model or str(window.state.value("model", DEFAULT_MODEL))
-    budget = args.budget or str(window.state.value("budget", DEFAULT_BUDGET))
+    budget = args.budget or str(window.state.value("budget", default_budget(model)))
     # the loop outlives the window until its tasks (a reply stopped by closing, a load) have unwound:
     # qasync runs leftover callbacks without a running loop once Qt's loop has quit
     app.setQuitOnLastWindowClosed(False)

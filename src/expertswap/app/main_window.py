@@ -25,8 +25,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.engine import DEFAULT_BUDGET, Engine, ExpertSwapError, format_bytes
-from expertswap.models import DEFAULT_MODEL
+from expertswap.engine import Engine, ExpertSwapError, format_bytes
+from expertswap.models import DEFAULT_MODEL, default_budget
 
 from .budget_panel import BudgetPanel
 from .charts import Charts
@@ -205,9 +205,11 @@ class MainWindow(QMainWindow):
         self.state.sync()
 
     # ---- model ---------------------------------------------------------------------------------
-    async def load_model(self, model: str, budget: str = DEFAULT_BUDGET, quantize: str | None = None) -> bool:
+    async def load_model(self, model: str, budget: str | None = None, quantize: str | None = None) -> bool:
+        """Load ``model`` locally at ``budget`` (default: the model's own starting budget)."""
         self.statusBar().showMessage(f"Loading {model}…")
-        ok = await self.session.load(model, budget, self.budget.policy.currentText(), quantize)
+        ok = await self.session.load(model, budget or default_budget(model), self.budget.policy.currentText(),
+                                     quantize)
         if self._progress is not None:
             self._progress.close()
             self._progress = None

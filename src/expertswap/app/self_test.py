@@ -40,7 +40,7 @@ async def run(report) -> int:
 
 
 async def _checks(window: MainWindow, report, start: float) -> int:
-    if not await window.load_model(DEFAULT_MODEL, DEFAULT_BUDGET):
+    if not await window.load_model(DEFAULT_MODEL):
         report("FAIL: the default model did not load")
         return 1
     engine = window.session.engine

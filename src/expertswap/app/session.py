@@ -15,7 +15,6 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from expertswap.client import RemoteEngine
 from expertswap.engine import (
-    DEFAULT_BUDGET,
     POLICIES,
     BudgetChange,
     Engine,
@@ -64,7 +63,7 @@ class EngineSession(QObject):
         self._signals = {SwapEvent: self.swap, ResidencySnapshot: self.residency, TokenStats: self.token_stats,
                          MemorySample: self.memory, BudgetChange: self.budget}
 
-    async def load(self, model: str, budget: str = DEFAULT_BUDGET, policy: str = POLICIES[0],
+    async def load(self, model: str, budget: str, policy: str = POLICIES[0],
                    quantize: str | None = None) -> bool:
         """Build (if "default") and load ``model``; on any failure the old engine stays and ``load_failed`` says why."""
 

@@ -7,7 +7,7 @@ import re
 
 from .errors import BudgetError
 
-DEFAULT_BUDGET_PERCENT = 50  # the front ends' starting budget, as a share of all expert bytes
+DEFAULT_BUDGET_PERCENT = 50  # a model's starting budget (the built-in one has its own), as a share of expert bytes
 DEFAULT_BUDGET = f"{DEFAULT_BUDGET_PERCENT}%"
 
 _UNITS = {

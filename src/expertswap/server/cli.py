@@ -9,13 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from expertswap.engine import DEFAULT_BUDGET, POLICIES, QUANTIZATIONS, Engine, ExpertSwapError, default_device
-from expertswap.models import DEFAULT_MODEL, resolve_model
+from expertswap.models import DEFAULT_MODEL, DEFAULT_MODEL_BUDGET, default_budget, resolve_model
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertswap serve", description="An OpenAI-compatible API for one model.")
     p.add_argument("--model", default=DEFAULT_MODEL, help='model folder, or "default" (the built-in model)')
-    p.add_argument("--budget", default=DEFAULT_BUDGET, help='expert memory: "50%%", "300MiB"')
+    p.add_argument("--budget", help='expert memory: "50%", "300MiB"; default: the model\'s own '
+                   f"({DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET})".replace("%", "%%"))
     p.add_argument("--policy", choices=POLICIES, default=POLICIES[0])
     p.add_argument("--quantize", choices=QUANTIZATIONS, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -45,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         folder = resolve_model(args.model)
-        engine = Engine.load(folder, budget=args.budget, device=args.device or default_device(), policy=args.policy,
-                             quantize=args.quantize)
+        engine = Engine.load(folder, budget=args.budget or default_budget(args.model),
+                             device=args.device or default_device(), policy=args.policy, quantize=args.quantize)
     except ExpertSwapError as exc:
         print(f"expertswap serve: error: {exc}", file=sys.stderr)
         return 2
