@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TextIO
 
 from .engine import (
-    DEFAULT_BUDGET,
     DEFAULT_EVICTION,
     EVICTIONS,
     POLICIES,
@@ -25,7 +24,7 @@ from .engine import (
     SamplingSettings,
     Subscription,
 )
-from .models import DEFAULT_MODEL, DEFAULT_MODEL_BUDGET, default_budget, resolve_model
+from .models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +32,7 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help='local model folder (config.json + safetensors), or "default" (the built-in model)')
     parser.add_argument(
         "--budget", help='expert memory: bytes with a unit ("300MiB", "1.5GB") or "50%"; default: the model\'s own '
-        f"({DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET})".replace("%", "%%")
+        f"({DEFAULT_BUDGET_RULE})".replace("%", "%%")
     )
     parser.add_argument("--policy", choices=POLICIES, default="exact", help="what a missing expert does")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,

@@ -293,7 +293,7 @@ def main() -> None:
     if args.stage == "prepare":
         t0 = time.perf_counter()
         design = MoeDesign(num_experts=args.experts, top_k=args.top_k, shared=args.shared)
-        design.routed(shape)
+        design.routed(shape)  # an uneven split fails here, not after the teacher's answers
         mix = _prompt_mix(args.work)
         prompts = [p for kind in mix.values() for p in kind][: args.prompts]
         chat = generate_chat(shape, dense, tokenizer, prompts, args.samples, args.max_new, 512, args.temperatures)
@@ -313,7 +313,7 @@ def main() -> None:
         design, plans, earlier = shipped.load(args.resume)
     else:
         prepared = torch.load(args.work / "plans.pt")
-        design = MoeDesign(**prepared["design"] | {"dense_layers": tuple(prepared["design"]["dense_layers"])})
+        design = MoeDesign(**prepared["design"])
         plans, earlier = {k: LayerPlan(**v) for k, v in prepared["plans"].items()}, None
     start_state = convert(shape, dense, design, plans)
     base_state = convert(

@@ -11,8 +11,7 @@ from importlib.resources import files
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
-from expertswap.engine import DEFAULT_BUDGET
-from expertswap.models import DEFAULT_MODEL, DEFAULT_MODEL_BUDGET, default_budget
+from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget
 
 
 def version() -> str:
@@ -35,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", help=f'model folder, or "{DEFAULT_MODEL}" (the built-in model); default: the last one'
     )
     parser.add_argument("--budget", help='starting expert budget ("50%", "300MiB"); default: the last one, or '
-                        f"the model's own ({DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET})"
-                        .replace("%", "%%"))
+                        f"the model's own ({DEFAULT_BUDGET_RULE})".replace("%", "%%"))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where experts run; default: a GPU if there is one")
     parser.add_argument(
         "--self-test",

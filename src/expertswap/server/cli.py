@@ -8,15 +8,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from expertswap.engine import DEFAULT_BUDGET, POLICIES, QUANTIZATIONS, Engine, ExpertSwapError, default_device
-from expertswap.models import DEFAULT_MODEL, DEFAULT_MODEL_BUDGET, default_budget, resolve_model
+from expertswap.engine import POLICIES, QUANTIZATIONS, Engine, ExpertSwapError, default_device
+from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertswap serve", description="An OpenAI-compatible API for one model.")
     p.add_argument("--model", default=DEFAULT_MODEL, help='model folder, or "default" (the built-in model)')
     p.add_argument("--budget", help='expert memory: "50%", "300MiB"; default: the model\'s own '
-                   f"({DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET})".replace("%", "%%"))
+                   f"({DEFAULT_BUDGET_RULE})".replace("%", "%%"))
     p.add_argument("--policy", choices=POLICIES, default=POLICIES[0])
     p.add_argument("--quantize", choices=QUANTIZATIONS, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)

@@ -16,6 +16,7 @@ DEFAULT_MODEL = "default"
 # as fast as any: on its measured curve (2-core CPU, 29.5 / 30.5 / 32.6 / 40.9 tok/s at 25 / 50 / 75 / 100%,
 # benchmarks/results/speed-default-cpu.md) that is all of its experts, 84 MiB more peak RSS than 25%.
 DEFAULT_MODEL_BUDGET = "100%"
+DEFAULT_BUDGET_RULE = f"{DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET}"  # for help texts
 
 
 def default_budget(spec: str | Path) -> str:
@@ -32,6 +33,6 @@ def resolve_model(spec: str | Path, progress: BuildProgress | None = None) -> Pa
 
 
 __all__ = [
-    "DEFAULT_MODEL", "DEFAULT_MODEL_BUDGET", "BuildProgress", "cache_root", "default_budget", "ensure_default_model",
-    "resolve_model",
+    "DEFAULT_BUDGET_RULE", "DEFAULT_MODEL", "DEFAULT_MODEL_BUDGET", "BuildProgress", "cache_root", "default_budget",
+    "ensure_default_model", "resolve_model",
 ]
