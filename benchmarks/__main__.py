@@ -1,13 +1,14 @@
 """The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, record-traces, quantized, quantized-gpu, lowbit, fit-real.
+replay, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     copy.add_argument("models", nargs="*", default=["olmoe-shape", "qwen3-shape"])
     sub.add_parser("quality", help="perplexity and top-1 agreement per policy and budget (default model)")
     sub.add_parser("default-model", help="the default model's quality report")
+    checkpoints = sub.add_parser("default-checkpoints", help="the default model's training checkpoints side by side")
+    checkpoints.add_argument("folders", nargs="+", type=Path, help="shipped folders written by distill.py train")
     latency = sub.add_parser(
         "budget-latency", help="how fast a budget change applies mid-reply, and the stall it causes"
     )
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         from .default_model import main as run
 
         run()
+    elif args.command == "default-checkpoints":
+        from .default_checkpoints import main as run
+
+        print(run(args.folders).read_text())
     else:
         from .core_sweep import main as run
 

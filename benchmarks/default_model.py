@@ -200,7 +200,7 @@ def write_report(rows, answers, facts, cost, recipe, docs, design: MoeDesign, pl
     for name, label, target in (("pydoc", "pydoc topics, odd", 1.15), ("gpl3", "GNU GPL v3", 1.35)):
         r = full[name]
         ratio = r["student"] / r["teacher"]
-        lines.append(f"| {label} | {r['tokens']} | {r['teacher']:.2f} | {r['student']:.2f} | {ratio:.2f} | "
+        lines.append(f"| {label} | {r['tokens']} | {r['teacher']:.2f} | {r['student']:.2f} | {ratio:.3f} | "
                      f"<= {target}: {'met' if ratio <= target else 'not met'} |")
     before = runs[0]["before"]
     lines += [
