@@ -21,7 +21,7 @@ from expertswap.models.default_model.build import ensure_default_model, shipped_
 from expertswap.models.default_model.gguf_source import find_gguf, load_tokenizer
 from tools.recipe.data import FACTUAL, correct
 
-from .default_model import FACTUAL_TOKENS, _cell, _runs, moe_reply, teacher_reply
+from .default_model import FACTUAL_TOKENS, moe_reply, table_cell, teacher_reply, training_runs
 from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
@@ -32,7 +32,7 @@ SHOWN = 0  # the first-impression question the issue was filed on: its reply is 
 def score(folder: Path, teacher_right: list[bool]) -> dict:
     """The recipe's GPU perplexities, then the forty questions at 100% under ``exact`` in each dtype."""
     _, _, recipe = shipped.load(folder)
-    runs = _runs(recipe)
+    runs = training_runs(recipe)
     row = {"folder": folder, "runs": len(runs), "steps": sum(r["steps"] for r in runs),
            "minutes": sum(r["minutes"] for r in runs), "ppl": recipe["after_shipped"]}
     model = ensure_default_model(shipped_dir=folder)
@@ -78,7 +78,7 @@ def main(folders: list[Path]) -> Path:
         lines.append(
             f"| {row['folder'].name} | {row['runs']} | {row['steps']} | {row['minutes']:.1f} | "
             f"{ppl['pydoc']['student']:.2f} (x{ratio['pydoc']:.3f}) | {ppl['gpl3']['student']:.2f} "
-            f"(x{ratio['gpl3']:.3f}) | {cells[0]} | {cells[1]} | {is_shipped} | {_cell(row['bfloat16'][2])} |"
+            f"(x{ratio['gpl3']:.3f}) | {cells[0]} | {cells[1]} | {is_shipped} | {table_cell(row['bfloat16'][2])} |"
         )
     path = RESULTS / "default-model-checkpoints.md"
     path.write_text("\n".join(lines) + "\n")

@@ -139,12 +139,12 @@ def factual_lines(facts: dict[str, list[str]]) -> list[str]:
     ]
     for i in SIDE_BY_SIDE:
         mark = {who: "" if right[who][i] else " ✗" for who in right}
-        lines.append(f"| {_cell(FACTUAL[i][0])} | {_cell(facts['teacher'][i])}{mark['teacher']} | "
-                     f"{_cell(facts['moe'][i])}{mark['moe']} |")
+        lines.append(f"| {table_cell(FACTUAL[i][0])} | {table_cell(facts['teacher'][i])}{mark['teacher']} | "
+                     f"{table_cell(facts['moe'][i])}{mark['moe']} |")
     return lines
 
 
-def _cell(text: str) -> str:
+def table_cell(text: str) -> str:
     """Text as one Markdown table cell."""
     return text.strip().replace("|", "\\|").replace("\n", "<br>")
 
@@ -156,7 +156,7 @@ def _share_summary(shares: list[list[float]], top_k: int) -> str:
             f"(median {sorted(busiest)[len(busiest) // 2]:.0%}); least used {min(idle):.1%}-{max(idle):.0%}")
 
 
-def _runs(recipe: dict) -> list[dict]:
+def training_runs(recipe: dict) -> list[dict]:
     """The training runs behind the shipped file, first to last (each ``--resume`` records the one before)."""
     runs = [recipe]
     while runs[-1].get("resumed_from"):
@@ -176,7 +176,7 @@ def _design_line(design: MoeDesign, plans: dict) -> str:
 
 def write_report(rows, answers, facts, cost, recipe, docs, design: MoeDesign, plans: dict) -> None:
     full = recipe["after_shipped"]
-    runs = _runs(recipe)
+    runs = training_runs(recipe)
     chat = recipe.get("chat") or {}
     shipped_mib = sum(p.stat().st_size for p in shipped_folder().iterdir()) / 2**20
     lines = [
@@ -241,7 +241,7 @@ def write_report(rows, answers, facts, cost, recipe, docs, design: MoeDesign, pl
         "| --- | --- | --- |",
     ]
     for prompt, t, m in zip(EVAL_PROMPTS, answers["teacher"], answers["moe"], strict=True):
-        lines.append(f"| {_cell(prompt)} | {_cell(t)} | {_cell(m)} |")
+        lines.append(f"| {table_cell(prompt)} | {table_cell(t)} | {table_cell(m)} |")
     lines += factual_lines(facts)
     lines += [
         "",

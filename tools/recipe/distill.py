@@ -11,8 +11,9 @@ limit splits training into runs): ``prepare --samples 2 --temperatures 0.3,0.7,1
 teacher's answers took 269 s), ``train --minutes 2.27 --chat-share 0.75 --balance 1e-2``, then three times
 ``train --resume`` of the last output: ``--minutes 8.2 --lr 1.5e-4``, ``--minutes 7.9 --lr 1e-4`` and
 ``--minutes 8.3 --lr 1e-4`` (same chat share and balance); every run's settings and log are in its
-metadata. Two more resumed runs lowered held-out perplexity a little but answered the forty questions no
-better and the first one wrongly; ``python -m benchmarks default-checkpoints`` compares checkpoints.
+metadata. Two more resumed runs lowered held-out perplexity a little, matched the teacher on about as many
+of the forty questions and got the first one wrong; ``python -m benchmarks default-checkpoints`` compares
+checkpoints.
 
 ``prepare`` has the teacher answer ``data.chat_prompts()`` (sampled, seeded) and cuts every MoE layer
 (``--experts``, ``--top-k``, ``--shared``; the defaults are the shipped design): the neurons that matter
