@@ -33,7 +33,7 @@ def score(folder: Path, teacher_right: list[bool]) -> dict:
     """The recipe's GPU perplexities, then the forty questions at 100% under ``exact`` in each dtype."""
     _, _, recipe = shipped.load(folder)
     runs = training_runs(recipe)
-    row = {"folder": folder, "runs": len(runs), "steps": sum(r["steps"] for r in runs),
+    row = {"folder": folder, "recipe": recipe, "runs": len(runs), "steps": sum(r["steps"] for r in runs),
            "minutes": sum(r["minutes"] for r in runs), "ppl": recipe["after_shipped"]}
     model = ensure_default_model(shipped_dir=folder)
     for dtype in DTYPES:
@@ -74,7 +74,7 @@ def main(folders: list[Path]) -> Path:
         ppl = row["ppl"]
         ratio = {k: ppl[k]["student"] / ppl[k]["teacher"] for k in ("pydoc", "gpl3")}
         cells = [f"{row[d][0]} / {row[d][1]} ({row[d][1] / max(of, 1):.0%})" for d in DTYPES]
-        is_shipped = "yes" if shipped.load(row["folder"])[2] == shipped_now else ""
+        is_shipped = "yes" if row["recipe"] == shipped_now else ""
         lines.append(
             f"| {row['folder'].name} | {row['runs']} | {row['steps']} | {row['minutes']:.1f} | "
             f"{ppl['pydoc']['student']:.2f} (x{ratio['pydoc']:.3f}) | {ppl['gpl3']['student']:.2f} "

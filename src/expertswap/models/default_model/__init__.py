@@ -13,8 +13,7 @@ from .build import BuildProgress, cache_root, ensure_default_model
 
 DEFAULT_MODEL = "default"
 # Under `exact` every budget gives the same tokens, so the built-in model starts at the smallest budget that is
-# as fast as any: on its measured curve (2-core CPU, 29.5 / 30.5 / 32.6 / 40.9 tok/s at 25 / 50 / 75 / 100%,
-# benchmarks/results/speed-default-cpu.md) that is all of its experts, 84 MiB more peak RSS than 25%.
+# as fast as any: on its measured curve (benchmarks/results/speed-default-cpu.md) that is all of its experts.
 DEFAULT_MODEL_BUDGET = "100%"
 DEFAULT_BUDGET_RULE = f"{DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET}"  # for help texts
 
