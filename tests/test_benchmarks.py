@@ -50,12 +50,15 @@ def test_swap_copy_measures_the_real_swap_path(tiny_model) -> None:
 
 
 def test_the_factual_questions_are_held_out_and_scored_by_whole_words() -> None:
-    from tools.recipe.data import EVAL_PROMPTS, FACTUAL, SIDE_BY_SIDE, chat_prompts, correct
+    from tools.recipe.data import EVAL_PROMPTS, FACTUAL, SIDE_BY_SIDE, chat_prompts, correct, prompt_mix
 
     prompts = [p for p, _ in FACTUAL]
     assert len(FACTUAL) == 40 and len(set(prompts)) == 40 and all(accepted for _, accepted in FACTUAL)
     assert not set(prompts + list(EVAL_PROMPTS)) & set(chat_prompts())
     assert max(SIDE_BY_SIDE) < 40 and len(SIDE_BY_SIDE) == 5
+    drill_words = {w.strip("?.,'").lower() for p in prompt_mix()["drills"] for w in p.split()}
+    assert not drill_words & {"france", "japan", "italy", "germany", "spain", "egypt", "canada", "kingdom", "brazil",
+                              "mouse", "spider", "hot", "cold", "bees", "nectar", "thermometer", "noun", "synonym"}
     assert correct("The capital of France is Paris.", ("paris",))
     assert correct("7 x 8 = 56", ("56", "fifty-six"))
     assert not correct("It is 456.", ("56",)) and not correct("Use length()", ("len",))

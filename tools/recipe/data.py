@@ -182,6 +182,95 @@ _TASK_INSTRUCTIONS = (
     "Convert 3 kilometres to metres and show the working.", "What is 15 plus 27? Show the working.",
     "What is 9 times 6? Answer with the number.", "Count the vowels in the word 'banana'.",
 )
+# Drills: short questions with one known answer, in the forms FACTUAL asks but never about FACTUAL's own
+# subjects (its eight countries, Brazil, its sums, the mouse, the spider, hot and cold, ...). Added for the
+# third training round: the student matched the teacher's short answers worst, and 145 of the first
+# 1,553 prompts were facts.
+_DRILL_COUNTRIES = (
+    *_COUNTRIES, "Russia", "South Korea", "Indonesia", "the Netherlands", "Switzerland", "Colombia", "Venezuela",
+    "Iran",
+    "Saudi Arabia", "Ukraine", "Romania", "Bulgaria", "Croatia", "Iceland", "New Zealand", "the Philippines",
+    "Malaysia", "Pakistan", "Nepal", "Ethiopia", "Ghana", "South Africa", "Algeria", "Uruguay", "Bolivia",
+    "Jamaica", "Mongolia", "Lebanon", "Slovakia", "Lithuania", "Estonia", "Sri Lanka", "Cambodia",
+    "Kazakhstan", "Tanzania", "Senegal", "Czechia", "Serbia", "Qatar", "Ecuador",
+)
+_DRILL_CAPITAL = (
+    "What is the capital of {c}? Answer in one sentence.", "Which city is the capital of {c}?",
+    "Name the capital city of {c}.",
+)
+_DRILL_LANGUAGE = ("Which language is mainly spoken in {c}?",)
+_DRILL_NUMBERS = ((4, 8, 11, 14, 20, 30, 64, 81, 90, 120), (2, 3, 4, 6, 9))
+_DRILL_OPERATIONS = ("plus", "minus", "times", "divided by")
+_DRILL_COUNTS = (
+    "hours are in a day", "seconds are in a minute", "months are in a year", "days are in a year",
+    "weeks are in a year", "years are in a century", "years are in a decade", "eggs are in a dozen",
+    "centimetres are in a metre", "grams are in a kilogram", "letters are in the English alphabet",
+    "planets are in our solar system", "sides does a triangle have", "sides does a hexagon have",
+    "sides does a square have", "legs does a dog have", "legs does an insect have", "arms does an octopus have",
+    "wheels does a bicycle have", "strings does a standard guitar have", "players are on a football team",
+)
+_DRILL_SCIENCE = (
+    "What is the boiling point of water in degrees Celsius?", "What is the chemical symbol for gold?",
+    "What is the chemical symbol for oxygen?", "What is the chemical symbol for iron?",
+    "What is the chemical symbol for sodium?", "What gas do humans breathe out?",
+    "What gas do humans need to breathe in to live?", "Which planet is closest to the Sun?",
+    "Which planet is famous for its rings?", "What is the largest ocean on Earth?",
+    "What is the tallest mountain in the world?", "What is the largest mammal?",
+    "What is the fastest land animal?", "What do caterpillars turn into?", "What do you call a baby cat?",
+    "What do you call a baby dog?", "Which organ do humans breathe with?",
+    "What force pulls things towards the ground?",
+    "Which part of a plant takes in water from the soil?", "What is the main ingredient of bread?",
+    "What does a barometer measure?", "What does a ruler measure?", "What does a clock measure?",
+    "What does a speedometer measure?", "What does a compass show?", "What is the hardest natural material?",
+    "What is frozen water called?", "Which season comes after spring?", "What do cows produce that people drink?",
+    "What colour do you get by mixing red and white?", "What colour do you get by mixing red and yellow?",
+    "What colour do you get by mixing blue and red?", "What colour do you get by mixing black and white?",
+)
+_DRILL_OPPOSITES = ("up", "big", "happy", "fast", "light", "early", "open", "full", "old", "wet", "day", "loud")
+_DRILL_PLURALS = ("child", "tooth", "foot", "goose", "man", "woman", "person", "sheep", "leaf", "knife", "box",
+                  "city", "baby", "potato", "fish", "cactus")
+_DRILL_DEFINE = ("verb", "adjective", "adverb", "pronoun", "prime number", "triangle", "planet", "mammal",
+                 "volcano", "island", "habitat", "sentence")
+_DRILL_WORDS = ("antonym", "homophone", "generous", "ancient", "fragile", "vocabulary", "curious", "enormous")
+_DRILL_PYTHON = (
+    "which keyword skips to the next iteration of a loop", "which keyword starts a conditional statement",
+    "which keyword catches an exception", "which keyword imports a module", "which keyword defines a class",
+    "which keyword sends a value back from a function", "which keyword makes an anonymous function",
+    "which statement does nothing", "which function reads a line typed by the user",
+    "which function converts a string to an integer", "which function returns the largest item",
+    "which function adds up the numbers in a list", "which function returns a new sorted list",
+    "which function makes a sequence of numbers for a loop", "which function returns the type of an object",
+    "which function opens a file", "which method removes and returns the last item of a list",
+    "which string method joins a list of strings", "which string method splits a string into words",
+    "which string method makes a string upper case", "which string method removes spaces from both ends",
+    "which dictionary method returns its keys", "which list method sorts the list in place",
+    "which built-in type is an unchangeable sequence", "which built-in type stores unique items",
+    "which built-in type holds text", "which built-in type holds True or False",
+)
+_DRILL_PYTHON_VALUES = ("2 ** 3", "7 // 2", "7 % 3", "10 / 4", "len('hello')", "'ab' * 2", "3 + 4 * 2",
+                        "abs(-5)", "max(3, 9, 4)", "int('12') + 1")
+_DRILL_PYTHON_LITERALS = ("42", "'hi'", "True", "[1, 2]", "(1, 2)", "None", "{'a': 1}")
+DRILL_SUFFIX = " Answer briefly."
+
+
+def _drills() -> list[str]:
+    """The third round's short questions; each also asked with DRILL_SUFFIX, as users add such asks."""
+    first, second = _DRILL_NUMBERS
+    questions = [t.format(c=c) for c, t in itertools.product(_DRILL_COUNTRIES, _DRILL_CAPITAL + _DRILL_LANGUAGE)]
+    questions += [f"What is {a} {op} {b}?" for a, b, op in itertools.product(first, second, _DRILL_OPERATIONS)
+                  if op != "divided by" or a % b == 0]
+    questions += [f"What is half of {a}?" for a in first] + [f"What is double {a}?" for a in first]
+    questions += [f"How many {c}?" for c in _DRILL_COUNTS] + list(_DRILL_SCIENCE)
+    questions += [f"What is the opposite of '{w}'?" for w in _DRILL_OPPOSITES]
+    questions += [f"What is the plural of '{w}'?" for w in _DRILL_PLURALS]
+    questions += [f"What is a {w}? Define it in one sentence." for w in _DRILL_DEFINE]
+    questions += [f"Define the word '{w}' in one sentence." for w in _DRILL_WORDS]
+    questions += [f"In Python, {q}?" for q in _DRILL_PYTHON]
+    questions += [f"In Python, what does the expression {e} evaluate to?" for e in _DRILL_PYTHON_VALUES]
+    questions += [f"In Python, what type does the literal {v} have?" for v in _DRILL_PYTHON_LITERALS]
+    return questions + [q + DRILL_SUFFIX for q in questions]
+
+
 DOCS = Path("/usr/share/doc")
 CONTINUATIONS = 300  # prose passages from Debian's documentation and the (non-GPL) licences
 
@@ -217,6 +306,7 @@ def prompt_mix() -> dict[str, list[str]]:
         "instructions": [t.format(w=w) for w, t in itertools.product(_WORDS, _INSTRUCTIONS)]
                         + list(_TASK_INSTRUCTIONS),
         "continuations": [f"Continue this text:\n\n{' '.join(p.split()[:40])}" for p in passages],
+        "drills": _drills(),
     }
     held_out = set(EVAL_PROMPTS) | {prompt for prompt, _ in FACTUAL}
     return {kind: [p for p in prompts if p not in held_out] for kind, prompts in mix.items()}

@@ -3,6 +3,7 @@
     python -m tools.recipe.data build/recipe          # corpus and prompt mix (CPU, 20 s)
     python -m tools.recipe.distill prepare --gguf G --work build/recipe
     python -m tools.recipe.distill train --gguf G --work build/recipe --minutes 8 --out F
+    python -m tools.recipe.distill answer --gguf G --work build/recipe --kinds drills --append   # more answers
 
 G is the teacher's GGUF; F is the shipped folder, ``src/expertswap/models/default_model/files``.
 
@@ -260,6 +261,26 @@ def _prompt_mix(work: Path) -> dict[str, list[str]]:
     return json.loads(path.read_text()) if path.exists() else data.prompt_mix()
 
 
+def answer(args: argparse.Namespace, shape: LlamaShape, dense: dict, tokenizer) -> np.ndarray:
+    """Teacher answers to the prompt mix's ``--kinds`` into ``chat.bin``; ``--append`` adds them to the answers
+    already there (a later round's new prompts) and records each generation in ``chat.json``."""
+    mix = {kind: prompts for kind, prompts in _prompt_mix(args.work).items() if not args.kinds or kind in args.kinds}
+    if args.kinds and set(args.kinds) - set(mix):
+        raise SystemExit(f"unknown prompt kinds: {', '.join(sorted(set(args.kinds) - set(mix)))}")
+    prompts = [p for kind in mix.values() for p in kind][: args.prompts]
+    chat = generate_chat(shape, dense, tokenizer, prompts, args.samples, args.max_new, 512, args.temperatures)
+    record = {"prompts": {kind: len(p) for kind, p in mix.items()}, "used": len(prompts), "samples": args.samples,
+              "temperatures": list(args.temperatures), "max_new": args.max_new, "tokens": int(chat.size)}
+    bin_path, json_path = args.work / "chat.bin", args.work / "chat.json"
+    if args.append:
+        earlier = json.loads(json_path.read_text())
+        chat = np.concatenate([np.frombuffer(bin_path.read_bytes(), dtype=np.uint16), chat])
+        record = earlier | {"appended": [*earlier.get("appended", []), record], "tokens": int(chat.size)}
+    bin_path.write_bytes(chat.tobytes())
+    json_path.write_text(json.dumps(record, indent=2))
+    return chat
+
+
 def _setup(gguf: Path, work: Path):
     shape, dense = read_dense(gguf)
     tokenizer = load_tokenizer(gguf)
@@ -269,7 +290,7 @@ def _setup(gguf: Path, work: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["prepare", "train"])
+    parser.add_argument("stage", choices=["prepare", "answer", "train"])
     parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path)
@@ -284,6 +305,9 @@ def main() -> None:
     parser.add_argument("--chat-share", type=float, default=0.5,
                         help="share of each training batch taken from the teacher's answers")
     parser.add_argument("--max-new", type=int, default=320)
+    parser.add_argument("--kinds", type=lambda k: tuple(k.split(",")), default=(),
+                        help="comma-separated prompt kinds the teacher answers (default: all)")
+    parser.add_argument("--append", action="store_true", help="add the answers to chat.bin instead of replacing it")
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--resume", type=Path, help="continue from a shipped folder written by an earlier train")
     parser.add_argument("--experts", type=int, default=MoeDesign.num_experts, help="routed experts per layer (prepare)")
@@ -295,18 +319,14 @@ def main() -> None:
     torch.manual_seed(SEED)
     shape, dense, tokenizer, corpus = _setup(args.gguf, args.work)
     device = _device()
-    if args.stage == "prepare":
+    if args.stage in ("prepare", "answer"):
         t0 = time.perf_counter()
         design = MoeDesign(num_experts=args.experts, top_k=args.top_k, shared=args.shared)
         design.routed(shape)  # an uneven split fails here, not after the teacher's answers
-        mix = _prompt_mix(args.work)
-        prompts = [p for kind in mix.values() for p in kind][: args.prompts]
-        chat = generate_chat(shape, dense, tokenizer, prompts, args.samples, args.max_new, 512, args.temperatures)
-        (args.work / "chat.bin").write_bytes(chat.tobytes())
-        (args.work / "chat.json").write_text(json.dumps({
-            "prompts": {kind: len(p) for kind, p in mix.items()}, "used": len(prompts), "samples": args.samples,
-            "temperatures": list(args.temperatures), "max_new": args.max_new, "tokens": int(chat.size)}, indent=2))
+        chat = answer(args, shape, dense, tokenizer)
         print(f"chat: {chat.size} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.stage == "answer":
+            return
         base = convert(shape, dense, design, exact_plan(shape, design))
         net = Distiller(shape, design, base, dense).to(device)
         plans = calibrate(net, np.concatenate([corpus, chat]), args.calibration, design, shape)
