@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PySide6.QtWidgets import QMessageBox
 
 from expertswap.app.connect_dialog import ConnectDialog
 from expertswap.app.main_window import MainWindow
+from expertswap.client import RemoteError
 from expertswap.server import BackgroundServer
 
 from .conftest import make_window
@@ -71,6 +73,36 @@ def test_stop_cancels_the_remote_reply(remote_window: MainWindow, server: Backgr
     chunks, finished, _ = _run_reply(loop, remote_window, "Go on and on", stop_after=2)
     assert finished == ["stopped"] and len(chunks) < 200
     assert server.engine.stats().tokens_generated < 2000
+
+
+def test_a_budget_request_cut_by_leaving_the_server_is_not_reported(remote_window: MainWindow, loop,
+                                                                    monkeypatch) -> None:
+    """A failed request is news while its server is the app's; once the user left it, it is not."""
+    session, problems, calls = remote_window.session, [], []
+    session.problem.connect(problems.append)
+    remote = session.remote
+    assert remote is not None
+
+    def refused(budget: int, release: threading.Event) -> int:
+        release.wait(5)
+        calls.append(budget)
+        raise RemoteError("the connection to the server was closed during the call")
+
+    now = threading.Event()
+    monkeypatch.setattr(remote, "set_budget", lambda budget: refused(budget, now))
+    now.set()
+    session.set_budget(remote.minimum_budget_bytes)
+    loop.run_until_complete(_until(lambda: bool(problems)))
+    assert problems == ["RemoteError: the connection to the server was closed during the call"]
+
+    later = threading.Event()
+    monkeypatch.setattr(remote, "set_budget", lambda budget: refused(budget, later))
+    session.set_budget(remote.minimum_budget_bytes)
+    session.close()  # the user connected elsewhere or closed the window while the request was out
+    later.set()
+    loop.run_until_complete(_until(lambda: len(calls) == 2))
+    loop.run_until_complete(asyncio.sleep(0.2))  # the failure handler's turn on the GUI thread
+    assert len(problems) == 1
 
 
 def test_a_plain_openai_server_chats_with_the_panels_off_and_saying_why(qtbot, loop, tmp_path: Path) -> None:

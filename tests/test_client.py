@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import uvicorn
@@ -176,3 +176,27 @@ def test_a_reply_cancelled_before_it_starts_ends_at_once(remote: RemoteEngine) -
             return []
 
     assert asyncio.run(asyncio.wait_for(cancelled_first(), 10)) == []
+
+
+def test_calls_after_close_or_cut_by_it_are_one_line_errors_not_hangs(server: Server) -> None:
+    """The app closed the connection (new chat source, quit) while a budget request was on its way."""
+    remote = RemoteEngine.connect(server.url, KEY)
+    remote._loop.call_soon_threadsafe(time.sleep, 0.5)  # the client's loop is busy: the call waits in line
+    outcome: list[BaseException] = []
+    caller = threading.Thread(target=lambda: _record(outcome, lambda: remote.set_budget("25%")))
+    caller.start()
+    time.sleep(0.1)
+    remote.close()
+    caller.join(timeout=10)
+    assert not caller.is_alive() and len(outcome) == 1 and isinstance(outcome[0], RemoteError)
+    assert "closed" in str(outcome[0])
+    for call in (lambda: remote.set_budget("50%"), remote.residency):
+        with pytest.raises(RemoteError, match="is closed"):
+            call()
+
+
+def _record(outcome: list[BaseException], call: Callable[[], object]) -> None:
+    try:
+        call()
+    except BaseException as exc:  # the test looks at what the caller got
+        outcome.append(exc)

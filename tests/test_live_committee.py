@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -113,6 +114,22 @@ def test_budget_change_applies_before_the_next_token(tiny_model) -> None:
         stream.close()
         engine.set_budget("50%")  # idle engine: applied at once
         assert engine.budget_bytes == engine.total_expert_bytes // 2
+
+
+@pytest.mark.parametrize("swapper", [True, False])
+def test_a_budget_asked_while_the_lock_is_busy_lands_with_no_reply_after_it(tiny_model, swapper: bool) -> None:
+    """The request found the step lock held (a residency snapshot, a swap batch) and no token follows."""
+    with Engine.load(tiny_model("qwen3_moe"), budget="100%", swapper=swapper) as engine:
+        with engine.runtime.lock:  # held here, so the call from another thread only records the request
+            caller = threading.Thread(target=engine.set_budget, args=("25%",))
+            caller.start()
+            caller.join(timeout=10)
+            assert not caller.is_alive() and engine.budget_bytes == engine.total_expert_bytes
+        deadline = time.monotonic() + 10
+        while engine.budget_bytes != engine.total_expert_bytes // 4:
+            assert time.monotonic() < deadline, "the idle engine kept the old budget and its memory"
+            time.sleep(0.01)
+        assert _slot_bytes(engine) <= engine.budget_bytes
 
 
 def test_budget_below_minimum_is_refused_and_nothing_changes(tiny_model) -> None:

@@ -148,8 +148,12 @@ class EngineSession(QObject):
         """In force before the next token; a remote engine is asked off the GUI thread (a failure: ``problem``)."""
         if self.remote is not None:
             remote = self.remote
-            run_op(None, lambda: remote.set_budget(int(budget_bytes))).failure(
-                lambda exc: self.problem.emit(describe(exc))).start()
+
+            def failed(exc: BaseException) -> None:
+                if self.remote is remote:  # not a server left since (its closing cut the request)
+                    self.problem.emit(describe(exc))
+
+            run_op(None, lambda: remote.set_budget(int(budget_bytes))).failure(failed).start()
         elif self.engine is not None:
             self.engine.set_budget(int(budget_bytes))
 

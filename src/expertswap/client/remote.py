@@ -70,6 +70,8 @@ class RemoteEngine:
     def __init__(self, url: str, api_key: str | None = None) -> None:
         self.base_url = api_root(url)
         self._lock = threading.Lock()
+        self._closed = False
+        self._calls: set[concurrent.futures.Future[Any]] = set()  # blocking calls in flight, cancelled by close()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="expertswap-remote", daemon=True)
         self._thread.start()
@@ -167,8 +169,8 @@ class RemoteEngine:
         """Telemetry from now on, fetched every ``POLL_S`` (nothing arrives from a server that is not ExpertSwap's)."""
         subscription = self._telemetry.subscribe(maxsize)
         with self._lock:
-            if self.expertswap and self._poller is None:
-                self._poller = asyncio.run_coroutine_threadsafe(self._poll(), self._loop)
+            if self.expertswap and self._poller is None and not self._closed:
+                self._poller = self._submit(self._poll())
         return subscription
 
     async def stream_chat(self, messages: Sequence[dict[str, str]],
@@ -181,9 +183,8 @@ class RemoteEngine:
             if not here.is_closed():  # the app's loop ends before a cancelled request's last word
                 here.call_soon_threadsafe(pieces.put_nowait, item)
 
-        reply = asyncio.run_coroutine_threadsafe(self._stream(list(messages), settings, put), self._loop)
         with self._lock:
-            self._reply = reply
+            reply = self._reply = self._submit(self._stream(list(messages), settings, put))
         try:
             while (item := await pieces.get()) is not None:
                 if isinstance(item, BaseException):
@@ -202,9 +203,11 @@ class RemoteEngine:
                 self._reply.cancel()
 
     def close(self) -> None:
-        """Drop any reply and the polling, close the connections, end the loop thread."""
+        """Drop any reply, the polling and the blocking calls in flight (they raise ``RemoteError``), close the
+        connections, end the loop thread. A call made afterwards raises ``RemoteError`` at once."""
         with self._lock:
-            for future in (self._reply, self._poller):
+            self._closed = True
+            for future in (self._reply, self._poller, *self._calls):
                 if future is not None:
                     future.cancel()
             self._poller = None
@@ -215,8 +218,25 @@ class RemoteEngine:
         self._loop.close()
 
     # ---- the private loop --------------------------------------------------------------------------------
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coroutine`` on the private loop (the caller holds ``_lock``); refused once ``close()`` began, since
+        a stopping loop would never run it and its caller would wait for ever."""
+        if self._closed:
+            coroutine.close()
+            raise RemoteError(f"the connection to {self.base_url} is closed")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        with self._lock:
+            future = self._submit(coroutine)
+            self._calls.add(future)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise RemoteError(f"the connection to {self.base_url} was closed during the call") from None
+        finally:
+            with self._lock:
+                self._calls.discard(future)
 
     async def _client(self, headers: dict[str, str]) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, headers=headers,

@@ -56,6 +56,20 @@ class BudgetController:
         self._wake()
         return new
 
+    def settle(self) -> None:
+        """Apply a request that found the step lock busy (a step, a snapshot, a swap batch) and no step followed.
+
+        Called from the swapper's thread, which may wait for the lock; without it an idle engine would keep
+        the old committees, and their memory, until the next reply.
+        """
+        while self._pending is not None:
+            try:
+                with self.runtime.lock:
+                    self.apply_pending()
+            except (torch.OutOfMemoryError, MemoryError) as exc:  # growing found no room: as a step does
+                if not self.shrink_after_oom(exc):
+                    return
+
     def apply_pending(self) -> None:
         """Resize every committee to the pending budget (the caller holds the step lock)."""
         with self._lock:

@@ -151,7 +151,7 @@ class Engine:
                                self._stop_ids(), self._after_token, self._emit_memory_sample)
         self._peak_resident = self.resident_expert_bytes()
         self.copier = copier
-        self.swapper = Swapper(committees, store, runtime, copier)
+        self.swapper = Swapper(committees, store, runtime, copier, self.budget.settle)
         self.swapper.enabled = swapper
         self.swapper.start()
         self.watcher = MemoryWatcher(self._emit_memory_sample,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .committee import Committee, Runtime, Swap
 from .copier import Copier
@@ -23,9 +23,10 @@ class Swapper:
 
     def __init__(
         self, committees: Sequence[Committee], store: ExpertStore, runtime: Runtime, copier: Copier,
-        swaps_per_layer: int = SWAPS_PER_LAYER,
+        settle: Callable[[], None], swaps_per_layer: int = SWAPS_PER_LAYER,
     ) -> None:
         self.committees = committees
+        self.settle = settle  # first, on every wake: a budget request the step lock kept from landing
         self.store = store
         self.runtime = runtime
         self.copier = copier
@@ -75,6 +76,7 @@ class Swapper:
         while not self._stop.is_set():
             self._wake.wait(timeout=0.5)
             self._wake.clear()
+            self.settle()
             if self.enabled and not self.runtime.pinned and not self._stop.is_set():
                 while self.run_once() and not self._wake.is_set() and not self._stop.is_set():
                     pass
