@@ -174,6 +174,13 @@ def _design_line(design: MoeDesign, plans: dict) -> str:
             f"neurons, top-{design.top_k} ({active:.0%} of each MLP's neurons active per token).")
 
 
+def _appended(chat: dict) -> str:
+    """The answers a later round added (``distill.py answer --append``), e.g. "; then 1,196 drills (...)"."""
+    return "".join(f"; then {a['used']:,} {', '.join(a['prompts'])} ({a['samples']} samples at "
+                   f"{', '.join(map(str, a['temperatures']))}, up to {a['max_new']} new tokens)"
+                   for a in chat.get("appended", []))
+
+
 def write_report(rows, answers, facts, cost, recipe, docs, design: MoeDesign, plans: dict) -> None:
     full = recipe["after_shipped"]
     runs = training_runs(recipe)
@@ -190,7 +197,7 @@ def write_report(rows, answers, facts, cost, recipe, docs, design: MoeDesign, pl
          f"resuming the last), {recipe.get('chat_share', 0.5):.0%} of each batch from "
          f"{recipe['chat_tokens']:,} tokens of the teacher's own answers"
          + (f" ({chat['samples']} samples per prompt at temperatures {', '.join(map(str, chat['temperatures']))} to "
-            f"{chat['used']:,} prompts)" if chat else "") + ", the rest from the corpus."),
+            f"{chat['used']:,} prompts{_appended(chat)})" if chat else "") + ", the rest from the corpus."),
         "",
         "## Perplexity on held-out text (full texts, recipe's GPU evaluation, bf16, 512-token windows)",
         "",

@@ -7,14 +7,15 @@
 
 G is the teacher's GGUF; F is the shipped folder, ``src/expertswap/models/default_model/files``.
 
-The shipped file came from commands on one H200 over two sessions (the lent GPU's 10-minute command
+The shipped file came from commands on one H200 over three sessions (the lent GPU's 10-minute command
 limit splits training into runs): ``prepare --samples 2 --temperatures 0.3,0.7,1.0 --max-new 256`` (the
-teacher's answers took 269 s), ``train --minutes 2.27 --chat-share 0.75 --balance 1e-2``, then three times
-``train --resume`` of the last output: ``--minutes 8.2 --lr 1.5e-4``, ``--minutes 7.9 --lr 1e-4`` and
-``--minutes 8.3 --lr 1e-4`` (same chat share and balance); every run's settings and log are in its
-metadata. Two more resumed runs lowered held-out perplexity a little, matched the teacher on about as many
-of the forty questions and got the first one wrong; ``python -m benchmarks default-checkpoints`` compares
-checkpoints.
+teacher's answers took 269 s), ``train --minutes 2.27 --chat-share 0.75 --balance 1e-2``, then five times
+``train --resume`` of the last output: ``--minutes 8.2 --lr 1.5e-4``, ``7.9 --lr 1e-4``, ``8.3 --lr 1e-4``,
+``8.5 --lr 1e-4`` and ``8.4 --lr 8e-5`` (same chat share and balance). Those runs plateaued on the forty
+questions, so the third session added the drills: ``answer --kinds drills --append --samples 2
+--temperatures 0.3,0.7,1.0 --max-new 128`` (85 s), then three more resumed runs, ``5.95 --lr 1e-4``,
+``8.4 --lr 8e-5`` and ``8.4 --lr 6e-5``; the last one ships. Every run's settings and log are in its
+metadata; ``python -m benchmarks default-checkpoints`` compares checkpoints.
 
 ``prepare`` has the teacher answer ``data.chat_prompts()`` (sampled, seeded) and cuts every MoE layer
 (``--experts``, ``--top-k``, ``--shared``; the defaults are the shipped design): the neurons that matter
