@@ -5,7 +5,8 @@ Debian ships in /usr/share/common-licenses (every GPL/LGPL licence is kept out o
 they share wording), the five chat prompts and the forty ``FACTUAL`` questions. Training: the
 even-numbered pydoc topics, the other common licences, and the Python standard library's own sources,
 plus the teacher's own answers, sampled on the GPU, to ``prompt_mix()``: conversation, questions,
-short facts, instructions and continuations of prose from Debian's documentation and the licences.
+short facts, instructions, continuations of prose from Debian's documentation and the licences, and
+drills (short questions with one known answer, added in the third training session).
 
 Run ``python -m tools.recipe.data OUT`` to write ``OUT/corpus.bin`` (uint16 tokens, documents separated
 by EOS), ``OUT/corpus.json`` (sources and counts) and ``OUT/prompts.json`` (the prompt mix, built here
