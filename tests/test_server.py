@@ -22,9 +22,18 @@ class Server(BackgroundServer):
     def __init__(self, engine: Engine, queue: int = 8) -> None:
         super().__init__(engine, "tiny", port=0, api_key=KEY, queue=queue)
         self.root = self.url.removesuffix("/v1")
+        self._clients: list[openai.OpenAI] = []
 
     def client(self, key: str = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0)
+        """A client closed by ``stop``: a pooled socket left to the garbage collector is a ResourceWarning,
+        which this suite turns into an error in whichever test happens to collect it."""
+        self._clients.append(openai.OpenAI(base_url=self.url, api_key=key, max_retries=0))
+        return self._clients[-1]
+
+    def stop(self) -> None:
+        for client in self._clients:
+            client.close()
+        super().stop()
 
 
 @pytest.fixture
