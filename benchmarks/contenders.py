@@ -67,24 +67,25 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = run_dtype(device)
     kwargs: dict = {"dtype": dtype}
-    scratch = tempfile.TemporaryDirectory(prefix="offload-")  # accelerate's disk spill; gone with this function
-    if offload:
-        cap = offload_cap(folder, budget, dtype)
-        target = 0 if device.startswith("cuda") else "cpu"
-        kwargs |= {"device_map": "auto", "max_memory": {target: cap, **({"cpu": 10**12} if target == 0 else {})},
-                   "offload_folder": scratch.name}
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    if not offload:
-        model = model.to(device)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
+    # accelerate spills offloaded layers to disk here; removed when the decode is done
+    with tempfile.TemporaryDirectory(prefix="offload-", ignore_cleanup_errors=True) as scratch:
+        if offload:
+            cap = offload_cap(folder, budget, dtype)
+            target = 0 if device.startswith("cuda") else "cpu"
+            kwargs |= {"device_map": "auto", "max_memory": {target: cap, **({"cpu": 10**12} if target == 0 else {})},
+                       "offload_folder": scratch}
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+        if not offload:
+            model = model.to(device)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
 
-    def step(x, cache):
-        with forward_mode():  # the engine's attention backends, so attention costs every contender the same
-            out = model(input_ids=x, past_key_values=cache, use_cache=True)
-        return out.logits, out.past_key_values
+        def step(x, cache):
+            with forward_mode():  # the engine's attention backends, so attention costs every contender the same
+                out = model(input_ids=x, past_key_values=cache, use_cache=True)
+            return out.logits, out.past_key_values
 
-    out, times = _timed_decode(step, ids, tokens)
+        out, times = _timed_decode(step, ids, tokens)
     return {"ids": out, "times": times, "peak_rss": peak_rss_bytes(), "hit_rate": None, "bytes_loaded": None,
             "peak_vram": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
 

@@ -280,6 +280,7 @@ def test_models_dialog_downloads_with_progress_then_reports(qtbot, loop, tiny_mo
         assert "OLMoE" in text and "It fits." in text
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_an_offline_download_says_so_and_can_be_retried(qtbot, loop, tmp_path: Path,

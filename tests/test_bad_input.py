@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -240,8 +241,11 @@ def test_weights_that_are_not_a_regular_file(tiny_model, tmp_path: Path, kind: s
 def test_a_list_shaped_tokenizer_config(tiny_model, tmp_path: Path) -> None:
     folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
     (folder / "tokenizer_config.json").write_text("[]")
-    with pytest.raises(ModelFormatError, match="tokenizer"):
+    with pytest.raises(ModelFormatError, match="tokenizer") as failed:
         Engine.load(folder)
+    # while the app still holds the error to show it, the weights the load had opened are closed already
+    assert failed.value.__traceback__ is not None
+    assert not [f.path for f in psutil.Process().open_files() if f.path.startswith(str(folder))]
 
 
 @pytest.mark.parametrize("text", ["1e400", "1e400%", "1e400GiB", "nan", "inf"])

@@ -73,6 +73,7 @@ def hub() -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+    server.server_close()
 
 
 def test_download_reports_progress_and_skips_pickles(hub: str, tmp_path: Path) -> None:

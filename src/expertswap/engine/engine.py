@@ -190,43 +190,47 @@ class Engine:
             raise SettingsError(f"this checkpoint's experts are already {native}; --quantize applies to unquantised "
                                 "checkpoints")
         checkpoint = Checkpoint(folder)
-        check_layers(list(checkpoint.entries), int(config.num_hidden_layers))
-        model, sites = load_skeleton(str(folder), family, torch_device, dtype,
-                                     config.quantization_config if native else None)
-        top_k = int(config.num_experts_per_tok)
-        row_path = all(supports_rows(site.module) for site in sites)
-        _check_policy(policy, torch_device, skip_threshold, row_path)
-        if quantize is not None and not row_path:
-            raise UnsupportedArchitectureError(f"quantised experts are not supported for {family.name} yet")
-        layers = {
-            site.layer: resolve_layer(checkpoint, family, site.layer, int(site.module.num_experts), top_k, site.params,
-                                      quantize or native, block, slots_plain=not row_path)
-            for site in sites
-        }
-        store = ExpertStore(checkpoint, layers, pin_memory=torch_device.type == "cuda")
-        shapes = [LayerShape(spec.num_experts, spec.top_k, spec.expert_bytes) for spec in layers.values()]
-        budget_bytes = parse_budget(budget, store.total_expert_bytes)
-        capacities = plan_capacities(budget_bytes, shapes)
-        if ram_tier:
-            store.fill_ram_tier()
-        if eviction not in EVICTIONS:
-            raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
-        runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction,
-                          packed_slots=any(spec.quantize for spec in layers.values()))
-        committees, routers = [], []
-        copier = Copier(torch_device)
-        for site, capacity in zip(sites, capacities, strict=True):
-            attr = site.name.rpartition(".")[2]
-            router = next(
-                (m for m in (getattr(site.parent, n, None) for n in ("gate", "router")) if m is not None), None
-            )
-            committee = Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router,
-                                  copier)
-            setattr(site.parent, attr, committee)
-            committees.append(committee)
-            routers.append(router)
-        tokenizer = _load_tokenizer(folder)
-        return cls(model, tokenizer, family, committees, store, runtime, budget_bytes, swapper, copier, routers)
+        try:
+            check_layers(list(checkpoint.entries), int(config.num_hidden_layers))
+            model, sites = load_skeleton(str(folder), family, torch_device, dtype,
+                                         config.quantization_config if native else None)
+            top_k = int(config.num_experts_per_tok)
+            row_path = all(supports_rows(site.module) for site in sites)
+            _check_policy(policy, torch_device, skip_threshold, row_path)
+            if quantize is not None and not row_path:
+                raise UnsupportedArchitectureError(f"quantised experts are not supported for {family.name} yet")
+            layers = {
+                site.layer: resolve_layer(checkpoint, family, site.layer, int(site.module.num_experts), top_k,
+                                          site.params, quantize or native, block, slots_plain=not row_path)
+                for site in sites
+            }
+            store = ExpertStore(checkpoint, layers, pin_memory=torch_device.type == "cuda")
+            shapes = [LayerShape(spec.num_experts, spec.top_k, spec.expert_bytes) for spec in layers.values()]
+            budget_bytes = parse_budget(budget, store.total_expert_bytes)
+            capacities = plan_capacities(budget_bytes, shapes)
+            if ram_tier:
+                store.fill_ram_tier()
+            if eviction not in EVICTIONS:
+                raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+            runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction,
+                              packed_slots=any(spec.quantize for spec in layers.values()))
+            committees, routers = [], []
+            copier = Copier(torch_device)
+            for site, capacity in zip(sites, capacities, strict=True):
+                attr = site.name.rpartition(".")[2]
+                router = next(
+                    (m for m in (getattr(site.parent, n, None) for n in ("gate", "router")) if m is not None), None
+                )
+                committee = Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router,
+                                      copier)
+                setattr(site.parent, attr, committee)
+                committees.append(committee)
+                routers.append(router)
+            tokenizer = _load_tokenizer(folder)
+            return cls(model, tokenizer, family, committees, store, runtime, budget_bytes, swapper, copier, routers)
+        except BaseException:  # a broken folder must not leave its safetensors files open
+            checkpoint.close()
+            raise
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
