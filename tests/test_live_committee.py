@@ -30,14 +30,21 @@ def _slot_bytes(engine: Engine) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _run_schedule(engine: Engine, ids: list[int], n: int, schedule: dict[int, int | str]) -> list[int]:
-    """Generate, calling set_budget after the given token counts; check bytes against the budget in force."""
+def _run_schedule(engine: Engine, ids: list[int], n: int, schedule: dict[int, int | str],
+                  rounds: bool = False) -> list[int]:
+    """Generate, calling set_budget after the given token counts; check bytes against the budget in force.
+
+    ``rounds``: a full swapper round between tokens too, run here (under exact on the CPU the thread
+    only fills empty slots).
+    """
     tokens = []
     for token in engine.generate(ids, SamplingSettings(max_new_tokens=n)):
         tokens.append(token)
         assert _slot_bytes(engine) <= engine.budget_bytes
         if len(tokens) in schedule:
             engine.set_budget(schedule[len(tokens)])
+        if rounds:
+            engine.swapper.run_once()
     return tokens
 
 
@@ -76,16 +83,16 @@ def _replay_and_check(events: list[Event], expert_bytes: dict[int, int]) -> int:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
-@pytest.mark.parametrize("swapper", [False, True])
-def test_exact_with_shrinking_and_growing_budget(tiny_model, reference, family: str, swapper: bool) -> None:
+@pytest.mark.parametrize("rounds", [False, True])
+def test_exact_with_shrinking_and_growing_budget(tiny_model, reference, family: str, rounds: bool) -> None:
     folder = tiny_model(family)
-    with Engine.load(folder, budget="100%", swapper=swapper) as engine:
+    with Engine.load(folder, budget="100%") as engine:
         events = engine.subscribe()
         engine.telemetry.emit(engine.residency())
         ids = engine.encode(PROMPT)
         minimum = engine.minimum_budget_bytes
         schedule = {4: "30%", 8: "80%", 12: minimum, 16: "55%", 20: "100%"}
-        tokens = _run_schedule(engine, ids, 24, schedule)
+        tokens = _run_schedule(engine, ids, 24, schedule, rounds)
         assert tokens == _reference_tokens(reference(folder), ids, 24)
         capacities = [c.capacity for c in engine.committees]
         assert capacities == [c.num_experts for c in engine.committees], "back at 100% every expert has a slot"
@@ -94,8 +101,10 @@ def test_exact_with_shrinking_and_growing_budget(tiny_model, reference, family: 
     assert _replay_and_check(log, expert_bytes) >= 20
     assert sum(1 for e in log if e.type == "budget" and e.applied) == len(schedule)
     assert any(e.type == "swap" and e.reason == "shrink" for e in log)
-    if swapper:
+    if rounds:
         assert any(e.type == "swap" and e.reason in ("grow", "prefetch") for e in log)
+    else:  # the thread alone: it never evicts for importance under exact on the CPU
+        assert not any(e.type == "swap" and e.reason == "prefetch" for e in log)
 
 
 def test_budget_change_applies_before_the_next_token(tiny_model) -> None:
@@ -218,6 +227,35 @@ def test_swapper_never_swaps_while_a_layer_runs(tiny_model, monkeypatch) -> None
         assert engine.stats().background_swaps > 0
         assert engine.runtime.swaps_during_forward == 0
     assert seen_active and set(seen_active) == {0}
+
+
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_on_the_cpu_the_swapper_only_grows_while_misses_load_themselves(tiny_model) -> None:
+    """Under exact a miss is loaded anyway; evicting for importance in the background would only compete
+    with the step for the cores. Empty slots after a budget raise are still filled. Switched live to
+    substitute, which never loads while decoding, the importance swaps resume."""
+    with Engine.load(tiny_model("qwen3_moe"), budget="50%", policy="exact") as engine:
+        ids = engine.encode(PROMPT * 2)
+        for _ in range(3):
+            list(engine.generate(ids, SamplingSettings(max_new_tokens=24)))
+        time.sleep(0.6)  # past the thread's idle wake
+        stats = engine.stats()
+        assert stats.misses > 0 and stats.background_swaps == 0
+        engine.set_budget("100%")
+        full = sum(c.num_experts for c in engine.committees)
+        _wait_for(lambda: sum(len(c.resident_experts) for c in engine.committees) == full,
+                  "the raised budget's slots stayed empty")
+        engine.set_budget("50%")
+        engine.set_policy("substitute")
+        grown = engine.stats().background_swaps
+        list(engine.generate(ids, SamplingSettings(max_new_tokens=24)))
+        _wait_for(lambda: engine.stats().background_swaps > grown, "the swapper did not resume under substitute")
 
 
 def test_background_swapper_raises_the_hit_rate(tiny_model) -> None:

@@ -41,7 +41,8 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-threshold", type=float, default=0.0,
                         help="policy skip: drop routings whose weight is below this (0 = drop none)")
     parser.add_argument("--ram-tier", action="store_true", help="keep every expert in host RAM (faster swaps)")
-    parser.add_argument("--no-swapper", action="store_true", help="no background swapping (misses only)")
+    parser.add_argument("--no-swapper", action="store_true",
+                        help="no background swapping, misses only (on the CPU exact and skip only grow in it)")
     parser.add_argument("--eviction", choices=EVICTIONS, default=DEFAULT_EVICTION,
                         help="which expert a miss replaces: least important, or least recently used (baseline)")
 

@@ -61,6 +61,11 @@ class Runtime:
     active_layers: int = 0  # committees inside forward right now; swaps must only happen at 0
     swaps_during_forward: int = 0  # must stay 0: counted by apply_swaps as an invariant check
 
+    @property
+    def loads_on_miss(self) -> bool:
+        """exact and skip load a routed expert that is missing, also while decoding; the others never do then."""
+        return self.policy in ("exact", "skip")
+
 
 class Committee(nn.Module):
     """Resident slots for one MoE layer plus the expert <-> slot maps and importance scores."""

@@ -498,7 +498,7 @@ class Engine:
         """Runs under the step lock before each forward: budget changes land here, between tokens."""
         self.budget.apply_pending()
         # substitute and cpu keep the prompt exact (loading what it needs) and never load while decoding
-        self.runtime.allow_loads = not self.runtime.pinned and (is_prefill or self.runtime.policy in ("exact", "skip"))
+        self.runtime.allow_loads = not self.runtime.pinned and (is_prefill or self.runtime.loads_on_miss)
         if self.runtime.trace is not None:
             self.runtime.trace.begin()
 
