@@ -48,6 +48,13 @@ def _run_schedule(engine: Engine, ids: list[int], n: int, schedule: dict[int, in
     return tokens
 
 
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def _replay_and_check(events: list[Event], expert_bytes: dict[int, int]) -> int:
     """Replaying swaps from each snapshot must give the next one; returns the number of snapshots checked."""
     state: dict[int, set[int]] | None = None
@@ -134,10 +141,8 @@ def test_a_budget_asked_while_the_lock_is_busy_lands_with_no_reply_after_it(tiny
             caller.start()
             caller.join(timeout=10)
             assert not caller.is_alive() and engine.budget_bytes == engine.total_expert_bytes
-        deadline = time.monotonic() + 10
-        while engine.budget_bytes != engine.total_expert_bytes // 4:
-            assert time.monotonic() < deadline, "the idle engine kept the old budget and its memory"
-            time.sleep(0.01)
+        _wait_for(lambda: engine.budget_bytes == engine.total_expert_bytes // 4,
+                  "the idle engine kept the old budget and its memory")
         assert _slot_bytes(engine) <= engine.budget_bytes
 
 
@@ -227,13 +232,6 @@ def test_swapper_never_swaps_while_a_layer_runs(tiny_model, monkeypatch) -> None
         assert engine.stats().background_swaps > 0
         assert engine.runtime.swaps_during_forward == 0
     assert seen_active and set(seen_active) == {0}
-
-
-def _wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def test_on_the_cpu_the_swapper_only_grows_while_misses_load_themselves(tiny_model) -> None:

@@ -127,14 +127,17 @@ class ExpertCache:
         missing = [e for e in wanted if not self.slots.is_resident(e)]
         return list(zip(missing, self.victims(set(wanted)), strict=False)) if missing else []
 
-    def plan_swaps(self, limit: int) -> list[tuple[int, int, int]]:
-        """(expert in, slot, expert out) pairs that raise the committee's rank by a margin, best first."""
-        if self.slots.full:
-            return []
-        rank = self.rank()
+    def plan_swaps(self, limit: int, evict: bool = True) -> list[tuple[int, int, int]]:
+        """(expert in, slot, expert out) pairs that raise the committee's rank by a margin, best first.
+
+        ``evict=False``: only fill empty slots (expert out -1); with none, nothing is ranked at all.
+        """
         held = self.slots.slot_to_expert
         empty = [s for s, e in enumerate(held) if e < 0]
-        resident = sorted((s for s, e in enumerate(held) if e >= 0), key=lambda s: float(rank[held[s]]))
+        if self.slots.full or not (empty or evict):
+            return []
+        rank = self.rank()
+        resident = sorted((s for s, e in enumerate(held) if e >= 0 and evict), key=lambda s: float(rank[held[s]]))
         outside = sorted((e for e in range(self.num_experts) if not self.slots.is_resident(e)),
                          key=lambda e: -float(rank[e]))
         plan: list[tuple[int, int, int]] = []

@@ -60,9 +60,7 @@ class Swapper:
             if self._stop.is_set():
                 break
             with self.runtime.lock:
-                plan, version = committee.cache.plan_swaps(self.swaps_per_layer), committee.version
-            if grow_only:
-                plan = [(expert, slot, victim) for expert, slot, victim in plan if victim < 0]
+                plan, version = committee.cache.plan_swaps(self.swaps_per_layer, evict=not grow_only), committee.version
             if not plan:
                 continue
             start = time.perf_counter()
