@@ -143,3 +143,21 @@ def test_native_fp8_and_mxfp4_checkpoints_on_cuda_give_transformers_logits(packe
     for budget in ("100%", "50%"):
         with Engine.load(folder, budget=budget, device="cuda", swapper=False) as engine:
             torch.testing.assert_close(engine.logits(IDS).cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", ["100%", "50%"])
+def test_close_gives_the_device_memory_back_while_the_engine_is_still_referenced(tmp_path, budget: str) -> None:
+    """The app loading a second model, and benchmarks building engines in turn, still hold the first: 12.9 GB
+    stayed allocated on an H200 after close() until the object was collected."""
+    from tools.synthetic import build_model
+
+    folder = build_model("olmoe", tmp_path / "m", num_experts=32, top_k=4, layers=4, hidden=1024, intermediate=512,
+                         heads=16, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    engine = Engine.load(folder, budget=budget, device="cuda", ram_tier=True)
+    list(engine.generate([5, 6, 7, 8], SamplingSettings(max_new_tokens=16, temperature=0)))  # graphs captured
+    assert torch.cuda.memory_allocated() - before > 150 * 2**20
+    engine.close()
+    assert torch.cuda.memory_allocated() - before <= 64 * 2**20
+    assert engine.store.host_bytes == 0  # the pinned RAM tier too

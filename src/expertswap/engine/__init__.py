@@ -8,8 +8,10 @@ from .errors import (
     BudgetError,
     BudgetTooSmallError,
     CacheError,
+    ChatTemplateError,
     DeviceError,
     EngineBusyError,
+    EngineClosedError,
     ExpertSwapError,
     ModelFormatError,
     ModelNotFoundError,
@@ -22,6 +24,7 @@ from .errors import (
 from .expert_cache import DEFAULT_EVICTION, EVICTIONS
 from .families import FAMILIES, supported_names
 from .generation import IncrementalDecoder, SamplingSettings
+from .host_memory import bound_kernel_caches
 from .quantize import QUANTIZATIONS
 from .telemetry import (
     BudgetChange,
@@ -35,6 +38,8 @@ from .telemetry import (
 )
 from .trace import TraceError, TraceHeader, TraceToken, read_trace
 
+bound_kernel_caches()  # on import: before anything, ours or the caller's, runs its first CPU matmul
+
 __all__ = [
     "DEFAULT_BUDGET",
     "DEFAULT_BUDGET_PERCENT",
@@ -46,9 +51,11 @@ __all__ = [
     "BudgetError",
     "BudgetTooSmallError",
     "CacheError",
+    "ChatTemplateError",
     "DeviceError",
     "Engine",
     "EngineBusyError",
+    "EngineClosedError",
     "EngineStats",
     "ExpertSwapError",
     "IncrementalDecoder",

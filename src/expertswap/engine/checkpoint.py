@@ -2,7 +2,9 @@
 
 Expert bytes are read with plain positioned reads straight into a tensor (pinned on CUDA), so
 nothing but the experts asked for is ever brought into memory and file pages do not pile up in
-the process's resident set the way a long-lived mmap would.
+the process's resident set the way a long-lived mmap would. Reads, unlike a mapping, also survive
+the file changing under them: a truncated or rewritten file is a ``ModelFormatError`` on the next
+read, where touching a mapped page past a new end of file kills the process with SIGBUS.
 """
 
 from __future__ import annotations
@@ -18,14 +20,10 @@ from typing import Any
 
 import torch
 
-from .errors import ModelFormatError, ModelNotFoundError
+from .errors import ModelFormatError
 from .families import Family, family_for
-from .validate import (
-    check_header_entry,
-    check_moe_config,
-    check_raw_config,
-    read_json_object,
-)
+from .folder import check_model_folder, read_json_object
+from .validate import check_header_entry, check_moe_config, check_raw_config
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -52,27 +50,6 @@ class TensorEntry:
         return n
 
 
-def check_model_folder(folder: str | os.PathLike) -> Path:
-    """Fail early and clearly when the folder, its config or its weights are missing or not plain files."""
-    path = Path(folder).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(f"model folder not found: {path}")
-    if not path.is_dir():
-        raise ModelNotFoundError(f"not a folder: {path}")
-    if not (path / "config.json").is_file():
-        raise ModelFormatError(f"no config.json in {path}: not a Hugging Face model folder")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        found = "pytorch_model.bin" if any(path.glob("*.bin")) else "none"
-        raise ModelFormatError(
-            f"no .safetensors weights in {path} (found: {found}); ExpertSwap loads safetensors only"
-        )
-    for file in weights:
-        if not file.is_file():  # a folder, a FIFO (reading it would hang), a dangling or looping link
-            raise ModelFormatError(f"{file} is not a regular file")
-    return path
-
-
 def read_config(model_dir: str | os.PathLike) -> tuple[Path, Any, Family]:  # Any: each family's config class
     """The checked folder, its config (never remote code) and its supported family, or a typed error."""
     from transformers import AutoConfig
@@ -97,7 +74,10 @@ class Checkpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.entries: dict[str, TensorEntry] = {}
+        self._stamps: dict[Path, tuple[int, int]] = {}  # each file's size and mtime as indexed
         for file in sorted(folder.glob("*.safetensors")):
+            stat = file.stat()
+            self._stamps[file] = (stat.st_size, stat.st_mtime_ns)
             self.entries.update(_read_header(file))
         self._handles: dict[Path, tuple[threading.Lock, io.FileIO]] = {}
         self._handles_lock = threading.Lock()
@@ -123,6 +103,10 @@ class Checkpoint:
         view = result.view(-1).view(torch.uint8).numpy().data
         lock, handle = self._handle(entry.file)
         with lock:
+            stat = os.fstat(handle.fileno())
+            if (stat.st_size, stat.st_mtime_ns) != self._stamps[entry.file]:
+                raise ModelFormatError(f"{entry.file.name} changed on disk after the model was loaded (a "
+                                       "re-download or a sync?): load the model again")
             handle.seek(offset)
             got = handle.readinto(view)
         if got != len(view):

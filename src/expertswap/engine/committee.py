@@ -112,6 +112,11 @@ class Committee(nn.Module):
             self.slots.install(slot, expert)
         self.slots.publish()
 
+    def release(self) -> None:
+        """Drop every slot and host copy (the engine is closing)."""
+        self.storage.allocate(0)
+        self._host, self._router_logits = None, None
+
     # ---- what is resident ---------------------------------------------------------------------
     @property
     def slots(self) -> SlotMap:

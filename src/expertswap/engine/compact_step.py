@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .host_memory import drop_file_pages
+from .host_memory import drop_file_pages, owned
 from .packed import linear, pack, packing_pays
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class Linear:
         biases = [m.bias for m in modules]
         self.bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
         packed = packing_pays(weight.device, weight.dtype)
-        self.weight = pack(weight) if packed else weight
+        self.weight = pack(weight) if packed else owned(weight)  # kept here only: never a view of the file
         self.splits = [m.out_features for m in modules]
         if packed or len(modules) > 1:  # the originals are no longer read: their mapped file pages can go
             drop_file_pages(weights)

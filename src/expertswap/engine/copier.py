@@ -24,6 +24,10 @@ class Copier:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staging: dict[tuple[str, tuple[int, ...], torch.dtype, int], torch.Tensor] = {}
 
+    def release(self) -> None:
+        """Drop the pinned staging buffers (the engine is closing)."""
+        self._staging.clear()
+
     def stage(self, tensors: Mapping[str, torch.Tensor], position: int) -> dict[str, torch.Tensor]:
         """Pinned copies of pageable host tensors (one buffer set per place in a batch), for async copies."""
         if self.stream is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import threading
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EngineBusyError, PromptError
+from .errors import EngineBusyError, EngineClosedError, PromptError
 from .generation import IncrementalDecoder, SamplingSettings, decode_loop
 from .session import Session
 from .step import StepGuard
@@ -60,6 +61,7 @@ class Decoder:
         self.after_token = after_token
         self.around_reply = around_reply  # runs as a reply starts and again as it ends (a memory sample)
         self.last = ReplyStats()
+        self.closed = False  # close() gave the model's memory back: nothing runs any more
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-generate")
@@ -97,6 +99,8 @@ class Decoder:
         limit = self.context
         if limit is not None and len(input_ids) >= limit:
             raise PromptError(f"the prompt has {len(input_ids)} tokens; this model's context holds {limit}")
+        if limit is not None and len(input_ids) + settings.max_new_tokens > limit:  # the reply stops at the context
+            settings = dataclasses.replace(settings, max_new_tokens=limit - len(input_ids))
         with self._exclusive():
             cancel = cancel or self._cancel
             cancel.clear()
@@ -151,12 +155,15 @@ class Decoder:
         self._cancel.set()
 
     def close(self) -> None:
+        self.closed = True
         self.cancel()
         self._executor.shutdown(wait=True)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """One reply or score at a time: a second caller is refused at once, never queued."""
+        if self.closed:
+            raise EngineClosedError("this engine is closed: load the model again")
         if not self._busy.acquire(blocking=False):
             raise EngineBusyError("a reply is already being generated")
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import itertools
 import threading
 import weakref
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import chat_template
 from .budget import parse_budget
 from .budget_control import BudgetController
 from .checkpoint import Checkpoint, read_config
@@ -42,7 +44,7 @@ from .generation import IncrementalDecoder, SamplingSettings
 from .graphed_step import GraphedDecode
 from .host_memory import own_weights, return_large_frees
 from .memory import current_rss_bytes, peak_rss_bytes
-from .packed import pack_linears, packing_pays
+from .packed import PackedLinear, pack_linears, packing_pays
 from .planner import LayerShape, plan_capacities
 from .quantize import QUANTIZATIONS, native_packing
 from .session import CompactSession, Session, TransformersSession
@@ -300,8 +302,7 @@ class Engine:
             _check_text(message.get("content", ""))
         if not getattr(tokenizer, "chat_template", None):
             raise ModelFormatError("this model's tokenizer has no chat template; use plain prompts")
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(chat_template.render(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._require_tokenizer().decode(list(ids), skip_special_tokens=True))
@@ -480,10 +481,25 @@ class Engine:
         self.close()
 
     def close(self) -> None:
-        """Stop the background threads and release file handles; safe to call twice."""
+        """Stop the background threads, release file handles and give every weight, slot, cache and graph back
+        now, not when the object is collected: the app loading a second model, and benchmarks building engines
+        in turn, still hold this one. Safe to call twice."""
         self.decoder.close()
         self.watcher.stop()
         self.swapper.stop()
+        with self.runtime.lock:
+            self.graphed = self.compact = None  # the graphs, their memory pool, the KV cache, the fused weights
+            for committee in self.committees:
+                committee.release()
+            self.store.release()
+            self.copier.release()
+            self.model.to_empty(device="meta")  # the skeleton keeps its shapes and gives its memory back
+            for module in self.model.modules():
+                if isinstance(module, PackedLinear):  # its packed weight is a plain attribute, not a parameter
+                    module.weight = torch.empty(0, device="meta")
+            gc.collect()  # the engine's parts refer to each other: collect them now
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         self.store.checkpoint.close()
 
     # ---- internals ---------------------------------------------------------------------------

@@ -50,8 +50,16 @@ class EngineBusyError(ExpertSwapError):
     """A reply is already being generated; the engine runs one at a time."""
 
 
+class EngineClosedError(ExpertSwapError):
+    """The engine was closed (its memory given back); a new one must be loaded."""
+
+
 class PromptError(ExpertSwapError):
     """The prompt cannot be answered: empty, not valid text, or longer than the model's context."""
+
+
+class ChatTemplateError(PromptError):
+    """The model's chat template failed on this conversation: it raised, looped, recursed or does not parse."""
 
 
 class SettingsError(ExpertSwapError):

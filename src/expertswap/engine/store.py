@@ -91,6 +91,11 @@ class ExpertStore:
             for expert in range(spec.num_experts):
                 self._ram[(layer, expert)] = self._read_disk(layer, expert, pin=self.pin_memory)
 
+    def release(self) -> None:
+        """Drop the host copies (the engine is closing)."""
+        self._ram.clear()
+        self._low.clear()
+
     @property
     def host_bytes(self) -> int:
         """Bytes of the experts kept in host RAM (the RAM tier, packed experts after their first read)."""

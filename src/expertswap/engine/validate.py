@@ -7,10 +7,8 @@ turns such a folder into a ``ModelFormatError`` that names the field.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 
 from .errors import ModelFormatError
 
@@ -21,17 +19,6 @@ _POSITIVE = frozenset({
     *_EXPERT_COUNT_KEYS,
 })
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def read_json_object(path: Path, what: str) -> dict:
-    """A JSON file that must hold an object (a dict), or a typed error naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"cannot read {what} {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
-    return data
 
 
 def check_raw_config(raw: dict, defaults: object) -> None:
