@@ -1,7 +1,7 @@
 """The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints.
+replay, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints, kernel-caches.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("lowbit", help="mixed precision for misses on the default model: quality cost and share")
     sub.add_parser("fit-real", help="real MoE models' sizes from their configs: what fits a laptop and a GPU")
     sub.add_parser("record-traces", help="record the committed routing traces (benchmarks/traces/)")
+    caches = sub.add_parser("kernel-caches", help="resident set and speed with oneDNN's kernel caches capped or not")
+    caches.add_argument("--repeats", type=int, default=3)
     args, rest = parser.parse_known_args(argv)
     if args.command == "speed":
         from tqdm import tqdm
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
 
         for path in run():
             print(path)
+    elif args.command == "kernel-caches":
+        from .kernel_caches import main as run
+
+        print(run(args.repeats).read_text())
     elif args.command == "default-model":
         from .default_model import main as run
 

@@ -84,11 +84,8 @@ def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(tiny_model, t
         Engine.load(folder)
 
 
-def test_a_shard_index_naming_a_fifo_in_a_subfolder_is_refused_without_hanging(tiny_model, tmp_path: Path) -> None:
-    folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
-    (folder / "sub").mkdir()
-    os.mkfifo(folder / "sub" / "x.safetensors")
-    _index(folder, "sub/x.safetensors")
+def _load_refused(folder: Path, fifo: Path) -> ModelFormatError:
+    """The error loading ``folder`` gives; fails the test if the load hangs on ``fifo`` instead."""
     errors: list[BaseException] = []
 
     def load() -> None:
@@ -101,11 +98,19 @@ def test_a_shard_index_naming_a_fifo_in_a_subfolder_is_refused_without_hanging(t
     thread.start()
     thread.join(timeout=120)
     if thread.is_alive():  # the load opened the FIFO: unblock it so that the thread can end
-        with open(folder / "sub" / "x.safetensors", "wb"):
+        with open(fifo, "wb"):
             pass
-        pytest.fail("loading hung on a FIFO named by the shard index")
+        pytest.fail(f"loading hung on the FIFO {fifo.name}")
     assert len(errors) == 1 and isinstance(errors[0], ModelFormatError), errors
-    assert "not a safetensors file of the folder" in str(errors[0])
+    return errors[0]
+
+
+def test_a_shard_index_naming_a_fifo_in_a_subfolder_is_refused_without_hanging(tiny_model, tmp_path: Path) -> None:
+    folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
+    (folder / "sub").mkdir()
+    os.mkfifo(folder / "sub" / "x.safetensors")
+    _index(folder, "sub/x.safetensors")
+    assert "not a safetensors file of the folder" in str(_load_refused(folder, folder / "sub" / "x.safetensors"))
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "chat_template.jinja", "config.json"])
@@ -118,12 +123,13 @@ def test_a_link_leading_out_of_the_folder_is_refused(tiny_model, tmp_path: Path,
         Engine.load(folder)
 
 
-def test_a_fifo_where_the_tokenizer_belongs_is_refused(tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["tokenizer.json", "additional_chat_templates/tool_use.jinja"])
+def test_a_fifo_where_the_tokenizer_reads_is_refused(tiny_model, tmp_path: Path, name: str) -> None:
     folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
-    (folder / "tokenizer.json").unlink()
-    os.mkfifo(folder / "tokenizer.json")
-    with pytest.raises(ModelFormatError, match="not a regular file"):
-        Engine.load(folder)
+    (folder / name).parent.mkdir(exist_ok=True)
+    (folder / name).unlink(missing_ok=True)
+    os.mkfifo(folder / name)
+    assert "not a regular file" in str(_load_refused(folder, folder / name))
 
 
 def test_a_hub_cache_snapshot_whose_links_point_into_its_blobs_loads(tiny_model, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import ModelFormatError, ModelNotFoundError
 
 INDEX = "model.safetensors.index.json"
+TEMPLATES = "additional_chat_templates"  # the one subfolder transformers reads (named chat templates)
 # files a loader may open, by suffix (weights, configs, tokenizers, templates, vocabularies)
 _LOADED = (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".bin", ".py")
 MAX_METADATA_BYTES = 16 * 2**20  # a config, a template, a tokenizer config
@@ -35,7 +36,8 @@ def check_model_folder(folder: str | os.PathLike) -> Path:
     if not (path / "config.json").exists():
         raise ModelFormatError(f"no config.json in {path}: not a Hugging Face model folder")
     roots = _roots(path)
-    for entry in sorted(path.iterdir()):
+    templates = path / TEMPLATES
+    for entry in [*sorted(path.iterdir()), *(sorted(templates.iterdir()) if templates.is_dir() else [])]:
         if entry.name.endswith(_LOADED):
             _check_file(entry, roots)
     weights = sorted(path.glob("*.safetensors"))
