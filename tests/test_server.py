@@ -72,6 +72,30 @@ def test_stop_sequences_cut_the_reply(server: Server) -> None:
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_an_empty_stop_string_is_ignored(server: Server) -> None:
+    """An empty stop matches everywhere: it used to hold back -1 characters, dropping the first of every piece."""
+    client = server.client()
+    full = client.completions.create(model="tiny", prompt="The sea is", max_tokens=12, temperature=0).choices[0]
+    for stop in ["", [""], ["", "\x00never"]]:
+        same = client.completions.create(model="tiny", prompt="The sea is", max_tokens=12, temperature=0, stop=stop)
+        assert (same.choices[0].text, same.choices[0].finish_reason) == (full.text, full.finish_reason), stop
+    streamed = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stop="",
+                                              stream=True)
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as many:  # OpenAI's limit, and each one is searched every token
+        client.completions.create(model="tiny", prompt="The sea is", max_tokens=2, stop=list("abcde"))
+    assert many.value.body["param"] == "stop"
+
+
+def test_a_model_is_retrieved_by_its_id(server: Server) -> None:
+    client = server.client()
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-9")
+    assert missing.value.body["param"] == "model"
+
+
 def test_errors_have_openais_shape_and_status(server: Server) -> None:
     with pytest.raises(openai.AuthenticationError):
         server.client("wrong").models.list()

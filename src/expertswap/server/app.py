@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP API over one engine (FastAPI): chat and plain completions, streamed or not.
 
 The engine serves one reply at a time: requests wait their turn in a bounded queue (a full queue answers
-429 with Retry-After), and a client that disconnects cancels its reply. Errors use OpenAI's JSON shape.
+429 with Retry-After), and a client that disconnects cancels its reply (``reply.py``). Who may ask and how much
+it may send is ``guard.py``'s; every error is in OpenAI's JSON shape (``errors.py``). Nothing slow runs on the
+event loop: prompts are encoded, and the committee curve computed, on worker threads.
 ``/v1/expertswap/*`` gives what the app's panels show (stats, residency, telemetry events) and takes the
 budget and the miss policy, so the app can follow a remote engine as it follows its own.
 """
@@ -11,38 +13,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import threading
-import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
-from expertswap.engine import BudgetError, Engine, EngineBusyError, ExpertSwapError, PolicyError, SamplingSettings
+from expertswap.engine import BudgetError, Engine, ExpertSwapError, PolicyError, SamplingSettings
+
+from . import errors
+from .errors import APIError
+from .guard import MAX_BODY_BYTES, Guard
+from .reply import Reply, ReplyStream, Turns, unless_disconnected
 
 QUEUE = 8  # requests that may wait for the engine before the next one is refused
 EVENTS_KEPT = 4096  # telemetry events a polling client can still catch up on
-MAX_CURVE_POINTS = 10_001  # budgets at which /v1/expertswap/committee gives the committee size
-
-
-class APIError(Exception):
-    """An error to answer in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+MAX_CURVE_POINTS = 1001  # budgets at which /v1/expertswap/committee gives the committee size (the app asks 1001)
+CHARS_PER_TOKEN = 64  # more than any tokenizer packs in one token: a longer prompt cannot fit, and is not encoded
+MAX_STOPS = 4  # stop sequences per request, as OpenAI takes
+SEED = 2**63  # seeds are 64-bit signed integers, as OpenAI's
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+def _listed(stop: object) -> object:
+    return [stop] if isinstance(stop, str) else stop
+
+
+Stops = Annotated[list[str] | None, BeforeValidator(_listed), Field(max_length=MAX_STOPS)]  # one string or a list
 
 
 class Sampling(BaseModel):
@@ -52,8 +55,8 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Stops = None
+    seed: int | None = Field(None, ge=-SEED, lt=SEED)
 
 
 class ChatRequest(Sampling):
@@ -98,35 +101,10 @@ class EventLog:
         return {"next": self.last, "events": events}
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
-                        headers=headers)
-
-
-class Turns:
-    """One reply at a time, the rest waiting in order, at most ``size`` of them."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.waiting = size, 0
-        self.lock = asyncio.Lock()
-
-    async def __aenter__(self) -> None:
-        if self.lock.locked() and self.waiting >= self.size:
-            raise APIError(429, "the server is busy: try again shortly", "rate_limit_exceeded",
-                           headers={"Retry-After": "1"})
-        self.waiting += 1
-        try:
-            await self.lock.acquire()
-        finally:
-            self.waiting -= 1
-
-    async def __aexit__(self, *_: object) -> None:
-        self.lock.release()
-
-
-def create_app(engine: Engine, model: str, api_key: str | None = None, queue: int = QUEUE) -> FastAPI:
-    """The API for ``engine``, which it calls ``model``; ``api_key`` (if given) is required as a Bearer token."""
+def create_app(engine: Engine, model: str, api_key: str | None = None, queue: int = QUEUE,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The API for ``engine``, which it calls ``model``; ``api_key`` (if given) is required as a Bearer token,
+    else only loopback Host and Origin values are answered; bodies over ``max_body_bytes`` are refused."""
     log = EventLog(engine)
 
     @contextlib.asynccontextmanager
@@ -135,25 +113,11 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
         log.subscription.close()
 
     app = FastAPI(title="ExpertSwap", docs_url=None, redoc_url=None, lifespan=lifespan)
+    errors.install(app)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(errors.ServerErrors)  # added last, so outermost: the guard's failures are answered too
     turns = Turns(queue)
-
-    @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.kind, exc.param, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return _error(400, f"{field or 'request'}: {first.get('msg', 'invalid request')}", "invalid_request_error",
-                      field)
-
-    @app.middleware("http")
-    async def authorise(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            return _error(401, "missing or wrong API key", "invalid_request_error")
-        return await call_next(request)
+    card = {"id": model, "object": "model", "created": 0, "owned_by": "expertswap"}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -161,7 +125,12 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "expertswap"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str) -> dict[str, Any]:
+        _require_model(name)
+        return card
 
     @app.get("/v1/expertswap/stats")
     async def stats() -> dict[str, Any]:
@@ -178,7 +147,8 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
         (``minimum + span * i // (points - 1)``): a slider over that range can label each of its positions."""
         low, high = engine.minimum_budget_bytes, engine.total_expert_bytes
         budgets = [low + (high - low) * i // (points - 1) for i in range(points)]
-        return {"budgets": budgets, "experts": [engine.committee_size(b) for b in budgets]}
+        experts = await asyncio.to_thread(lambda: [engine.committee_size(b) for b in budgets])
+        return {"budgets": budgets, "experts": experts}
 
     @app.get("/v1/expertswap/residency")
     async def residency() -> dict[str, Any]:
@@ -193,7 +163,7 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
         try:
             engine.set_policy(body.policy, body.skip_threshold)
         except PolicyError as exc:
-            raise APIError(400, str(exc), "invalid_request_error", "policy") from None
+            raise APIError(400, str(exc), param="policy") from None
         return await stats()
 
     @app.post("/v1/expertswap/budget")
@@ -201,126 +171,54 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
         try:
             engine.set_budget(body.budget)
         except BudgetError as exc:
-            raise APIError(400, str(exc), "invalid_request_error", "budget") from None
+            raise APIError(400, str(exc), param="budget") from None
         return await stats()
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Any:
-        ids = _encode(lambda: engine.encode_chat([m.model_dump() for m in body.messages]))
-        return await _reply(body, ids, request, chat=True)
+        messages = [m.model_dump() for m in body.messages]
+        chars = sum(len(m.content) for m in body.messages)
+        return await _reply(body, chars, lambda: engine.encode_chat(messages), request, chat=True)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        ids = _encode(lambda: engine.encode(body.prompt))
-        return await _reply(body, ids, request, chat=False)
+        return await _reply(body, len(body.prompt), lambda: engine.encode(body.prompt), request, chat=False)
 
-    def _encode(encode: Any) -> list[int]:
-        try:
-            return list(encode())
-        except ExpertSwapError as exc:
-            raise APIError(400, str(exc), "invalid_request_error", "messages") from None
+    def _require_model(name: str) -> None:
+        if name != model:
+            raise APIError(404, f"model {name!r} does not exist: this server has {model!r}", param="model")
 
-    async def _reply(body: Sampling, ids: list[int], request: Request, chat: bool) -> Any:
-        if body.model != model:
-            raise APIError(404, f"model {body.model!r} does not exist: this server has {model!r}",
-                           "invalid_request_error", "model")
-        limit = body.max_completion_tokens or body.max_tokens or 256
+    async def _reply(body: Sampling, chars: int, encode: Callable[[], list[int]], request: Request,
+                     chat: bool) -> Any:
+        """Check what is cheap to check, encode on a worker thread (a huge prompt or a slow chat template must
+        not hold the event loop), then answer whole or streamed."""
+        _require_model(body.model)
+        field = "messages" if chat else "prompt"
         context = engine.context_tokens
+        if context is not None and chars > CHARS_PER_TOKEN * context:
+            raise APIError(413, f"the prompt has {chars} characters: more than this model's context of {context} "
+                                "tokens can hold", param=field)
+        try:
+            ids = list(await asyncio.to_thread(encode))
+        except ExpertSwapError as exc:  # not text, or a chat template that refuses these messages
+            raise APIError(400, str(exc), param=field) from None
         if context is not None and len(ids) + 1 > context:
-            raise APIError(413, f"the prompt has {len(ids)} tokens; this model's context is {context}",
-                           "invalid_request_error", "messages" if chat else "prompt")
+            raise APIError(413, f"the prompt has {len(ids)} tokens; this model's context is {context}", param=field)
+        limit = body.max_completion_tokens or body.max_tokens or 256
         limit = min(limit, context - len(ids)) if context is not None else limit
         settings = SamplingSettings(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
                                     seed=body.seed)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        reply = _Reply(engine, ids, settings, stops, model, chat)
+        reply = Reply(engine, ids, settings, body.stop or [], model, chat)
         if body.stream:
-            await turns.__aenter__()  # the turn is held by the stream, given back when it ends or is cut
-            return StreamingResponse(reply.sse(turns, request), media_type="text/event-stream")
-        async with turns:
-            try:
-                return await reply.whole()
-            except EngineBusyError as exc:  # the app that serves this engine is answering in its own window
-                raise APIError(503, str(exc), "server_busy", headers={"Retry-After": "1"}) from None
+            await turns.take()  # held by the stream, given back when its response ends
+            return ReplyStream(reply, turns)
+        return await unless_disconnected(request.receive, _whole(reply))
+
+    async def _whole(reply: Reply) -> dict[str, Any]:
+        await turns.take()
+        try:
+            return await reply.whole()
+        finally:
+            turns.give_back()
 
     return app
-
-
-class _Reply:
-    """One request's generation: stop sequences cut the text, and the finish reason and usage follow it."""
-
-    def __init__(self, engine: Engine, ids: list[int], settings: SamplingSettings, stops: list[str], model: str,
-                 chat: bool) -> None:
-        self.engine, self.ids, self.settings, self.stops = engine, ids, settings, stops
-        self.model, self.chat = model, chat
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.tokens = 0
-        self.finish = "length"
-
-    async def pieces(self) -> AsyncIterator[str]:
-        """The reply's text as it comes, cut before the first stop sequence."""
-        text, sent = "", 0
-        stream = self.engine.stream_ids(self.ids, self.settings)
-        try:
-            async for chunk in stream:
-                self.tokens += 1
-                text += chunk.text
-                cut = min((i for i in (text.find(s) for s in self.stops if s) if i >= 0), default=-1)
-                if cut >= 0:
-                    if cut > sent:
-                        yield text[sent:cut]
-                    self.finish = "stop"
-                    return
-                keep = max((len(s) - 1 for s in self.stops), default=0)  # a stop may still be forming
-                if len(text) - keep > sent:
-                    yield text[sent : len(text) - keep]
-                    sent = len(text) - keep
-            if self.tokens < self.settings.max_new_tokens:
-                self.finish = "stop"  # the model ended its reply
-            if len(text) > sent:
-                yield text[sent:]
-        finally:
-            await stream.aclose()  # a cut or a disconnect cancels the generation
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": len(self.ids), "completion_tokens": self.tokens,
-                "total_tokens": len(self.ids) + self.tokens}
-
-    def _choice(self, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
-        if not self.chat:
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        if delta:
-            return {"index": 0, "delta": {"content": text} if text is not None else {}, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-
-    def _object(self, chunk: bool) -> str:
-        return ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-
-    async def whole(self) -> dict[str, Any]:
-        text = "".join([piece async for piece in self.pieces()])
-        return {"id": self.id, "object": self._object(False), "created": self.created, "model": self.model,
-                "choices": [self._choice(text, self.finish, delta=False)], "usage": self.usage()}
-
-    async def sse(self, turns: Turns, request: Request) -> AsyncIterator[str]:
-        def event(choice: dict[str, Any], usage: bool = False) -> str:
-            body = {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
-                    "choices": [choice]}
-            if usage:
-                body["usage"] = self.usage()
-            return f"data: {json.dumps(body)}\n\n"
-
-        try:
-            if self.chat:
-                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            async for piece in self.pieces():
-                if await request.is_disconnected():
-                    return
-                yield event(self._choice(piece, None, delta=True))
-            yield event(self._choice(None, self.finish, delta=True), usage=True)
-            yield "data: [DONE]\n\n"
-        except ExpertSwapError as exc:  # after the headers went out: OpenAI's in-stream error event
-            kind = "server_busy" if isinstance(exc, EngineBusyError) else "server_error"
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind, 'param': None, 'code': None}})}\n\n"
-        finally:
-            await turns.__aexit__()

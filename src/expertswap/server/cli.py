@@ -1,15 +1,24 @@
-"""``expertswap serve --model DIR|default --budget 50% [--host 127.0.0.1] [--port 8000] [--api-key KEY]``."""
+"""``expertswap serve --model DIR|default --budget 50% [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+[--max-body-bytes N]``."""
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from expertswap.engine import POLICIES, QUANTIZATIONS, Engine, ExpertSwapError, default_device
 from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
+
+from .guard import MAX_BODY_BYTES, loopback
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,17 +31,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--host", default="127.0.0.1", help="another address than loopback needs --api-key")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="required from clients as: Authorization: Bearer KEY")
+    p.add_argument("--api-key", default=None, help="required from clients as: Authorization: Bearer KEY; without "
+                   "one, only requests to localhost from pages on localhost (Host, Origin) are answered")
+    p.add_argument("--max-body-bytes", type=_positive, default=MAX_BODY_BYTES,
+                   help=f"larger request bodies are refused with 413 (default: {MAX_BODY_BYTES})")
     return p
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = DEFAULT_MODEL if args.model == DEFAULT_MODEL else Path(args.model).name
     print(f"serving {name} at http://{args.host}:{args.port}/v1", flush=True)
     try:
-        uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level="warning")
+        app = create_app(engine, name, args.api_key, max_body_bytes=args.max_body_bytes)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.close()
     return 0
