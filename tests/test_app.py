@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import ClassVar
 
@@ -177,6 +179,45 @@ def test_regenerate_edit_and_copy(window: MainWindow, loop, tmp_path: Path) -> N
     window.edit_last()
     assert window.prompt.toPlainText() == "Two"
     assert window.messages == window.store.messages(window.conversation) and len(window.messages) == 2
+
+
+def test_a_long_chat_sends_its_newest_turns_and_keeps_them_all(window: MainWindow, loop, monkeypatch,
+                                                              tmp_path: Path) -> None:
+    """Past the model's context the oldest whole turns are left out of what the model reads, never out of the chat."""
+    engine = window.session.engine
+    system = {"role": "system", "content": "Be brief."}
+    said = [{"role": role, "content": f"{role} {n}:" + " the" * 150} for n in range(6)
+            for role in ("user", "assistant")]  # 12 messages of about 155 tokens
+    conversation = window.store.create("long", system["content"], first_message=said[0]["content"])
+    for message in said[1:]:
+        window.store.add(conversation, message["role"], message["content"])
+    window.history.refresh()
+    window.open_conversation(conversation)
+    sent = []
+    stream = engine.stream_chat
+
+    def spy(messages, settings):
+        sent.append((messages, settings))
+        return stream(messages, settings)
+
+    monkeypatch.setattr(engine, "stream_chat", spy)
+    window.reply_settings.max_tokens.setValue(64)
+    chunks, finished, _ = _run_reply(loop, window, "And now?")
+    assert finished == ["done"] and chunks
+
+    question = {"role": "user", "content": "And now?"}
+    ((messages, settings),) = sent
+    dropped = next(n for n in range(6) if messages == [system, *said[2 * n :], question])  # whole turns, oldest first
+    assert dropped > 0 and settings.max_new_tokens == 64  # the reply keeps its room: nothing was cut short
+    assert len(engine.encode_chat(messages)) + 64 <= 1024  # it fits with room for the reply; one turn more would not
+    assert len(engine.encode_chat([system, *said[2 * dropped - 2 :], question])) + 64 > 1024
+    assert window.notice.isVisibleTo(window)
+    assert window.notice.text().startswith(f"Dropped the {dropped} oldest turns to fit the 1024-token context")
+    with contextlib.closing(sqlite3.connect(tmp_path / "conversations.sqlite3")) as db:
+        rows = db.execute("SELECT role, content FROM messages WHERE conversation = ? ORDER BY id",
+                          (conversation,)).fetchall()
+    assert rows == [(m["role"], m["content"]) for m in [*said, question]] + [("assistant", "".join(chunks))]
+    assert window.chat.texts() == [content for _, content in rows]
 
 
 def _report(loop, dialog) -> str:

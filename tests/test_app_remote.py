@@ -150,3 +150,27 @@ def test_serving_the_loaded_model_answers_openai_clients(window: MainWindow) -> 
     window.serve_action.trigger()  # stop
     assert window.session.server is None and not server.thread.is_alive()
     assert "serving at" not in window.statusBar().currentMessage()
+
+
+def test_connecting_to_the_windows_own_server_is_refused_and_serving_goes_on(window: MainWindow, loop,
+                                                                           monkeypatch) -> None:
+    """Adopting its own server would close the engine behind it: refused in one line, and nothing changes."""
+    shown: list[str] = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: shown.append(text))
+    engine = window.session.engine
+    window.serve_action.trigger()
+    server = window.session.server
+    assert server is not None
+    for url in (server.url, f"http://localhost:{server.port}"):  # as shown, and spelled another way
+        assert not loop.run_until_complete(window.connect_server(url))
+    assert len(shown) == 2 and all("\n" not in text for text in shown), shown
+    assert shown[0].startswith(f"RemoteError: {server.url} is this window's own server")
+    assert window.session.engine is engine and window.session.server is server and window.serve_action.isChecked()
+    assert f"serving at {server.url}" in window.statusBar().currentMessage()
+    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    reply = client.chat.completions.create(model=client.models.list().data[0].id,
+                                           messages=[{"role": "user", "content": "Still there?"}], max_tokens=4)
+    assert reply.usage.completion_tokens == 4
+    window.reply_settings.max_tokens.setValue(4)
+    chunks, finished, _ = _run_reply(loop, window, "And here?")
+    assert finished == ["done"] and len(chunks) == 4

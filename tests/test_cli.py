@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from expertswap.engine import DEFAULT_BUDGET, parse_budget
 
-JSON_KEYS = {"text", "token_ids", "budget_bytes", "total_expert_bytes", "resident_expert_bytes", "expert_loads",
-             "hits", "misses", "peak_rss_bytes", "tokens_per_s"}
+JSON_KEYS = {"text", "token_ids", "finish_reason", "budget_bytes", "total_expert_bytes", "resident_expert_bytes",
+             "expert_loads", "hits", "misses", "peak_rss_bytes", "tokens_per_s"}
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "expertswap.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, input=stdin)
 
 
 def test_generate_json_matches_transformers(tiny_model, reference) -> None:
@@ -107,3 +109,65 @@ def test_skip_policy_flags(tiny_model) -> None:
                "--prompt", "x", "--max-new-tokens", "4", "--json")
     if not torch.cuda.is_available():
         assert bad.returncode == 2 and "needs --device cuda" in bad.stderr
+
+
+def _words(messages: list[dict[str, str]]) -> list[int]:
+    """A stand-in chat template: two marker tokens per message, a word per token, one for the reply's start."""
+    return [0] * (sum(len(m["content"].split()) + 2 for m in messages) + 1)
+
+
+def test_fit_history_drops_whole_oldest_turns_and_keeps_the_system_prompt() -> None:
+    from expertswap.engine import PromptError, fit_history, reply_limit
+
+    system = {"role": "system", "content": "be brief"}
+    said = [{"role": role, "content": f"{role} {n} says this"} for n in range(3) for role in ("user", "assistant")]
+    chat = [system, *said[:-1]]  # 4 + 5 x 6 + 1 = 35 tokens, ending on the question of turn 2
+    whole = fit_history(chat, _words, context=1024, reserve=256)
+    assert (whole.messages, whole.dropped, len(whole.ids)) == (chat, 0, 35)
+    cut = fit_history(chat, _words, context=30, reserve=5)  # 25 tokens at most: turn 0 (12 tokens) goes
+    assert cut.dropped == 1 and cut.messages == [system, *chat[3:]] and len(cut.ids) == 23
+    assert fit_history(chat, _words, context=20, reserve=5).messages == [system, chat[-1]]  # 11 tokens
+    assert fit_history(chat, _words, context=None, reserve=5).dropped == 0
+    # a question left without its reply (the reply failed) is a turn of its own
+    unanswered = fit_history([system, chat[1], *chat[1:]], _words, context=30, reserve=5)
+    assert unanswered.dropped == 2 and unanswered.messages == [system, *chat[3:]]
+    # too long even alone: every older turn goes and the reply gets what is left, or nothing at all
+    alone = fit_history(chat, _words, context=12, reserve=5)
+    assert alone.messages == [system, chat[-1]] and alone.dropped == 2
+    assert reply_limit(len(alone.ids), 12, 5) == 1 and reply_limit(len(alone.ids), None, 5) == 5
+    with pytest.raises(PromptError, match="the prompt has 11 tokens; this model's context holds 11"):
+        reply_limit(len(alone.ids), 11, 5)
+
+
+def test_chat_drops_the_oldest_turns_once_the_history_outgrows_the_context(tiny_model) -> None:
+    """Piped long turns: every line is answered, the drops are said on stderr; a line too long alone ends it."""
+    lines = [f"question {n}:" + " the" * 150 for n in range(8)] + [" the" * 1100, "never read"]
+    run = _cli("chat", "--model", str(tiny_model("qwen3_moe")), "--budget", "100%", "--max-new-tokens", "64",
+               "--system", "Be brief.", stdin="\n".join(lines) + "\n")
+    assert run.returncode == 2
+    assert run.stdout.count("bot> ") == 8  # all eight long questions answered, none after the one too long
+    *notes, error = run.stderr.strip().splitlines()
+    assert notes and all(re.fullmatch(r"expertswap-cli: dropped the (oldest turn|[2-9] oldest turns) to fit "
+                                      r"the 1024-token context", note) for note in notes), notes
+    assert re.fullmatch(r"expertswap-cli: error: the prompt has \d+ tokens; this model's context holds 1024", error)
+
+
+def test_generate_stops_at_the_context(tiny_model) -> None:
+    """A 1021-token prompt leaves 3 positions of the 1024: 20 new tokens asked, 3 given, and the reason said."""
+    folder = tiny_model("qwen3_moe")
+    from transformers import AutoTokenizer
+
+    prompt = " the" * 1021
+    assert len(AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"]) == 1021
+    run = _cli("generate", "--model", str(folder), "--budget", "100%", "--prompt", prompt,
+               "--max-new-tokens", "20", "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert len(out["token_ids"]) == 3 and out["finish_reason"] == "context"
+    assert run.stderr.splitlines() == [
+        "expertswap-cli: the reply stopped at the 1024-token context after 3 of 20 new tokens"]
+    full = _cli("generate", "--model", str(folder), "--budget", "100%", "--prompt", " the" * 1024,
+                "--max-new-tokens", "2")
+    assert full.returncode == 2 and full.stdout == ""
+    error = "expertswap-cli: error: the prompt has 1024 tokens; this model's context holds 1024"
+    assert full.stderr.splitlines() == [error]

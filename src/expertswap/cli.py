@@ -23,6 +23,9 @@ from .engine import (
     PromptError,
     SamplingSettings,
     Subscription,
+    dropped_notice,
+    fit_history,
+    reply_limit,
 )
 from .models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
 
@@ -151,6 +154,7 @@ def _generate(args: argparse.Namespace) -> int:
             ids = engine.encode_chat([{"role": "user", "content": args.prompt}])
         else:
             ids = engine.encode(args.prompt)
+        limit = reply_limit(len(ids), engine.context_tokens, settings.max_new_tokens)  # the engine stops there
         with engine.record_trace(args.trace, Path(args.model).name) if args.trace else contextlib.nullcontext():
             for token in engine.generate(ids, settings):
                 tokens.append(token)
@@ -163,12 +167,15 @@ def _generate(args: argparse.Namespace) -> int:
         writer_stop.set()
         if writer is not None:
             writer.join()
-    text = engine.decode(tokens)
-    stats = engine.stats()
+    if not args.json:
+        print()  # ends the streamed reply's line, before any note on stderr
+    finish = _finish(len(tokens), limit, settings.max_new_tokens, engine.context_tokens)
     if args.json:
+        stats = engine.stats()
         print(json.dumps({
-            "text": text,
+            "text": engine.decode(tokens),
             "token_ids": tokens,
+            "finish_reason": finish,
             "budget_bytes": stats.budget_bytes,
             "total_expert_bytes": stats.total_expert_bytes,
             "resident_expert_bytes": stats.peak_resident_expert_bytes,
@@ -178,8 +185,6 @@ def _generate(args: argparse.Namespace) -> int:
             "peak_rss_bytes": stats.peak_rss_bytes,
             "tokens_per_s": stats.tokens_per_s,
         }))
-    else:
-        print()
     return 0
 
 
@@ -188,7 +193,16 @@ def _chat(args: argparse.Namespace) -> int:
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte becomes one refused line, not a crash
     engine = _load(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        _converse(engine, settings, [{"role": "system", "content": args.system}] if args.system else [])
+    finally:
+        engine.close()
+    return 0
+
+
+def _converse(engine: Engine, settings: SamplingSettings, messages: list[dict[str, str]]) -> None:
+    """Read lines until an empty one or EOF; the oldest turns leave the history once it outgrows the context."""
+    context = engine.context_tokens
     print(f"{engine.family.name} model, {len(engine.committees)} MoE layers. Empty line or Ctrl+D quits.")
     while True:
         try:
@@ -198,26 +212,40 @@ def _chat(args: argparse.Namespace) -> int:
         if not line:
             break
         try:
-            ids = engine.encode_chat([*messages, {"role": "user", "content": line}])
+            fitted = fit_history([*messages, {"role": "user", "content": line}], engine.encode_chat, context,
+                                 settings.max_new_tokens)
         except PromptError as exc:
             print(f"expertswap-cli: {exc}; that line was not sent", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
+        limit = reply_limit(len(fitted.ids), context, settings.max_new_tokens)  # a line that fills it alone: exit 2
+        if fitted.dropped:
+            print(f"expertswap-cli: {dropped_notice(fitted.dropped, context)}", file=sys.stderr)
         tokens = []
         decoder = IncrementalDecoder(engine.tokenizer)
         print("bot> ", end="", flush=True)
         try:
-            for token in engine.generate(ids, settings):
+            for token in engine.generate(fitted.ids, settings):
                 tokens.append(token)
                 print(decoder.push(token), end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print()
-        messages.append({"role": "assistant", "content": engine.decode(tokens)})
+        _finish(len(tokens), limit, settings.max_new_tokens, context)
+        messages = [*fitted.messages, {"role": "assistant", "content": engine.decode(tokens)}]
         s = engine.stats()
         print(f"   [{s.tokens_per_s:.1f} tok/s, hit rate {s.hit_rate:.0%}, {s.expert_loads} expert loads]")
-    engine.close()
-    return 0
+
+
+def _finish(generated: int, limit: int, wanted: int, context: int | None) -> str:
+    """Why a reply ended ("stop": the model ended it, "length": the token limit, "context": the context is full);
+    the last is said on stderr, since the reply is shorter than asked for."""
+    if generated < limit:
+        return "stop"
+    if limit == wanted:
+        return "length"
+    print(f"expertswap-cli: the reply stopped at the {context}-token context after {generated} of {wanted} new "
+          "tokens", file=sys.stderr)
+    return "context"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

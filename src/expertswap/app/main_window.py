@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.engine import Engine, ExpertSwapError, format_bytes
+from expertswap.engine import Engine, ExpertSwapError, dropped_notice, format_bytes
 from expertswap.models import DEFAULT_MODEL, default_budget
 
 from .budget_panel import BudgetPanel
@@ -187,6 +187,7 @@ class MainWindow(QMainWindow):
         s.load_failed.connect(self._load_failed)
         s.build_progress.connect(self._build_progress)
         s.problem.connect(self._notify)
+        s.trimmed.connect(self._trimmed)
 
     # ---- window state ------------------------------------------------------------------------
     def _restore_state(self) -> None:
@@ -298,7 +299,10 @@ class MainWindow(QMainWindow):
         self._progress.setValue(int(100 * (0.9 * share if stage == "reading GGUF" else 0.9 + 0.1 * share)))
 
     def _load_failed(self, message: str) -> None:
-        self.statusBar().showMessage("Model not loaded")
+        if self.session.engine is None:
+            self.statusBar().showMessage("Model not loaded")
+        else:
+            self._status()  # the engine before stays, and says so
         QMessageBox.warning(self, "Could not load the model", message)
 
     # ---- chat ----------------------------------------------------------------------------------
@@ -456,6 +460,11 @@ class MainWindow(QMainWindow):
         shown = "\n".join(filter(None, [self.store.problem, text]))
         self.notice.setText(shown)
         self.notice.setVisible(bool(shown))
+
+    def _trimmed(self, dropped: int, context: int) -> None:
+        """Only what the model reads is cut: the conversation on screen and on disk keeps every turn."""
+        self._notify(f"{dropped_notice(dropped, context).capitalize()}: the model no longer reads them, "
+                     "this conversation keeps them.")
 
     def _budget_changed(self, event) -> None:
         if not event.applied:

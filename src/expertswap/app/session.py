@@ -9,11 +9,14 @@ engine can also be served over the OpenAI API (``serve``) while the window uses 
 from __future__ import annotations
 
 import gc
+import ipaddress
+import socket
+import urllib.parse
 from collections.abc import Sequence
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from expertswap.client import RemoteEngine
+from expertswap.client import RemoteEngine, RemoteError, api_root
 from expertswap.engine import (
     POLICIES,
     BudgetChange,
@@ -26,6 +29,7 @@ from expertswap.engine import (
     SwapEvent,
     TokenStats,
     default_device,
+    fit_history,
 )
 from expertswap.models import resolve_model
 from expertswap.server import BackgroundServer
@@ -49,6 +53,7 @@ class EngineSession(QObject):
     memory = Signal(object)
     budget = Signal(object)
     problem = Signal(str)  # a background request to a remote engine failed, in words
+    trimmed = Signal(int, int)  # the oldest turns left out of a reply's prompt, and the context they made room in
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -67,9 +72,10 @@ class EngineSession(QObject):
                    quantize: str | None = None) -> bool:
         """Build (if "default") and load ``model``; on any failure the old engine stays and ``load_failed`` says why."""
 
-        def work() -> Engine:
-            return Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy,
-                               quantize=quantize)
+        def work() -> tuple[Engine, ResidencySnapshot]:
+            engine = Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy,
+                                 quantize=quantize)
+            return engine, engine.residency()
 
         failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
         # Collect unreachable Qt wrappers (closed dialogs, menus) here, on the GUI thread: left to the loading
@@ -79,10 +85,26 @@ class EngineSession(QObject):
         return await run_op(None, work).success(self._adopt).failure(failed).run()
 
     async def connect_server(self, url: str, api_key: str | None = None) -> bool:
-        """Chat through the OpenAI-compatible server at ``url``; on failure the old engine stays (``load_failed``)."""
+        """Chat through the OpenAI-compatible server at ``url``; on failure the old engine stays (``load_failed``).
+
+        The switch comes only once the server has answered all that adopting it reads, and this window's own
+        server is refused: adopting it would close the engine it serves, leaving the window talking to nothing.
+        """
+        serving = self.server
+
+        def work() -> tuple[RemoteEngine, ResidencySnapshot | None]:
+            if serving is not None and _names(url, serving):
+                raise RemoteError(f"{url} is this window's own server (Model > Serve over the OpenAI API): connect "
+                                  "to it from another program, or stop serving and load a model")
+            remote = RemoteEngine.connect(url, api_key or None)
+            try:
+                return remote, None if remote.unavailable else remote.residency()
+            except BaseException:
+                remote.close()
+                raise
+
         failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
-        return await run_op(None, lambda: RemoteEngine.connect(url, api_key or None)).success(self._adopt).failure(
-            failed).run()
+        return await run_op(None, work).success(self._adopt).failure(failed).run()
 
     @property
     def remote(self) -> RemoteEngine | None:
@@ -93,14 +115,16 @@ class EngineSession(QObject):
         """Why the budget and expert panels cannot follow this engine ("" when they can)."""
         return self.remote.unavailable if self.remote is not None else ""
 
-    def _adopt(self, engine: Engine | RemoteEngine) -> None:
+    def _adopt(self, adopted: tuple[Engine | RemoteEngine, ResidencySnapshot | None]) -> None:
+        """Close the old engine for the new one and its first residency (read off the GUI thread)."""
+        engine, snapshot = adopted
         self.close()
         self.engine = engine
         self._subscription = engine.subscribe()
         self._timer.start()
         self.loaded.emit(engine)
-        if not self.panels_unavailable:
-            self.residency.emit(engine.residency())
+        if snapshot is not None:
+            self.residency.emit(snapshot)
 
     def serve(self, name: str, port: int = 8000) -> str:
         """Serve the local engine over the OpenAI API on loopback (``port``, or a free one if it is taken);
@@ -129,6 +153,7 @@ class EngineSession(QObject):
         try:
             if self.engine is None:
                 raise ExpertSwapError("no model is loaded")
+            messages = self._fit(messages, settings.max_new_tokens)
             async for chunk in self.engine.stream_chat(messages, settings):
                 self.reply_chunk.emit(chunk.text)
         except Exception as exc:
@@ -138,6 +163,18 @@ class EngineSession(QObject):
         self.drain()
         self.reply_finished.emit(outcome)
         return outcome
+
+    def _fit(self, messages: Sequence[dict[str, str]], reserve: int) -> list[dict[str, str]]:
+        """For a local engine, the newest turns that leave ``reserve`` tokens of its context for the reply (``trimmed``
+        says how many went; the engine stops a reply at the context). A remote engine's tokenizer is not here: the
+        server gets the whole conversation (ExpertSwap's refuses one longer than its context, in words)."""
+        if not isinstance(self.engine, Engine):
+            return list(messages)
+        context = self.engine.context_tokens
+        fitted = fit_history(messages, self.engine.encode_chat, context, reserve)
+        if fitted.dropped:
+            self.trimmed.emit(fitted.dropped, context)
+        return fitted.messages
 
     def stop(self) -> None:
         self._stopping = True
@@ -189,3 +226,15 @@ class EngineSession(QObject):
             self.engine.close()
             self.engine = None
             self._subscription = None
+
+
+def _names(url: str, server: BackgroundServer) -> bool:
+    """Whether ``url`` reaches ``server``'s socket, however its address is spelled (localhost, 127.0.0.1, ...)."""
+    parts = urllib.parse.urlsplit(api_root(url))
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError):  # a bad port or an unknown name is not this machine: connecting says why
+        return False
+    own = ipaddress.ip_address(server.host)
+    return port == server.port and any(ipaddress.ip_address(str(info[4][0]).split("%")[0]) == own for info in found)

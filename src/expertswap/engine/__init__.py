@@ -24,6 +24,7 @@ from .errors import (
 from .expert_cache import DEFAULT_EVICTION, EVICTIONS
 from .families import FAMILIES, supported_names
 from .generation import IncrementalDecoder, SamplingSettings
+from .history import FittedHistory, dropped_notice, fit_history, reply_limit
 from .host_memory import bound_kernel_caches
 from .quantize import QUANTIZATIONS
 from .telemetry import (
@@ -58,6 +59,7 @@ __all__ = [
     "EngineClosedError",
     "EngineStats",
     "ExpertSwapError",
+    "FittedHistory",
     "IncrementalDecoder",
     "MemorySample",
     "ModelFormatError",
@@ -79,10 +81,13 @@ __all__ = [
     "TraceToken",
     "UnsupportedArchitectureError",
     "default_device",
+    "dropped_notice",
     "event_from_json",
+    "fit_history",
     "format_bytes",
     "parse_budget",
     "read_trace",
+    "reply_limit",
     "resolve_device",
     "supported_names",
 ]
