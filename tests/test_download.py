@@ -1,5 +1,6 @@
 """Model download against a fake Hugging Face hub on localhost (the HTTP boundary): progress, cancel, resume,
-names that would leave the folder, commits that move, and bodies that do not match their hash."""
+names that would leave the folder, commits that move, bodies that do not match their hash, folders fetched before
+the download record existed, and the token on a redirect to a CDN."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import threading
 import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -44,9 +46,12 @@ def tree_entry(name: str, data: bytes) -> dict[str, object]:
 
 class FakeHub(BaseHTTPRequestHandler):
     """The endpoints download uses: revision info, file tree, resolve (GET with Range). ``main`` is ``commit``;
-    older commits stay fetchable by their sha; ``bodies`` are sent once each instead of a file's bytes."""
+    older commits stay fetchable by their sha; ``bodies`` are sent once each instead of a file's bytes; with
+    ``cdn`` set, safetensors are redirected there, as the hub sends LFS files to its CDN."""
 
     requests: ClassVar[list[tuple[str, str, str | None]]] = []
+    authorizations: ClassVar[list[str | None]] = []  # the Authorization header of each request
+    cdn: ClassVar[str] = ""
     files: ClassVar[dict[str, bytes]] = FILES
     commit: ClassVar[str] = COMMIT
     history: ClassVar[dict[str, dict[str, bytes]]] = {}
@@ -85,6 +90,7 @@ class FakeHub(BaseHTTPRequestHandler):
 
     def _answer(self, head: bool) -> None:
         self.requests.append((self.command, self.path, self.headers.get("Range")))
+        self.authorizations.append(self.headers.get("Authorization"))
         path = urllib.parse.unquote(self.path.split("?")[0])
         if not path.startswith(("/api/models/org/tiny", "/org/tiny/")):
             self._send(404, b'{"error": "Repository not found"}', head, {"X-Error-Code": "RepoNotFound"})
@@ -103,6 +109,9 @@ class FakeHub(BaseHTTPRequestHandler):
         if files is None or name not in files:
             self._send(404, b'{"error": "Entry not found"}', head, {"X-Error-Code": "EntryNotFound"})
             return
+        if self.cdn and name.endswith(".safetensors"):
+            self._send(302, b"", head, {"Location": self.cdn + self.path})
+            return
         queued = self.bodies.get(name)
         data = queued.pop(0) if queued and not head else files[name]
         start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
@@ -113,12 +122,14 @@ class FakeHub(BaseHTTPRequestHandler):
         self._send(206 if start and not head else 200, data if head else data[start:], head, headers)
 
 
-@pytest.fixture
-def hub() -> Iterator[type[FakeHub]]:
-    """A fresh fake hub per test (its own class, so tests may move it, queue bodies and read its requests)."""
+@contextmanager
+def fresh_hub() -> Iterator[type[FakeHub]]:
+    """A fake hub of its own class (so a test may move it, queue bodies and read its requests), served on a port
+    of its own until the block ends."""
 
     class Hub(FakeHub):
         requests: ClassVar[list[tuple[str, str, str | None]]] = []
+        authorizations: ClassVar[list[str | None]] = []
         files: ClassVar[dict[str, bytes]] = dict(FILES)
         history: ClassVar[dict[str, dict[str, bytes]]] = {}
         bodies: ClassVar[dict[str, list[bytes]]] = {}
@@ -126,9 +137,18 @@ def hub() -> Iterator[type[FakeHub]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     Hub.url = f"http://127.0.0.1:{server.server_port}"
-    yield Hub
-    server.shutdown()
-    server.server_close()
+    try:
+        yield Hub
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hub() -> Iterator[type[FakeHub]]:
+    """A fresh fake hub per test."""
+    with fresh_hub() as fake:
+        yield fake
 
 
 def ranges(hub: type[FakeHub], name: str) -> list[str | None]:
@@ -283,3 +303,59 @@ def test_a_part_left_at_or_past_the_listed_size(hub: type[FakeHub], tmp_path: Pa
     folder = download("org/tiny", tmp_path / "m", endpoint=hub.url)
     assert (folder / "model.safetensors").read_bytes() == FILES["model.safetensors"]
     assert ranges(hub, "model.safetensors") == expected and not part.exists()
+
+
+def fetched(hub: type[FakeHub]) -> list[str]:
+    """The paths of every file GET the hub answered."""
+    return [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
+
+
+def left_by_an_earlier_version(folder: Path, files: dict[str, bytes]) -> None:
+    """A folder as the download left it before it kept a record: the finished files and nothing else."""
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def test_a_finished_folder_with_no_record_is_checked_and_nothing_is_fetched_again(hub: type[FakeHub],
+                                                                                  tmp_path: Path) -> None:
+    wanted = {name: FILES[name] for name in ("config.json", "model.safetensors")}
+    left_by_an_earlier_version(tmp_path / "m", wanted)
+    folder = download("org/tiny", tmp_path / "m", endpoint=hub.url)
+    assert fetched(hub) == []
+    assert everything_under(folder) == [RECORD, *wanted]
+    assert (folder / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    recorded = json.loads((folder / RECORD).read_text())["files"]  # checked, so recorded
+    assert recorded == {"config.json": git_blob_id(FILES["config.json"]),
+                        "model.safetensors": hashlib.sha256(FILES["model.safetensors"]).hexdigest()}
+    download("org/tiny", tmp_path / "m", endpoint=hub.url)  # now recorded: kept again without a fetch
+    assert fetched(hub) == []
+
+
+def test_one_damaged_file_in_a_folder_with_no_record_is_the_only_one_fetched(hub: type[FakeHub],
+                                                                             tmp_path: Path) -> None:
+    left_by_an_earlier_version(tmp_path / "m", {"config.json": FILES["config.json"], "model.safetensors": CHANGED})
+    folder = download("org/tiny", tmp_path / "m", endpoint=hub.url)
+    assert (folder / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    assert ranges(hub, "model.safetensors") == [None] and ranges(hub, "config.json") == []
+
+
+def test_a_part_with_no_record_is_started_over(hub: type[FakeHub], tmp_path: Path) -> None:
+    cancel_halfway(hub, tmp_path / "m")
+    (tmp_path / "m" / RECORD).unlink()  # nothing says what the part was fetched for
+    hub.requests.clear()
+    folder = download("org/tiny", tmp_path / "m", endpoint=hub.url)
+    assert (folder / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    assert ranges(hub, "model.safetensors") == [None]
+
+
+def test_the_token_is_not_sent_on_to_a_cdn_on_another_host(hub: type[FakeHub], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    with fresh_hub() as cdn:
+        hub.cdn = cdn.url
+        folder = download("org/tiny", tmp_path / "m", endpoint=hub.url)
+        assert (folder / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+        assert ranges(cdn, "model.safetensors") == [None]  # the hub redirected it there
+        assert cdn.authorizations == [None]
+        assert set(hub.authorizations) == {"Bearer hf_secret"}  # the hub itself still gets the token

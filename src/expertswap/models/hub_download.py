@@ -8,8 +8,11 @@ Files stream into ``<name>.part`` next to their final place; a cancelled or brok
 part, and the next try asks for the rest with an HTTP Range request, but only when
 ``.expertswap-download.json`` says the part was fetched for the content the hub lists now (its sha256,
 or git blob id for small files): a part of a file that has since changed on the hub is started over.
-A finished file takes its name only once its bytes on disk hash to what the hub lists. The file list
-comes from huggingface_hub (which also supplies the token for gated repos); bytes come over plain HTTPS.
+A finished file takes its name only once its bytes on disk hash to what the hub lists. A file the record
+does not know (a folder fetched before the record existed) is hashed and kept when it matches, so
+downloading again does not fetch tens of GB again. The file list comes from huggingface_hub (which also
+supplies the token for gated repos); bytes come over plain HTTPS, and the token never follows a redirect
+to another host (the hub sends LFS files to a CDN).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import hashlib
 import http.client
 import json
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar
 
 from ..engine.errors import ExpertSwapError, ModelNotFoundError
 
@@ -131,9 +135,36 @@ def _write_record(folder: Path, commit: str, files: dict[str, str]) -> None:
     (folder / RECORD).write_text(json.dumps({"commit": commit, "files": files}, indent=1))
 
 
+class _DropAuthOnHostChange(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header onto a redirect, so the hub's redirect of an LFS file to its CDN would hand
+    the user's token to the CDN; a redirect to another host goes without Authorization."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: http.client.HTTPMessage, newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_DropAuthOnHostChange)
+
+
+def _already_here(file: _File, target: Path, record: dict[str, str]) -> bool:
+    """Whether ``target`` already is the file: it has the listed size and the record says it was fetched and
+    checked for this content or, when the record has no entry for it (a folder fetched before the record
+    existed, or the record lost), its bytes hash to the hub's. Reading it is far cheaper than fetching it."""
+    if not target.is_file() or target.stat().st_size != file.size:
+        return False
+    if file.name in record:
+        return record[file.name] == file.digest
+    return file.hash_of(target) == file.digest
+
+
 def _clear_stale(file: _File, target: Path, part: Path, record: dict[str, str]) -> None:
     """Remove what must not be kept: a finished file of other content (the hub has moved on), and a part
-    fetched for other content or already longer than the file (resuming from it could never end right)."""
+    fetched for other content or already longer than the file (resuming from it could never end right). A
+    part the record has no entry for is removed too: nothing says what content it was fetched for."""
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
     if record.get(file.name) != file.digest or (part.exists() and part.stat().st_size > file.size):
@@ -163,8 +194,11 @@ class _Transfer:
         the start once, and failing twice is an error."""
         target = folder / file.name
         part = target.with_name(target.name + ".part")
-        if record.get(file.name) == file.digest and target.is_file() and target.stat().st_size == file.size:
-            self.done += file.size  # fetched and checked by an earlier try
+        if _already_here(file, target, record):
+            self.done += file.size  # fetched by an earlier try (or an earlier version) and checked
+            if file.name not in record:
+                record[file.name] = file.digest
+                _write_record(folder, self.commit, record)
             return
         _clear_stale(file, target, part, record)
         record[file.name] = file.digest
@@ -184,7 +218,7 @@ class _Transfer:
         if start == file.size:  # complete, not yet checked: the last try stopped in between
             self._advance(start)
             return
-        with urllib.request.urlopen(self._request(file.name, start), timeout=60) as response:
+        with _OPENER.open(self._request(file.name, start), timeout=60) as response:
             start = start if response.status == 206 else 0  # the server ignored the range: start over
             self._advance(start)
             with part.open("ab" if start else "wb") as out:
