@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from expertswap.engine import ChatTemplateError, Engine, ModelFormatError, SamplingSettings
+from expertswap.engine import ChatTemplateError, Engine, EngineClosedError, ModelFormatError, SamplingSettings
 from expertswap.engine.folder import MAX_ADDED_TOKEN_CHARS, MAX_METADATA_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,34 @@ def test_a_hub_cache_snapshot_whose_links_point_into_its_blobs_loads(tiny_model,
         assert len(list(engine.generate([5, 6], SamplingSettings(max_new_tokens=2, temperature=0)))) == 2
 
 
+def test_a_folder_of_links_into_a_hub_cache_loads(tiny_model, tmp_path: Path) -> None:
+    """``hf download --local-dir`` before huggingface_hub 0.23 linked large files into the hub cache's blobs."""
+    blobs = tmp_path / "hub" / "models--org--name" / "blobs"
+    blobs.mkdir(parents=True)
+    folder = _copy(tiny_model("qwen3_moe"), tmp_path / "local")
+    shutil.move(folder / "model.safetensors", blobs / "0123abcd")
+    (folder / "model.safetensors").symlink_to(blobs / "0123abcd")
+    with Engine.load(folder) as engine:
+        assert len(list(engine.generate([5, 6], SamplingSettings(max_new_tokens=2, temperature=0)))) == 2
+
+
+def test_a_fifo_under_a_name_only_case_insensitive_disks_match_is_refused(tiny_model, tmp_path: Path) -> None:
+    """On macOS and Windows transformers' open("tokenizer.json") reaches "Tokenizer.JSON": every name is checked."""
+    folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
+    os.mkfifo(folder / "Tokenizer.JSON")
+    assert "not a regular file" in str(_load_refused(folder, folder / "Tokenizer.JSON"))
+
+
+@pytest.mark.parametrize("files", [["../outside/tokenizer.json"], ["/etc/hostname"], ["sub/tokenizer.json"], "x"])
+def test_fast_tokenizer_files_must_be_files_of_the_folder(tiny_model, tmp_path: Path, files: object) -> None:
+    """transformers opens the tokenizer files tokenizer_config.json lists, wherever they are."""
+    folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "fast_tokenizer_files": files}))
+    with pytest.raises(ModelFormatError, match="fast_tokenizer_files must name files of the folder"):
+        Engine.load(folder)
+
+
 # ---- metadata too large to parse safely ---------------------------------------------------------
 def test_a_tokenizer_adding_one_huge_token_is_refused_before_it_is_built(tiny_model, tmp_path: Path) -> None:
     """Building an added token costs memory ~90 times its length: a 200 MB one aborted the process at 15 GB."""
@@ -153,6 +181,21 @@ def test_a_tokenizer_adding_one_huge_token_is_refused_before_it_is_built(tiny_mo
     tokenizer["added_tokens"].append({"id": 9999, "content": "a" * (MAX_ADDED_TOKEN_CHARS + 1), "single_word": False,
                                       "lstrip": False, "rstrip": False, "normalized": True, "special": False})
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ModelFormatError, match="adds a token of 1,025 characters"):
+        Engine.load(folder)
+
+
+@pytest.mark.parametrize("where", ["a special token of the config", "the special tokens map", "added_tokens.json"])
+def test_a_huge_special_token_is_refused_wherever_it_is_declared(tiny_model, tmp_path: Path, where: str) -> None:
+    folder = _copy(tiny_model("qwen3_moe"), tmp_path / "m")
+    huge = "b" * (MAX_ADDED_TOKEN_CHARS + 1)
+    if where == "a special token of the config":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "additional_special_tokens": [huge]}))
+    elif where == "the special tokens map":
+        (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": huge}}))
+    else:
+        (folder / "added_tokens.json").write_text(json.dumps({huge: 9999}))
     with pytest.raises(ModelFormatError, match="adds a token of 1,025 characters"):
         Engine.load(folder)
 
@@ -171,9 +214,17 @@ TEMPLATES = {
     "loops": ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "ran for more than"),
     "raises": ("{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}",
                "refused this conversation: Conversation roles must alternate"),
-    "does not parse": ("{% for m in messages %}{{ m.content }", "refused this conversation"),
+    "does not parse": ("{% for m in messages %}{{ m.content }", "does not parse"),
     "recurses": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed without end"),
     "divides by zero": ("{{ 1 // 0 }}", "failed: ZeroDivisionError"),
+    # one C call that would build gigabytes before any line of the template ends
+    "repeats a string": ("{{ 'ab' * 400000000 }}", "may not build a value this large"),
+    "centres in a huge width": ("{{ 'x'|center(10000000000) }}", "is too large"),
+    "formats a huge width": ("{{ '{:>9999999999}'.format(1) }}", "format width"),
+    "formats a huge width with %": ("{{ '%9999999999s' % 'x' }}", "format width"),
+    # a value doubled line by line: no single step is large, the resident set is what stops it
+    "doubles a string": (("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+                         "{% endfor %}{{ ns.s|length }}"), "used more than 1024 MiB"),
 }
 
 
@@ -216,3 +267,16 @@ def test_replies_of_300_distinct_lengths_do_not_grow_the_resident_set(tmp_path: 
     """, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) <= 64
+
+
+def test_a_closed_engine_reports_nothing_resident_and_refuses_to_move_experts(tiny_model) -> None:
+    """close() gave the memory back: the app's panels may still ask, and get the truth; nothing loads again."""
+    engine = Engine.load(tiny_model("qwen3_moe"), budget="50%")
+    engine.close()
+    assert all(not experts for experts in engine.residency().resident.values())
+    assert engine.stats().budget_bytes > 0 and engine.resident_expert_bytes() == 0
+    for call in (lambda: engine.set_budget("100%"), lambda: engine.set_policy("lru"),
+                 lambda: list(engine.generate([5, 6], SamplingSettings(max_new_tokens=2)))):
+        with pytest.raises(EngineClosedError):
+            call()
+    engine.close()  # twice is fine

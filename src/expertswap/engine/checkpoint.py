@@ -74,10 +74,9 @@ class Checkpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.entries: dict[str, TensorEntry] = {}
-        self._stamps: dict[Path, tuple[int, int]] = {}  # each file's size and mtime as indexed
+        self._stamps: dict[Path, tuple[int, int, int]] = {}  # each file as indexed: a rewrite or a replacement
         for file in sorted(folder.glob("*.safetensors")):
-            stat = file.stat()
-            self._stamps[file] = (stat.st_size, stat.st_mtime_ns)
+            self._stamps[file] = _stamp(file.stat())
             self.entries.update(_read_header(file))
         self._handles: dict[Path, tuple[threading.Lock, io.FileIO]] = {}
         self._handles_lock = threading.Lock()
@@ -103,8 +102,7 @@ class Checkpoint:
         view = result.view(-1).view(torch.uint8).numpy().data
         lock, handle = self._handle(entry.file)
         with lock:
-            stat = os.fstat(handle.fileno())
-            if (stat.st_size, stat.st_mtime_ns) != self._stamps[entry.file]:
+            if _stamp(os.fstat(handle.fileno())) != self._stamps[entry.file]:
                 raise ModelFormatError(f"{entry.file.name} changed on disk after the model was loaded (a "
                                        "re-download or a sync?): load the model again")
             handle.seek(offset)
@@ -124,6 +122,10 @@ class Checkpoint:
             if file not in self._handles:
                 self._handles[file] = (threading.Lock(), open(file, "rb", buffering=0))  # noqa: SIM115 (closed by close())
             return self._handles[file]
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _read_header(file: Path) -> dict[str, TensorEntry]:

@@ -113,8 +113,9 @@ class Committee(nn.Module):
         self.slots.publish()
 
     def release(self) -> None:
-        """Drop every slot and host copy (the engine is closing)."""
+        """Drop every slot, host copy and device counter (the engine is closing): nothing is resident after."""
         self.storage.allocate(0)
+        self.cache = ExpertCache(self.num_experts, self.top_k, 0, torch.device("cpu"), self.cache.eviction)
         self._host, self._router_logits = None, None
 
     # ---- what is resident ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .errors import (
     BudgetError,
     DeviceError,
     EngineBusyError,
+    EngineClosedError,
     ModelFormatError,
     PolicyError,
     PromptError,
@@ -327,6 +328,7 @@ class Engine:
         Only with the ``substitute`` policy: while pinned nothing is loaded, prompts included, and every
         miss goes to a resident expert. It is what a never-swapped committee costs, kept measurable.
         """
+        self._require_open()
         with self.runtime.lock:
             if experts is None:
                 self.runtime.pinned = False
@@ -417,10 +419,12 @@ class Engine:
         Returns the budget in bytes. Raises ``BudgetTooSmallError`` below the minimum. ``reason`` is
         carried by the ``BudgetChange`` events: "user", "follow" or "oom".
         """
+        self._require_open()
         return self.budget.request(budget, reason)
 
     def set_policy(self, policy: str, skip_threshold: float | None = None) -> None:
         """Switch the miss policy; takes effect at the next token."""
+        self._require_open()
         threshold = self.runtime.skip_threshold if skip_threshold is None else skip_threshold
         _check_policy(policy, self.device, threshold, self.row_path)
         with self.runtime.lock:
@@ -430,6 +434,7 @@ class Engine:
 
     def follow_free_memory(self, enabled: bool, margin_bytes: int | None = None) -> None:
         """Let the budget track free RAM (CPU) or VRAM (CUDA), keeping ``margin_bytes`` free."""
+        self._require_open()
         self.budget.follow_margin = margin_bytes if margin_bytes is not None else self.budget.default_margin()
         self.watcher.following = enabled
 
@@ -559,6 +564,11 @@ class Engine:
             elif isinstance(value, (list, tuple)):
                 ids.update(int(v) for v in value)
         return ids
+
+    def _require_open(self) -> None:
+        """A closed engine has given its memory back: what would move experts again is refused."""
+        if self.decoder.closed:
+            raise EngineClosedError("this engine is closed: load the model again")
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:

@@ -12,12 +12,15 @@
   of the file stays mapped: the kernel maps neighbouring cached pages around every fault, and expert
   reads of the same file filled that cache (the default model kept 133 MiB of its file mapped after a
   prompt at 25%, for 56 MiB of weights still read there).
-Elsewhere these are no-ops.
+Elsewhere the first two are no-ops, and the third is a plain copy of every CPU weight: where the
+process's mappings cannot be read, none may be left as a view of its file.
 
-A third measure holds everywhere: oneDNN (and ideep above it) keep a compiled kernel, with its
-scratch memory, for every matmul shape they meet, 1024 of them by default. Each prompt length is a
-new shape, so a server's or a chat's resident set grew 5-13 MiB with every distinct prompt length
-and never shrank (733 to 2,192 MiB over 180 replies). Both caches are capped (``KERNEL_CACHE``).
+One more measure holds everywhere: oneDNN keeps a compiled kernel for every matmul shape it meets,
+and ideep above it a computation with its scratch memory, 1024 of each by default. Each prompt
+length is a new shape, so a server's or a chat's resident set grew 5-13 MiB with every distinct
+prompt length and never shrank (733 to 2,192 MiB over 180 replies). ideep's cache holds most of the
+memory and oneDNN's most of the speed (a prefill meets a shape per expert row count, reused across
+layers), so they are capped apart; benchmarks/results/kernel-caches-default-cpu.md has the trade.
 """
 
 from __future__ import annotations
@@ -50,14 +53,14 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
-KERNEL_CACHE = 16  # compiled matmul kernels kept per cache: a decode step uses about ten shapes
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256, "LRU_CACHE_CAPACITY": 32}  # oneDNN's, ideep's
 
 
 def bound_kernel_caches() -> None:
     """Cap oneDNN's and ideep's kernel caches, unless the user set them. Both read their size when they make
     their first kernel, so this must run before the process's first CPU matmul."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(KERNEL_CACHE))
-    os.environ.setdefault("LRU_CACHE_CAPACITY", str(KERNEL_CACHE))
+    for name, size in KERNEL_CACHES.items():
+        os.environ.setdefault(name, str(size))
 
 
 def return_large_frees() -> None:
@@ -104,10 +107,13 @@ def owned(tensor: torch.Tensor, mappings: list[tuple[int, int]] | None = None) -
     """``tensor``, copied into the process's own memory (its file pages dropped) if a file mapping backs it.
 
     A mapped weight also dies with its file: truncating or rewriting the file under a loaded model turns
-    the next read of it into SIGBUS, which kills the process.
+    the next read of it into SIGBUS, which kills the process. Where this process's mappings cannot be
+    read (macOS, Windows), every CPU tensor is copied.
     """
-    if _LIBC is None or tensor.device.type != "cpu":
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
         return tensor
+    if _LIBC is None:
+        return tensor.clone()
     start = tensor.data_ptr()
     if not any(lo <= start < hi for lo, hi in (mappings if mappings is not None else _file_mappings())):
         return tensor
@@ -118,7 +124,7 @@ def owned(tensor: torch.Tensor, mappings: list[tuple[int, int]] | None = None) -
 
 def own_weights(model: torch.nn.Module) -> None:
     """Every CPU parameter and buffer of ``model`` ``owned``, one at a time (the peak grows by one tensor)."""
-    mappings = _file_mappings() if _LIBC is not None else []
+    mappings = _file_mappings() if _LIBC is not None else None
     for module in model.modules():
         for param in module.parameters(recurse=False):
             param.data = owned(param.data, mappings)
