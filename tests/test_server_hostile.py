@@ -21,9 +21,12 @@ import httpx
 import pytest
 
 from expertswap.client.remote import CURVE_POINTS
-from expertswap.engine import Engine, SamplingSettings, TokenChunk, TokenStats
+from expertswap.engine import Engine, SamplingSettings, SettingsError, TokenChunk, TokenStats
 from expertswap.server import BackgroundServer
 from expertswap.server.cli import parser
+from expertswap.server.errors import from_exception
+from expertswap.server.guard import Guard
+from expertswap.server.reply import Turns
 
 KEY = "sk-hostile"
 TIMEOUT = 30.0  # a socket read that waits this long is a hang: the test fails instead of waiting forever
@@ -96,6 +99,11 @@ def _wait_for(condition: Callable[[], bool], seconds: float = TIMEOUT) -> None:
 
 def _json(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode()
+
+
+def _events(body: bytes) -> list[str]:
+    """A stream's events, each without its ``data: ``."""
+    return [e.removeprefix("data: ") for e in body.decode().split("\n\n") if e]
 
 
 def _error(status: int, body: bytes) -> dict[str, Any]:
@@ -231,11 +239,30 @@ def _token_counts(events: list[object]) -> list[int]:
     return replies
 
 
+def _held_until_cancelled(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next reply waits after its first token, on the engine's generation thread, until it is cancelled (or
+    ``TIMEOUT``): it can end only by being cancelled, however fast the model or slow the machine. Later replies
+    run as ever."""
+    generate = engine.decoder.generate
+    first = [True]
+
+    def held(ids: list[int], settings: SamplingSettings, cancel: threading.Event) -> Iterator[int]:
+        hold, first[0] = first[0], False
+        for token in generate(ids, settings, cancel):
+            yield token
+            if hold:
+                cancel.wait(TIMEOUT)
+
+    monkeypatch.setattr(engine.decoder, "generate", held)
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_client_that_drops_its_reply_cancels_it_and_the_next_is_answered(serve, stream: bool) -> None:
+def test_a_client_that_drops_its_reply_cancels_it_and_the_next_is_answered(serve, monkeypatch,
+                                                                           stream: bool) -> None:
     """The reply stops when the client goes, and the engine is free when the next request gets its turn: it is
     answered at once, not after the dropped reply's 900 tokens, nor refused as busy."""
     server = serve()
+    _held_until_cancelled(server.engine, monkeypatch)
     events = server.engine.subscribe()
     seen: list[object] = []
 
@@ -253,7 +280,7 @@ def test_a_client_that_drops_its_reply_cancels_it_and_the_next_is_answered(serve
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
         seen.extend(events.drain())
         dropped, answered = _token_counts(seen)
-        assert dropped < 900 and answered == 2
+        assert dropped == 1 and answered == 2  # held after its first token until it was cancelled
     finally:
         events.close()
 
@@ -282,7 +309,7 @@ def test_an_error_mid_reply_is_a_json_500_or_an_error_event_and_the_connection_l
         status, headers, answer = wire.exchange("POST", "/v1/chat/completions",
                                                 _json({**PROMPT_CHAT, "max_tokens": 8, "stream": True}))
         assert status == 200 and headers["content-type"].startswith("text/event-stream")
-        events = [e.removeprefix("data: ") for e in answer.decode().split("\n\n") if e]
+        events = _events(answer)
         assert events[-1] == "[DONE]" and "the device fell over" in _error(500, events[-2].encode())["message"]
         assert "error" not in json.loads(events[0])  # the role chunk went out before the failure
         assert wire.exchange("GET", "/health")[0] == 200
@@ -393,3 +420,127 @@ def test_a_looping_template_is_stopped_with_a_400(serve, monkeypatch) -> None:
         status, _, answer = wire.exchange("POST", "/v1/chat/completions", _json(PROMPT_CHAT))
         assert status == 400 and _error(status, answer)["param"] == "messages"
         assert wire.exchange("GET", "/health")[0] == 200
+
+
+def _queues(monkeypatch: pytest.MonkeyPatch) -> list[Turns]:
+    """The queue of each request that asks for a turn, as it asks (a server has one: ``[0]`` is it)."""
+    seen: list[Turns] = []
+    take = Turns.take
+
+    async def spied(self: Turns) -> None:
+        seen.append(self)
+        await take(self)
+
+    monkeypatch.setattr(Turns, "take", spied)
+    return seen
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_full_queue_is_a_429_before_the_prompt_is_encoded(serve, monkeypatch, stream: bool) -> None:
+    """A prompt is encoded in its request's turn, one at a time: a request the queue has no place for is refused at
+    once, unencoded (issue 27: an 8 MiB body each, encoded all at once, was the memory blow-up)."""
+    server = serve(queue=0)
+    started, release = _blocking(server.engine, "encode_chat", monkeypatch)
+    held, encoded = server.engine.encode_chat, []
+
+    def counted(messages: list[dict[str, str]]) -> list[int]:
+        encoded.append(messages)
+        return list(held(messages))
+
+    monkeypatch.setattr(server.engine, "encode_chat", counted)
+    with Wire(server) as first, Wire(server) as refused:
+        first.send("POST", "/v1/chat/completions", _json({**PROMPT_CHAT, "max_tokens": 1}),
+                   {"Content-Type": "application/json"})
+        try:
+            assert started.wait(TIMEOUT)  # the first holds the turn, its prompt being encoded
+            status, headers, answer = refused.exchange("POST", "/v1/chat/completions",
+                                                       _json({**PROMPT_CHAT, "stream": stream}))
+        finally:
+            release.set()
+        assert status == 429 and headers["retry-after"] == "1"
+        assert _error(status, answer)["type"] == "rate_limit_exceeded" and len(encoded) == 1
+        assert first.receive()[0] == 200
+
+
+def test_a_stream_that_leaves_while_queued_gives_its_place_up(serve, monkeypatch) -> None:
+    """As a request waiting for a whole reply does: the place is free for the next request at once, not when the
+    gone stream's turn comes."""
+    server = serve(queue=1)
+    started, release = _blocking(server.engine, "encode_chat", monkeypatch)
+    queues = _queues(monkeypatch)
+    with Wire(server) as first, Wire(server) as nxt:
+        first.send("POST", "/v1/chat/completions", _json({**PROMPT_CHAT, "max_tokens": 1}),
+                   {"Content-Type": "application/json"})
+        try:
+            assert started.wait(TIMEOUT)  # the first holds the turn
+            with Wire(server) as gone:
+                gone.send("POST", "/v1/chat/completions", _json({**PROMPT_CHAT, "stream": True}),
+                          {"Content-Type": "application/json"})
+                _wait_for(lambda: bool(queues) and queues[0].waiting == 1)
+            _wait_for(lambda: queues[0].waiting == 0)  # the stream's client left: its place is given up
+            nxt.send("POST", "/v1/chat/completions", _json({**PROMPT_CHAT, "max_tokens": 1}),
+                     {"Content-Type": "application/json"})
+            _wait_for(lambda: queues[0].waiting == 1)  # queued in that place, not refused
+        finally:
+            release.set()
+        assert first.receive()[0] == 200 and nxt.receive()[0] == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_or_settings_the_engine_refuses_are_a_400(serve, monkeypatch, stream: bool) -> None:
+    """A prompt that encodes to no tokens is the request's fault (PromptError), as are settings out of range
+    (SettingsError): 400 invalid_request_error, in a stream its error event."""
+    server = serve()
+    monkeypatch.setattr(server.engine, "encode", lambda _text: [])
+    with Wire(server) as wire:
+        body = _json({"model": "tiny", "prompt": "The sea", "max_tokens": 4, "stream": stream})
+        status, _, answer = wire.exchange("POST", "/v1/completions", body)
+        if stream:
+            events = _events(answer)
+            assert status == 200 and events[-1] == "[DONE]"
+            status, answer = 400, events[-2].encode()
+        error = _error(status, answer)
+        assert status == 400 and error["type"] == "invalid_request_error" and "empty" in error["message"]
+    refused = from_exception(SettingsError("top_p must be in (0, 1], got 0"))
+    assert (refused.status, refused.kind) == (400, "invalid_request_error")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_the_context_cuts_ends_with_finish_reason_length(serve, monkeypatch, stream: bool) -> None:
+    """The engine cuts the reply at the context; the answer says so ("length", not "stop"), as it does for
+    max_tokens."""
+    server = serve()
+    engine = server.engine
+    room = 3
+    ids = (engine.encode("The sea is wide and deep. ") * engine.context_tokens)[: engine.context_tokens - room]
+    monkeypatch.setattr(engine, "encode", lambda _text: ids)
+    with Wire(server) as wire:
+        body = _json({"model": "tiny", "prompt": "The sea", "max_tokens": 500, "temperature": 0, "stream": stream})
+        status, _, answer = wire.exchange("POST", "/v1/completions", body)
+    assert status == 200
+    reply = json.loads(_events(answer)[-2] if stream else answer)  # a stream's last chunk has the reason and usage
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": room,
+                              "total_tokens": engine.context_tokens}
+
+
+def test_a_websocket_is_refused_before_the_app_sees_it() -> None:
+    """No route takes a websocket, and one would pass none of the Host, Origin and key checks: it is closed at
+    once (policy violation: its handshake is answered 403). The server's lifespan still reaches the app."""
+    reached: list[str] = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], _receive: Any, _send: Any) -> None:
+        reached.append(scope["type"])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    for key in (None, KEY):
+        asyncio.run(Guard(app, key)({"type": "websocket", "path": "/v1/models", "headers": [(b"host", b"localhost")]},
+                                    receive, send))
+    asyncio.run(Guard(app, None)({"type": "lifespan"}, receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}] * 2 and reached == ["lifespan"]

@@ -3,7 +3,8 @@
 The engine serves one reply at a time: requests wait their turn in a bounded queue (a full queue answers
 429 with Retry-After), and a client that disconnects cancels its reply (``reply.py``). Who may ask and how much
 it may send is ``guard.py``'s; every error is in OpenAI's JSON shape (``errors.py``). Nothing slow runs on the
-event loop: prompts are encoded, and the committee curve computed, on worker threads.
+event loop: prompts are encoded (one at a time, in the request's turn), and the committee curve computed, on
+worker threads.
 ``/v1/expertswap/*`` gives what the app's panels show (stats, residency, telemetry events) and takes the
 budget and the miss policy, so the app can follow a remote engine as it follows its own.
 """
@@ -16,6 +17,7 @@ import dataclasses
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -107,10 +109,13 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
     else only loopback Host and Origin values are answered; bodies over ``max_body_bytes`` are refused."""
     log = EventLog(engine)
 
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-encode")
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         log.subscription.close()
+        encoder.shutdown()
 
     app = FastAPI(title="ExpertSwap", docs_url=None, redoc_url=None, lifespan=lifespan)
     errors.install(app)
@@ -190,35 +195,55 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
 
     async def _reply(body: Sampling, chars: int, encode: Callable[[], list[int]], request: Request,
                      chat: bool) -> Any:
-        """Check what is cheap to check, encode on a worker thread (a huge prompt or a slow chat template must
-        not hold the event loop), then answer whole or streamed."""
+        """Check what is cheap to check, wait for the engine's turn, then answer whole or streamed. A client
+        that disconnects before its reply starts gives its place in the queue up, streamed or not."""
         _require_model(body.model)
         field = "messages" if chat else "prompt"
         context = engine.context_tokens
         if context is not None and chars > CHARS_PER_TOKEN * context:
             raise APIError(413, f"the prompt has {chars} characters: more than this model's context of {context} "
                                 "tokens can hold", param=field)
-        try:
-            ids = list(await asyncio.to_thread(encode))
-        except ExpertSwapError as exc:  # not text, or a chat template that refuses these messages
-            raise APIError(400, str(exc), param=field) from None
-        if context is not None and len(ids) + 1 > context:
-            raise APIError(413, f"the prompt has {len(ids)} tokens; this model's context is {context}", param=field)
-        limit = body.max_completion_tokens or body.max_tokens or 256
-        limit = min(limit, context - len(ids)) if context is not None else limit
-        settings = SamplingSettings(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
-                                    seed=body.seed)
-        reply = Reply(engine, ids, settings, body.stop or [], model, chat)
+        reply = await unless_disconnected(request.receive, _in_turn(body, encode, field, chat))
         if body.stream:
-            await turns.take()  # held by the stream, given back when its response ends
-            return ReplyStream(reply, turns)
-        return await unless_disconnected(request.receive, _whole(reply))
-
-    async def _whole(reply: Reply) -> dict[str, Any]:
-        await turns.take()
+            return ReplyStream(reply, turns)  # holds the turn, given back when its response ends
         try:
-            return await reply.whole()
+            return await unless_disconnected(request.receive, reply.whole())
         finally:
             turns.give_back()
+
+    async def _in_turn(body: Sampling, encode: Callable[[], list[int]], field: str, chat: bool) -> Reply:
+        """Take the engine's turn, then encode the prompt: a full queue is refused before anything is encoded,
+        and prompts are encoded one at a time (issue 27: each can be 8 MiB). The turn is given back if no reply
+        comes of it."""
+        await turns.take()
+        try:
+            ids = await _encoded(encode, field)
+            return Reply(engine, ids, _settings(body, len(ids)), body.stop or [], model, chat)
+        except BaseException:  # a refused prompt, or the client gone (cancelled)
+            turns.give_back()
+            raise
+
+    async def _encoded(encode: Callable[[], list[int]], field: str) -> list[int]:
+        """The prompt's ids, encoded on ``encoder``'s one thread (off the event loop): an encode that outlives
+        its request, whose client left, still finishes before the next one starts."""
+        try:
+            ids = list(await asyncio.get_running_loop().run_in_executor(encoder, encode))
+        except ExpertSwapError as exc:  # not text, or a chat template that refuses these messages
+            raise APIError(400, str(exc), param=field) from None
+        context = engine.context_tokens
+        if context is not None and len(ids) >= context:  # the engine refuses it too, but once a stream is open
+            raise APIError(413, f"the prompt has {len(ids)} tokens; this model's context is {context}", param=field)
+        return ids
+
+    def _settings(body: Sampling, prompt_tokens: int) -> SamplingSettings:
+        """The request's sampling. The reply's limit is cut at the context here although the engine cuts it
+        too: the engine does so silently, and a reply knows it ended at its limit (finish_reason "length",
+        not "stop") only by counting its tokens against ``max_new_tokens``."""
+        limit = body.max_completion_tokens or body.max_tokens or 256
+        context = engine.context_tokens
+        if context is not None:
+            limit = min(limit, context - prompt_tokens)
+        return SamplingSettings(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
+                                seed=body.seed)
 
     return app

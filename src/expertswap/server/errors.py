@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from expertswap.engine import EngineBusyError, ExpertSwapError
+from expertswap.engine import EngineBusyError, ExpertSwapError, PromptError, SettingsError
 
 log = logging.getLogger("expertswap.server")
 
@@ -37,10 +37,13 @@ class APIError(Exception):
 
 
 def from_exception(exc: Exception) -> APIError:
-    """What an exception from the engine (or a bug) is answered with: a busy engine is a 503 to retry, an engine
-    error a 500 with its message (meant for the user), anything else a 500 that names it and is logged."""
+    """What an exception from the engine (or a bug) is answered with: a busy engine is a 503 to retry, a prompt or
+    settings the engine refuses a 400 (the request's fault), another engine error a 500 with its message (meant for
+    the user), anything else a 500 that names it and is logged."""
     if isinstance(exc, EngineBusyError):  # the app that serves this engine is answering in its own window
         return APIError(503, str(exc), "server_busy", headers={"Retry-After": "1"})
+    if isinstance(exc, (PromptError, SettingsError)):  # e.g. a prompt of no tokens, a sampling setting out of range
+        return APIError(400, str(exc))
     if isinstance(exc, ExpertSwapError):
         return APIError(500, str(exc), "server_error")
     log.error("the server failed on a request", exc_info=exc)

@@ -57,15 +57,20 @@ def local_origin(value: str) -> bool:
 
 
 class Guard:
-    """ASGI middleware: the Host and Origin check (no API key) or the key, then the body-size limit."""
+    """ASGI middleware: the Host and Origin check (no API key) or the key, then the body-size limit. Only HTTP
+    requests (and the server's lifespan) pass: a websocket is refused."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.app, self.max_body_bytes = app, max_body_bytes
         self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no route takes a websocket, and one would pass none of the checks below
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})  # policy violation: the handshake is a 403
             return
         headers = Headers(scope=scope)
         try:
