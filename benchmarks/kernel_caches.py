@@ -21,7 +21,7 @@ from .stamp import stamp
 
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = {  # oneDNN's kernels, ideep's computations
-    "shipped: 256 / 32": {},
+    "shipped: 128 / 32": {},
     "16 / 16": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": "16"},
     "uncapped: 1024 / 1024 (their defaults)": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"},
 }

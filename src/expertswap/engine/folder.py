@@ -38,7 +38,7 @@ def check_model_folder(folder: str | os.PathLike) -> Path:
     templates = path / TEMPLATES
     # every name, not only the ones transformers asks for: on macOS and Windows "Tokenizer.JSON" is opened too
     for entry in [*sorted(path.iterdir()), *(sorted(templates.iterdir()) if templates.is_dir() else [])]:
-        if not entry.is_dir():
+        if not entry.is_dir() or entry.name.casefold().endswith((*_PARSED, ".safetensors")):  # a folder "x.json" too
             _check_file(entry, roots)
     weights = sorted(path.glob("*.safetensors"))
     if not weights:

@@ -53,7 +53,7 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
-KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256, "LRU_CACHE_CAPACITY": 32}  # oneDNN's, ideep's
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 128, "LRU_CACHE_CAPACITY": 32}  # oneDNN's, ideep's
 
 
 def bound_kernel_caches() -> None:
