@@ -113,9 +113,10 @@ class Committee(nn.Module):
         self.slots.publish()
 
     def release(self) -> None:
-        """Drop every slot, host copy and device counter (the engine is closing): nothing is resident after."""
+        """Drop every slot and host copy (the engine is closing): nothing is resident after, and the counts of
+        what happened stay for a last ``stats()``."""
         self.storage.allocate(0)
-        self.cache = ExpertCache(self.num_experts, self.top_k, 0, torch.device("cpu"), self.cache.eviction)
+        self.cache.slots = SlotMap(self.num_experts, 0)
         self._host, self._router_logits = None, None
 
     # ---- what is resident ---------------------------------------------------------------------
