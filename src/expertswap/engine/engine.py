@@ -43,6 +43,7 @@ from .expert_rows import supports_rows
 from .families import Family
 from .generation import IncrementalDecoder, SamplingSettings
 from .graphed_step import GraphedDecode
+from .history import Message
 from .host_memory import own_weights, return_large_frees
 from .memory import current_rss_bytes, peak_rss_bytes
 from .packed import PackedLinear, pack_linears, packing_pays
@@ -58,7 +59,6 @@ from .trace import TraceHeader, TraceRecorder
 from .validate import check_layers
 from .watcher import MemoryWatcher, free_memory_probe
 
-Message = dict[str, str]
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
