@@ -222,6 +222,10 @@ TEMPLATES = {
     "centres in a huge width": ("{{ 'x'|center(10000000000) }}", "is too large"),
     "formats a huge width": ("{{ '{:>9999999999}'.format(1) }}", "format width"),
     "formats a huge width with %": ("{{ '%9999999999s' % 'x' }}", "format width"),
+    "replaces each match with a long text": ("{{ ('a' * 4000000)|replace('a', 'a' * 4000000) }}",
+                                             "may not build a value this large"),
+    "calls replace the same way": ("{{ ('a' * 4000000).replace('a', 'a' * 4000000) }}",
+                                   "may not build a value this large"),
 }
 
 

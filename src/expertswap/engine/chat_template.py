@@ -7,8 +7,9 @@ loops (nested ``range`` loops run for hours), recurses, raises, or builds a huge
   (Jinja compiles a template to Python code named ``<template>``): at each of their lines it checks
   the deadline and the process's resident set, so a loop, or a value doubled line by line, stops.
 - One operation can build gigabytes inside a single C call, before any line ends: ``'ab' * 10**9``,
-  ``x|center(10**10)``, ``'%9999999999s' % x``. transformers' sandbox class is swapped, before any
-  template is compiled, for one that refuses such sizes (``BoundedSandbox``).
+  ``x|center(10**10)``, ``'%9999999999s' % x``, a replace whose every match grows the text.
+  transformers' sandbox class is swapped, before any template is compiled, for one that refuses
+  such sizes (``BoundedSandbox``).
 
 Every failure becomes a ``ChatTemplateError``, whose message is the template's own where it raised one
 on purpose (Mixtral's refuses ``[user, user]``).
@@ -56,6 +57,17 @@ def _check_format(spec: object) -> None:
         raise SecurityError("a format width in the chat template is too large")
 
 
+def _check_replace(text: object, old: object = None, new: object = None, count: object = None) -> None:
+    """``text.replace(old, new)`` may grow ``text`` once per match: refuse a result over ``MAX_SIZE``."""
+    if not (isinstance(text, str) and isinstance(old, str) and isinstance(new, str)) or len(new) <= len(old):
+        return
+    matches = text.count(old) if old else len(text) + 1
+    if isinstance(count, int) and count >= 0:
+        matches = min(matches, count)
+    if len(text) + matches * (len(new) - len(old)) > MAX_SIZE:
+        raise SecurityError("a chat template may not build a value this large")
+
+
 class BoundedSandbox(ImmutableSandboxedEnvironment):
     """transformers' sandbox, with the operations that build a large value in one call bounded."""
 
@@ -65,6 +77,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(*args, **kwargs)
         for name in ("center", "indent", "wordwrap", "format"):
             self.filters[name] = _bounded_filter(filters.FILTERS[name])
+        original_replace = filters.FILTERS["replace"]
+
+        @filters.pass_eval_context
+        def replace(eval_ctx: Any, text: Any, old: Any, new: Any, count: Any = None) -> Any:
+            _check_replace(text, old, new, count)
+            return original_replace(eval_ctx, text, old, new, count)
+
+        self.filters["replace"] = replace
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*" and _repeated(left, right) > MAX_SIZE:
@@ -78,6 +98,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         for value in (*args, *kwargs.values()):
             _check_number(value)
+        if getattr(__obj, "__name__", "") == "replace":
+            _check_replace(getattr(__obj, "__self__", None), *args[:3])
         return super().call(__context, __obj, *args, **kwargs)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
