@@ -14,8 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from expertswap.engine import Engine, SamplingSettings
-from expertswap.engine.telemetry import BudgetChange
+from expertswap.engine import Engine
+from expertswap.protocol import BudgetChange, SamplingSettings
 
 from .contenders import run_dtype
 from .speed import describe, model_folder

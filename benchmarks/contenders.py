@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from expertswap.engine.compat import mkldnn_bf16_supported
+from expertswap.engine.weights.compat import mkldnn_bf16_supported
 
 PROMPT = "Explain how a Python dictionary stores its keys and what makes lookups fast."
 def run_dtype(device: str) -> torch.dtype:
@@ -61,8 +61,8 @@ def offload_cap(folder: str, budget: str, dtype: torch.dtype) -> int:
 def run_transformers(folder: str, budget: str, tokens: int, device: str, offload: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expertswap.engine.generation import forward_mode
-    from expertswap.engine.memory import peak_rss_bytes
+    from expertswap.engine.decode.step import forward_mode
+    from expertswap.engine.observe.memory import peak_rss_bytes
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = run_dtype(device)
@@ -92,7 +92,8 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
 
 def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str, lru: bool = False,
                    quantize: str | None = None) -> dict:
-    from expertswap.engine import Engine, SamplingSettings
+    from expertswap.engine import Engine
+    from expertswap.protocol import SamplingSettings
 
     # on a GPU every expert waits in pinned host RAM, as accelerate keeps its offloaded layers in RAM
     engine = Engine.load(folder, budget=budget, policy=policy, device=device, dtype=run_dtype(device),
@@ -118,7 +119,7 @@ def run_floor(folder: str) -> dict:
     from transformers import AutoTokenizer
 
     from expertswap.engine import Engine  # noqa: F401  (its imports are the floor)
-    from expertswap.engine.memory import peak_rss_bytes
+    from expertswap.engine.observe.memory import peak_rss_bytes
 
     AutoTokenizer.from_pretrained(folder)
     return {"ids": [], "times": [], "peak_rss": peak_rss_bytes(), "hit_rate": None, "bytes_loaded": None,

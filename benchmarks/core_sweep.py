@@ -20,7 +20,8 @@ SHAPE = {"num_experts": 32, "top_k": 4, "layers": 4, "hidden": 256, "intermediat
 
 RUN = """
 import json, sys
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import SamplingSettings
 folder, budget, policy, device, tokens, swapper = sys.argv[1:7]
 engine = Engine.load(folder, budget=budget, policy=policy, device=device, swapper=swapper == "on")
 ids = engine.encode("Exceptions are raised when an error is detected during execution; a handler")

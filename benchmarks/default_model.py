@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
 from expertswap.models.default_model import resolve_model, shipped
 from expertswap.models.default_model.build import shipped_folder
 from expertswap.models.default_model.gguf_source import find_gguf, load_tokenizer
 from expertswap.models.default_model.moe_layout import MoeDesign
+from expertswap.protocol import SamplingSettings
 from tools.recipe.data import EVAL_PROMPTS, FACTUAL, SIDE_BY_SIDE, correct, heldout
 
 from .stamp import stamp

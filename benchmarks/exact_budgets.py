@@ -52,7 +52,8 @@ def _plain(folder: Path, device: str, ids: list[int], tokens: int, repeats: int)
 
 
 def main(model: str, device: str, layers: int, budgets: list[str], tokens: int, repeats: int) -> Path:
-    from expertswap.engine import Engine, SamplingSettings
+    from expertswap.engine import Engine
+    from expertswap.protocol import SamplingSettings
 
     folder = _build(model, layers)
     rows = []

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks fit-real``. Each model is built from its published config on the meta device (no
 weights, no download) and every parameter counted: experts as the engine holds them (bf16, int8 or nf4,
-``engine/quantize.py``), the rest in bf16, and a 4096-token KV cache. Two machines:
+``engine/weights/quantize.py``), the rest in bf16, and a 4096-token KV cache. Two machines:
 
 - a 16 GB laptop, CPU only: 12 GiB for the app (the rest for the system and other programs), less the
   runtime floor measured here (395 MiB);
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
-from expertswap.engine.quantize import quantized_nbytes
+from expertswap.engine.weights.quantize import quantized_nbytes
 
 from .stamp import stamp
 

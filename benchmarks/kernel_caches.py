@@ -1,4 +1,4 @@
-"""What capping oneDNN's and ideep's kernel caches costs and saves on the CPU (see engine/host_memory.py).
+"""What capping oneDNN's and ideep's kernel caches costs and saves on the CPU (see engine/weights/host_memory.py).
 
 Each run is a fresh process on the default model at 50%: 120 one-token replies to prompts of 120 distinct
 lengths (the resident set's growth after the first 20 is what the caps bound), then a 256-token prefill
@@ -28,7 +28,8 @@ SETTINGS = {  # oneDNN's kernels, ideep's computations
 CHILD = """
 import json, sys, time
 import psutil, torch
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import SamplingSettings
 torch.set_num_threads(2)
 process, one = psutil.Process(), SamplingSettings(max_new_tokens=1, temperature=0)
 with Engine.load(sys.argv[1], budget="50%") as engine:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from expertswap.engine import Engine, SamplingSettings
-from expertswap.engine.compact_step import MoEBlock
+from expertswap.engine import Engine
+from expertswap.engine.decode.compact_step import MoEBlock
 from expertswap.models.default_model import DEFAULT_MODEL, resolve_model
+from expertswap.protocol import SamplingSettings
 from tools.recipe.data import EVAL_PROMPTS
 
 from .stamp import stamp

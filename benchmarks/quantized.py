@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from expertswap.engine import QUANTIZATIONS, Engine
+from expertswap.engine import Engine
 from expertswap.models import resolve_model
 from expertswap.models.default_model.gguf_source import find_gguf, load_tokenizer
+from expertswap.protocol import QUANTIZATIONS
 from tools.recipe.data import heldout
 
 from .speed import measure

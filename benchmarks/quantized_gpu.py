@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import SamplingSettings
 from tools.synthetic import build_model
 
 from .speed import SHAPES

@@ -11,8 +11,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
 from expertswap.models import resolve_model
+from expertswap.protocol import SamplingSettings
 from tools.synthetic import build_model
 
 TRACES = Path(__file__).parent / "traces"

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from expertswap.engine import TraceHeader, TraceToken, parse_budget, read_trace
-from expertswap.engine.expert_cache import DEFAULT_EVICTION, ExpertCache
-from expertswap.engine.planner import LayerShape, plan_capacities
-from expertswap.engine.swapper import SWAPS_PER_LAYER
-from expertswap.engine.trace import steps
+from expertswap.engine import TraceHeader, TraceToken, read_trace
+from expertswap.engine.budget.swapper import SWAPS_PER_LAYER
+from expertswap.engine.moe.expert_cache import ExpertCache
+from expertswap.engine.observe.trace import steps
+from expertswap.protocol import DEFAULT_EVICTION, LayerShape, parse_budget, plan_capacities
 
 from .stamp import stamp
 

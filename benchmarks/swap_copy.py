@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from expertswap.engine import Engine, SamplingSettings
-from expertswap.engine.committee import Swap
-from expertswap.engine.telemetry import SwapEvent
+from expertswap.engine import Engine
+from expertswap.engine.moe.committee import Swap
+from expertswap.protocol import SamplingSettings, SwapEvent
 
 from .contenders import PROMPT
 from .speed import describe, model_folder

@@ -235,8 +235,8 @@ def test_models_dialog_reports_fit_and_lists_the_hf_cache(qtbot, loop, tiny_mode
 
     from expertswap.app import models_dialog
     from expertswap.app.models_dialog import ModelsDialog
-    from expertswap.engine import format_bytes
     from expertswap.models.fit import fit_report
+    from expertswap.protocol import format_bytes
 
     threads: list[threading.Thread] = []
 
@@ -549,7 +549,7 @@ def test_a_quantised_model_says_so_and_the_slider_counts_its_bytes(qtbot, loop, 
 
 def test_a_model_opened_without_a_budget_starts_at_its_own(qtbot, loop, tiny_model, tmp_path: Path) -> None:
     """A folder starts at the engine's default share; the slider and its label show what the engine holds."""
-    from expertswap.engine import DEFAULT_BUDGET, parse_budget
+    from expertswap.protocol import DEFAULT_BUDGET, parse_budget
 
     win = _make_window(qtbot, tmp_path)
     win.show()

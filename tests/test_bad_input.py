@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from expertswap.engine import (
+from expertswap.engine import Engine
+from expertswap.protocol import (
     BudgetError,
     BudgetTooSmallError,
     DeviceError,
-    Engine,
     ModelFormatError,
     ModelNotFoundError,
     PolicyError,
@@ -259,14 +259,14 @@ def test_absurd_budgets(text: str) -> None:
     {"top_p": -0.5}, {"top_p": 1.5}, {"max_new_tokens": 0}, {"max_new_tokens": 2.5}, {"seed": "x"},
 ])
 def test_sampling_settings_are_checked_at_construction(settings: dict) -> None:
-    from expertswap.engine import SamplingSettings, SettingsError
+    from expertswap.protocol import SamplingSettings, SettingsError
 
     with pytest.raises(SettingsError):
         SamplingSettings(**settings)
 
 
 def test_empty_and_undecodable_prompts(tiny_model) -> None:
-    from expertswap.engine import PromptError
+    from expertswap.protocol import PromptError
 
     with Engine.load(tiny_model("qwen3_moe")) as engine:
         with pytest.raises(PromptError, match="empty"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertswap.engine import DEFAULT_BUDGET, parse_budget
+from expertswap.protocol import DEFAULT_BUDGET, parse_budget
 
 JSON_KEYS = {"text", "token_ids", "finish_reason", "budget_bytes", "total_expert_bytes", "resident_expert_bytes",
              "expert_loads", "hits", "misses", "peak_rss_bytes", "tokens_per_s"}
@@ -58,7 +58,7 @@ def test_generate_chat_uses_template(tiny_model, open_engine) -> None:
     wrapped = engine.encode_chat([{"role": "user", "content": "hi"}])
     assert len(wrapped) > len(engine.encode("hi")), "the template adds role markers"
     tokens = json.loads(chat.stdout)["token_ids"]
-    from expertswap.engine import SamplingSettings
+    from expertswap.protocol import SamplingSettings
 
     assert tokens == list(engine.generate(wrapped, SamplingSettings(max_new_tokens=4)))
     assert tokens != plain["token_ids"]
@@ -117,7 +117,8 @@ def _words(messages: list[dict[str, str]]) -> list[int]:
 
 
 def test_fit_history_drops_whole_oldest_turns_and_keeps_the_system_prompt() -> None:
-    from expertswap.engine import PromptError, fit_history, reply_limit
+    from expertswap.engine import fit_history, reply_limit
+    from expertswap.protocol import PromptError
 
     system = {"role": "system", "content": "be brief"}
     said = [{"role": role, "content": f"{role} {n} says this"} for n in range(3) for role in ("user", "assistant")]

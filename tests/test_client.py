@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from expertswap.client import RemoteEngine, RemoteError, api_root
-from expertswap.engine import BudgetError, Engine, ResidencySnapshot, SamplingSettings, SwapEvent, TokenStats
+from expertswap.engine import Engine
+from expertswap.protocol import BudgetError, ResidencySnapshot, SamplingSettings, SwapEvent, TokenStats
 
 from .test_server import KEY, MESSAGES, Server, _greedy
 
@@ -57,6 +58,9 @@ def test_an_expertswap_server_reports_what_a_local_engine_does(server: Server, r
     low, span = engine.minimum_budget_bytes, engine.total_expert_bytes - engine.minimum_budget_bytes
     for budget in [engine.budget_bytes] + [low + span * step // 1000 for step in (0, 1, 333, 500, 999, 1000)]:
         assert remote.committee_size(budget) == engine.committee_size(budget), budget
+    local, far = engine.stats(), remote.stats()  # one record on both sides: the same type, the same figures
+    assert type(far) is type(local) and (far.budget_bytes, far.total_expert_bytes) == (
+        local.budget_bytes, local.total_expert_bytes)
     assert remote.residency().resident == engine.residency().resident
 
 

@@ -1,4 +1,4 @@
-"""The private torch/transformers hooks (engine/compat.py) against the versions they were checked with."""
+"""The private torch/transformers hooks (engine/weights/compat.py) against the versions they were checked with."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from expertswap.engine import compat
+from expertswap.engine.weights import compat
 
 
 @pytest.mark.parametrize("package", sorted(compat.CHECKED))
 def test_installed_versions_are_the_ones_the_hooks_were_checked_against(package: str) -> None:
     installed = importlib.metadata.version(package).split("+")[0]
     assert installed == compat.CHECKED[package], (
-        f"{package} {installed} is installed but engine/compat.py was checked against {compat.CHECKED[package]}: "
+        f"{package} {installed} is installed but weights/compat.py was checked against {compat.CHECKED[package]}: "
         "re-check every hook there, then update CHECKED")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import SamplingSettings
 
 pytestmark = pytest.mark.cuda
 PROMPT = "Dictionaries map hashable keys to arbitrary values; a lookup"

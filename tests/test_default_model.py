@@ -12,11 +12,12 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from expertswap.cli import main as cli_main
-from expertswap.engine import Engine, ModelFormatError, ModelNotFoundError, SamplingSettings, parse_budget
+from expertswap.engine import Engine
 from expertswap.models import DEFAULT_MODEL_BUDGET
 from expertswap.models.default_model import build, resolve_model, shipped
 from expertswap.models.default_model.gguf_source import LlamaShape, _reader, find_gguf, read_shape
 from expertswap.models.default_model.moe_layout import LayerPlan, MoeDesign, convert, exact_plan, qwen2_moe_config
+from expertswap.protocol import ModelFormatError, ModelNotFoundError, SamplingSettings, parse_budget
 from tools.recipe.model import Distiller
 
 SHAPE = LlamaShape(layers=4, hidden=64, intermediate=96, heads=4, kv_heads=2, vocab=128, rope_theta=10000.0,
@@ -250,7 +251,7 @@ def test_two_first_launches_at_once_build_once(fake_gguf: Path, monkeypatch) -> 
 
 
 def test_an_unwritable_cache_is_a_clear_error(fake_gguf: Path, tmp_path: Path, monkeypatch) -> None:
-    from expertswap.engine import CacheError
+    from expertswap.protocol import CacheError
 
     from .test_conversations import read_only
 

@@ -17,8 +17,8 @@ from typing import ClassVar
 
 import pytest
 
-from expertswap.engine import ModelNotFoundError
 from expertswap.models.hub_download import RECORD, DownloadCancelled, DownloadError, download
+from expertswap.protocol import ModelNotFoundError
 
 COMMIT = "c" * 40
 NEW_COMMIT = "d" * 40

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import SamplingSettings
 
 from .conftest import ALL_FAMILIES
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from expertswap.engine import Engine, ModelNotFoundError, UnsupportedArchitectureError
+from expertswap.engine import Engine
 from expertswap.models.fit import fit_report
+from expertswap.protocol import ModelNotFoundError, UnsupportedArchitectureError
 
 from .conftest import ALL_FAMILIES
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from expertswap.engine import Engine, ExpertSwapError, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import ExpertSwapError, SamplingSettings
 
 from .test_bad_input import _rewrite_header
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from expertswap.engine import ChatTemplateError, Engine, EngineClosedError, ModelFormatError, SamplingSettings
-from expertswap.engine.folder import MAX_ADDED_TOKEN_CHARS, MAX_METADATA_BYTES
+from expertswap.engine import Engine
+from expertswap.engine.weights.folder import MAX_ADDED_TOKEN_CHARS, MAX_METADATA_BYTES
+from expertswap.protocol import ChatTemplateError, EngineClosedError, ModelFormatError, SamplingSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,8 @@ def test_a_checkpoint_truncated_under_a_loaded_model_is_an_error_not_sigbus(tiny
     result = _run(f"""
         import os
         from pathlib import Path
-        from expertswap.engine import Engine, ExpertSwapError, SamplingSettings
+        from expertswap.engine import Engine
+        from expertswap.protocol import ExpertSwapError, SamplingSettings
         folder = Path({str(folder)!r})
         weights = folder / "model.safetensors"
         settings = SamplingSettings(max_new_tokens=8, temperature=0)
@@ -246,7 +248,7 @@ def test_a_chat_template_that_fails_is_a_typed_error_and_the_engine_goes_on(tiny
 def test_a_chat_template_that_doubles_a_value_line_by_line_is_stopped_by_its_memory(tiny_model, open_engine) -> None:
     """No single step is large: the resident set, checked at each of the template's lines, is what stops it (the
     time limit is lifted here, so that a slow machine does not stop it first)."""
-    from expertswap.engine.chat_template import render
+    from expertswap.engine.decode.chat_template import render
 
     engine = open_engine(tiny_model("qwen3_moe"))
     engine.tokenizer.chat_template = ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}"
@@ -265,7 +267,8 @@ def test_replies_of_300_distinct_lengths_do_not_grow_the_resident_set(tmp_path: 
         from pathlib import Path
         import psutil, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from expertswap.engine import Engine, SamplingSettings
+        from expertswap.engine import Engine
+        from expertswap.protocol import SamplingSettings
         from tools.synthetic import build_model
         folder = build_model("qwen3_moe", Path({str(tmp_path / "m")!r}), hidden=256, intermediate=256, heads=8,
                              dtype=torch.bfloat16)

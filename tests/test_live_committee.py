@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from expertswap.engine import BudgetError, BudgetTooSmallError, Engine, PolicyError, SamplingSettings
-from expertswap.engine.memory import current_rss_bytes
-from expertswap.engine.telemetry import Event
+from expertswap.engine import Engine
+from expertswap.engine.observe.memory import current_rss_bytes
+from expertswap.protocol import BudgetError, BudgetTooSmallError, Event, PolicyError, SamplingSettings
 
 PROMPT = "A class definition is an executable statement; the inheritance list"
 MiB = 2**20
@@ -214,7 +214,7 @@ def test_skip_threshold_zero_is_exact_and_high_threshold_computes_less(tiny_mode
 
 
 def test_swapper_never_swaps_while_a_layer_runs(tiny_model, monkeypatch) -> None:
-    from expertswap.engine import committee as committee_module
+    from expertswap.engine.moe import committee as committee_module
 
     seen_active: list[int] = []
     original = committee_module.Committee.apply_swaps
@@ -308,7 +308,8 @@ def test_memory_samples_are_emitted(tiny_model) -> None:
 
 def test_lru_eviction_replaces_the_least_recently_routed_expert(tiny_model, reference) -> None:
     """The on-demand LRU baseline: exact tokens, and a miss evicts the expert unused for longest."""
-    from expertswap.engine import Engine, SamplingSettings
+    from expertswap.engine import Engine
+    from expertswap.protocol import SamplingSettings
 
     folder = tiny_model("qwen3_moe")
     with Engine.load(folder, budget="25%", policy="exact", swapper=False, eviction="lru") as lru, \

@@ -16,21 +16,21 @@ MiB = 2**20
 FULL = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-from expertswap.engine.memory import peak_rss_bytes
+from expertswap.engine.observe.memory import peak_rss_bytes
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 print(json.dumps({"peak": peak_rss_bytes()}))
 """
 OURS = """
 import json, sys
 from expertswap.engine import Engine
-from expertswap.engine.memory import peak_rss_bytes
+from expertswap.engine.observe.memory import peak_rss_bytes
 engine = Engine.load(sys.argv[1], budget="25%")
 print(json.dumps({"peak": peak_rss_bytes(), "total": engine.total_expert_bytes,
                   "resident": engine.resident_expert_bytes()}))
 """
 BARE = """
 import json, torch, transformers, expertswap.engine
-from expertswap.engine.memory import peak_rss_bytes
+from expertswap.engine.observe.memory import peak_rss_bytes
 print(json.dumps({"peak": peak_rss_bytes()}))
 """
 
@@ -67,7 +67,7 @@ def test_dropped_file_pages_leave_the_resident_set_and_read_back_intact(tmp_path
     import pytest
     import torch
 
-    from expertswap.engine.host_memory import drop_file_pages
+    from expertswap.engine.weights.host_memory import drop_file_pages
 
     if not sys.platform.startswith("linux"):
         pytest.skip("madvise on file mappings is the Linux measure")
@@ -101,7 +101,8 @@ def test_no_page_of_the_checkpoint_stays_mapped_after_load_and_a_reply(tmp_path)
     import pytest
     import torch
 
-    from expertswap.engine import Engine, SamplingSettings
+    from expertswap.engine import Engine
+    from expertswap.protocol import SamplingSettings
     from tools.synthetic import build_model
 
     if not sys.platform.startswith("linux"):

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from expertswap.engine import ModelFormatError, SamplingSettings, SettingsError, UnsupportedArchitectureError
 from expertswap.models import fit_report
+from expertswap.protocol import ModelFormatError, SamplingSettings, SettingsError, UnsupportedArchitectureError
 from tools.synthetic import build_model
 
 IDS = [1, 5, 9, 13, 2, 7, 11, 3]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertswap.engine import Engine, OutOfMemoryError, SamplingSettings
-from expertswap.engine.telemetry import BudgetChange, MemorySample, TokenStats
+from expertswap.engine import Engine
+from expertswap.protocol import BudgetChange, MemorySample, OutOfMemoryError, SamplingSettings, TokenStats
 
 IDS = [3, 14, 15, 9, 2, 6]
 SETTINGS = SamplingSettings(max_new_tokens=10)

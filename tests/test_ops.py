@@ -9,7 +9,7 @@ import pytest
 from PySide6.QtWidgets import QMessageBox, QProgressDialog, QWidget
 
 from expertswap.app.ops import describe, run_op
-from expertswap.engine import BudgetError
+from expertswap.protocol import BudgetError
 
 
 def test_success_runs_on_the_gui_thread_with_the_result(qtbot, loop) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertswap.engine import POLICIES, BudgetTooSmallError, PolicyError
-from expertswap.engine.counters import Counters, RoutingCounts, totals
-from expertswap.engine.planner import LayerShape, minimum_bytes, plan_capacities
+from expertswap.engine.observe.counters import Counters, RoutingCounts, totals
+from expertswap.protocol import POLICIES, BudgetTooSmallError, LayerShape, PolicyError, minimum_bytes, plan_capacities
 
 LAYERS = [LayerShape(8, 2, 100), LayerShape(8, 2, 100), LayerShape(16, 4, 50)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from expertswap.engine.policies import skip_routings, substitute_misses
+from expertswap.engine.moe.policies import skip_routings, substitute_misses
 
 
 def test_skip_drops_weak_routings_and_renormalises() -> None:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from expertswap.engine import QUANTIZATIONS, SettingsError, UnsupportedArchitectureError
-from expertswap.engine.quantize import dequantize, quantize, quantized_nbytes
+from expertswap.engine.weights.quantize import dequantize, quantize, quantized_nbytes
 from expertswap.models import fit_report
+from expertswap.protocol import QUANTIZATIONS, SettingsError, UnsupportedArchitectureError
 
 from .conftest import ALL_FAMILIES
 
@@ -80,8 +80,8 @@ def test_mismatched_scales_are_an_error() -> None:
 
 
 def test_lowbit_computes_misses_from_the_nf4_copy_and_loads_nothing_while_decoding(tiny_model, open_engine) -> None:
-    from expertswap.engine import SamplingSettings
-    from expertswap.engine.host_compute import HostExperts
+    from expertswap.engine.moe.host_compute import HostExperts
+    from expertswap.protocol import SamplingSettings
 
     folder = tiny_model("qwen3_moe")
     full = open_engine(folder, budget="100%", policy="lowbit", swapper=False)

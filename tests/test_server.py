@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import SamplingSettings
 from expertswap.server import BackgroundServer
 from expertswap.server.cli import main as serve
 

@@ -20,8 +20,8 @@ import h11
 import httpx
 import pytest
 
-from expertswap.client.remote import CURVE_POINTS
-from expertswap.engine import Engine, SamplingSettings, SettingsError, TokenChunk, TokenStats
+from expertswap.engine import Engine, TokenChunk
+from expertswap.protocol import SamplingSettings, SettingsError, TokenStats
 from expertswap.server import BackgroundServer
 from expertswap.server.cli import parser
 from expertswap.server.errors import from_exception
@@ -221,15 +221,6 @@ def test_a_prompt_too_long_for_the_context_in_characters_is_never_encoded(serve,
             assert status == 413 and "characters" in error["message"] and error["param"] == field
 
 
-def test_the_committee_curve_is_capped_at_what_the_app_asks(serve) -> None:
-    server = serve()
-    with Wire(server) as wire:
-        status, _, answer = wire.exchange("GET", f"/v1/expertswap/committee?points={CURVE_POINTS}")
-        assert status == 200 and len(json.loads(answer)["experts"]) == CURVE_POINTS
-        status, _, answer = wire.exchange("GET", f"/v1/expertswap/committee?points={CURVE_POINTS + 1}")
-        assert status == 400 and _error(status, answer)["param"] == "points"
-
-
 def _token_counts(events: list[object]) -> list[int]:
     """Each reply's token count, from the engine's per-token telemetry (the count restarts at 1 for each)."""
     replies: list[int] = []
@@ -389,11 +380,10 @@ def _blocking(engine: Engine, name: str, monkeypatch: pytest.MonkeyPatch) -> tup
 @pytest.mark.parametrize(("name", "method", "path", "body"), [
     ("encode_chat", "POST", "/v1/chat/completions", {**PROMPT_CHAT, "max_tokens": 1}),
     ("encode", "POST", "/v1/completions", {"model": "tiny", "prompt": "The sea", "max_tokens": 1}),
-    ("committee_size", "GET", f"/v1/expertswap/committee?points={CURVE_POINTS}", None),
 ])
 def test_the_event_loop_answers_while_a_request_is_slow_to_prepare(serve, monkeypatch, name: str, method: str,
                                                                    path: str, body: dict | None) -> None:
-    """Encoding a prompt and computing the committee curve run off the event loop: /health answers meanwhile."""
+    """Encoding a prompt runs off the event loop: /health answers meanwhile."""
     server = serve()
     started, release = _blocking(server.engine, name, monkeypatch)
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from expertswap.engine.slot_map import SlotMap
+from expertswap.engine.moe.slot_map import SlotMap
 
 
 def _check(slots: SlotMap) -> None:

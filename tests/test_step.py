@@ -1,4 +1,4 @@
-"""The step guard: every forward and every swap batch runs under the step lock (engine/step.py's discipline)."""
+"""The step guard: every forward and every swap batch runs under the step lock (engine/decode/step.py's discipline)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import SamplingSettings
 
 IDS = [3, 14, 15, 9, 2, 6, 5, 3]
 

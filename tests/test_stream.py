@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from expertswap.engine import Engine, EngineBusyError, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import EngineBusyError, SamplingSettings
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a tuple?"}]
 

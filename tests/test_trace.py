@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks.replay import belady, capacities, engine_replay
 from expertswap.cli import main as cli
-from expertswap.engine import SamplingSettings, TraceError, TraceHeader, TraceToken, read_trace
-from expertswap.engine.expert_cache import EVICTIONS
+from expertswap.engine import TraceError, TraceHeader, TraceToken, read_trace
+from expertswap.protocol import EVICTIONS, SamplingSettings
 
 PROMPT = "The committee keeps the experts it needs; the rest wait on disk until a token asks for them."
 

@@ -12,22 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .engine import (
+from expertswap.engine import Engine, IncrementalDecoder, dropped_notice, fit_history, reply_limit
+from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
+from expertswap.protocol import (
     DEFAULT_EVICTION,
     EVICTIONS,
     POLICIES,
     QUANTIZATIONS,
-    Engine,
     ExpertSwapError,
-    IncrementalDecoder,
     PromptError,
     SamplingSettings,
     Subscription,
-    dropped_notice,
-    fit_history,
-    reply_limit,
 )
-from .models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:

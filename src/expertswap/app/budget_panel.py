@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.engine import POLICIES, format_bytes
+from expertswap.protocol import POLICIES, format_bytes
 
 STEPS = 1000
 

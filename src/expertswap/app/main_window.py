@@ -25,8 +25,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.engine import Engine, ExpertSwapError, dropped_notice, format_bytes
+from expertswap.engine import Engine, dropped_notice
 from expertswap.models import DEFAULT_MODEL, default_budget
+from expertswap.protocol import ExpertSwapError, format_bytes
 
 from .budget_panel import BudgetPanel
 from .charts import Charts

@@ -24,7 +24,6 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
 )
 
-from expertswap.engine import DEFAULT_BUDGET_PERCENT, QUANTIZATIONS, format_bytes
 from expertswap.models import (
     FitReport,
     cache_root,
@@ -33,6 +32,7 @@ from expertswap.models import (
     downloaded_models,
     fit_report,
 )
+from expertswap.protocol import DEFAULT_BUDGET_PERCENT, QUANTIZATIONS, format_bytes
 
 from .ops import describe, run_op
 

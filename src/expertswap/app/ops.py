@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QMessageBox, QProgressDialog, QWidget
 
-from expertswap.engine import ExpertSwapError
+from expertswap.protocol import ExpertSwapError
 
 T = TypeVar("T")
 PROGRESS_DELAY_MS = 600

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QDoubleSpinBox, QFormLayout, QLineEdit, QSpinBox, QWidget
 
-from expertswap.engine import SamplingSettings
+from expertswap.protocol import SamplingSettings
 
 
 class ReplySettings(QWidget):

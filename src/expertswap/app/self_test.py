@@ -16,8 +16,9 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings
 
-from expertswap.engine import DEFAULT_BUDGET, Engine
+from expertswap.engine import Engine
 from expertswap.models import DEFAULT_MODEL
+from expertswap.protocol import DEFAULT_BUDGET
 
 from .conversations import ConversationStore
 from .main_window import MainWindow

@@ -17,10 +17,11 @@ from collections.abc import Sequence
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from expertswap.client import RemoteEngine, RemoteError, api_root
-from expertswap.engine import (
+from expertswap.engine import Engine, default_device, fit_history
+from expertswap.models import resolve_model
+from expertswap.protocol import (
     POLICIES,
     BudgetChange,
-    Engine,
     ExpertSwapError,
     MemorySample,
     ResidencySnapshot,
@@ -28,10 +29,7 @@ from expertswap.engine import (
     Subscription,
     SwapEvent,
     TokenStats,
-    default_device,
-    fit_history,
 )
-from expertswap.models import resolve_model
 from expertswap.server import BackgroundServer
 
 from .ops import describe, run_op

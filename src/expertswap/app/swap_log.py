@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.engine import format_bytes
+from expertswap.protocol import format_bytes
 
 MAX_ROWS = 500
 COLUMNS = ["time", "layer", "in", "out", "bytes", "ms", "reason"]

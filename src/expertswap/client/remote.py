@@ -12,33 +12,37 @@ closes the connection, which makes the server drop the reply.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import threading
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 
-from expertswap.engine import (
+from expertswap.protocol import (
     BudgetError,
+    EngineStats,
     ExpertSwapError,
     PolicyError,
     ResidencySnapshot,
     SamplingSettings,
     Subscription,
     Telemetry,
-    event_from_json,
+    committee_size,
+    wire,
 )
 
 T = TypeVar("T")
 POLL_S = 0.25  # how often telemetry and figures are fetched from an ExpertSwap server
-CURVE_POINTS = 1001  # budgets the committee sizes are fetched for at connect: the app slider's positions
 TIMEOUT_S = 10.0  # connecting and each non-streaming call; a streamed reply may pause longer between tokens
 log = logging.getLogger("expertswap.client")
+_NO_FIGURES = wire.Figures(EngineStats(**dict.fromkeys((f.name for f in dataclasses.fields(EngineStats)), 0)),
+                           policy="", policies=(), device="remote", quantize=None, native_format=None,
+                           total_experts=0, resident_experts=0, layers=())
 
 
 class RemoteError(ExpertSwapError):
@@ -80,8 +84,7 @@ class RemoteEngine:
         self.model = ""
         self.expertswap = False
         self.unavailable = ""
-        self._figures: dict[str, Any] = {}
-        self._curve: list[tuple[int, int]] = []
+        self._figures: wire.Figures | None = None
         self._telemetry = Telemetry()  # the server's events, re-emitted here as a local engine emits its own
         self._poller: concurrent.futures.Future[None] | None = None
         self._reply: concurrent.futures.Future[None] | None = None
@@ -99,71 +102,68 @@ class RemoteEngine:
 
     # ---- what the app reads, as a local Engine has it ----------------------------------------------------
     @property
+    def figures(self) -> wire.Figures:
+        """The server's figures as of the last poll; zeros for a server that is not ExpertSwap's."""
+        return self._figures or _NO_FIGURES
+
+    @property
     def device(self) -> str:
-        return f"{self._figures.get('device', 'remote')} at {self.base_url.removesuffix('/v1/')}"
+        return f"{self.figures.device} at {self.base_url.removesuffix('/v1/')}"
 
     @property
     def minimum_budget_bytes(self) -> int:
-        return int(self._figures.get("minimum_budget_bytes", 0))
+        return self.figures.stats.minimum_budget_bytes
 
     @property
     def total_expert_bytes(self) -> int:
-        return int(self._figures.get("total_expert_bytes", 0))
+        return self.figures.stats.total_expert_bytes
 
     @property
     def budget_bytes(self) -> int:
-        return int(self._figures.get("budget_bytes", 0))
+        return self.figures.stats.budget_bytes
 
     @property
     def total_experts(self) -> int:
-        return int(self._figures.get("total_experts", 0))
+        return self.figures.total_experts
 
     @property
     def policies(self) -> tuple[str, ...]:
-        return tuple(self._figures.get("policies", ()))
+        return self.figures.policies
 
     @property
     def policy(self) -> str:
-        return str(self._figures.get("policy", ""))
+        return self.figures.policy
 
     @property
     def quantize(self) -> str | None:
-        return self._figures.get("quantize")
+        return self.figures.quantize
 
     @property
     def native_format(self) -> str | None:
-        return self._figures.get("native_format")
+        return self.figures.native_format
 
     def committee_size(self, budget_bytes: int) -> int:
-        """The remote planner's committee at ``budget_bytes``: exact at the budget in force and at the
-        ``CURVE_POINTS`` budgets fetched at connect (the largest of those at or below ``budget_bytes`` elsewhere)."""
-        if budget_bytes == self.budget_bytes and "committee_experts" in self._figures:
-            return int(self._figures["committee_experts"])
-        at = bisect.bisect_right(self._curve, (budget_bytes, 1 << 62)) - 1
-        return self._curve[max(at, 0)][1] if self._curve else 0
+        """The remote committee at ``budget_bytes``: the planner's, run here on the layer shapes the server gave."""
+        return committee_size(budget_bytes, self.figures.layers)
 
-    def stats(self) -> dict[str, Any]:
-        """The server's figures as of the last poll (``/v1/expertswap/stats``); empty for other servers."""
-        return dict(self._figures)
+    def stats(self) -> EngineStats:
+        """The server's stats as of the last poll."""
+        return self.figures.stats
 
     def residency(self) -> ResidencySnapshot:
         """The remote committees right now (a blocking call)."""
         self._require_expertswap()
-        event = event_from_json(self._call(self._get("expertswap/residency")))
-        assert isinstance(event, ResidencySnapshot)
-        return event
+        return _read(wire.residency_from_json, self._call(self._get(wire.RESIDENCY)))
 
     def set_budget(self, budget: int | str) -> int:
         """Ask the server for a new budget (a blocking call); returns the budget it took, in bytes."""
         self._require_expertswap()
-        figures = self._call(self._post("expertswap/budget", {"budget": str(budget)}, BudgetError))
-        self._take(figures)
-        return int(figures["budget_bytes"])
+        self._take(self._call(self._post(wire.BUDGET, wire.budget_request(budget), BudgetError)))
+        return self.budget_bytes
 
     def set_policy(self, policy: str, skip_threshold: float = 0.0) -> None:
         self._require_expertswap()
-        self._take(self._call(self._post("expertswap/policy", {"policy": policy, "skip_threshold": skip_threshold},
-                                         PolicyError)))
+        self._take(self._call(self._post(wire.POLICY, wire.policy_request(policy, skip_threshold), PolicyError)))
 
     def subscribe(self, maxsize: int = 100_000) -> Subscription:
         """Telemetry from now on, fetched every ``POLL_S`` (nothing arrives from a server that is not ExpertSwap's)."""
@@ -249,9 +249,7 @@ class RemoteEngine:
             raise RemoteError(f"{self.base_url} lists no models")
         self.model = str(ids[0])
         try:
-            self._take(await self._get("expertswap/stats"))
-            curve = await self._get(f"expertswap/committee?points={CURVE_POINTS}")
-            self._curve = sorted(zip(map(int, curve["budgets"]), map(int, curve["experts"]), strict=True))
+            self._take(await self._get(wire.STATS))
             self.expertswap = True
         except RemoteError as exc:
             self.unavailable = ("not an ExpertSwap server: it reports no experts" if exc.status == 404 else
@@ -308,11 +306,10 @@ class RemoteEngine:
         after = -1
         while True:
             try:
-                got = await self._get(f"expertswap/events?after={after}")
-                after = int(got["next"])
-                events = [event_from_json(e) for e in got["events"]]
-                self._take(await self._get("expertswap/stats"))
-                for event in events:
+                page = _read(wire.events_from_json, await self._get(f"{wire.EVENTS}?after={after}"))
+                after = page.next
+                self._take(await self._get(wire.STATS))
+                for event in page.events:
                     self._telemetry.emit(event)
             except asyncio.CancelledError:
                 raise
@@ -320,12 +317,22 @@ class RemoteEngine:
                 log.warning("polling %s failed: %s", self.base_url, exc)
             await asyncio.sleep(POLL_S)
 
-    def _take(self, figures: dict[str, Any]) -> None:
-        self._figures = figures
+    def _take(self, body: Any) -> None:
+        self._figures = _read(wire.figures_from_json, body)
 
     def _require_expertswap(self) -> None:
         if not self.expertswap:
             raise RemoteError(self.unavailable)
+
+
+def _read(parse: Callable[[dict[str, Any]], T], body: Any) -> T:
+    """A ``/v1/expertswap`` answer read by its ``wire`` function; one that is not one is a ``RemoteError``."""
+    try:
+        if not isinstance(body, dict):
+            raise TypeError(f"a JSON {type(body).__name__}, not an object")
+        return parse(body)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteError(f"the server's ExpertSwap answer cannot be read: {exc!r}") from None
 
 
 def _delta_texts(payload: dict[str, Any]) -> list[str]:

@@ -9,7 +9,6 @@ import itertools
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -17,19 +16,37 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import chat_template
-from .budget import parse_budget
-from .budget_control import BudgetController
-from .checkpoint import Checkpoint, read_config
-from .committee import POLICIES, Committee, Runtime
-from .compact_step import CompactModel
-from .compact_step import supports as supports_compact
-from .copier import Copier
-from .counters import totals
-from .decoder import Decoder, TokenChunk, TokenScores
-from .errors import (
+from expertswap.engine.budget.controller import BudgetController
+from expertswap.engine.budget.swapper import Swapper
+from expertswap.engine.budget.watcher import MemoryWatcher, free_memory_probe
+from expertswap.engine.decode import chat_template
+from expertswap.engine.decode.compact_step import CompactModel
+from expertswap.engine.decode.compact_step import supports as supports_compact
+from expertswap.engine.decode.decoder import Decoder, TokenChunk, TokenScores
+from expertswap.engine.decode.generation import IncrementalDecoder
+from expertswap.engine.decode.graphed_step import GraphedDecode
+from expertswap.engine.decode.history import Message
+from expertswap.engine.decode.session import CompactSession, Session, TransformersSession
+from expertswap.engine.decode.step import StepGuard
+from expertswap.engine.device import resolve_device
+from expertswap.engine.moe.committee import Committee
+from expertswap.engine.moe.copier import Copier
+from expertswap.engine.moe.expert_rows import supports_rows
+from expertswap.engine.moe.runtime import Runtime
+from expertswap.engine.observe.counters import totals
+from expertswap.engine.observe.memory import current_rss_bytes, peak_rss_bytes
+from expertswap.engine.observe.trace import TraceHeader, TraceRecorder
+from expertswap.engine.weights.checkpoint import Checkpoint, read_config
+from expertswap.engine.weights.families import Family
+from expertswap.engine.weights.host_memory import own_weights, return_large_frees
+from expertswap.engine.weights.packed import PackedLinear, pack_linears, packing_pays
+from expertswap.engine.weights.quantize import native_packing
+from expertswap.engine.weights.skeleton import load_skeleton
+from expertswap.engine.weights.store import ExpertStore, resolve_layer
+from expertswap.engine.weights.validate import check_layers
+from expertswap.protocol.budget import parse_budget
+from expertswap.protocol.errors import (
     BudgetError,
-    DeviceError,
     EngineBusyError,
     EngineClosedError,
     ModelFormatError,
@@ -38,80 +55,13 @@ from .errors import (
     SettingsError,
     UnsupportedArchitectureError,
 )
-from .expert_cache import DEFAULT_EVICTION, EVICTIONS
-from .expert_rows import supports_rows
-from .families import Family
-from .generation import IncrementalDecoder, SamplingSettings
-from .graphed_step import GraphedDecode
-from .history import Message
-from .host_memory import own_weights, return_large_frees
-from .memory import current_rss_bytes, peak_rss_bytes
-from .packed import PackedLinear, pack_linears, packing_pays
-from .planner import LayerShape, plan_capacities
-from .quantize import QUANTIZATIONS, native_packing
-from .session import CompactSession, Session, TransformersSession
-from .skeleton import load_skeleton
-from .step import StepGuard
-from .store import ExpertStore, resolve_layer
-from .swapper import Swapper
-from .telemetry import MemorySample, ResidencySnapshot, Subscription, TokenStats
-from .trace import TraceHeader, TraceRecorder
-from .validate import check_layers
-from .watcher import MemoryWatcher, free_memory_probe
+from expertswap.protocol.events import MemorySample, ResidencySnapshot, Subscription, TokenStats
+from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS, POLICIES, QUANTIZATIONS
+from expertswap.protocol.plan import LayerShape, committee_size, plan_capacities
+from expertswap.protocol.sampling import SamplingSettings
+from expertswap.protocol.stats import EngineStats
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """Everything the CLI and GUI report, read in one consistent go."""
-
-    budget_bytes: int
-    total_expert_bytes: int
-    minimum_budget_bytes: int
-    resident_expert_bytes: int
-    peak_resident_expert_bytes: int
-    expert_loads: int
-    bytes_loaded: int
-    hits: int
-    misses: int
-    skipped: int
-    substituted: int
-    cpu_computed: int
-    low_precision: int
-    background_swaps: int
-    tokens_generated: int
-    tokens_per_s: float
-    time_to_first_token_s: float
-    peak_rss_bytes: int
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 1.0
-
-
-def default_device() -> str:
-    """``cuda`` where torch sees a GPU, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_device(name: str) -> torch.device:
-    """A torch device from a user's string, or a clear error if it is unknown or absent."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {name!r}: use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise DeviceError(f"device {name!r} is not supported: use cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("device cuda was asked for, but no CUDA GPU is available to this torch build")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) found")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 class Engine:
@@ -282,10 +232,14 @@ class Engine:
         return tuple(p for p in POLICIES
                      if (p != "cpu" or self.device.type == "cuda") and (p != "lowbit" or self.row_path))
 
+    @property
+    def layer_shapes(self) -> list[LayerShape]:
+        """Each MoE layer's shape, as the planner sizes its committee."""
+        return [c.shape for c in self.committees]
+
     def committee_size(self, budget_bytes: int) -> int:
         """How many experts (all MoE layers together) the planner keeps resident at ``budget_bytes``."""
-        shapes = [LayerShape(c.num_experts, c.top_k, c.spec.expert_bytes) for c in self.committees]
-        return sum(plan_capacities(max(budget_bytes, self.minimum_budget_bytes), shapes))
+        return committee_size(budget_bytes, self.layer_shapes)
 
     def resident_expert_bytes(self) -> int:
         """Bytes held by every committee's slot tensors right now."""
@@ -376,7 +330,7 @@ class Engine:
 
     @contextlib.contextmanager
     def record_trace(self, path: str | Path, model: str | None = None) -> Iterator[TraceRecorder]:
-        """Within the block, every forward's routing goes to ``path`` as a trace (format: ``engine/trace.py``).
+        """Within the block, every forward's routing goes to ``path`` as a trace (format: ``engine/observe/trace.py``).
 
         ``model`` names the model in the header (default: its folder's name).
 

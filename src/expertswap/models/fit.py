@@ -10,11 +10,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..engine.budget import format_bytes, parse_budget
-from ..engine.checkpoint import Checkpoint, read_config
-from ..engine.errors import ModelFormatError, SettingsError
-from ..engine.families import Family
-from ..engine.quantize import native_packing, quantized_nbytes
+from expertswap.engine.weights import Checkpoint, Family, native_packing, quantized_nbytes, read_config
+from expertswap.protocol.budget import parse_budget
+from expertswap.protocol.errors import ModelFormatError, SettingsError
+from expertswap.protocol.units import format_bytes
 
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 

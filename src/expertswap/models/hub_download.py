@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar
 
-from ..engine.errors import ExpertSwapError, ModelNotFoundError
+from expertswap.protocol.errors import ExpertSwapError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile, RepoFolder

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, BeforeValidator, Field
 
-from expertswap.engine import BudgetError, Engine, ExpertSwapError, PolicyError, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import BudgetError, Event, ExpertSwapError, PolicyError, SamplingSettings, wire
 
 from . import errors
 from .errors import APIError
@@ -32,7 +32,6 @@ from .reply import Reply, ReplyStream, Turns, unless_disconnected
 
 QUEUE = 8  # requests that may wait for the engine before the next one is refused
 EVENTS_KEPT = 4096  # telemetry events a polling client can still catch up on
-MAX_CURVE_POINTS = 1001  # budgets at which /v1/expertswap/committee gives the committee size (the app asks 1001)
 CHARS_PER_TOKEN = 64  # more than any tokenizer packs in one token: a longer prompt cannot fit, and is not encoded
 MAX_STOPS = 4  # stop sequences per request, as OpenAI takes
 SEED = 2**63  # seeds are 64-bit signed integers, as OpenAI's
@@ -84,23 +83,23 @@ class EventLog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.subscription = engine.subscribe(EVENTS_KEPT)
-        self.events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=EVENTS_KEPT)
+        self.events: deque[tuple[int, Event]] = deque(maxlen=EVENTS_KEPT)
         self.last = 0
         self.lock = threading.Lock()
 
-    def since(self, after: int) -> dict[str, Any]:
+    def since(self, after: int) -> wire.EventPage:
         """Events numbered above ``after``. A client that is new (``after`` < 0) or fell behind gets the current
         residency first, so that replaying what follows keeps its expert map right."""
         with self.lock:
             for event in self.subscription.drain():
                 self.last += 1
-                self.events.append((self.last, event.to_json()))
+                self.events.append((self.last, event))
             first = self.events[0][0] if self.events else self.last + 1
             behind = after < 0 or after + 1 < first
             events = [e for n, e in self.events if n > after]
         if behind:
-            events.insert(0, self.engine.residency().to_json())
-        return {"next": self.last, "events": events}
+            events.insert(0, self.engine.residency())
+        return wire.EventPage(next=self.last, events=events)
 
 
 def create_app(engine: Engine, model: str, api_key: str | None = None, queue: int = QUEUE,
@@ -137,33 +136,23 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
         _require_model(name)
         return card
 
-    @app.get("/v1/expertswap/stats")
+    @app.get("/v1/" + wire.STATS)
     async def stats() -> dict[str, Any]:
-        s = engine.stats()
-        return {**dataclasses.asdict(s), "hit_rate": s.hit_rate,
-                "resident_experts": sum(len(v) for v in engine.residency().resident.values()),
-                "committee_experts": engine.committee_size(s.budget_bytes),
-                "total_experts": engine.total_experts, "policy": engine.policy, "policies": list(engine.policies),
-                "device": str(engine.device), "quantize": engine.quantize, "native_format": engine.native_format}
+        return wire.figures_to_json(wire.Figures(
+            stats=engine.stats(), policy=engine.policy, policies=engine.policies, device=str(engine.device),
+            quantize=engine.quantize, native_format=engine.native_format, total_experts=engine.total_experts,
+            resident_experts=sum(len(v) for v in engine.residency().resident.values()),
+            layers=tuple(engine.layer_shapes)))
 
-    @app.get("/v1/expertswap/committee")
-    async def committee(points: int = Query(101, ge=2, le=MAX_CURVE_POINTS)) -> dict[str, Any]:
-        """The planner's committee size at ``points`` budgets spread evenly from the minimum to all experts
-        (``minimum + span * i // (points - 1)``): a slider over that range can label each of its positions."""
-        low, high = engine.minimum_budget_bytes, engine.total_expert_bytes
-        budgets = [low + (high - low) * i // (points - 1) for i in range(points)]
-        experts = await asyncio.to_thread(lambda: [engine.committee_size(b) for b in budgets])
-        return {"budgets": budgets, "experts": experts}
-
-    @app.get("/v1/expertswap/residency")
+    @app.get("/v1/" + wire.RESIDENCY)
     async def residency() -> dict[str, Any]:
         return engine.residency().to_json()
 
-    @app.get("/v1/expertswap/events")
+    @app.get("/v1/" + wire.EVENTS)
     async def events(after: int = -1) -> dict[str, Any]:
-        return log.since(after)
+        return wire.events_to_json(log.since(after))
 
-    @app.post("/v1/expertswap/policy")
+    @app.post("/v1/" + wire.POLICY)
     async def policy(body: PolicyRequest) -> dict[str, Any]:
         try:
             engine.set_policy(body.policy, body.skip_threshold)
@@ -171,7 +160,7 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
             raise APIError(400, str(exc), param="policy") from None
         return await stats()
 
-    @app.post("/v1/expertswap/budget")
+    @app.post("/v1/" + wire.BUDGET)
     async def budget(body: BudgetRequest) -> dict[str, Any]:
         try:
             engine.set_budget(body.budget)

@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from expertswap.engine import POLICIES, QUANTIZATIONS, Engine, ExpertSwapError, default_device
+from expertswap.engine import Engine, default_device
 from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
+from expertswap.protocol import POLICIES, QUANTIZATIONS, ExpertSwapError
 
 from .guard import MAX_BODY_BYTES, loopback
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from expertswap.engine import EngineBusyError, ExpertSwapError, PromptError, SettingsError
+from expertswap.protocol import EngineBusyError, ExpertSwapError, PromptError, SettingsError
 
 log = logging.getLogger("expertswap.server")
 

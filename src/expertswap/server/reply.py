@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from expertswap.engine import Engine, SamplingSettings
+from expertswap.engine import Engine
+from expertswap.protocol import SamplingSettings
 
 from .errors import APIError, from_exception
 

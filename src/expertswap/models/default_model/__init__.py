@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...engine import DEFAULT_BUDGET
+from expertswap.protocol import DEFAULT_BUDGET
+
 from .build import BuildProgress, cache_root, ensure_default_model
 
 DEFAULT_MODEL = "default"

@@ -22,7 +22,8 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
-from ...engine.errors import CacheError, ModelFormatError
+from expertswap.protocol.errors import CacheError, ModelFormatError
+
 from . import shipped
 from .gguf_source import find_gguf, load_tokenizer, read_dense, sha256_of
 from .moe_layout import convert, qwen2_moe_config

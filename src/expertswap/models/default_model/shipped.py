@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ...engine.errors import ModelFormatError
+from expertswap.protocol.errors import ModelFormatError
+
 from .moe_layout import LayerPlan, MoeDesign
 
 GROUP = 64

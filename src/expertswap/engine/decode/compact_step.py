@@ -1,0 +1,254 @@
+"""A compact forward for the Llama-shaped MoE families: fused projections and a KV cache that never moves.
+
+transformers' forward is written for every use (training, masks for padding, caches that grow by
+concatenation); at one token per step its bookkeeping and separate q/k/v and gate/up matmuls cost
+more than the arithmetic. This step, after gpt-fast, does only what a reply needs: one matmul for
+q, k and v, one for each MLP's gate and up, keys and values written in place into a cache sized
+for the reply, and attention over what is filled. The family's own modules still do everything
+that differs between families (norms, rotary embedding, the router, the experts through the
+committee), so there is one place per concern.
+
+Supported: Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral (full attention). Other families keep
+transformers' forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from expertswap.engine.weights.host_memory import drop_file_pages, owned
+from expertswap.engine.weights.packed import linear, pack, packing_pays
+
+if TYPE_CHECKING:
+    from expertswap.engine.moe.committee import Committee
+
+SUPPORTED = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+_GROW = 256  # caches hold a multiple of this many positions (captured graphs are reused across replies)
+
+
+def cache_size(positions: int) -> int:
+    """The capacity a cache for ``positions`` gets."""
+    return max(1, -(-positions // _GROW)) * _GROW
+
+
+def supports(model: PreTrainedModel) -> bool:
+    """Whether the compact step reproduces this model's forward."""
+    config = model.config
+    if config.model_type not in SUPPORTED or getattr(config, "use_sliding_window", False):
+        return False
+    if getattr(config, "sliding_window", None) is not None and config.model_type != "qwen2_moe":
+        return False
+    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    return partial == 1.0 and getattr(config, "attn_logit_softcapping", None) is None
+
+
+class Linear:
+    """One weight (several fused along the output), packed where that pays; its biases kept beside it."""
+
+    def __init__(self, modules: list[nn.Linear]) -> None:
+        weights = [m.weight.detach() for m in modules]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        biases = [m.bias for m in modules]
+        self.bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+        packed = packing_pays(weight.device, weight.dtype)
+        self.weight = pack(weight) if packed else owned(weight)  # kept here only: never a view of the file
+        self.splits = [m.out_features for m in modules]
+        if packed or len(modules) > 1:  # the originals are no longer read: their mapped file pages can go
+            drop_file_pages(weights)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, [1, kv_heads, capacity, head_dim], filled up to ``length``.
+
+    Rolling back a failed step is setting ``length`` back: later positions are overwritten.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, total: int) -> None:
+        """Room for ``total`` positions, keeping what is filled."""
+        if total <= self.capacity:
+            return
+        size = cache_size(total)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_empty((*old.shape[:2], size, old.shape[3]))
+                new[:, :, : self.length] = old[:, :, : self.length]
+                store[i] = new
+
+
+class _Attention:
+    """One layer's attention with fused q/k/v."""
+
+    def __init__(self, attn: Any, config: Any) -> None:  # a family's attention module and config
+        self.qkv = Linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = Linear([attn.o_proj])
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attn, name, nn.Identity())  # their weights now live here only
+        self.head_dim = attn.head_dim
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.scaling = attn.scaling
+        self.q_norm: Any = getattr(attn, "q_norm", None)
+        self.k_norm: Any = getattr(attn, "k_norm", None)
+        # Qwen3 normalises each head, OLMoE the whole projection
+        self.norm_per_head = self.q_norm is not None and self.q_norm.weight.shape[0] == self.head_dim
+        self.clip = getattr(config, "clip_qkv", None)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [heads, T, D] and k, v [kv_heads, T, D], normed and rotated as the family does."""
+        rows = x.shape[0]
+        q, k, v = self.qkv(x).split(self.qkv.splits, dim=-1)
+        if self.q_norm is not None and not self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(min=-self.clip, max=self.clip) for t in (q, k, v))
+        q = q.view(rows, self.heads, self.head_dim)
+        k = k.view(rows, self.kv_heads, self.head_dim)
+        if self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1)
+        return _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin), v
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, scale=self.scaling,
+                                             enable_gqa=self.heads != self.kv_heads)
+        return self.o(out[0].transpose(0, 1).reshape(q.shape[1], -1))
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        """``x`` [T, H] at positions start.. start+T-1, attending to what the cache holds up to there."""
+        q, k, v = self._project(x, cos, sin)
+        end = start + x.shape[0]
+        k_cache[0, :, start:end] = k
+        v_cache[0, :, start:end] = v
+        mask = None
+        if x.shape[0] > 1:  # a prompt or a scored chunk: causal within itself, everything before it visible
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        return self._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """One token at ``position`` (a device tensor) over the whole cache, masked: shapes never change,
+        so a CUDA graph can replay it at every position."""
+        q, k, v = self._project(x, cos, sin)
+        k_cache.index_copy_(2, position, k[None])
+        v_cache.index_copy_(2, position, v[None])
+        return self._attend(q, k_cache, v_cache, (torch.arange(k_cache.shape[2], device=x.device) <= position)[None])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, as transformers applies it (x: [heads, T, D], cos/sin: [T, D])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _MLP:
+    """A gated MLP (dense layers, shared experts) with gate and up in one matmul."""
+
+    def __init__(self, mlp: Any) -> None:  # a family's MLP module
+        self.gate_up = Linear([mlp.gate_proj, mlp.up_proj])
+        self.down = Linear([mlp.down_proj])
+        self.act = mlp.act_fn
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(mlp, name, nn.Identity())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.gate_up.splits, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class _SharedExpert:
+    """Qwen2-MoE's shared expert, scaled by its sigmoid gate."""
+
+    def __init__(self, block: Any) -> None:
+        self.mlp = _MLP(block.shared_expert)
+        self.gate = Linear([block.shared_expert_gate])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x)) * self.mlp(x)
+
+
+class MoEBlock:
+    """The family's router and the committee; Qwen2-MoE's gated shared expert beside them."""
+
+    def __init__(self, block: Any) -> None:  # a family's sparse MoE block, its experts a Committee
+        self.router: Any = block.gate
+        self.experts: Committee = block.experts
+        self.shared = _SharedExpert(block) if getattr(block, "shared_expert", None) is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _, weights, index = self.router(x)
+        out = self.experts(x, index, weights)
+        return out + self.shared(x) if self.shared is not None else out
+
+
+class Layer:
+    def __init__(self, layer: Any, config: Any) -> None:  # a family's decoder layer and config
+        self.norm_in = layer.input_layernorm
+        self.norm_mid = layer.post_attention_layernorm
+        self.attention = _Attention(layer.self_attn, config)
+        block = layer.mlp
+        self.mlp: MoEBlock | _MLP = MoEBlock(block) if hasattr(block, "experts") else _MLP(block)
+
+
+class CompactModel:
+    """The model's forward as a loop over compact layers; the model's own modules hold the rest."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        inner: Any = model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm
+        config = model.config
+        self.layers = [Layer(layer, config) for layer in inner.layers]
+        head: Any = model.lm_head
+        tied = head.weight is self.embed.weight
+        self.head = (lambda x: F.linear(x, self.embed.weight)) if tied else Linear([head])
+        if not tied:
+            model.lm_head = nn.Identity()
+        first = self.layers[0].attention
+        self.kv_shape = (1, first.kv_heads, 0, first.head_dim)
+        self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
+
+    def new_cache(self, capacity: int, zeroed: bool = False) -> KVCache:
+        """``zeroed`` for a cache read whole under a mask: a masked garbage NaN would still poison 0 * value."""
+        shape = (*self.kv_shape[:2], max(capacity, 1), self.kv_shape[3])
+        make = [(torch.zeros if zeroed else torch.empty)(shape, device=self.device, dtype=self.dtype)
+                for _ in range(2 * len(self.layers))]
+        return KVCache(make[: len(self.layers)], make[len(self.layers) :])
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Logits [T, vocab] (or [1, vocab] for the last position) for ``ids`` [T] after the cache's tokens."""
+        start, rows = cache.length, ids.shape[0]
+        cache.reserve(start + rows)
+        x = self.embed(ids)
+        positions = torch.arange(start, start + rows, device=ids.device)[None]
+        cos, sin = (t[0] for t in self.rotary(x[None], positions))
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attention(layer.norm_in(x), cos, sin, cache.keys[i], cache.values[i], start)
+            x = x + layer.mlp(layer.norm_mid(x))
+        cache.length = start + rows
+        if not all_logits:
+            x = x[-1:]
+        return self.head(self.norm(x))

@@ -1,0 +1,173 @@
+"""Turning token ids into logits, scores and replies: one reply at a time, every forward through the step guard.
+
+Async callers get tokens from a worker thread of the decoder's own, handed to their event loop as
+they come; cancelling stops the reply after its current token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from expertswap.engine.decode.generation import IncrementalDecoder, decode_loop
+from expertswap.engine.decode.session import Session
+from expertswap.engine.decode.step import StepGuard
+from expertswap.protocol.errors import EngineBusyError, EngineClosedError, PromptError
+from expertswap.protocol.sampling import SamplingSettings
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per scored token: its negative log-likelihood and the model's top-1 prediction for it."""
+
+    nll: torch.Tensor
+    top1: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One generated token and the text it completed (empty while a character is still partial)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    """The latest reply's pace."""
+
+    tokens: int = 0
+    tokens_per_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+
+
+class Decoder:
+    """Runs the model for the engine; ``after_token`` and ``around_reply`` are the engine's hooks."""
+
+    def __init__(self, new_session: Callable[[int], Session], context: int | None, guard: StepGuard,
+                 stop_ids: set[int], after_token: Callable[[int], None], around_reply: Callable[[], None]) -> None:
+        self.new_session = new_session  # a session with room for this many tokens
+        self.context = context  # the model's context length, when its config gives one
+        self.guard = guard
+        self.stop_ids = stop_ids
+        self.after_token = after_token
+        self.around_reply = around_reply  # runs as a reply starts and again as it ends (a memory sample)
+        self.last = ReplyStats()
+        self.closed = False  # close() gave the model's memory back: nothing runs any more
+        self._busy = threading.Lock()
+        self._cancel = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-generate")
+
+    def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
+        """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
+        with self._exclusive():  # sessions may share one persistent cache (CUDA graphs)
+            session = self.new_session(len(input_ids))
+            return self.guard.run(lambda: session.run(input_ids, all_logits=True), is_prefill=True,
+                                  session=session).float().cpu()
+
+    def score(self, input_ids: Sequence[int], chunk: int, prompt: int, between: Callable[[], None]) -> TokenScores:
+        """Loss and top-1 of each token after the first: a prefill of ``prompt`` tokens, then ``chunk`` at a time."""
+        ids = list(input_ids)
+        with self._exclusive():
+            session = self.new_session(len(ids))
+            pieces = [ids[:prompt]] + [ids[i : i + chunk] for i in range(prompt, len(ids), chunk)]
+            predictors: list[torch.Tensor] = []
+            last: torch.Tensor | None = None
+            for n, piece in enumerate(pieces):
+                logits = self.guard.run(functools.partial(session.run, piece, all_logits=True), is_prefill=n == 0,
+                                        session=session).float().cpu()
+                predictors.append(logits[:-1] if last is None else torch.cat([last[None], logits[:-1]]))
+                last = logits[-1]
+                between()
+            scored = torch.cat(predictors)
+            targets = torch.tensor(ids[1:], dtype=torch.long)
+            return TokenScores(torch.nn.functional.cross_entropy(scored, targets, reduction="none"), scored.argmax(-1))
+
+    def generate(self, input_ids: Sequence[int], settings: SamplingSettings,
+                 cancel: threading.Event | None = None) -> Iterator[int]:
+        """Yield new token ids (synchronously) until EOS, ``max_new_tokens`` or cancellation."""
+        if not input_ids:
+            raise PromptError("the prompt is empty: there is nothing to reply to")
+        limit = self.context
+        if limit is not None and len(input_ids) >= limit:
+            raise PromptError(f"the prompt has {len(input_ids)} tokens; this model's context holds {limit}")
+        if limit is not None and len(input_ids) + settings.max_new_tokens > limit:  # the reply stops at the context
+            settings = dataclasses.replace(settings, max_new_tokens=limit - len(input_ids))
+        with self._exclusive():
+            cancel = cancel or self._cancel
+            cancel.clear()
+            start = time.perf_counter()
+            first = start
+            count = 0
+            self.around_reply()  # short replies get a memory sample at each end, not only every 0.5 s
+            try:
+                session = self.new_session(len(input_ids) + settings.max_new_tokens)
+                for token in decode_loop(session, list(input_ids), settings, self.stop_ids, cancel, self.guard):
+                    now = time.perf_counter()
+                    if count == 0:
+                        first = now
+                    count += 1
+                    pace = (count - 1) / (now - first) if count > 1 and now > first else 0.0
+                    self.last = ReplyStats(count, pace, first - start)
+                    self.after_token(count)
+                    yield token
+            finally:
+                self.around_reply()
+
+    async def stream_ids(self, input_ids: Sequence[int], settings: SamplingSettings,
+                         text: IncrementalDecoder) -> AsyncGenerator[TokenChunk, None]:
+        """Run generation on the decoder's worker thread and hand tokens to the event loop as they come."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for token in self.generate(input_ids, settings, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, TokenChunk(token, text.push(token)))
+            except BaseException as exc:  # handed to the consumer, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        self._cancel = cancel
+        future = loop.run_in_executor(self._executor, work)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            cancel.set()
+            await future  # work() never raises; a plain await also unwinds when the app's loop is quitting
+
+    def cancel(self) -> None:
+        """Stop the reply in progress after its current token; safe from any thread."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.cancel()
+        self._executor.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One reply or score at a time: a second caller is refused at once, never queued."""
+        if self.closed:
+            raise EngineClosedError("this engine is closed: load the model again")
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusyError("a reply is already being generated")
+        try:
+            yield
+        finally:
+            self._busy.release()

@@ -1,0 +1,72 @@
+"""A compact decoding loop (prefill, then one token at a time on a KV cache) that can be stopped."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from expertswap.protocol.sampling import SamplingSettings
+
+if TYPE_CHECKING:
+    from expertswap.engine.decode.session import Session
+    from expertswap.engine.decode.step import StepGuard
+
+
+def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> int:
+    """Greedy, or temperature + nucleus sampling, from one row of logits."""
+    if settings.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < settings.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def decode_loop(
+    session: Session,
+    input_ids: list[int],
+    settings: SamplingSettings,
+    stop_ids: set[int],
+    cancel: threading.Event,
+    guard: StepGuard,
+) -> Iterator[int]:
+    """Yield new token ids: a prefill, then one token at a time on the session's cache, each through ``guard``."""
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator().manual_seed(settings.seed)
+    tokens = input_ids
+    for step in range(settings.max_new_tokens):
+        if cancel.is_set():
+            return
+        logits = guard.run(functools.partial(session.run, tokens), is_prefill=step == 0, session=session)
+        token = pick_token(logits[-1], settings, generator)
+        yield token
+        if token in stop_ids:
+            return
+        tokens = [token]
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        decode = self.tokenizer.decode  # type: ignore[attr-defined]
+        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        text = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(before) :]

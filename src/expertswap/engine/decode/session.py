@@ -1,0 +1,77 @@
+"""One sequence's forwards on one KV cache: the compact step where the family has one, else transformers.
+
+A session appends tokens and returns their logits; ``mark``/``roll_back`` undo a step that failed
+(out of memory) so that its retry sees the cache as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from expertswap.engine.decode.compact_step import CompactModel
+from expertswap.engine.decode.graphed_step import GraphedDecode
+
+
+class Session(Protocol):
+    def run(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Logits [len(ids), vocab] (all) or [1, vocab] (the last position), on the model's device."""
+
+    def mark(self) -> object:
+        """The cache's state before a step."""
+
+    def roll_back(self, mark: object) -> bool:
+        """Back to ``mark``; False if the cache cannot go back (a sliding window that dropped its past)."""
+
+
+class CompactSession:
+    """The compact forward; single decode tokens through ``graphed`` (CUDA graphs) when it is given and usable."""
+
+    def __init__(self, compact: CompactModel, capacity: int, graphed: GraphedDecode | None = None) -> None:
+        self.compact = compact
+        self.graphed = graphed
+        self.cache = graphed.new_cache(capacity) if graphed is not None else compact.new_cache(capacity)
+
+    def run(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        if len(ids) == 1 and self.graphed is not None and self.graphed.usable():
+            return self.graphed.step(ids[0], self.cache)
+        return self.compact.forward(torch.tensor(list(ids), device=self.compact.device), self.cache, all_logits)
+
+    def mark(self) -> object:
+        return self.cache.length
+
+    def roll_back(self, mark: object) -> bool:
+        self.cache.length = int(mark)  # type: ignore[call-overload]
+        return True
+
+
+class TransformersSession:
+    """transformers' own forward and growing cache: families the compact step does not cover."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+
+    def run(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        batch = torch.tensor([list(ids)], device=self.model.device)
+        out = self.model(
+            input_ids=batch, past_key_values=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+        )
+        return out.logits[0]
+
+    def mark(self) -> object:
+        layers: Any = self.cache.layers  # attention layers only: every family the session serves
+        return [layer.get_seq_length() for layer in layers]
+
+    def roll_back(self, mark: object) -> bool:
+        for layer, before in zip(self.cache.layers, mark, strict=True):  # type: ignore[call-overload]
+            grown = layer.get_seq_length() - before
+            if grown > 0:
+                try:
+                    layer.crop(-grown)
+                except RuntimeError:  # a sliding-window layer that no longer keeps its past
+                    return False
+        return True

@@ -1,0 +1,70 @@
+"""The one door every engine forward goes through.
+
+Lock discipline, in one place: the runtime's step lock (an RLock) is held for the whole of a forward
+and for anything that changes what a forward sees (a resize, a swap batch, a policy switch, a pinned
+committee, a residency snapshot). Budget and policy requests from other threads only record what is
+wanted; the next step applies them here, between tokens, under the lock. Background copies (the
+swapper) read and stage outside the lock and take it only to install a batch. Nothing else takes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from expertswap.engine.decode.session import Session
+from expertswap.protocol.errors import OutOfMemoryError
+
+T = TypeVar("T")
+
+# every attention backend but cuDNN: it builds a new graph for each new sequence length, which cost
+# about 30 ms per decode step on an H100 (torch 2.11), ten times the 2-layer step it served
+_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE]
+
+
+@contextlib.contextmanager
+def forward_mode() -> Iterator[None]:
+    """How every engine forward runs: inference mode, attention backends that suit a growing KV cache."""
+    with torch.inference_mode(), sdpa_kernel(_ATTENTION):
+        yield
+
+
+
+class StepGuard:
+    """Runs a forward under the step lock and forward mode, after ``before_step``; retries it after an OOM."""
+
+    def __init__(self, lock: threading.RLock, before_step: Callable[[bool], None],
+                 on_oom: Callable[[BaseException], bool], after_step: Callable[[bool], None]) -> None:
+        self.lock = lock
+        self.before_step = before_step
+        self.after_step = after_step
+        self.on_oom = on_oom
+        self.steps = 0  # forwards run, retries included: tests read it to see that every forward came here
+
+    def run(self, forward: Callable[[], T], is_prefill: bool, session: Session) -> T:
+        """``forward()`` once it succeeds; a failed attempt is rolled back out of ``session`` before the retry.
+
+        Retries while ``on_oom(error)`` says it freed memory (a smaller budget); otherwise ``OutOfMemoryError``.
+        """
+        mark = session.mark()
+        while True:
+            try:
+                with self.lock, forward_mode():
+                    self.steps += 1
+                    self.before_step(is_prefill)
+                    result = forward()
+                    self.after_step(is_prefill)
+                    return result
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                if not session.roll_back(mark) or not self.on_oom(exc):
+                    raise OutOfMemoryError(f"out of memory even at the smallest budget: {exc}".splitlines()[0]) from exc
+
+    def held(self) -> bool:
+        """Whether the calling thread holds the step lock (for assertions in tests and invariants)."""
+        return self.lock._is_owned()  # type: ignore[attr-defined]  # RLock's own ownership test
+

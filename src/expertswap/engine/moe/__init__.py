@@ -1,0 +1,1 @@
+"""One MoE layer under a budget: the committee, its slots, its residency bookkeeping and its miss policies."""

@@ -1,0 +1,122 @@
+"""Where a committee's slot weights live: the two layouts, behind one small interface.
+
+``StackedSlots`` (CUDA): [C, ...] parameters on the experts module in the model's own layout, so
+the family's experts forward (grouped_mm) runs on them unchanged; copies go through the copier
+(streams, staging). ``RowSlots`` (CPU): one weight set per slot, computed by ``expert_rows`` (only
+routed experts run, each on its own rows), packed for oneDNN where that pays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from expertswap.engine.moe.copier import Copier
+from expertswap.engine.moe.expert_rows import packed_weights, slot_weights
+from expertswap.engine.weights.store import LayerExperts
+
+Writes = Sequence[tuple[int, Mapping[str, torch.Tensor]]]
+
+
+class StackedSlots:
+    """Slots as the experts module's own [C, ...] parameters."""
+
+    def __init__(self, inner: Any, spec: LayerExperts, device: torch.device, copier: Copier) -> None:
+        self.inner, self.spec, self.device, self.copier = inner, spec, device, copier
+
+    def allocate(self, capacity: int) -> None:
+        for p in self.spec.params:
+            slots = torch.empty((capacity, *p.shape), dtype=p.dtype, device=self.device)
+            self.inner.register_parameter(p.name, nn.Parameter(slots, requires_grad=False))
+        self.inner.num_experts = capacity
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {p.name: getattr(self.inner, p.name).data for p in self.spec.params}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slot tensors really occupy, read off the parameters themselves."""
+        return sum(t.nbytes for t in self.tensors().values())
+
+    def write(self, writes: Writes, background: bool = False, ahead: bool = False) -> Callable[[], None]:
+        """Queue the copies; returns ``finish``, which waits for them (see ``Copier.copy`` for ``ahead``)."""
+        return self.copier.copy(self.tensors(), writes, background, ahead)
+
+    def read(self, slot: int) -> dict[str, torch.Tensor]:
+        """A slot's weights as the store holds them (to check what a slot really contains)."""
+        return {p.name: getattr(self.inner, p.name).data[slot] for p in self.spec.params}
+
+    def views(self, slot: int, _host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """A slot's weights where they are cheapest to read (its norm is computed on the device)."""
+        return [getattr(self.inner, p.name).data[slot] for p in self.spec.params]
+
+    def reshape(self, kept: Sequence[int], capacity: int) -> None:
+        """``capacity`` slots; old slot ``kept[i]`` becomes slot i."""
+        old = self.tensors()
+        self.allocate(capacity)
+        for new_slot, old_slot in enumerate(kept):
+            for name, data in old.items():
+                getattr(self.inner, name).data[new_slot].copy_(data[old_slot])
+
+
+PACK_AFTER_USES = 4  # packing costs ~200 us, each later use saves some: an expert that comes and goes stays plain
+
+
+class RowSlots:
+    """One weight set per slot, packed once it has been used often if ``packed``; an empty slot holds nothing.
+
+    The CPU's slots, and any device's when experts are quantised: a slot then holds the quantised expert,
+    dequantised for each forward that routes to it.
+    """
+
+    def __init__(self, inner: Any, spec: LayerExperts, packed: bool, device: torch.device) -> None:
+        self.inner, self.spec, self.device = inner, spec, device
+        self.packed = packed and spec.quantize is None
+        self.slots: list[dict[str, torch.Tensor]] = []
+        self.uses: list[int] = []
+
+    def allocate(self, capacity: int) -> None:
+        self.slots = [{} for _ in range(capacity)]
+        self.uses = [0] * capacity
+
+    def weights(self, slot: int) -> dict[str, torch.Tensor]:
+        """A slot's weights for a forward; packed in place at its ``PACK_AFTER_USES``-th use."""
+        self.uses[slot] += 1
+        if self.spec.quantize is not None:
+            return slot_weights(self.inner, self.spec.plain(self.slots[slot]))
+        if self.packed and self.uses[slot] == PACK_AFTER_USES:
+            self.slots[slot] = packed_weights(self.slots[slot])
+        return self.slots[slot]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for slot in self.slots for t in slot.values())
+
+    def write(self, writes: Writes, background: bool = False, ahead: bool = False) -> Callable[[], None]:
+        for slot, tensors in writes:
+            self.slots[slot] = {}  # the old expert's memory goes before the new one's arrives
+            on_device = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
+            self.slots[slot] = on_device if self.spec.quantize is not None else slot_weights(self.inner, on_device)
+            self.uses[slot] = 0
+        return lambda: None
+
+    def read(self, slot: int) -> dict[str, torch.Tensor]:
+        if self.spec.quantize is not None:
+            return self.spec.plain(self.slots[slot])
+        out = {}
+        for name, tensor in self.slots[slot].items():
+            plain = tensor.to_dense() if tensor.is_mkldnn else tensor
+            out[name] = plain.t() if self.inner.is_transposed and not name.endswith("_bias") else plain
+        return out
+
+    def views(self, slot: int, _host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The slot's weights as the model computes with them, where they live (for |expert|)."""
+        return list(self.read(slot).values())
+
+    def reshape(self, kept: Sequence[int], capacity: int) -> None:
+        old, uses = self.slots, self.uses
+        self.slots = [old[s] for s in kept] + [{} for _ in range(capacity - len(kept))]
+        self.uses = [uses[s] for s in kept] + [0] * (capacity - len(kept))

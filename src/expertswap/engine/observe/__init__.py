@@ -1,0 +1,1 @@
+"""What the engine counts and records: routing counters, traces, process memory."""

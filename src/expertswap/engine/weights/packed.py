@@ -1,0 +1,71 @@
+"""bf16 weights on the CPU kept in oneDNN's blocked layout, so a matmul does not re-pack them on every call.
+
+A plain bf16 ``F.linear`` on the CPU reorders its weight for oneDNN each time it runs. At one token
+per step that reorder is most of the work: over 100 distinct weights from RAM, plain reached
+18 GB/s and prepacked 45 GB/s on the 2-core dev machine (results identical, bit for bit). The
+weight is packed once, at load (non-expert linears) or when an expert enters a slot, and the
+plain copy is dropped, so memory does not grow.
+
+These are torch's private oneDNN ops (checked with torch 2.13); ``compat_check`` in the tests
+fails loudly if a torch upgrade removes them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertswap.engine.weights.compat import linear_pointwise, mkldnn_bf16_supported, reorder_linear_weight
+from expertswap.engine.weights.host_memory import drop_file_pages
+
+
+def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
+    """Only bf16 on a CPU whose oneDNN has bf16 kernels (fp32 matmuls go to MKL, which needs no packing)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and mkldnn_bf16_supported()
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] in oneDNN's layout for a matmul with a few rows."""
+    return reorder_linear_weight(weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a plain or a packed weight."""
+    return packed_linear(x, weight, bias) if weight.is_mkldnn else F.linear(x, weight, bias)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a packed weight; any leading shape."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = linear_pointwise(rows, weight, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is packed; ``weight`` stays readable for its shape and dtype."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = pack(linear.weight)  # a plain attribute: an opaque tensor cannot be a Parameter
+        self.bias = linear.bias
+        drop_file_pages([linear.weight.detach()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.weight, self.bias)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every bf16 ``nn.Linear`` whose weight no other module shares; returns how many."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and owners[id(child.weight)] == 1:
+                setattr(parent, name, PackedLinear(child))  # a tied lm_head keeps the embedding's plain copy
+                count += 1
+    return count

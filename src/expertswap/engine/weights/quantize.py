@@ -1,0 +1,147 @@
+"""Packed experts: quantised once when read (int8, nf4, fp4) or as a checkpoint ships them (fp8, mxfp4).
+
+bitsandbytes does the arithmetic of the first three: int8 keeps a scale per row, nf4/fp4 one per 64 values.
+Native checkpoints are read as they lie: fine-grained FP8 (e4m3 codes, a float32 ``weight_scale_inv`` per
+block; Qwen3-*-FP8, DeepSeek-V3) and GPT-OSS's MXFP4 (two e2m1 codes per byte, a power-of-two exponent + 127
+per 32 values). A packed expert is a dict of tensors like a plain one, each matrix ``name`` held as
+``name.q`` (its codes) and ``name.scale``; biases stay as they are. The RAM tier and the committee slots hold
+them so, and the budget counts their real bytes; the committee dequantises an expert's matrices to the
+model's dtype when it computes. Quantised when read, the result is the quantised model, exactly: ``exact``
+gives the same output at every budget, but that output is not the original model's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from expertswap.protocol.errors import ModelFormatError, UnsupportedArchitectureError
+
+NATIVE_FORMATS = ("fp8", "mxfp4")  # config.json's quantization_config.quant_method of checkpoints read packed
+LOW_PRECISION = "nf4"  # the copy the lowbit policy computes misses from
+BLOCK = 64  # values per 4-bit scale
+
+
+def native_packing(config: Any) -> tuple[str | None, tuple[int, int] | None]:
+    """The packed format a checkpoint's config declares (fp8 with its block, or mxfp4), or (None, None) for
+    a plain one. A format the engine cannot read is refused here rather than read as garbage."""
+    declared = getattr(config, "quantization_config", None)
+    if declared is None:
+        return None, None
+    settings = declared if isinstance(declared, dict) else declared.to_dict()
+    method = str(settings.get("quant_method", "unknown"))
+    if method not in NATIVE_FORMATS:
+        raise UnsupportedArchitectureError(
+            f"{method}-quantised checkpoints are not supported; use the unquantised model (ExpertSwap can quantise "
+            f"its experts itself: --quantize) or an fp8 / mxfp4 one"
+        )
+    if method == "mxfp4":
+        return method, None
+    block = settings.get("weight_block_size")
+    if settings.get("fmt", "e4m3") != "e4m3" or not (isinstance(block, list | tuple) and len(block) == 2
+                                                      and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ModelFormatError(f"fp8 checkpoints need e4m3 weights with a weight_block_size [rows, cols]; "
+                               f"this one declares fmt={settings.get('fmt')!r}, weight_block_size={block!r}")
+    return method, (block[0], block[1])
+
+
+def _is_matrix(name: str, tensor: torch.Tensor) -> bool:
+    return not name.endswith("_bias") and tensor.dim() >= 2
+
+
+def quantized_nbytes(shape: tuple[int, ...], dtype: torch.dtype, kind: str | None,
+                     block: tuple[int, int] | None = None) -> int:
+    """Bytes one expert parameter takes packed as ``kind`` (None: as stored); fp8 needs its ``block``."""
+    numel = math.prod(shape)
+    if kind is None or len(shape) < 2:
+        return numel * dtype.itemsize
+    if kind == "int8":
+        return numel + math.prod(shape[:-1]) * 4  # codes, a float32 scale per row
+    if kind == "fp8":
+        assert block is not None, "fp8 sizes need the checkpoint's weight_block_size"
+        return numel + math.ceil(shape[-2] / block[0]) * math.ceil(shape[-1] / block[1]) * 4
+    if kind == "mxfp4":
+        return numel // 2 + numel // 32  # two codes per byte, an exponent byte per 32 values
+    return math.ceil(numel / 2) + math.ceil(numel / BLOCK) * 4  # two codes per byte, a float32 scale per block
+
+
+def quantize(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """One expert's host tensors, quantised (see the module's docstring for the layout)."""
+    import bitsandbytes.functional as bnb  # only a quantised load pays for importing it
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not _is_matrix(name, tensor):
+            out[name] = tensor
+        elif kind == "int8":
+            codes, scales, _ = bnb.int8_vectorwise_quant(tensor.float().reshape(-1, tensor.shape[-1]))
+            out[f"{name}.q"], out[f"{name}.scale"] = codes.reshape(tensor.shape), scales
+        else:
+            codes, state = bnb.quantize_4bit(tensor.contiguous(), blocksize=BLOCK, quant_type=kind)
+            out[f"{name}.q"], out[f"{name}.scale"] = codes, state.absmax
+    return out
+
+
+def dequantize(tensors: dict[str, torch.Tensor], kind: str, shapes: dict[str, tuple[int, ...]],
+               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The plain tensors back, in ``dtype``; ``shapes`` gives each matrix's per-expert shape."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".scale"):
+            continue
+        if not name.endswith(".q"):
+            out[name] = tensor
+            continue
+        base = name[: -len(".q")]
+        scale, shape = tensors[f"{base}.scale"], shapes[base]
+        if kind == "fp8":
+            plain = _fp8_plain(base, tensor, scale)
+        elif kind == "mxfp4":
+            plain = _mxfp4_plain(base, tensor, scale, shape)
+        else:
+            plain = _bnb_plain(base, tensor, scale, kind, shape, dtype)
+        out[base] = plain.to(dtype)
+    return out
+
+
+def _bnb_plain(name: str, codes: torch.Tensor, scale: torch.Tensor, kind: str, shape: tuple[int, ...],
+               dtype: torch.dtype) -> torch.Tensor:
+    import bitsandbytes.functional as bnb
+
+    want = math.prod(shape[:-1]) if kind == "int8" else math.ceil(math.prod(shape) / BLOCK)
+    if scale.numel() != want:
+        raise ValueError(f"{name}: {scale.numel()} {kind} scales for a {tuple(shape)} matrix, expected {want}")
+    if kind == "int8":
+        return bnb.int8_vectorwise_dequant(codes.reshape(-1, codes.shape[-1]), scale).reshape(codes.shape)
+    state = bnb.QuantState(scale, shape=torch.Size(shape), blocksize=BLOCK, quant_type=kind, dtype=dtype)
+    return bnb.dequantize_4bit(codes, state)
+
+
+def _fp8_plain(name: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes times their block's scale; the block is the codes' shape over the scale grid's, as
+    transformers derives it (gate and up, read as one matrix, each fill whole blocks)."""
+    rows, cols = codes.shape
+    grid_rows, grid_cols = scale.shape
+    if rows % grid_rows or cols % grid_cols:
+        raise ValueError(f"{name}: a {grid_rows}x{grid_cols} scale grid does not tile a {rows}x{cols} fp8 matrix")
+    expanded = scale.repeat_interleave(rows // grid_rows, 0).repeat_interleave(cols // grid_cols, 1)
+    return codes.to(scale.dtype) * expanded
+
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _mxfp4_plain(name: str, codes: torch.Tensor, exponents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """[rows, groups, 16] bytes (low nibble first) and [rows, groups] biased exponents -> the model's
+    [groups * 32, rows] matrix (GPT-OSS computes ``x @ W``; the checkpoint stores one row per output)."""
+    if codes.shape[:-1] != exponents.shape or codes.shape[-1] != 16:
+        raise ValueError(f"{name}: mxfp4 blocks {tuple(codes.shape)} do not match scales {tuple(exponents.shape)}")
+    rows, groups = exponents.shape
+    if (groups * 32, rows) != tuple(shape):
+        raise ValueError(f"{name}: mxfp4 blocks unpack to {groups * 32}x{rows}, the model wants {tuple(shape)}")
+    lut = torch.tensor(_E2M1, device=codes.device)
+    values = torch.stack((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=-1).reshape(rows, groups, 32)
+    plain = torch.ldexp(values, exponents.to(torch.int32)[..., None] - 127)
+    return plain.reshape(rows, groups * 32).t()

@@ -1,0 +1,85 @@
+"""What the engine and its front ends share, with no torch and no Qt: errors, units, events, settings, the wire.
+
+The client and the app's remote side import only this; ``expertswap.engine`` builds on it.
+"""
+
+from expertswap.protocol import wire
+from expertswap.protocol.budget import DEFAULT_BUDGET, DEFAULT_BUDGET_PERCENT, parse_budget
+from expertswap.protocol.engine_like import Chunk, EngineLike
+from expertswap.protocol.errors import (
+    BudgetError,
+    BudgetTooSmallError,
+    CacheError,
+    ChatTemplateError,
+    DeviceError,
+    EngineBusyError,
+    EngineClosedError,
+    ExpertSwapError,
+    ModelFormatError,
+    ModelNotFoundError,
+    OutOfMemoryError,
+    PolicyError,
+    PromptError,
+    SettingsError,
+    UnsupportedArchitectureError,
+)
+from expertswap.protocol.events import (
+    BudgetChange,
+    Event,
+    MemorySample,
+    ResidencySnapshot,
+    Subscription,
+    SwapEvent,
+    Telemetry,
+    TokenStats,
+    event_from_json,
+)
+from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS, POLICIES, QUANTIZATIONS
+from expertswap.protocol.plan import LayerShape, committee_size, minimum_bytes, plan_capacities
+from expertswap.protocol.sampling import SamplingSettings
+from expertswap.protocol.stats import EngineStats
+from expertswap.protocol.units import format_bytes
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_BUDGET_PERCENT",
+    "DEFAULT_EVICTION",
+    "EVICTIONS",
+    "POLICIES",
+    "QUANTIZATIONS",
+    "BudgetChange",
+    "BudgetError",
+    "BudgetTooSmallError",
+    "CacheError",
+    "ChatTemplateError",
+    "Chunk",
+    "DeviceError",
+    "EngineBusyError",
+    "EngineClosedError",
+    "EngineLike",
+    "EngineStats",
+    "Event",
+    "ExpertSwapError",
+    "LayerShape",
+    "MemorySample",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "OutOfMemoryError",
+    "PolicyError",
+    "PromptError",
+    "ResidencySnapshot",
+    "SamplingSettings",
+    "SettingsError",
+    "Subscription",
+    "SwapEvent",
+    "Telemetry",
+    "TokenStats",
+    "UnsupportedArchitectureError",
+    "committee_size",
+    "event_from_json",
+    "format_bytes",
+    "minimum_bytes",
+    "parse_budget",
+    "plan_capacities",
+    "wire",
+]
