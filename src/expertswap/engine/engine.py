@@ -364,8 +364,12 @@ class Engine:
 
     # ---- live committee -----------------------------------------------------------------------
     def subscribe(self, maxsize: int = 100_000) -> Subscription:
-        """A queue of every telemetry event from now on; ``drain()`` it from any thread."""
-        return self.telemetry.subscribe(maxsize)
+        """A queue of every telemetry event from now on, the committees as they are first; ``drain()`` it from any
+        thread. Under the step lock, so no swap falls between the snapshot and the events that follow it."""
+        with self.runtime.lock:
+            subscription = self.telemetry.subscribe(maxsize)
+            subscription.put(self.residency())
+        return subscription
 
     def set_budget(self, budget: str | int, reason: str = "user") -> int:
         """Ask for a new budget from any thread, also mid-reply; it is in force before the next token.
