@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
+from expertswap.cli.serve import main as serve
 from expertswap.engine import Engine
 from expertswap.protocol import SamplingSettings
 from expertswap.server import BackgroundServer
-from expertswap.server.cli import main as serve
 
 KEY = "sk-test"
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]

@@ -20,10 +20,10 @@ import h11
 import httpx
 import pytest
 
+from expertswap.cli.serve import parser
 from expertswap.engine import Engine, TokenChunk
 from expertswap.protocol import SamplingSettings, SettingsError, TokenStats
 from expertswap.server import BackgroundServer
-from expertswap.server.cli import parser
 from expertswap.server.errors import from_exception
 from expertswap.server.guard import Guard
 from expertswap.server.reply import Turns

@@ -2,5 +2,6 @@
 
 from .app import create_app
 from .background import BackgroundServer
+from .guard import MAX_BODY_BYTES, loopback
 
-__all__ = ["BackgroundServer", "create_app"]
+__all__ = ["MAX_BODY_BYTES", "BackgroundServer", "create_app", "loopback"]

@@ -11,8 +11,7 @@ from pathlib import Path
 from expertswap.engine import Engine, default_device
 from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
 from expertswap.protocol import POLICIES, QUANTIZATIONS, ExpertSwapError
-
-from .guard import MAX_BODY_BYTES, loopback
+from expertswap.server import MAX_BODY_BYTES, create_app, loopback
 
 
 def _positive(text: str) -> int:
@@ -45,8 +44,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"expertswap serve: error: listening on {args.host} (not loopback) needs --api-key", file=sys.stderr)
         return 2
     import uvicorn
-
-    from .app import create_app
 
     try:
         folder = resolve_model(args.model)
