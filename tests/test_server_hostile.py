@@ -26,7 +26,7 @@ from expertswap.protocol import SamplingSettings, SettingsError, TokenStats
 from expertswap.server import BackgroundServer
 from expertswap.server.errors import from_exception
 from expertswap.server.guard import Guard
-from expertswap.server.reply import Turns
+from expertswap.server.turns import Turns
 
 KEY = "sk-hostile"
 TIMEOUT = 30.0  # a socket read that waits this long is a hang: the test fails instead of waiting forever

@@ -8,8 +8,9 @@ import time
 
 from expertswap.engine import Engine
 
-from .app import QUEUE, create_app
+from .app import create_app
 from .guard import MAX_BODY_BYTES
+from .turns import QUEUE
 
 START_S = 10.0
 

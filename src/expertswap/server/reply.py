@@ -1,4 +1,4 @@
-"""One reply at a time: the queue of requests waiting for the engine, and one request's reply, whole or streamed.
+"""One request's reply, whole or streamed, holding the engine's turn (``turns.py``) while it runs.
 
 A reply is cancelled when its client goes away, streamed or not: the engine answers one request at a time, and a
 reply nobody reads would hold every later one.
@@ -21,6 +21,7 @@ from expertswap.engine import Engine
 from expertswap.protocol import SamplingSettings
 
 from .errors import APIError, from_exception
+from .turns import Turns
 
 T = TypeVar("T")
 
@@ -30,28 +31,6 @@ class ClientGone(APIError):
 
     def __init__(self) -> None:
         super().__init__(499, "the client closed the connection before its reply", "client_closed")
-
-
-class Turns:
-    """One reply at a time, the rest waiting in order, at most ``size`` of them."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.waiting = size, 0
-        self.lock = asyncio.Lock()
-
-    async def take(self) -> None:
-        """Wait for the engine; a full queue is refused at once (429, retry shortly)."""
-        if self.lock.locked() and self.waiting >= self.size:
-            raise APIError(429, "the server is busy: try again shortly", "rate_limit_exceeded",
-                           headers={"Retry-After": "1"})
-        self.waiting += 1
-        try:
-            await self.lock.acquire()
-        finally:
-            self.waiting -= 1
-
-    def give_back(self) -> None:
-        self.lock.release()
 
 
 class Reply:
