@@ -82,7 +82,7 @@ def test_bf16_on_cpu_packs_weights_and_computes_only_routed_experts(tiny_model, 
                 return original(*args, **kwargs)
 
         ids = engine.encode(PROMPT)
-        session = engine._new_session(len(ids) + 1)
+        session = engine.sessions.new(len(ids) + 1)
         with engine.guard.lock, torch.inference_mode():
             session.run(ids)
             torch.ops.mkldnn._linear_pointwise = Counting()
@@ -101,7 +101,7 @@ def test_bf16_on_cpu_packs_weights_and_computes_only_routed_experts(tiny_model, 
 def test_the_static_cache_grows_without_changing_a_result(tiny_model) -> None:
     with Engine.load(tiny_model("qwen3_moe"), budget="100%", swapper=False) as engine:
         ids = engine.encode(PROMPT)
-        roomy, tight = engine._new_session(len(ids)), CompactSession(engine.compact, 1)
+        roomy, tight = engine.sessions.new(len(ids)), CompactSession(engine.compact, 1)
         with engine.guard.lock, torch.inference_mode():
             whole = roomy.run(ids, all_logits=True)
             stepped = torch.cat([tight.run([token]) for token in ids])

@@ -276,7 +276,7 @@ def test_follow_free_memory(tiny_model) -> None:
         events = engine.subscribe()
         total = engine.total_expert_bytes
         free = {"bytes": 10 * total}
-        engine.watcher.probe = lambda: free["bytes"]
+        engine.watcher.free_bytes = lambda: free["bytes"]  # type: ignore[method-assign]
         engine.follow_free_memory(True, margin_bytes=total // 8)
         engine.watcher.tick()
         assert engine.budget_bytes == total, "plenty free: keep everything"

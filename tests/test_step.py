@@ -39,6 +39,6 @@ def test_swap_batches_are_installed_under_the_lock_and_never_mid_forward(tiny_mo
 
             committee.apply_swaps = checked
         list(engine.generate(IDS * 4, SamplingSettings(max_new_tokens=24)))
-        engine.swapper.wake()
+        engine.runtime.swaps_due.set()
         assert installs and all(held for _, held in installs)
         assert engine.runtime.swaps_during_forward == 0

@@ -11,53 +11,32 @@ import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from expertswap.engine.budget.controller import BudgetController
-from expertswap.engine.budget.swapper import Swapper
-from expertswap.engine.budget.watcher import MemoryWatcher, free_memory_probe
 from expertswap.engine.decode import chat_template
 from expertswap.engine.decode.compact_step import CompactModel
-from expertswap.engine.decode.compact_step import supports as supports_compact
-from expertswap.engine.decode.decoder import Decoder, TokenChunk, TokenScores
+from expertswap.engine.decode.decoder import TokenChunk, TokenScores
 from expertswap.engine.decode.generation import IncrementalDecoder
 from expertswap.engine.decode.graphed_step import GraphedDecode
 from expertswap.engine.decode.history import Message
-from expertswap.engine.decode.session import CompactSession, Session, TransformersSession
-from expertswap.engine.decode.step import StepGuard
-from expertswap.engine.device import resolve_device
-from expertswap.engine.moe.committee import Committee
-from expertswap.engine.moe.copier import Copier
-from expertswap.engine.moe.expert_rows import supports_rows
-from expertswap.engine.moe.runtime import Runtime
-from expertswap.engine.observe.counters import totals
-from expertswap.engine.observe.memory import current_rss_bytes, peak_rss_bytes
+from expertswap.engine.loader import Parts, build
+from expertswap.engine.moe.policies import available_policies, choose_policy
+from expertswap.engine.moe.residency import residency, resident_bytes
+from expertswap.engine.observe.memory import peak_rss_bytes
 from expertswap.engine.observe.trace import TraceHeader, TraceRecorder
-from expertswap.engine.weights.checkpoint import Checkpoint, read_config
-from expertswap.engine.weights.families import Family
-from expertswap.engine.weights.host_memory import own_weights, return_large_frees
-from expertswap.engine.weights.packed import PackedLinear, pack_linears, packing_pays
-from expertswap.engine.weights.quantize import native_packing
-from expertswap.engine.weights.skeleton import load_skeleton
-from expertswap.engine.weights.store import ExpertStore, resolve_layer
-from expertswap.engine.weights.validate import check_layers
-from expertswap.protocol.budget import parse_budget
+from expertswap.engine.weights.packed import PackedLinear
 from expertswap.protocol.errors import (
     BudgetError,
     EngineBusyError,
     EngineClosedError,
     ModelFormatError,
-    PolicyError,
     PromptError,
-    SettingsError,
-    UnsupportedArchitectureError,
 )
-from expertswap.protocol.events import MemorySample, ResidencySnapshot, Subscription, TokenStats
-from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS, POLICIES, QUANTIZATIONS
-from expertswap.protocol.plan import LayerShape, committee_size, plan_capacities
+from expertswap.protocol.events import MemorySample, ResidencySnapshot, Subscription
+from expertswap.protocol.options import DEFAULT_EVICTION
+from expertswap.protocol.plan import LayerShape, committee_size
 from expertswap.protocol.sampling import SamplingSettings
 from expertswap.protocol.stats import EngineStats
 
@@ -67,51 +46,26 @@ _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
 class Engine:
     """A MoE model whose experts live in per-layer committees sized by a byte budget."""
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase | None,
-        family: Family,
-        committees: list[Committee],
-        store: ExpertStore,
-        runtime: Runtime,
-        budget_bytes: int,
-        swapper: bool,
-        copier: Copier,
-        routers: list[nn.Module | None],
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.family = family
-        self.committees = committees
-        self.routers = routers  # each MoE layer's router, beside its committee
-        self.row_path = all(supports_rows(c.inner) for c in committees)  # lowbit computes misses on it
-        self.store = store
-        self.runtime = runtime
-        self.device = model.device
-        self.telemetry = runtime.telemetry
-        self.budget = BudgetController(committees, runtime, budget_bytes, store.total_expert_bytes, self.device,
-                                       wake=lambda: self.swapper.wake(),
-                                       applied=lambda: self.telemetry.emit(self.residency()))
-        self.guard = StepGuard(runtime.lock, self._before_step, self.budget.shrink_after_oom, self._after_step)
-        self.compact = CompactModel(model) if supports_compact(model) else None
-        self.graphed = GraphedDecode(self.compact, runtime) if self.compact and self.device.type == "cuda" else None
-        if self.compact is None and packing_pays(self.device, model.dtype):
-            pack_linears(model)
-        own_weights(model)
-        context = getattr(model.config, "max_position_embeddings", None)
-        self.decoder = Decoder(self._new_session, context if isinstance(context, int) else None, self.guard,
-                               self._stop_ids(), self._after_token, self._emit_memory_sample)
-        self._peak_resident = self.resident_expert_bytes()
-        self.copier = copier
-        self.swapper = Swapper(committees, store, runtime, copier, self.budget.settle)
-        self.swapper.enabled = swapper
-        self.swapper.start()
-        self.watcher = MemoryWatcher(self._emit_memory_sample,
-                                     lambda free: self.budget.follow(free, self.resident_expert_bytes()),
-                                     free_memory_probe(self.device))
-        self.watcher.start()
-        _LIVE.add(self)
+    def __init__(self, parts: Parts) -> None:
+        """An engine over built parts (``Engine.load`` builds them and starts the threads)."""
+        self.model = parts.model
+        self.tokenizer = parts.tokenizer
+        self.family = parts.family
+        self.committees = parts.committees
+        self.routers = parts.routers
+        self.row_path = parts.row_path
+        self.store = parts.store
+        self.runtime = parts.runtime
+        self.telemetry = parts.runtime.telemetry
+        self.copier = parts.copier
+        self.budget = parts.budget
+        self.swapper = parts.swapper
+        self.watcher = parts.watcher
+        self.reporter = parts.reporter
+        self.sessions = parts.sessions
+        self.guard = parts.guard
+        self.decoder = parts.decoder
+        self.device = self.model.device
 
     @classmethod
     def load(
@@ -132,58 +86,12 @@ class Engine:
         ``quantize`` (int8, nf4, fp4) quantises every expert when it is read: the budget then counts
         quantised bytes, and the output is the quantised model's, not the original's.
         """
-        return_large_frees()
-        torch_device = resolve_device(device)
-        _check_policy(policy, torch_device, skip_threshold)
-        if quantize is not None and quantize not in QUANTIZATIONS:
-            raise SettingsError(f"unknown quantisation {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
-        folder, config, family = read_config(model_dir)
-        native, block = native_packing(config)
-        if native is not None and quantize is not None:
-            raise SettingsError(f"this checkpoint's experts are already {native}; --quantize applies to unquantised "
-                                "checkpoints")
-        checkpoint = Checkpoint(folder)
-        try:
-            check_layers(list(checkpoint.entries), int(config.num_hidden_layers))
-            model, sites = load_skeleton(str(folder), family, torch_device, dtype,
-                                         config.quantization_config if native else None)
-            top_k = int(config.num_experts_per_tok)
-            row_path = all(supports_rows(site.module) for site in sites)
-            _check_policy(policy, torch_device, skip_threshold, row_path)
-            if quantize is not None and not row_path:
-                raise UnsupportedArchitectureError(f"quantised experts are not supported for {family.name} yet")
-            layers = {
-                site.layer: resolve_layer(checkpoint, family, site.layer, int(site.module.num_experts), top_k,
-                                          site.params, quantize or native, block, slots_plain=not row_path)
-                for site in sites
-            }
-            store = ExpertStore(checkpoint, layers, pin_memory=torch_device.type == "cuda")
-            shapes = [LayerShape(spec.num_experts, spec.top_k, spec.expert_bytes) for spec in layers.values()]
-            budget_bytes = parse_budget(budget, store.total_expert_bytes)
-            capacities = plan_capacities(budget_bytes, shapes)
-            if ram_tier:
-                store.fill_ram_tier()
-            if eviction not in EVICTIONS:
-                raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
-            runtime = Runtime(policy=policy, skip_threshold=skip_threshold, eviction=eviction,
-                              packed_slots=any(spec.quantize for spec in layers.values()))
-            committees, routers = [], []
-            copier = Copier(torch_device)
-            for site, capacity in zip(sites, capacities, strict=True):
-                attr = site.name.rpartition(".")[2]
-                router = next(
-                    (m for m in (getattr(site.parent, n, None) for n in ("gate", "router")) if m is not None), None
-                )
-                committee = Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router,
-                                      copier)
-                setattr(site.parent, attr, committee)
-                committees.append(committee)
-                routers.append(router)
-            tokenizer = _load_tokenizer(folder)
-            return cls(model, tokenizer, family, committees, store, runtime, budget_bytes, swapper, copier, routers)
-        except BaseException:  # a broken folder must not leave its safetensors files open
-            checkpoint.close()
-            raise
+        engine = cls(build(model_dir, budget, device, policy, ram_tier, dtype, skip_threshold, swapper, eviction,
+                           quantize))
+        engine.swapper.start()
+        engine.watcher.start()
+        _LIVE.add(engine)
+        return engine
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -202,7 +110,17 @@ class Engine:
     @property
     def policy(self) -> str:
         """The miss policy in force."""
-        return self.runtime.policy
+        return self.runtime.policy.name
+
+    @property
+    def compact(self) -> CompactModel | None:
+        """The compact forward, for the families that have one (None: transformers' own, or closed)."""
+        return self.sessions.compact
+
+    @property
+    def graphed(self) -> GraphedDecode | None:
+        """The CUDA-graph decode step, on a GPU with the compact forward."""
+        return self.sessions.graphed
 
     @property
     def context_tokens(self) -> int | None:
@@ -229,8 +147,7 @@ class Engine:
     @property
     def policies(self) -> tuple[str, ...]:
         """The miss policies this engine takes: ``cpu`` (host beside a GPU) only on CUDA, ``lowbit`` on the row path."""
-        return tuple(p for p in POLICIES
-                     if (p != "cpu" or self.device.type == "cuda") and (p != "lowbit" or self.row_path))
+        return available_policies(self.device.type, self.row_path)
 
     @property
     def layer_shapes(self) -> list[LayerShape]:
@@ -243,7 +160,7 @@ class Engine:
 
     def resident_expert_bytes(self) -> int:
         """Bytes held by every committee's slot tensors right now."""
-        return sum(c.resident_bytes for c in self.committees)
+        return resident_bytes(self.committees)
 
     # ---- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -274,7 +191,7 @@ class Engine:
         KV cache under decode rules (substitute and cpu never load) with the swapper woken between
         chunks, so a budget's quality cost is measured as a chat would pay it.
         """
-        return self.decoder.score(input_ids, chunk, prompt, between=self.swapper.wake)
+        return self.decoder.score(input_ids, chunk, prompt)
 
     def pin_committee(self, experts: dict[int, Sequence[int]] | None) -> None:
         """Hold these experts in each listed layer and stop all loading: a static committee (None releases).
@@ -285,11 +202,9 @@ class Engine:
         self._require_open()
         with self.runtime.lock:
             if experts is None:
-                self.runtime.pinned = False
-                self.swapper.wake()
+                self.runtime.pin(False)
                 return
-            if self.runtime.policy != "substitute":
-                raise PolicyError(f"a pinned committee needs the substitute policy, not {self.runtime.policy!r}")
+            self.runtime.pin(True, check_only=True)
             self.budget.apply_pending()
             by_layer = {c.layer: c for c in self.committees}
             for layer, wanted in experts.items():
@@ -301,7 +216,7 @@ class Engine:
                                       f"asked for {len(set(wanted))}")
             for layer, wanted in experts.items():
                 by_layer[layer].make_resident(sorted(set(wanted)))
-            self.runtime.pinned = True
+            self.runtime.pin(True)
 
     def generate(
         self, input_ids: Sequence[int], settings: SamplingSettings = SamplingSettings(),
@@ -346,10 +261,11 @@ class Engine:
                              expert_bytes=c[0].spec.expert_bytes)
         recorder = TraceRecorder(path, header)
         with self.runtime.lock:
-            if self.runtime.trace is not None:
+            try:
+                self.runtime.attach_trace(recorder)
+            except EngineBusyError:
                 recorder.close()
-                raise EngineBusyError("a trace is already being recorded")
-            self.runtime.trace = recorder
+                raise
         hooks = [here.register_forward_hook(_guess_next(recorder, following, c[i + 1].layer, c[i + 1].top_k))
                  for i, (here, following) in enumerate(itertools.pairwise(self.routers))
                  if here is not None and following is not None]
@@ -359,7 +275,7 @@ class Engine:
             for hook in hooks:
                 hook.remove()
             with self.runtime.lock:
-                self.runtime.trace = None
+                self.runtime.attach_trace(None)
             recorder.close()
 
     # ---- live committee -----------------------------------------------------------------------
@@ -383,12 +299,10 @@ class Engine:
     def set_policy(self, policy: str, skip_threshold: float | None = None) -> None:
         """Switch the miss policy; takes effect at the next token."""
         self._require_open()
-        threshold = self.runtime.skip_threshold if skip_threshold is None else skip_threshold
-        _check_policy(policy, self.device, threshold, self.row_path)
+        threshold = self.runtime.policy.skip_threshold if skip_threshold is None else skip_threshold
+        chosen = choose_policy(policy, self.device.type, threshold, self.row_path)
         with self.runtime.lock:
-            if self.runtime.pinned and policy != "substitute":
-                raise PolicyError("release the pinned committee (pin_committee(None)) before leaving substitute")
-            self.runtime.policy, self.runtime.skip_threshold = policy, threshold
+            self.runtime.switch_policy(chosen)
 
     def follow_free_memory(self, enabled: bool, margin_bytes: int | None = None) -> None:
         """Let the budget track free RAM (CPU) or VRAM (CUDA), keeping ``margin_bytes`` free."""
@@ -399,29 +313,16 @@ class Engine:
     def residency(self) -> ResidencySnapshot:
         """The resident experts and importance of every MoE layer, taken consistently under the step lock."""
         with self.runtime.lock:
-            cs = self.committees
-            # one device read for every layer's counters (this runs after each token while the GUI listens)
-            flat = torch.cat([t for c in cs for t in (c.cache.routed, c.cache.last_token)]).tolist()
-            routed, last = {}, {}
-            for c in cs:
-                routed[c.layer], flat = flat[: c.num_experts], flat[c.num_experts :]
-                last[c.layer], flat = sorted(e for e in flat[: c.top_k] if e >= 0), flat[c.top_k :]
-            return ResidencySnapshot(
-                resident={c.layer: sorted(c.resident_experts) for c in cs},
-                importance={c.layer: [round(float(v), 6) for v in c.cache.scores()] for c in cs},
-                capacity={c.layer: c.capacity for c in cs},
-                routed=routed,
-                last_token=last,
-            )
+            return residency(self.committees)
 
     def stats(self) -> EngineStats:
-        counts = totals(self.runtime.counters, [m.routing for m in self.committees])  # one device read
+        counts = self.reporter.counts()  # one device read
         return EngineStats(
             budget_bytes=self.budget_bytes,
             total_expert_bytes=self.total_expert_bytes,
             minimum_budget_bytes=self.minimum_budget_bytes,
             resident_expert_bytes=self.resident_expert_bytes(),
-            peak_resident_expert_bytes=self._peak_resident,
+            peak_resident_expert_bytes=self.reporter.peak_resident_bytes,
             expert_loads=counts.loads,
             bytes_loaded=counts.bytes_loaded,
             hits=counts.hits,
@@ -451,7 +352,7 @@ class Engine:
         self.watcher.stop()
         self.swapper.stop()
         with self.runtime.lock:
-            self.graphed = self.compact = None  # the graphs, their memory pool, the KV cache, the fused weights
+            self.sessions.release()  # the graphs, their memory pool, the KV cache, the fused weights
             for committee in self.committees:
                 committee.release()
             self.store.release()
@@ -466,62 +367,8 @@ class Engine:
         self.store.checkpoint.close()
 
     # ---- internals ---------------------------------------------------------------------------
-    def _new_session(self, tokens: int) -> Session:
-        """A KV cache for ``tokens`` positions (at most the context), on the compact step if the family has one."""
-        if self.compact is None:
-            return TransformersSession(self.model)
-        context = self.decoder.context
-        return CompactSession(self.compact, min(tokens, context) if context else tokens, self.graphed)
-
-    def _before_step(self, is_prefill: bool) -> None:
-        """Runs under the step lock before each forward: budget changes land here, between tokens."""
-        self.budget.apply_pending()
-        # substitute and cpu keep the prompt exact (loading what it needs) and never load while decoding
-        self.runtime.allow_loads = not self.runtime.pinned and (is_prefill or self.runtime.loads_on_miss)
-        if self.runtime.trace is not None:
-            self.runtime.trace.begin()
-
-    def _after_step(self, is_prefill: bool) -> None:
-        """Runs under the step lock after each forward that succeeded."""
-        if self.runtime.trace is not None:
-            self.runtime.trace.end(is_prefill)
-
-    def _after_token(self, count: int) -> None:
-        self._peak_resident = max(self._peak_resident, self.resident_expert_bytes())
-        self.swapper.wake()
-        if not self.telemetry.active:  # nobody listens: skip the device sync and the snapshot
-            return
-        stats = self.stats()
-        self.telemetry.emit(TokenStats(tokens=count, tokens_per_s=stats.tokens_per_s, hit_rate=stats.hit_rate,
-                                       expert_loads=stats.expert_loads, skipped=stats.skipped,
-                                       substituted=stats.substituted, cpu_computed=stats.cpu_computed))
-        self.telemetry.emit(self.residency())
-
     def memory_sample(self) -> MemorySample:
-        cuda = self.device.type == "cuda"
-        return MemorySample(
-            rss_bytes=current_rss_bytes(),
-            available_ram_bytes=int(psutil.virtual_memory().available),
-            cuda_allocated_bytes=torch.cuda.memory_allocated(self.device) if cuda else 0,
-            cuda_reserved_bytes=torch.cuda.memory_reserved(self.device) if cuda else 0,
-            cuda_free_bytes=int(torch.cuda.mem_get_info(self.device)[0]) if cuda else 0,
-            budget_bytes=self.budget_bytes,
-            resident_expert_bytes=self.resident_expert_bytes(),
-        )
-
-    def _emit_memory_sample(self) -> None:
-        if self.telemetry.active:
-            self.telemetry.emit(self.memory_sample())
-
-    def _stop_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.model.generation_config, self.model.config, self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return ids
+        return self.watcher.sample()
 
     def _require_open(self) -> None:
         """A closed engine has given its memory back: what would move experts again is refused."""
@@ -553,30 +400,9 @@ def _guess_next(recorder: TraceRecorder, following: nn.Module, layer: int,
     return hook
 
 
-def _check_policy(policy: str, device: torch.device, skip_threshold: float, rows: bool = True) -> None:
-    """``rows``: every layer's experts run on the per-expert row path (what ``lowbit`` computes misses with)."""
-    if policy not in POLICIES:
-        raise PolicyError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
-    if policy == "cpu" and device.type != "cuda":  # the rules Engine.policies publishes
-        raise PolicyError("policy cpu computes misses on the CPU while the GPU works: it needs --device cuda")
-    if policy == "lowbit" and not rows:
-        raise PolicyError("policy lowbit is not supported for this model's experts yet")
-    if not 0.0 <= skip_threshold < 1.0:
-        raise PolicyError(f"skip threshold must be in [0, 1), got {skip_threshold}")
-
-
 def _check_text(text: str) -> None:
     """Text from argv or a pipe may hold undecodable bytes (as surrogates); the tokenizer would crash on them."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise PromptError("the text is not valid UTF-8") from None
-
-
-def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
-    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:  # a malformed tokenizer file surfaces as any of a dozen exception types
-        raise ModelFormatError(f"cannot read the tokenizer in {folder}: {exc}".splitlines()[0]) from exc

@@ -8,12 +8,13 @@ a forward never sees its committees resized.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from expertswap.engine.budget.demand import effective_experts
 from expertswap.engine.moe.committee import Committee
+from expertswap.engine.moe.residency import residency, resident_bytes
 from expertswap.engine.moe.runtime import Runtime
 from expertswap.protocol.budget import parse_budget
 from expertswap.protocol.errors import BudgetTooSmallError
@@ -25,15 +26,13 @@ class BudgetController:
     """Owns ``budget_bytes``; resizes the committees to a requested budget at the next safe moment."""
 
     def __init__(self, committees: Sequence[Committee], runtime: Runtime, budget_bytes: int, total_expert_bytes: int,
-                 device: torch.device, wake: Callable[[], None], applied: Callable[[], None]) -> None:
+                 device: torch.device) -> None:
         self.committees = committees
         self.runtime = runtime
         self.budget_bytes = budget_bytes
         self.total_expert_bytes = total_expert_bytes
         self.device = device
         self.follow_margin = self.default_margin()
-        self._wake = wake  # after each request: the swapper fills or trims the committees
-        self._applied = applied  # after each resize: listeners get the new residency
         self._pending: tuple[int, str] | None = None  # bytes and why
         self._lock = threading.Lock()
 
@@ -55,7 +54,7 @@ class BudgetController:
                 self.apply_pending()
             finally:
                 self.runtime.lock.release()
-        self._wake()
+        self.runtime.swaps_due.set()  # the swapper fills or trims the committees, and settles a request left pending
         return new
 
     def settle(self) -> None:
@@ -89,11 +88,16 @@ class BudgetController:
         old, self.budget_bytes = self.budget_bytes, new
         self.runtime.telemetry.emit(BudgetChange(old_bytes=old, new_bytes=new, applied=True, capacities=capacities,
                                                  reason=reason))
-        self._applied()
+        self.runtime.telemetry.emit(residency(self.committees))  # listeners see the committees it left
 
-    def follow(self, free_bytes: int, resident_bytes: int) -> None:
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the committees hold now (a resize lands between tokens, so this may lag ``budget_bytes``)."""
+        return resident_bytes(self.committees)
+
+    def follow(self, free_bytes: int) -> None:
         """Track free memory: aim at what is resident plus what is free, less the margin."""
-        target = resident_bytes + free_bytes - self.follow_margin
+        target = self.resident_bytes + free_bytes - self.follow_margin
         target = max(self.minimum_bytes, min(self.total_expert_bytes, target))
         step = max(c.spec.expert_bytes for c in self.committees)
         if abs(target - self.budget_bytes) >= step:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from expertswap.engine.budget.controller import BudgetController
 from expertswap.engine.moe.committee import Committee, Swap
 from expertswap.engine.moe.copier import Copier
 from expertswap.engine.moe.runtime import Runtime
@@ -22,20 +23,19 @@ SWAPS_PER_LAYER = 2  # experts swapped in per layer and round, at most
 
 
 class Swapper:
-    """A daemon thread woken after every token and every budget change."""
+    """A daemon thread woken (``Runtime.swaps_due``) after every token and every budget change; ``start`` starts it."""
 
     def __init__(
         self, committees: Sequence[Committee], store: ExpertStore, runtime: Runtime, copier: Copier,
-        settle: Callable[[], None], swaps_per_layer: int = SWAPS_PER_LAYER,
+        budget: BudgetController, swaps_per_layer: int = SWAPS_PER_LAYER,
     ) -> None:
         self.committees = committees
-        self.settle = settle  # first, on every wake: a budget request the step lock kept from landing
+        self.budget = budget  # settled first, on every wake: a request the step lock kept from landing
         self.store = store
         self.runtime = runtime
         self.copier = copier
         self.swaps_per_layer = swaps_per_layer
         self.enabled = True
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="expertswap-swapper", daemon=True)
 
@@ -44,12 +44,9 @@ class Swapper:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self.runtime.swaps_due.set()
         if self._thread.is_alive():
             self._thread.join()
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def run_once(self, grow_only: bool = False) -> int:
         """One round over every layer, each layer's swaps as one batch; returns the number applied.
@@ -85,14 +82,14 @@ class Swapper:
         or skip a miss loads itself; there the swaps moved 32-43% more bytes for 0.2-1.7 points of hit rate
         (benchmarks/results/replay-default-*.md) and cost 3-13% of the default model's decode speed. Filling
         the empty slots a budget raise made always pays: nothing is evicted."""
-        return self.copier.device.type == "cuda" or not self.runtime.loads_on_miss
+        return self.copier.device.type == "cuda" or not self.runtime.policy.loads_on_miss
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(timeout=0.5)
-            self._wake.clear()
-            self.settle()
+            self.runtime.swaps_due.wait(timeout=0.5)
+            self.runtime.swaps_due.clear()
+            self.budget.settle()
             if self.enabled and not self.runtime.pinned and not self._stop.is_set():
                 grow_only = not self._swaps_pay()
-                while self.run_once(grow_only) and not self._wake.is_set() and not self._stop.is_set():
+                while self.run_once(grow_only) and not self.runtime.swaps_due.is_set() and not self._stop.is_set():
                     pass

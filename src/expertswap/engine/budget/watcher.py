@@ -3,36 +3,27 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import psutil
 import torch
 
-
-def free_memory_probe(device: torch.device) -> Callable[[], int]:
-    """Free bytes where the experts live: available RAM on CPU, free VRAM on CUDA."""
-    if device.type == "cuda":
-        return lambda: int(torch.cuda.mem_get_info(device)[0])
-    return lambda: int(psutil.virtual_memory().available)
+from expertswap.engine.budget.controller import BudgetController
+from expertswap.engine.observe.memory import current_rss_bytes
+from expertswap.protocol.events import MemorySample, Telemetry
 
 
 class MemoryWatcher:
-    """Samples memory every ``interval`` seconds; when following, moves the budget to fit free memory.
+    """Samples memory every ``interval`` seconds (a thread ``start`` starts); when following, moves the budget.
 
     The target is what the experts hold now plus what is free, less a safety margin, so the budget
     shrinks when another program takes memory and grows back when it is released.
     """
 
-    def __init__(
-        self,
-        sample: Callable[[], None],
-        retarget: Callable[[int], None],
-        probe: Callable[[], int],
-        interval: float = 0.5,
-    ) -> None:
-        self.sample = sample
-        self.retarget = retarget
-        self.probe = probe
+    def __init__(self, budget: BudgetController, telemetry: Telemetry, device: torch.device,
+                 interval: float = 0.5) -> None:
+        self.budget = budget
+        self.telemetry = telemetry
+        self.device = device
         self.interval = interval
         self.following = False
         self._stop = threading.Event()
@@ -46,11 +37,34 @@ class MemoryWatcher:
         if self._thread.is_alive():
             self._thread.join()
 
+    def free_bytes(self) -> int:
+        """Free bytes where the experts live: available RAM on CPU, free VRAM on CUDA."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0])
+        return int(psutil.virtual_memory().available)
+
+    def sample(self) -> MemorySample:
+        cuda = self.device.type == "cuda"
+        return MemorySample(
+            rss_bytes=current_rss_bytes(),
+            available_ram_bytes=int(psutil.virtual_memory().available),
+            cuda_allocated_bytes=torch.cuda.memory_allocated(self.device) if cuda else 0,
+            cuda_reserved_bytes=torch.cuda.memory_reserved(self.device) if cuda else 0,
+            cuda_free_bytes=int(torch.cuda.mem_get_info(self.device)[0]) if cuda else 0,
+            budget_bytes=self.budget.budget_bytes,
+            resident_expert_bytes=self.budget.resident_bytes,
+        )
+
+    def publish(self) -> None:
+        """A sample to the listeners, if there are any (a reply's start and end get one besides the interval's)."""
+        if self.telemetry.active:
+            self.telemetry.emit(self.sample())
+
     def tick(self) -> None:
         """One sample (and, when following, one budget adjustment)."""
-        self.sample()
+        self.publish()
         if self.following:
-            self.retarget(self.probe())
+            self.budget.follow(self.free_bytes())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

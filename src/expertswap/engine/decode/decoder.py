@@ -12,14 +12,15 @@ import dataclasses
 import functools
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from expertswap.engine.decode.generation import IncrementalDecoder, decode_loop
-from expertswap.engine.decode.session import Session
+from expertswap.engine.decode.session import Sessions
 from expertswap.engine.decode.step import StepGuard
 from expertswap.protocol.errors import EngineBusyError, EngineClosedError, PromptError
 from expertswap.protocol.sampling import SamplingSettings
@@ -50,17 +51,28 @@ class ReplyStats:
     time_to_first_token_s: float = 0.0
 
 
-class Decoder:
-    """Runs the model for the engine; ``after_token`` and ``around_reply`` are the engine's hooks."""
+class ReplyListener(Protocol):
+    """Who hears of a reply's progress: the engine's reporter (telemetry) and the swapper's wake-up."""
 
-    def __init__(self, new_session: Callable[[int], Session], context: int | None, guard: StepGuard,
-                 stop_ids: set[int], after_token: Callable[[int], None], around_reply: Callable[[], None]) -> None:
-        self.new_session = new_session  # a session with room for this many tokens
-        self.context = context  # the model's context length, when its config gives one
+    def token_done(self, pace: ReplyStats) -> None:
+        """After each token, with the reply's pace so far."""
+
+    def reply_edge(self) -> None:
+        """As a reply starts and again as it ends (a memory sample at each end of a short reply)."""
+
+    def chunk_scored(self) -> None:
+        """Between the chunks ``score`` runs, as a chat's swapper would run between its tokens."""
+
+
+class Decoder:
+    """Runs the model for the engine: one reply or score at a time, every forward through ``guard``."""
+
+    def __init__(self, sessions: Sessions, guard: StepGuard, stop_ids: set[int], listener: ReplyListener) -> None:
+        self.sessions = sessions
+        self.context = sessions.context  # the model's context length, when its config gives one
         self.guard = guard
         self.stop_ids = stop_ids
-        self.after_token = after_token
-        self.around_reply = around_reply  # runs as a reply starts and again as it ends (a memory sample)
+        self.listener = listener
         self.last = ReplyStats()
         self.closed = False  # close() gave the model's memory back: nothing runs any more
         self._busy = threading.Lock()
@@ -70,15 +82,15 @@ class Decoder:
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
         with self._exclusive():  # sessions may share one persistent cache (CUDA graphs)
-            session = self.new_session(len(input_ids))
+            session = self.sessions.new(len(input_ids))
             return self.guard.run(lambda: session.run(input_ids, all_logits=True), is_prefill=True,
                                   session=session).float().cpu()
 
-    def score(self, input_ids: Sequence[int], chunk: int, prompt: int, between: Callable[[], None]) -> TokenScores:
+    def score(self, input_ids: Sequence[int], chunk: int, prompt: int) -> TokenScores:
         """Loss and top-1 of each token after the first: a prefill of ``prompt`` tokens, then ``chunk`` at a time."""
         ids = list(input_ids)
         with self._exclusive():
-            session = self.new_session(len(ids))
+            session = self.sessions.new(len(ids))
             pieces = [ids[:prompt]] + [ids[i : i + chunk] for i in range(prompt, len(ids), chunk)]
             predictors: list[torch.Tensor] = []
             last: torch.Tensor | None = None
@@ -87,7 +99,7 @@ class Decoder:
                                         session=session).float().cpu()
                 predictors.append(logits[:-1] if last is None else torch.cat([last[None], logits[:-1]]))
                 last = logits[-1]
-                between()
+                self.listener.chunk_scored()
             scored = torch.cat(predictors)
             targets = torch.tensor(ids[1:], dtype=torch.long)
             return TokenScores(torch.nn.functional.cross_entropy(scored, targets, reduction="none"), scored.argmax(-1))
@@ -108,9 +120,9 @@ class Decoder:
             start = time.perf_counter()
             first = start
             count = 0
-            self.around_reply()  # short replies get a memory sample at each end, not only every 0.5 s
+            self.listener.reply_edge()
             try:
-                session = self.new_session(len(input_ids) + settings.max_new_tokens)
+                session = self.sessions.new(len(input_ids) + settings.max_new_tokens)
                 for token in decode_loop(session, list(input_ids), settings, self.stop_ids, cancel, self.guard):
                     now = time.perf_counter()
                     if count == 0:
@@ -118,10 +130,10 @@ class Decoder:
                     count += 1
                     pace = (count - 1) / (now - first) if count > 1 and now > first else 0.0
                     self.last = ReplyStats(count, pace, first - start)
-                    self.after_token(count)
+                    self.listener.token_done(self.last)
                     yield token
             finally:
-                self.around_reply()
+                self.listener.reply_edge()
 
     async def stream_ids(self, input_ids: Sequence[int], settings: SamplingSettings,
                          text: IncrementalDecoder) -> AsyncGenerator[TokenChunk, None]:

@@ -87,7 +87,8 @@ class GraphedDecode:
     def usable(self) -> bool:
         """The exact policy in bf16/fp16 on plain slots: other policies and packed slots decide per token on the
         host in ways a graph cannot hold, and transformers' grouped_mm falls back to host-side offsets in fp32."""
-        return self.runtime.policy == "exact" and self.runtime.trace is None and not self.runtime.packed_slots and (
+        runtime = self.runtime
+        return runtime.policy.name == "exact" and runtime.trace is None and not runtime.packed_slots and (
             not self.cuda or self.compact.dtype in (torch.bfloat16, torch.float16)
         )
 
@@ -105,7 +106,7 @@ class GraphedDecode:
         assert cache is self.cache and cache.length < cache.capacity
         self._token.fill_(token)
         self._position.fill_(cache.length)  # before a capture too: its warm-up writes this position's keys
-        key = (id(cache), self.runtime.policy, self.runtime.eviction,
+        key = (id(cache), self.runtime.policy.name, self.runtime.eviction,
                tuple(c.version for c in self._committees()))
         if key != self.key:
             self._build()

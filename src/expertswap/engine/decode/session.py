@@ -75,3 +75,24 @@ class TransformersSession:
                 except RuntimeError:  # a sliding-window layer that no longer keeps its past
                     return False
         return True
+
+
+class Sessions:
+    """Where each reply's KV cache comes from: the compact step where the family has one (CUDA graphs for single
+    decode tokens on a GPU), else transformers' own. ``release`` gives the graphs and fused weights back."""
+
+    def __init__(self, model: PreTrainedModel, compact: CompactModel | None, graphed: GraphedDecode | None,
+                 context: int | None) -> None:
+        self.model = model
+        self.compact = compact
+        self.graphed = graphed
+        self.context = context  # the model's context length, when its config gives one
+
+    def new(self, tokens: int) -> Session:
+        """A KV cache for ``tokens`` positions (at most the context)."""
+        if self.compact is None:
+            return TransformersSession(self.model)
+        return CompactSession(self.compact, min(tokens, self.context) if self.context else tokens, self.graphed)
+
+    def release(self) -> None:
+        self.compact = self.graphed = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,33 +35,44 @@ def forward_mode() -> Iterator[None]:
 
 
 
-class StepGuard:
-    """Runs a forward under the step lock and forward mode, after ``before_step``; retries it after an OOM."""
+class StepHooks(Protocol):
+    """What runs around every forward, under the step lock: the engine's budget and runtime, seen from here."""
 
-    def __init__(self, lock: threading.RLock, before_step: Callable[[bool], None],
-                 on_oom: Callable[[BaseException], bool], after_step: Callable[[bool], None]) -> None:
+    def before_step(self, is_prefill: bool) -> None:
+        """Pending budget changes land, and what the forward may load is set."""
+
+    def after_step(self, is_prefill: bool) -> None:
+        """The forward succeeded."""
+
+    def out_of_memory(self, error: BaseException) -> bool:
+        """The forward ran out of memory: free some (a smaller budget) and say whether a retry may succeed."""
+
+
+class StepGuard:
+    """Runs a forward under the step lock and forward mode, between ``hooks``; retries it after an OOM."""
+
+    def __init__(self, lock: threading.RLock, hooks: StepHooks) -> None:
         self.lock = lock
-        self.before_step = before_step
-        self.after_step = after_step
-        self.on_oom = on_oom
+        self.hooks = hooks
         self.steps = 0  # forwards run, retries included: tests read it to see that every forward came here
 
     def run(self, forward: Callable[[], T], is_prefill: bool, session: Session) -> T:
         """``forward()`` once it succeeds; a failed attempt is rolled back out of ``session`` before the retry.
 
-        Retries while ``on_oom(error)`` says it freed memory (a smaller budget); otherwise ``OutOfMemoryError``.
+        Retries while ``hooks.out_of_memory(error)`` says it freed memory (a smaller budget); otherwise
+        ``OutOfMemoryError``.
         """
         mark = session.mark()
         while True:
             try:
                 with self.lock, forward_mode():
                     self.steps += 1
-                    self.before_step(is_prefill)
+                    self.hooks.before_step(is_prefill)
                     result = forward()
-                    self.after_step(is_prefill)
+                    self.hooks.after_step(is_prefill)
                     return result
             except (torch.OutOfMemoryError, MemoryError) as exc:
-                if not session.roll_back(mark) or not self.on_oom(exc):
+                if not session.roll_back(mark) or not self.hooks.out_of_memory(exc):
                     raise OutOfMemoryError(f"out of memory even at the smallest budget: {exc}".splitlines()[0]) from exc
 
     def held(self) -> bool:

@@ -105,7 +105,7 @@ class Committee(nn.Module):
     @property
     def shape(self) -> LayerShape:
         """What the planner knows of this layer."""
-        return LayerShape(self.num_experts, self.top_k, self.spec.expert_bytes)
+        return self.spec.shape
 
     @property
     def capacity(self) -> int:
@@ -133,13 +133,10 @@ class Committee(nn.Module):
         index, weights, resident = self.observe(hidden, index, weights)
         if self.slots.full:
             return self.compute(hidden, index, weights)
-        if not runtime.allow_loads and runtime.policy == "substitute":
-            self.routing.substituted += ((index >= 0) & ~resident).sum()
-            return self.compute(hidden, self._substitute(index, resident), weights)
-        if not runtime.allow_loads and runtime.policy == "cpu":
-            return self._run_with_host(hidden, index, weights, resident)
-        if not runtime.allow_loads and runtime.policy == "lowbit":
-            return self._run_low_precision(hidden, index, weights, resident)
+        if not runtime.allow_loads:
+            out = runtime.policy.without_loads(self, hidden, index, weights, resident)
+            if out is not None:
+                return out
         needed = self.cache.needed(index)
         if len(needed) <= self.capacity:
             self.make_resident(needed)
@@ -152,8 +149,8 @@ class Committee(nn.Module):
         runtime = self.runtime
         if runtime.trace is not None:
             runtime.trace.note(self.layer, index, weights)
-        threshold = runtime.skip_threshold if runtime.policy == "skip" else 0.0
-        return self.cache.observe(index, weights, hidden.detach().float().norm(dim=-1, keepdim=True), threshold)
+        return self.cache.observe(index, weights, hidden.detach().float().norm(dim=-1, keepdim=True),
+                                  runtime.policy.routing_threshold)
 
     def compute(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The experts' output for a routing whose experts are resident; ids < 0 contribute nothing."""
@@ -198,7 +195,13 @@ class Committee(nn.Module):
             flat[live] = self.inner(pair_hidden[live], slot.reshape(-1, 1)[live], weights.reshape(-1, 1)[live])
         return flat.view(rows, width, -1)
 
-    def _run_with_host(
+    def run_substituted(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                        resident: torch.Tensor) -> torch.Tensor:
+        """``substitute`` policy: each miss computed by a resident expert instead."""
+        self.routing.substituted += ((index >= 0) & ~resident).sum()
+        return self.compute(hidden, self._substitute(index, resident), weights)
+
+    def run_with_host(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, resident: torch.Tensor
     ) -> torch.Tensor:
         """``cpu`` policy: resident experts on the device, misses on the CPU from their host copy."""
@@ -218,7 +221,7 @@ class Committee(nn.Module):
             self.runtime.counters.cpu_computed += int(rows.numel())
         return out + extra.to(out.device, non_blocking=True)
 
-    def _run_low_precision(
+    def run_low_precision(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, resident: torch.Tensor
     ) -> torch.Tensor:
         """``lowbit`` policy (HOBBIT's idea): misses computed from their nf4 copy, nothing loaded or evicted."""

@@ -1,13 +1,129 @@
-"""Miss policies as pure tensor functions: routing in, routing out, no module state, no host sync.
+"""Miss policies: what a routed expert that is not resident costs, chosen once by name.
 
-The committee decides when each applies (see ``Committee._forward``); these say what it does to
-the router's choice, so they are tested with small tensors alone.
+A ``MissPolicy`` object is picked (and its rules checked) when the engine loads or the user switches;
+the committee asks it what to do with a decode step's misses, instead of comparing names on every
+forward. The tensor functions below are what substitute and skip do to the router's choice: routing
+in, routing out, no module state, no host sync, tested with small tensors alone.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar, Protocol
+
 import torch
 from torch import nn
+
+from expertswap.protocol.errors import PolicyError
+from expertswap.protocol.options import POLICIES
+
+
+class MissHandler(Protocol):
+    """The committee's ways of computing a step whose misses may not be loaded."""
+
+    def run_substituted(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                        resident: torch.Tensor) -> torch.Tensor: ...
+    def run_with_host(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                      resident: torch.Tensor) -> torch.Tensor: ...
+    def run_low_precision(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                          resident: torch.Tensor) -> torch.Tensor: ...
+
+
+class MissPolicy:
+    """``exact``: every routed expert is computed as the model has it; a miss loads it, also while decoding."""
+
+    name: ClassVar[str] = "exact"
+    loads_on_miss: ClassVar[bool] = True  # False: decoding never loads (the prompt still does, exactly)
+    needs_cuda: ClassVar[bool] = False
+    needs_rows: ClassVar[bool] = False  # needs every layer on the per-expert row path
+
+    def __init__(self, skip_threshold: float = 0.0) -> None:
+        self.skip_threshold = skip_threshold
+
+    @property
+    def routing_threshold(self) -> float:
+        """Routings below this weight are dropped before anything loads (only ``skip`` drops any)."""
+        return 0.0
+
+    def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                      resident: torch.Tensor) -> torch.Tensor | None:
+        """The output of a step whose misses may not load, or None: load them (the policies that load)."""
+        return None
+
+    @classmethod
+    def allowed(cls, device_type: str, rows: bool) -> bool:
+        return (device_type == "cuda" or not cls.needs_cuda) and (rows or not cls.needs_rows)
+
+
+class Skip(MissPolicy):
+    """``skip`` (PC-MoE's skippable computation): routings under the threshold are dropped, the rest load."""
+
+    name = "skip"
+
+    @property
+    def routing_threshold(self) -> float:
+        return self.skip_threshold
+
+
+class Substitute(MissPolicy):
+    """``substitute`` (SwapMoE's virtual experts): a decode miss goes to the best resident expert instead."""
+
+    name = "substitute"
+    loads_on_miss = False
+
+    def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                      resident: torch.Tensor) -> torch.Tensor | None:
+        return layer.run_substituted(hidden, index, weights, resident)
+
+
+class HostCompute(MissPolicy):
+    """``cpu``: a decode miss is computed on the CPU from its host copy while the GPU computes the rest."""
+
+    name = "cpu"
+    loads_on_miss = False
+    needs_cuda = True
+
+    def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                      resident: torch.Tensor) -> torch.Tensor | None:
+        return layer.run_with_host(hidden, index, weights, resident)
+
+
+class LowBit(MissPolicy):
+    """``lowbit`` (HOBBIT's idea): a decode miss is computed from its nf4 copy; nothing loads or is evicted."""
+
+    name = "lowbit"
+    loads_on_miss = False
+    needs_rows = True
+
+    def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                      resident: torch.Tensor) -> torch.Tensor | None:
+        return layer.run_low_precision(hidden, index, weights, resident)
+
+
+_KINDS: tuple[type[MissPolicy], ...] = (MissPolicy, Substitute, Skip, HostCompute, LowBit)
+_BY_NAME = {kind.name: kind for kind in _KINDS}
+assert tuple(_BY_NAME) == POLICIES  # the names front ends list, in their order
+
+
+def choose_policy(name: str, device_type: str, skip_threshold: float = 0.0, rows: bool = True) -> MissPolicy:
+    """The policy called ``name``, checked against the device and the experts' layout: the one place its rules live.
+
+    ``rows``: every layer's experts run on the per-expert row path (what ``lowbit`` computes misses with).
+    """
+    kind = _BY_NAME.get(name)
+    if kind is None:
+        raise PolicyError(f"unknown policy {name!r}: use one of {', '.join(POLICIES)}")
+    if kind.needs_cuda and device_type != "cuda":
+        raise PolicyError(f"policy {name} computes misses on the CPU while the GPU works: it needs --device cuda")
+    if kind.needs_rows and not rows:
+        raise PolicyError(f"policy {name} is not supported for this model's experts yet")
+    if not 0.0 <= skip_threshold < 1.0:
+        raise PolicyError(f"skip threshold must be in [0, 1), got {skip_threshold}")
+    return kind(skip_threshold)
+
+
+def available_policies(device_type: str, rows: bool) -> tuple[str, ...]:
+    """The names ``choose_policy`` takes on this device and layout, in the order users see them."""
+    return tuple(name for name in POLICIES if _BY_NAME[name].allowed(device_type, rows))
 
 
 def skip_routings(index: torch.Tensor, weights: torch.Tensor, threshold: float

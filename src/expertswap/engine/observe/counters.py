@@ -49,6 +49,12 @@ class Totals:
     skipped: int
     substituted: int
 
+    @property
+    def hit_rate(self) -> float:
+        """Routed lookups whose expert was resident (1.0 before any)."""
+        looked_up = self.hits + self.misses
+        return self.hits / looked_up if looked_up else 1.0
+
 
 def totals(counters: Counters, routing: list[RoutingCounts]) -> Totals:
     summed = torch.stack([r.tensor for r in routing]).sum(dim=0).tolist() if routing else [0] * 4

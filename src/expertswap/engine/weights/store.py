@@ -15,6 +15,7 @@ from expertswap.engine.weights.checkpoint import Checkpoint
 from expertswap.engine.weights.families import Family, Layout
 from expertswap.engine.weights.quantize import LOW_PRECISION, NATIVE_FORMATS, dequantize, quantize, quantized_nbytes
 from expertswap.protocol.errors import ModelFormatError
+from expertswap.protocol.plan import LayerShape
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class LayerExperts:
     def expert_bytes(self) -> int:
         """One expert's bytes as a committee slot holds it (packed, when it is)."""
         return sum(quantized_nbytes(p.shape, p.dtype, self.quantize, self.block) for p in self.params)
+
+    @property
+    def shape(self) -> LayerShape:
+        """What the planner knows of this layer."""
+        return LayerShape(self.num_experts, self.top_k, self.expert_bytes)
 
     def plain(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A slot's tensors as the model computes with them: dequantised to its dtype when packed."""

@@ -1,0 +1,46 @@
+"""What a reply's progress tells the rest of the engine: per-token telemetry, the peak, the swapper's wake-up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from expertswap.engine.budget.watcher import MemoryWatcher
+from expertswap.engine.decode.decoder import ReplyStats
+from expertswap.engine.moe.committee import Committee
+from expertswap.engine.moe.residency import residency, resident_bytes
+from expertswap.engine.moe.runtime import Runtime
+from expertswap.engine.observe.counters import Totals, totals
+from expertswap.protocol.events import TokenStats
+
+
+class Reporter:
+    """The decoder's listener: it owns the peak of resident bytes and emits each token's stats and residency."""
+
+    def __init__(self, committees: Sequence[Committee], runtime: Runtime, watcher: MemoryWatcher) -> None:
+        self.committees = committees
+        self.runtime = runtime
+        self.watcher = watcher
+        self.peak_resident_bytes = resident_bytes(committees)
+
+    def counts(self) -> Totals:
+        """Every count so far, in one device read."""
+        return totals(self.runtime.counters, [c.routing for c in self.committees])
+
+    def token_done(self, pace: ReplyStats) -> None:
+        self.peak_resident_bytes = max(self.peak_resident_bytes, resident_bytes(self.committees))
+        self.runtime.swaps_due.set()
+        telemetry = self.runtime.telemetry
+        if not telemetry.active:  # nobody listens: skip the device sync and the snapshot
+            return
+        counts = self.counts()
+        telemetry.emit(TokenStats(tokens=pace.tokens, tokens_per_s=pace.tokens_per_s, hit_rate=counts.hit_rate,
+                                  expert_loads=counts.loads, skipped=counts.skipped, substituted=counts.substituted,
+                                  cpu_computed=counts.cpu_computed))
+        with self.runtime.lock:
+            telemetry.emit(residency(self.committees))
+
+    def reply_edge(self) -> None:
+        self.watcher.publish()
+
+    def chunk_scored(self) -> None:
+        self.runtime.swaps_due.set()
