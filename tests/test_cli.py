@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -20,6 +21,27 @@ JSON_KEYS = {"text", "token_ids", "finish_reason", "budget_bytes", "total_expert
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "expertswap.cli", *args],
                           capture_output=True, text=True, timeout=300, input=stdin)
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_both_command_lines_take_the_same_load_options_and_default_to_the_engines_device(
+        gpu: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """expertswap-cli once loaded on the CPU where expertswap serve took the GPU."""
+    from expertswap.cli import build_parser
+    from expertswap.cli.options import add_load_options
+    from expertswap.cli.serve import parser as serve_parser
+    from expertswap.engine import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    shared = argparse.ArgumentParser()
+    add_load_options(shared)
+    defaults = vars(shared.parse_args([]))
+    assert defaults["device"] == default_device() == ("cuda" if gpu else "cpu")
+    generate = vars(build_parser().parse_args(["generate", "--prompt", "x", "--max-new-tokens", "1"]))
+    chat = vars(build_parser().parse_args(["chat"]))
+    serve = vars(serve_parser().parse_args([]))
+    for parsed in (generate, chat, serve):
+        assert {k: parsed[k] for k in defaults} == defaults
 
 
 def test_generate_json_matches_transformers(tiny_model, reference) -> None:

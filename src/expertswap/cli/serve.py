@@ -1,5 +1,5 @@
-"""``expertswap serve --model DIR|default --budget 50% [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-[--max-body-bytes N]``."""
+"""``expertswap serve [load options] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-body-bytes N]``: the
+engine behind an OpenAI-compatible API, loaded from the same options as ``expertswap-cli``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from expertswap.engine import Engine, default_device
-from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
-from expertswap.protocol import POLICIES, QUANTIZATIONS, ExpertSwapError
+from expertswap.cli.options import add_load_options, load_engine
+from expertswap.models import DEFAULT_MODEL
+from expertswap.protocol import ExpertSwapError
 from expertswap.server import MAX_BODY_BYTES, create_app, loopback
 
 
@@ -22,13 +22,9 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The load options ``expertswap-cli`` takes, and where and for whom to listen."""
     p = argparse.ArgumentParser(prog="expertswap serve", description="An OpenAI-compatible API for one model.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help='model folder, or "default" (the built-in model)')
-    p.add_argument("--budget", help='expert memory: "50%", "300MiB"; default: the model\'s own '
-                   f"({DEFAULT_BUDGET_RULE})".replace("%", "%%"))
-    p.add_argument("--policy", choices=POLICIES, default=POLICIES[0])
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    add_load_options(p)
     p.add_argument("--host", default="127.0.0.1", help="another address than loopback needs --api-key")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="required from clients as: Authorization: Bearer KEY; without "
@@ -46,9 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     try:
-        folder = resolve_model(args.model)
-        engine = Engine.load(folder, budget=args.budget or default_budget(args.model),
-                             device=args.device or default_device(), policy=args.policy, quantize=args.quantize)
+        engine = load_engine(args)
     except ExpertSwapError as exc:
         print(f"expertswap serve: error: {exc}", file=sys.stderr)
         return 2
