@@ -5,14 +5,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
-import itertools
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from expertswap.engine.decode import chat_template
@@ -25,7 +23,7 @@ from expertswap.engine.loader import Parts, build
 from expertswap.engine.moe.policies import available_policies, choose_policy
 from expertswap.engine.moe.residency import residency, resident_bytes
 from expertswap.engine.observe.memory import peak_rss_bytes
-from expertswap.engine.observe.trace import TraceHeader, TraceRecorder
+from expertswap.engine.observe.trace import TraceHeader, TraceRecorder, hook_router_guesses
 from expertswap.engine.weights.packed import PackedLinear
 from expertswap.protocol.errors import (
     BudgetError,
@@ -266,9 +264,7 @@ class Engine:
             except EngineBusyError:
                 recorder.close()
                 raise
-        hooks = [here.register_forward_hook(_guess_next(recorder, following, c[i + 1].layer, c[i + 1].top_k))
-                 for i, (here, following) in enumerate(itertools.pairwise(self.routers))
-                 if here is not None and following is not None]
+        hooks = hook_router_guesses(recorder, self.routers, header.layers, header.top_k)
         try:
             yield recorder
         finally:
@@ -386,18 +382,6 @@ def _close_live_engines() -> None:
     """Background threads must not be inside torch when the interpreter tears down."""
     for engine in list(_LIVE):
         engine.close()
-
-
-def _guess_next(recorder: TraceRecorder, following: nn.Module, layer: int,
-                k: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...], object], None]:
-    """A router hook: the next MoE layer's router on this layer's input, the prefetch predictor's guess."""
-    def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: object) -> None:
-        out = following.forward(inputs[0])  # forward, not __call__: the next router's own hooks stay quiet
-        logits = out[0] if isinstance(out, tuple) else out
-        if logits.is_floating_point():  # a router that returns ids first gives no guess
-            recorder.note_guess(layer, logits.topk(k, dim=-1).indices.reshape(-1, k))
-
-    return hook
 
 
 def _check_text(text: str) -> None:

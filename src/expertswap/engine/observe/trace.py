@@ -11,13 +11,16 @@ hidden state: the prefetch predictor's guess.
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from expertswap.protocol.errors import ExpertSwapError
 
@@ -177,3 +180,23 @@ def steps(tokens: list[TraceToken]) -> Iterator[list[TraceToken]]:
         group.append(token)
     if group:
         yield group
+
+
+def hook_router_guesses(recorder: TraceRecorder, routers: Sequence[nn.Module | None], layers: Sequence[int],
+                        top_k: int) -> list[RemovableHandle]:
+    """Hooks on each MoE layer's router that run the next layer's router on this layer's input: the prefetch
+    predictor's guess, noted in the trace beside what the next layer then chose. Remove them when done."""
+    return [here.register_forward_hook(_guess_next(recorder, following, layer, top_k))
+            for (here, following), layer in zip(itertools.pairwise(routers), layers[1:], strict=True)
+            if here is not None and following is not None]
+
+
+def _guess_next(recorder: TraceRecorder, following: nn.Module, layer: int,
+                k: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...], object], None]:
+    def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: object) -> None:
+        out = following.forward(inputs[0])  # forward, not __call__: the next router's own hooks stay quiet
+        logits = out[0] if isinstance(out, tuple) else out
+        if logits.is_floating_point():  # a router that returns ids first gives no guess
+            recorder.note_guess(layer, logits.topk(k, dim=-1).indices.reshape(-1, k))
+
+    return hook
