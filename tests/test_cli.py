@@ -14,8 +14,8 @@ import torch
 
 from expertswap.protocol import DEFAULT_BUDGET, parse_budget
 
-JSON_KEYS = {"text", "token_ids", "finish_reason", "budget_bytes", "total_expert_bytes", "resident_expert_bytes",
-             "expert_loads", "hits", "misses", "peak_rss_bytes", "tokens_per_s"}
+JSON_KEYS = {"text", "token_ids", "finish_reason", "budget_bytes", "total_expert_bytes",
+             "peak_resident_expert_bytes", "expert_loads", "hits", "misses", "peak_rss_bytes", "tokens_per_s"}
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -57,7 +57,7 @@ def test_generate_json_matches_transformers(tiny_model, reference) -> None:
     ids = AutoTokenizer.from_pretrained(folder)("Lists are mutable")["input_ids"]
     expected = ref.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
     assert out["token_ids"] == expected
-    assert out["resident_expert_bytes"] <= out["budget_bytes"] == out["total_expert_bytes"] // 2
+    assert 0 < out["peak_resident_expert_bytes"] <= out["budget_bytes"] == out["total_expert_bytes"] // 2
     assert out["hits"] + out["misses"] > 0 and out["expert_loads"] > 0
     assert out["peak_rss_bytes"] > 0 and out["tokens_per_s"] > 0
 

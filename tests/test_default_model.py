@@ -194,7 +194,7 @@ def test_cli_selects_the_default_model(default_folder: Path, capsys: pytest.Capt
                      "--budget", "25%", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and len(out["token_ids"]) >= 1
-    assert out["resident_expert_bytes"] <= out["budget_bytes"] == out["total_expert_bytes"] // 4
+    assert out["peak_resident_expert_bytes"] <= out["budget_bytes"] == out["total_expert_bytes"] // 4
 
 
 @has_gguf

@@ -54,6 +54,6 @@ def test_the_installed_cli_and_app_run_from_a_fresh_venv_outside_the_checkout(tm
     assert Path(where.strip()).is_relative_to(venv), where
     out = json.loads(_run(bin_dir / "expertswap-cli", "generate", "--model", "default", "--prompt", "Hello",
                           "--max-new-tokens", "4", "--json", cwd=tmp_path, env=env))
-    assert len(out["token_ids"]) >= 1 and out["resident_expert_bytes"] <= out["budget_bytes"]
+    assert len(out["token_ids"]) >= 1 and out["peak_resident_expert_bytes"] <= out["budget_bytes"]
     version = _run(bin_dir / "expertswap", "--version", cwd=tmp_path, env=env)
     assert version.split() == ["expertswap", importlib.metadata.version("expertswap")]

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             "finish_reason": finish,
             "budget_bytes": stats.budget_bytes,
             "total_expert_bytes": stats.total_expert_bytes,
-            "resident_expert_bytes": stats.peak_resident_expert_bytes,
+            "peak_resident_expert_bytes": stats.peak_resident_expert_bytes,
             "expert_loads": stats.expert_loads,
             "hits": stats.hits,
             "misses": stats.misses,
