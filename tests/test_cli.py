@@ -121,6 +121,8 @@ def test_budget_schedule_and_events(tiny_model, reference, tmp_path: Path) -> No
     assert applied == [int(total * 0.3), int(total * 0.8)]
     assert sum(e["type"] == "token" for e in lines) == len(out["token_ids"])
     assert {"swap", "residency", "token", "budget"} <= {e["type"] for e in lines}
+    assert lines[0]["type"] == "residency" != lines[1]["type"], "the starting committees, written once, first"
+    assert sum(e["type"] == "residency" for e in lines) == 1 + len(out["token_ids"]) + len(applied)
 
 
 def test_skip_policy_flags(tiny_model) -> None:
