@@ -29,7 +29,7 @@ def _run_reply(loop, window: MainWindow, text: str, stop_after: int | None = Non
     timer.start()
     window.prompt.setPlainText(text)
     window.send()
-    loop.run_until_complete(window._reply_task)
+    loop.run_until_complete(window.chat_controller.reply_task)
     timer.stop()
     return chunks, finished, ticks[0]
 
@@ -40,7 +40,7 @@ def test_reply_streams_into_the_view_and_gui_stays_responsive(window: MainWindow
     assert len(chunks) == 24 and finished == ["done"]
     assert ticks >= 1  # the GUI thread ran a timer between the reply's first token and its end
     reply = "".join(chunks)
-    assert window.messages[-1] == {"role": "assistant", "content": reply}
+    assert window.chat_controller.messages[-1] == {"role": "assistant", "content": reply}
     assert reply.strip()[:10] in window.chat.toPlainText()
     assert window.send_button.isEnabled() and not window.stop_button.isEnabled()
 
@@ -49,6 +49,13 @@ def test_stop_ends_the_reply(window: MainWindow, loop) -> None:
     window.reply_settings.max_tokens.setValue(200)
     chunks, finished, _ = _run_reply(loop, window, "Tell me everything", stop_after=3)
     assert finished == ["stopped"] and 3 <= len(chunks) < 200
+
+
+def test_the_expert_map_and_the_log_filter_fill_as_the_model_loads(window: MainWindow) -> None:
+    """The engine hands its new subscriber the committees first: shown before load_model returns."""
+    resident = {layer: set(experts) for layer, experts in window.session.engine.residency().resident.items()}
+    assert window.map.resident == resident and window.map.layers == sorted(resident)
+    assert [window.log.filter.itemData(i) for i in range(window.log.filter.count())] == [None, *sorted(resident)]
 
 
 def test_slider_resizes_the_committee_and_telemetry_reaches_map_and_log(window: MainWindow, loop, qtbot) -> None:
@@ -140,7 +147,7 @@ def test_conversations_and_window_state_survive_a_restart(qtbot, loop, tiny_mode
     first.reply_settings.max_tokens.setValue(8)
     _run_reply(loop, first, "First question")
     _run_reply(loop, first, "Second question")
-    saved = list(first.messages)
+    saved = list(first.chat_controller.messages)
     first.resize(700, 500)  # inside the offscreen screen, which restoreGeometry clamps to
     first.close()
 
@@ -148,15 +155,15 @@ def test_conversations_and_window_state_survive_a_restart(qtbot, loop, tiny_mode
     assert (second.size().width(), second.size().height()) == (700, 500)
     assert second.state.value("model") == str(tiny_model("qwen3_moe")) and second.state.value("budget") == "100.00%"
     assert second.history.list.count() == 1
-    second.open_conversation(second.history.list.item(0).data(0x0100))
-    assert second.messages == saved and [m["role"] for m in saved] == ["user", "assistant"] * 2
+    second.chat_controller.open(second.history.list.item(0).data(0x0100))
+    assert second.chat_controller.messages == saved and [m["role"] for m in saved] == ["user", "assistant"] * 2
     assert "Second question" in second.chat.toPlainText()
     second.history.search.setText("nothing like this")
     assert second.history.list.count() == 0
     second.history.search.setText("Second")
     assert second.history.list.count() == 1
     exported = tmp_path / "chat.md"
-    second.export_conversation(second.conversation, exported)
+    second.export_conversation(second.chat_controller.conversation, exported)
     text = exported.read_text()
     assert text.startswith("# First question") and "*System:* Be brief." in text
     assert saved[-1]["content"].strip() in text
@@ -170,15 +177,16 @@ def test_regenerate_edit_and_copy(window: MainWindow, loop, tmp_path: Path) -> N
     _run_reply(loop, window, "One")
     _run_reply(loop, window, "Two")
     window.regenerate()
-    loop.run_until_complete(window._reply_task)
-    assert [m["role"] for m in window.messages] == ["user", "assistant"] * 2
-    assert window.store.messages(window.conversation) == window.messages
+    loop.run_until_complete(window.chat_controller.reply_task)
+    assert [m["role"] for m in window.chat_controller.messages] == ["user", "assistant"] * 2
+    assert window.store.messages(window.chat_controller.conversation) == window.chat_controller.messages
     assert window.chat.toPlainText().count("Assistant") == 2
     window.copy_last_reply()
-    assert QApplication.clipboard().text() == window.messages[-1]["content"]
+    assert QApplication.clipboard().text() == window.chat_controller.messages[-1]["content"]
     window.edit_last()
     assert window.prompt.toPlainText() == "Two"
-    assert window.messages == window.store.messages(window.conversation) and len(window.messages) == 2
+    chat = window.chat_controller
+    assert chat.messages == window.store.messages(chat.conversation) and len(chat.messages) == 2
 
 
 def test_a_long_chat_sends_its_newest_turns_and_keeps_them_all(window: MainWindow, loop, monkeypatch,
@@ -192,7 +200,7 @@ def test_a_long_chat_sends_its_newest_turns_and_keeps_them_all(window: MainWindo
     for message in said[1:]:
         window.store.add(conversation, message["role"], message["content"])
     window.history.refresh()
-    window.open_conversation(conversation)
+    window.chat_controller.open(conversation)
     sent = []
     stream = engine.stream_chat
 

@@ -54,7 +54,9 @@ def test_a_remote_expertswap_chats_and_its_panels_follow_it(remote_window: MainW
     assert win.budget.isEnabled() and win.budget.total == engine.total_expert_bytes
     assert f"committee of {engine.committee_size(engine.budget_bytes)} of 16 experts" in win.budget.label.text()
     assert not win.budget.follow.isEnabled() and not win.serve_action.isEnabled()
-    assert win.map.resident == {k: set(v) for k, v in engine.residency().resident.items()}
+    resident = {k: set(v) for k, v in engine.residency().resident.items()}
+    loop.run_until_complete(_until(lambda: win.map.resident == resident))  # the first poll brings the residency
+    assert [win.log.filter.itemData(i) for i in range(win.log.filter.count())] == [None, *sorted(resident)]
 
     win.reply_settings.max_tokens.setValue(8)
     chunks, finished, _ = _run_reply(loop, win, "Hello over there")

@@ -51,7 +51,8 @@ def _tokens(window: MainWindow, chunks: list[str]) -> int:
 
 
 async def _settle(window: MainWindow) -> None:
-    while window._replying() or (window._reply_task is not None and not window._reply_task.done()):
+    chat = window.chat_controller
+    while chat.replying or (chat.reply_task is not None and not chat.reply_task.done()):
         await asyncio.sleep(0.01)
 
 
@@ -75,11 +76,11 @@ def _reply(loop, window: MainWindow, text: str, tokens: int, at: int | None = No
 
 
 def _assert_stored_equals_shown(window: MainWindow) -> None:
-    if window.conversation is None:
-        assert window.messages == []
+    if window.chat_controller.conversation is None:
+        assert window.chat_controller.messages == []
     else:
-        assert window.store.messages(window.conversation) == window.messages
-    assert window.chat.texts() == [m["content"] for m in window.messages]
+        assert window.store.messages(window.chat_controller.conversation) == window.chat_controller.messages
+    assert window.chat.texts() == [m["content"] for m in window.chat_controller.messages]
     for chat in window.store.search():
         roles = [m["role"] for m in window.store.messages(chat.id)]
         assert roles[:1] == ["user"] and ("assistant", "assistant") not in itertools.pairwise(roles), roles
@@ -99,24 +100,24 @@ def _spy_contexts(window: MainWindow, monkeypatch: pytest.MonkeyPatch) -> list[l
 
 def test_new_chat_mid_reply_keeps_the_partial_reply_where_it_belongs(window, loop, monkeypatch) -> None:
     contexts = _spy_contexts(window, monkeypatch)
-    chunks = _reply(loop, window, "first question", 80, at=5, action=window.new_chat)
+    chunks = _reply(loop, window, "first question", 80, at=5, action=window.chat_controller.new_chat)
     first = window.store.search()[0].id
     assert 5 <= len(chunks) < 80  # it stopped
     assert window.store.messages(first) == [{"role": "user", "content": "first question"},
                                             {"role": "assistant", "content": "".join(chunks)}]
-    assert window.conversation is None and window.chat.texts() == []
+    assert window.chat_controller.conversation is None and window.chat.texts() == []
     _assert_stored_equals_shown(window)
     _reply(loop, window, "second question", 6)
     assert contexts[-1] == [{"role": "user", "content": "second question"}]  # nothing leaked into the new chat
     window.regenerate()
     loop.run_until_complete(_settle(window))
-    assert [m["role"] for m in window.store.messages(window.conversation)] == ["user", "assistant"]
+    assert [m["role"] for m in window.store.messages(window.chat_controller.conversation)] == ["user", "assistant"]
     _assert_stored_equals_shown(window)
 
 
 def test_send_right_after_new_chat_waits_for_the_stopping_reply(window, loop) -> None:
     def new_chat_and_send() -> None:
-        window.new_chat()
+        window.chat_controller.new_chat()
         window.prompt.setPlainText("next one")
         window.send()
 
@@ -128,23 +129,24 @@ def test_send_right_after_new_chat_waits_for_the_stopping_reply(window, loop) ->
 
 
 def test_deleting_the_conversation_mid_reply_leaves_nothing_behind(window, loop) -> None:
-    _reply(loop, window, "doomed", 80, at=5, action=lambda: window._delete_conversation(window.conversation))
+    chat = window.chat_controller
+    _reply(loop, window, "doomed", 80, at=5, action=lambda: chat.delete(chat.conversation))
     assert window.store.search() == [] and window.history.list.count() == 0
     assert window.store.db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
-    assert window.conversation is None and window.chat.texts() == []
+    assert window.chat_controller.conversation is None and window.chat.texts() == []
     _assert_stored_equals_shown(window)
 
 
 def test_switching_conversation_mid_reply(window, loop) -> None:
     _reply(loop, window, "one", 4)
-    one = window.conversation
-    window.new_chat()
-    chunks = _reply(loop, window, "two", 80, at=5, action=lambda: window.open_conversation(one))
-    assert window.conversation == one
+    one = window.chat_controller.conversation
+    window.chat_controller.new_chat()
+    chunks = _reply(loop, window, "two", 80, at=5, action=lambda: window.chat_controller.open(one))
+    assert window.chat_controller.conversation == one
     _assert_stored_equals_shown(window)
     two = next(c.id for c in window.store.search() if c.id != one)
-    window.open_conversation(two)
-    assert window.messages[-1] == {"role": "assistant", "content": "".join(chunks)}
+    window.chat_controller.open(two)
+    assert window.chat_controller.messages[-1] == {"role": "assistant", "content": "".join(chunks)}
     assert "Assistant" in window.chat.toPlainText()
     _assert_stored_equals_shown(window)
 
@@ -156,13 +158,13 @@ def test_regenerate_and_edit_mid_reply_are_refused(window, loop) -> None:
 
     chunks = _reply(loop, window, "steady", 30, at=5, action=meddle)
     assert _tokens(window, chunks) == 30 and window.prompt.toPlainText() == ""
-    assert [m["role"] for m in window.messages] == ["user", "assistant"]
+    assert [m["role"] for m in window.chat_controller.messages] == ["user", "assistant"]
     _assert_stored_equals_shown(window)
 
 
 def test_budget_moves_mid_reply_keep_the_reply(window, loop) -> None:
     chunks = _reply(loop, window, "budget", 30, at=5, action=lambda: window.budget.slider.setValue(0))
-    assert _tokens(window, chunks) == 30 and window.messages[-1]["content"] == "".join(chunks)
+    assert _tokens(window, chunks) == 30 and window.chat_controller.messages[-1]["content"] == "".join(chunks)
     _assert_stored_equals_shown(window)
 
 
@@ -188,12 +190,13 @@ def test_a_failing_reply_is_shown_and_no_empty_reply_is_stored(window, loop, mon
     monkeypatch.setattr(engine, "stream_chat", broken)
     _reply(loop, window, "will it work?", 8)
     assert window.notice.isVisibleTo(window) and "RuntimeError: the device fell over" in window.notice.text()
-    assert window.messages == [{"role": "user", "content": "will it work?"}]
+    assert window.chat_controller.messages == [{"role": "user", "content": "will it work?"}]
     _assert_stored_equals_shown(window)
     monkeypatch.undo()
     window.regenerate()  # answers the message left without a reply
     loop.run_until_complete(_settle(window))
-    assert [m["role"] for m in window.messages] == ["user", "assistant"] and not window.notice.isVisibleTo(window)
+    assert [m["role"] for m in window.chat_controller.messages] == ["user", "assistant"]
+    assert not window.notice.isVisibleTo(window)
     _assert_stored_equals_shown(window)
 
 
@@ -211,7 +214,7 @@ def test_a_model_without_a_chat_template_says_so(qtbot, loop, tiny_model, tmp_pa
     assert loop.run_until_complete(window.load_model(str(folder)))
     _reply(loop, window, "hello", 8)
     assert "ModelFormatError" in window.notice.text() and "chat template" in window.notice.text()
-    assert window.messages == [{"role": "user", "content": "hello"}]
+    assert window.chat_controller.messages == [{"role": "user", "content": "hello"}]
     _assert_stored_equals_shown(window)
     window.session.close()
 
@@ -227,7 +230,7 @@ def test_read_only_database_keeps_every_send_working(qtbot, loop, tiny_model, tm
         assert loop.run_until_complete(window.load_model(str(tiny_model("qwen3_moe")), budget="100%"))
         _reply(loop, window, "first", 4)
         _reply(loop, window, "second", 4)  # not ignored
-        assert [m["role"] for m in window.messages] == ["user", "assistant"] * 2
+        assert [m["role"] for m in window.chat_controller.messages] == ["user", "assistant"] * 2
         _assert_stored_equals_shown(window)
         window.close()
 
@@ -248,7 +251,7 @@ def test_out_of_memory_mid_reply_shrinks_the_budget_and_says_so(window, loop, qt
     before = engine.budget_bytes
     _fail_calls(engine, {5})
     chunks = _reply(loop, window, "keep going", 12)
-    assert len(chunks) == 12 and window.messages[-1]["content"] == "".join(chunks)
+    assert len(chunks) == 12 and window.chat_controller.messages[-1]["content"] == "".join(chunks)
     qtbot.waitUntil(lambda: "Out of memory" in window.notice.text(), timeout=3000)
     assert engine.budget_bytes < before
     assert abs(window.budget.requested_bytes() - engine.budget_bytes) <= engine.total_expert_bytes // 1000 + 1
@@ -278,11 +281,12 @@ async def drive():
     print("ready", flush=True)
     for n in range(10_000):
         if n % 3 == 0:
-            window.new_chat()
+            window.chat_controller.new_chat()
         window.prompt.setPlainText(f"question {n}")
         window.send()
-        await window._reply_task
-        print("done", n, window.conversation, len(window.messages[-1]["content"]), flush=True)
+        await window.chat_controller.reply_task
+        chat = window.chat_controller
+        print("done", n, chat.conversation, len(chat.messages[-1]["content"]), flush=True)
 
 loop.run_until_complete(drive())
 """

@@ -1,4 +1,8 @@
-"""The main window: conversations, chat and reply settings on the left; budget, expert map, swap log right."""
+"""The main window: conversations, chat and reply settings on the left; budget, expert map, swap log right.
+
+It lays the widgets out and wires them: the chat's state machine is ``ChatController`` and the engine is
+reached only through ``EngineSession``.
+"""
 
 from __future__ import annotations
 
@@ -25,25 +29,22 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.engine import Engine, dropped_notice
+from expertswap.app.budget_panel import BudgetPanel
+from expertswap.app.charts import Charts
+from expertswap.app.chat_controller import ChatController
+from expertswap.app.chat_view import ChatView
+from expertswap.app.connect_dialog import ConnectDialog
+from expertswap.app.conversations import ConversationStore
+from expertswap.app.expert_map import ExpertMap
+from expertswap.app.history_panel import HistoryPanel
+from expertswap.app.models_dialog import ModelsDialog
+from expertswap.app.ops import run_op, show_error
+from expertswap.app.reply_settings import ReplySettings
+from expertswap.app.session import EngineSession
+from expertswap.app.swap_log import SwapLog
 from expertswap.models import DEFAULT_MODEL, default_budget
-from expertswap.protocol import ExpertSwapError, format_bytes
+from expertswap.protocol import BudgetChange, ExpertSwapError, ResidencySnapshot, TokenStats, format_bytes
 
-from .budget_panel import BudgetPanel
-from .charts import Charts
-from .chat_view import ChatView
-from .connect_dialog import ConnectDialog
-from .conversations import ConversationStore
-from .expert_map import ExpertMap
-from .history_panel import HistoryPanel
-from .models_dialog import ModelsDialog
-from .ops import run_op, show_error
-from .reply_settings import ReplySettings
-from .reply_turn import ReplyTurn
-from .session import EngineSession
-from .swap_log import SwapLog
-
-TITLE_CHARS = 48
 T = TypeVar("T")
 
 
@@ -65,15 +66,9 @@ class MainWindow(QMainWindow):
         self.session = session or EngineSession(self)
         self.store = store or default_store()
         self.state = settings or QSettings("ExpertSwap", "ExpertSwap")
-        self.messages: list[dict[str, str]] = []
-        self.conversation: int | None = None
         self.model_name = ""
-        self._reply_task: asyncio.Task | None = None
-        self.turn: ReplyTurn | None = None
-        self._turn_in_view = False  # the view's last message is the streaming reply
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
-        self._waiting = False  # a sent message waits for a stopping reply (the engine runs one at a time)
         self._progress: QProgressDialog | None = None
         self.notice = QLabel()
         self.notice.setWordWrap(True)
@@ -103,11 +98,12 @@ class MainWindow(QMainWindow):
         self.map = ExpertMap()
         self.log = SwapLog()
         self.charts = Charts()
+        self.chat_controller = ChatController(self.store, self.session, self.chat, self, self.spawn)
         self._build_layout()
         self._connect()
         self._restore_state()
-        self.store.on_problem = lambda _problem: self._notify("")
-        self._notify(" ".join(self.store.notices))
+        self.store.on_problem = lambda _problem: self.notify("")
+        self.notify(" ".join(self.store.notices))
 
     def _build_layout(self) -> None:
         buttons = QHBoxLayout()
@@ -153,13 +149,14 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("No model loaded")
 
     def _connect(self) -> None:
+        chat = self.chat_controller
         self.send_button.clicked.connect(self.send)
-        self.stop_button.clicked.connect(self.session.stop)
+        self.stop_button.clicked.connect(chat.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
         self.edit_button.clicked.connect(self.edit_last)
         self.copy_button.clicked.connect(self.copy_last_reply)
         for keys, action in ((QKeySequence("Ctrl+Return"), self.send), (QKeySequence(Qt.Key.Key_Escape),
-                             self.session.stop), (QKeySequence(QKeySequence.StandardKey.New), self.new_chat)):
+                             chat.stop), (QKeySequence(QKeySequence.StandardKey.New), chat.new_chat)):
             QShortcut(keys, self).activated.connect(action)
         menu = self.menuBar().addMenu("&Model")
         menu.addAction("&Open model…", QKeySequence.StandardKey.Open, self.choose_model)
@@ -172,13 +169,14 @@ class MainWindow(QMainWindow):
         self.budget.budget_requested.connect(self.session.set_budget)
         self.budget.policy_changed.connect(self._set_policy)
         self.budget.follow.toggled.connect(self.session.follow_free_memory)
-        self.history.opened.connect(self.open_conversation)
-        self.history.new_requested.connect(self.new_chat)
+        self.history.opened.connect(chat.open)
+        self.history.new_requested.connect(chat.new_chat)
         self.history.export_requested.connect(self._ask_export)
-        self.history.delete_requested.connect(self._delete_conversation)
+        self.history.delete_requested.connect(chat.delete)
         s = self.session
-        s.reply_chunk.connect(self._on_chunk)
-        s.residency.connect(self.map.show_residency)
+        s.reply_chunk.connect(chat.add_chunk)
+        s.trimmed.connect(chat.trimmed)
+        s.residency.connect(self._show_residency)
         s.swap.connect(self.map.flash_swap)
         s.swap.connect(self.log.add)
         s.token_stats.connect(self._show_stats)
@@ -187,8 +185,7 @@ class MainWindow(QMainWindow):
         s.budget.connect(self._budget_changed)
         s.load_failed.connect(self._load_failed)
         s.build_progress.connect(self._build_progress)
-        s.problem.connect(self._notify)
-        s.trimmed.connect(self._trimmed)
+        s.problem.connect(self.notify)
 
     # ---- window state ------------------------------------------------------------------------
     def _restore_state(self) -> None:
@@ -200,8 +197,8 @@ class MainWindow(QMainWindow):
     def _save_state(self) -> None:
         self.state.setValue("geometry", self.saveGeometry())
         self.state.setValue("splitter", self.splitter.saveState())
-        if isinstance(self.session.engine, Engine):  # a remote model is not reopened at the next start
-            stats = self.session.engine.stats()
+        if self.session.is_local:  # a remote model is not reopened at the next start
+            stats = self.session.stats()
             self.state.setValue("model", self.model_name)
             self.state.setValue("budget", f"{100 * stats.budget_bytes / stats.total_expert_bytes:.2f}%")
         self.state.sync()
@@ -226,28 +223,32 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Connecting to {url}…")
         if not await self.session.connect_server(url, api_key):
             return False
-        remote = self.session.remote
-        assert remote is not None
-        self.model_name = f"{remote.model} (remote)"
+        self.model_name = f"{self.session.remote_model} (remote)"
         self._engine_changed()
         return True
 
     def _engine_changed(self) -> None:
-        """Set the panels up for the engine just adopted, local or remote."""
-        engine = self.session.engine
-        assert engine is not None
+        """Set the panels up for the engine just adopted, local or remote; the map fills from its first residency,
+        which a local engine has already queued (shown here at once) and a server sends with its first poll."""
+        s = self.session
         self._stop_serving()
-        self.serve_action.setEnabled(self.session.remote is None)
-        self.budget.follow.setEnabled(self.session.remote is None)
-        if reason := self.session.panels_unavailable:
+        self.serve_action.setEnabled(s.is_local)
+        self.budget.follow.setEnabled(s.is_local)
+        self.log.set_layers([])  # the old engine's swaps go; the layers come with the first residency
+        if reason := s.panels_unavailable:
             self.budget.unavailable(reason)
             self.map.unavailable(reason)
-            self.log.set_layers([])
         else:
-            self.budget.configure(engine.minimum_budget_bytes, engine.total_expert_bytes, engine.budget_bytes,
-                                  engine.total_experts, engine.committee_size, engine.policies)
-            self.log.set_layers(self.map.layers)  # the snapshot the session showed on adopting it (no second read)
+            stats = s.stats()
+            self.budget.configure(stats.minimum_budget_bytes, stats.total_expert_bytes, stats.budget_bytes,
+                                  s.total_experts, s.committee_size, s.policies)
         self._status()
+        s.drain()
+
+    def _show_residency(self, snapshot: ResidencySnapshot) -> None:
+        self.map.show_residency(snapshot)
+        if self.log.layers != self.map.layers:  # a new engine's first snapshot
+            self.log.set_layers(self.map.layers)
 
     def choose_server(self) -> None:
         """Model > Connect to server…: a base URL and an optional API key."""
@@ -270,13 +271,13 @@ class MainWindow(QMainWindow):
             return
         self.serve_action.setChecked(True)
         self._status()
-        self._notify(f"Serving {Path(self.model_name).name} at {url} (OpenAI API, this machine only). Point any "
+        self.notify(f"Serving {Path(self.model_name).name} at {url} (OpenAI API, this machine only). Point any "
                      "OpenAI client there; replies take turns with this window's.")
 
     def _stop_serving(self) -> None:
         if self.session.server is not None:
             self.session.stop_serving()
-            self._notify("")
+            self.notify("")
         self.serve_action.setChecked(False)
         self._status()
 
@@ -300,142 +301,48 @@ class MainWindow(QMainWindow):
         self._progress.setValue(int(100 * (0.9 * share if stage == "reading GGUF" else 0.9 + 0.1 * share)))
 
     def _load_failed(self, message: str) -> None:
-        if self.session.engine is None:
+        if not self.session.ready:
             self.statusBar().showMessage("Model not loaded")
         else:
             self._status()  # the engine before stays, and says so
         QMessageBox.warning(self, "Could not load the model", message)
 
-    # ---- chat ----------------------------------------------------------------------------------
+    # ---- chat: the controller decides, the window gives it the input box, settings and clipboard ---------
     def send(self) -> None:
-        text = self.prompt.toPlainText().strip()
-        if not text:
-            return
-        if self.session.engine is None:
-            self.statusBar().showMessage("Load a model first (Model menu)")
-            return
-        if self._replying_here():
-            return
-        self.prompt.clear()
-        self._reply_task = self.spawn(self._reply(text, self._reply_task))
+        if self.chat_controller.send(self.prompt.toPlainText(), self.reply_settings.system.text().strip(),
+                                     self.reply_settings.sampling()):
+            self.prompt.clear()
 
     def regenerate(self) -> None:
-        """Answer the last message again: drops the last reply, or answers a message left without one."""
-        if self._replying() or self.session.engine is None or not self.messages:
-            return
-        if self.messages[-1]["role"] == "assistant":
-            self._truncate(len(self.messages) - 1)
-        self._reply_task = self.spawn(self._answer())
+        self.chat_controller.regenerate(self.reply_settings.sampling())
 
     def edit_last(self) -> None:
         """Put the last message back in the input box and forget it and its reply."""
-        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
-        if self._replying() or not users:
-            return
-        self.prompt.setPlainText(self.messages[users[-1]]["content"])
-        self._truncate(users[-1])
+        if (text := self.chat_controller.edit_last()) is not None:
+            self.prompt.setPlainText(text)
 
     def copy_last_reply(self) -> None:
-        replies = [m["content"] for m in self.messages if m["role"] == "assistant"]
-        if replies:
-            QApplication.clipboard().setText(replies[-1])
+        if (text := self.chat_controller.last_reply()) is not None:
+            QApplication.clipboard().setText(text)
 
-    def _replying(self) -> bool:
-        """A reply streams or is stopping, or a message waits for one to stop."""
-        return self.turn is not None or self._waiting
+    # ---- the frame the controller shows its state in ---------------------------------------------------
+    def notify(self, text: str) -> None:
+        """The notice above the chat: the store's lasting problem, then the latest one-off news."""
+        shown = "\n".join(filter(None, [self.store.problem, text]))
+        self.notice.setText(shown)
+        self.notice.setVisible(bool(shown))
 
-    def _replying_here(self) -> bool:
-        """A reply to the conversation on screen is streaming (one for another chat may still be stopping)."""
-        return self._waiting or (self.turn is not None and self.turn.conversation == self.conversation)
+    def show_status(self, text: str) -> None:
+        self.statusBar().showMessage(text)
 
-    def _truncate(self, keep: int) -> None:
-        del self.messages[keep:]
-        if self.conversation is not None:
-            self.store.truncate(self.conversation, keep)
-        self._render()
-
-    def _render(self) -> None:
-        self._turn_in_view = False
-        self.chat.clear()
-        for message in self.messages:
-            self.chat.add_message(message["role"], message["content"])
-
-    async def _reply(self, text: str, previous: asyncio.Task | None) -> None:
-        if previous is not None and not previous.done():  # a reply to another chat is still stopping
-            self._waiting = True
-            self._update_buttons()
-            await asyncio.wait([previous])
-            self._waiting = False
-        if self._closing:
-            return
-        if self.conversation is None:
-            system = self.reply_settings.system.text().strip()
-            self.conversation = self.store.create(text[:TITLE_CHARS], system, first_message=text)
-        else:
-            self.store.add(self.conversation, "user", text)
-        self.messages.append({"role": "user", "content": text})
-        self.chat.add_message("user", text)
-        await self._answer()
-
-    async def _answer(self) -> None:
-        """Stream the assistant's answer; the turn stores it in its own conversation, even when stopped."""
-        assert self.conversation is not None
-        turn = self.turn = ReplyTurn(self.store, self.conversation)
-        system = self.store.get(turn.conversation).system
-        context = ([{"role": "system", "content": system}] if system else []) + list(self.messages)
-        self.chat.begin_reply()
-        self._turn_in_view = True
-        self._notify("")
-        self._update_buttons()
-        try:
-            outcome = await self.session.reply(context, self.reply_settings.sampling())
-        finally:
-            turn.finish()
-            self.turn = None
-        if self._closing:
-            return
-        if outcome not in ("done", "stopped"):
-            self._notify(f"The reply failed: {outcome}")
-        if self.conversation == turn.conversation:  # the window shows exactly what was stored
-            self.messages = self.store.messages(turn.conversation)
-            if self.chat.texts() != [m["content"] for m in self.messages] or not self._turn_in_view:
-                self._render()
-        self._turn_in_view = False
-        self._update_buttons()
-        self.history.refresh()
-
-    def _on_chunk(self, text: str) -> None:
-        if self.turn is None:
-            return
-        self.turn.add(text)
-        if self._turn_in_view and self.conversation == self.turn.conversation:
-            self.chat.append_chunk(text)
-
-    def _update_buttons(self) -> None:
-        here = self._replying_here()
+    def show_replying(self, here: bool, anywhere: bool) -> None:
         self.send_button.setEnabled(not here)
         self.stop_button.setEnabled(here)
         for button in (self.regenerate_button, self.edit_button):
-            button.setEnabled(not self._replying())
+            button.setEnabled(not anywhere)
 
-    def new_chat(self) -> None:
-        """An empty chat at once; a reply in progress stops and is kept in its own conversation."""
-        if self._replying():
-            self.session.stop()
-        self.conversation = None
-        self.messages = []
-        self._render()
-        self._update_buttons()
-
-    def open_conversation(self, conversation: int) -> None:
-        if conversation == self.conversation or not self.store.exists(conversation):
-            return
-        if self._replying():
-            self.session.stop()
-        self.conversation = conversation
-        self.messages = self.store.messages(conversation)
-        self._render()
-        self._update_buttons()
+    def conversations_changed(self) -> None:
+        self.history.refresh()
 
     def export_conversation(self, conversation: int, path: Path) -> None:
         path.write_text(self.store.to_markdown(conversation), encoding="utf-8")
@@ -447,27 +354,7 @@ class MainWindow(QMainWindow):
             run_op(self, lambda: Path(name).write_text(text, encoding="utf-8")).with_progress("Exporting…").success(
                 lambda _: self.statusBar().showMessage(f"Exported to {name}")).start()
 
-    def _delete_conversation(self, conversation: int) -> None:
-        if self.turn is not None and self.turn.conversation == conversation:
-            self.turn.discard()  # nothing more is written to it
-            self.session.stop()
-        self.store.delete(conversation)
-        if conversation == self.conversation:
-            self.new_chat()
-        self.history.refresh()
-
-    def _notify(self, text: str) -> None:
-        """The notice above the chat: the store's lasting problem, then the latest one-off news."""
-        shown = "\n".join(filter(None, [self.store.problem, text]))
-        self.notice.setText(shown)
-        self.notice.setVisible(bool(shown))
-
-    def _trimmed(self, dropped: int, context: int) -> None:
-        """Only what the model reads is cut: the conversation on screen and on disk keeps every turn."""
-        self._notify(f"{dropped_notice(dropped, context).capitalize()}: the model no longer reads them, "
-                     "this conversation keeps them.")
-
-    def _budget_changed(self, event) -> None:
+    def _budget_changed(self, event: BudgetChange) -> None:
         if not event.applied:
             return
         if event.reason == "user":
@@ -475,7 +362,7 @@ class MainWindow(QMainWindow):
             return
         self.budget.follow_engine(event.new_bytes)
         if event.reason == "oom":
-            self._notify(f"Out of memory: the budget was lowered to {format_bytes(event.new_bytes)} "
+            self.notify(f"Out of memory: the budget was lowered to {format_bytes(event.new_bytes)} "
                          "and the token was computed again.")
 
     def _set_policy(self, policy: str, skip_threshold: float) -> None:
@@ -485,21 +372,21 @@ class MainWindow(QMainWindow):
         self._status()
 
     # ---- status --------------------------------------------------------------------------------
-    def _show_stats(self, stats) -> None:
+    def _show_stats(self, stats: TokenStats) -> None:
         self._status(f"{stats.tokens_per_s:.1f} tok/s · hit rate {stats.hit_rate:.0%}")
 
     def _status(self, extra: str = "") -> None:
-        engine = self.session.engine
-        if engine is None:
+        s = self.session
+        if not s.ready:
             return
-        parts = [self.model_name, str(engine.device)]
-        parts += [self.budget.policy.currentText()] if not self.session.panels_unavailable else []
-        if self.session.server is not None:
-            parts.append(f"serving at {self.session.server.url}")
-        if engine.quantize:
-            parts.append(f"{engine.quantize} experts: not the original model")
-        elif engine.native_format:
-            parts.append(f"{engine.native_format} experts, as the checkpoint ships them")
+        parts = [self.model_name, s.engine_device]
+        parts += [self.budget.policy.currentText()] if not s.panels_unavailable else []
+        if s.server is not None:
+            parts.append(f"serving at {s.server.url}")
+        if s.quantize:
+            parts.append(f"{s.quantize} experts: not the original model")
+        elif s.native_format:
+            parts.append(f"{s.native_format} experts, as the checkpoint ships them")
         parts += [extra] if extra else []
         self.statusBar().showMessage(" · ".join(parts))
 
@@ -521,9 +408,7 @@ class MainWindow(QMainWindow):
         """Save the reply in progress as it stands, stop the engine, then close the store."""
         self._closing = True
         self._save_state()
-        if self.turn is not None:
-            self.turn.finish()
-        self.session.stop()
+        self.chat_controller.close()
         self.session.close()  # waits for the current token, so nothing writes after this
         self.store.close()
         super().closeEvent(event)

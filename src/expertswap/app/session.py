@@ -2,8 +2,10 @@
 
 Blocking work (building the default model, loading, generating) runs on worker threads through
 asyncio (qasync's loop is Qt's loop); telemetry is drained on a timer and re-emitted as typed signals.
-The engine may be a local one or a remote server (``connect``): both answer the calls the GUI makes. A local
-engine can also be served over the OpenAI API (``serve``) while the window uses it.
+The engine may be a local one or a remote server (``connect_server``): both are an ``EngineLike``, and the window
+reads them only through this session. A local engine can also be served over the OpenAI API (``serve``) while
+the window uses it. A new subscription starts with the committees as they are (a local engine queues them at
+once, a server sends them with its first poll), so the expert map fills at the first ``drain``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from collections.abc import Sequence
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
+from expertswap.app.ops import describe, run_op
 from expertswap.client import RemoteEngine, RemoteError, api_root
-from expertswap.engine import Engine, default_device, fit_history
+from expertswap.engine import Engine, default_device, dropped_notice, fit_history
 from expertswap.models import resolve_model
 from expertswap.protocol import (
     POLICIES,
     BudgetChange,
+    EngineLike,
+    EngineStats,
     ExpertSwapError,
     MemorySample,
     ResidencySnapshot,
@@ -32,8 +37,6 @@ from expertswap.protocol import (
 )
 from expertswap.server import BackgroundServer
 
-from .ops import describe, run_op
-
 DRAIN_MS = 100
 
 
@@ -41,7 +44,6 @@ class EngineSession(QObject):
     """Owns at most one Engine; every state change is announced by a signal."""
 
     build_progress = Signal(str, int, int)
-    loaded = Signal(object)  # the Engine
     load_failed = Signal(str)
     reply_chunk = Signal(str)
     reply_finished = Signal(str)  # "done" | "stopped" | an error in words
@@ -51,11 +53,11 @@ class EngineSession(QObject):
     memory = Signal(object)
     budget = Signal(object)
     problem = Signal(str)  # a background request to a remote engine failed, in words
-    trimmed = Signal(int, int)  # the oldest turns left out of a reply's prompt, and the context they made room in
+    trimmed = Signal(str)  # which oldest turns were left out of a reply's prompt, in words (``dropped_notice``)
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.engine: Engine | RemoteEngine | None = None
+        self.engine: EngineLike | None = None
         self.server: BackgroundServer | None = None
         self.device = default_device()  # where models load: a GPU when there is one
         self._stopping = False
@@ -70,10 +72,9 @@ class EngineSession(QObject):
                    quantize: str | None = None) -> bool:
         """Build (if "default") and load ``model``; on any failure the old engine stays and ``load_failed`` says why."""
 
-        def work() -> tuple[Engine, ResidencySnapshot]:
-            engine = Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy,
-                                 quantize=quantize)
-            return engine, engine.residency()
+        def work() -> Engine:
+            return Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy,
+                               quantize=quantize)
 
         failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
         # Collect unreachable Qt wrappers (closed dialogs, menus) here, on the GUI thread: left to the loading
@@ -90,39 +91,83 @@ class EngineSession(QObject):
         """
         serving = self.server
 
-        def work() -> tuple[RemoteEngine, ResidencySnapshot | None]:
+        def work() -> RemoteEngine:
             if serving is not None and _names(url, serving):
                 raise RemoteError(f"{url} is this window's own server (Model > Serve over the OpenAI API): connect "
                                   "to it from another program, or stop serving and load a model")
-            remote = RemoteEngine.connect(url, api_key or None)
-            try:
-                return remote, None if remote.unavailable else remote.residency()
-            except BaseException:
-                remote.close()
-                raise
+            return RemoteEngine.connect(url, api_key or None)
 
         failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
         return await run_op(None, work).success(self._adopt).failure(failed).run()
+
+    def _adopt(self, engine: EngineLike) -> None:
+        """Close the old engine for the new one; its first residency is the subscription's first event."""
+        self.close()
+        self.engine = engine
+        self._subscription = engine.subscribe()
+        self._timer.start()
+
+    # ---- what the window reads of the engine ---------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """A model is loaded or a server connected."""
+        return self.engine is not None
+
+    @property
+    def is_local(self) -> bool:
+        """The engine runs in this process: it can be served, follow free memory, and reopen at the next start."""
+        return isinstance(self.engine, Engine)
 
     @property
     def remote(self) -> RemoteEngine | None:
         return self.engine if isinstance(self.engine, RemoteEngine) else None
 
     @property
+    def remote_model(self) -> str:
+        """The model the connected server names ("" for a local engine)."""
+        return self.remote.model if self.remote is not None else ""
+
+    @property
     def panels_unavailable(self) -> str:
         """Why the budget and expert panels cannot follow this engine ("" when they can)."""
         return self.remote.unavailable if self.remote is not None else ""
 
-    def _adopt(self, adopted: tuple[Engine | RemoteEngine, ResidencySnapshot | None]) -> None:
-        """Close the old engine for the new one and its first residency (read off the GUI thread)."""
-        engine, snapshot = adopted
-        self.close()
-        self.engine = engine
-        self._subscription = engine.subscribe()
-        self._timer.start()
-        self.loaded.emit(engine)
-        if snapshot is not None:
-            self.residency.emit(snapshot)
+    @property
+    def engine_device(self) -> str:
+        """Where the engine computes its experts, in words (a server's device says which server)."""
+        return str(self._loaded.device)
+
+    @property
+    def quantize(self) -> str | None:
+        """How the experts were quantised when read (nf4, ...), or None."""
+        return self._loaded.quantize
+
+    @property
+    def native_format(self) -> str | None:
+        """The packed format the checkpoint ships its experts in (fp8, mxfp4), or None."""
+        return self._loaded.native_format
+
+    @property
+    def total_experts(self) -> int:
+        return self._loaded.total_experts
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return self._loaded.policies
+
+    def committee_size(self, budget_bytes: int) -> int:
+        """Experts the engine's planner keeps resident at ``budget_bytes``, all MoE layers together."""
+        return self._loaded.committee_size(budget_bytes)
+
+    def stats(self) -> EngineStats:
+        """Budget and counts, read in one go (a server's: as of its last poll)."""
+        return self._loaded.stats()
+
+    @property
+    def _loaded(self) -> EngineLike:
+        if self.engine is None:
+            raise ExpertSwapError("no model is loaded")
+        return self.engine
 
     def serve(self, name: str, port: int = 8000) -> str:
         """Serve the local engine over the OpenAI API on loopback (``port``, or a free one if it is taken);
@@ -149,10 +194,9 @@ class EngineSession(QObject):
         outcome = "done"
         self._stopping = False
         try:
-            if self.engine is None:
-                raise ExpertSwapError("no model is loaded")
+            engine = self._loaded
             messages = self._fit(messages, settings.max_new_tokens)
-            async for chunk in self.engine.stream_chat(messages, settings):
+            async for chunk in engine.stream_chat(messages, settings):
                 self.reply_chunk.emit(chunk.text)
         except Exception as exc:
             outcome = describe(exc)
@@ -171,7 +215,7 @@ class EngineSession(QObject):
         context = self.engine.context_tokens
         fitted = fit_history(messages, self.engine.encode_chat, context, reserve)
         if fitted.dropped:
-            self.trimmed.emit(fitted.dropped, context)
+            self.trimmed.emit(dropped_notice(fitted.dropped, context))
         return fitted.messages
 
     def stop(self) -> None:

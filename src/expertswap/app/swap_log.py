@@ -24,6 +24,7 @@ class SwapLog(QWidget):
 
     def __init__(self) -> None:
         super().__init__()
+        self.layers: list[int] = []  # the filter's layers
         self.filter = QComboBox()
         self.filter.addItem("all layers", None)
         self.filter.setAccessibleName("Swap log layer filter")
@@ -42,6 +43,7 @@ class SwapLog(QWidget):
 
     def set_layers(self, layers: list[int]) -> None:
         """A new engine's layers; the old engine's swaps go."""
+        self.layers = list(layers)
         self.table.setRowCount(0)
         self.filter.blockSignals(True)
         self.filter.clear()
