@@ -1,4 +1,5 @@
-"""The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results).
+"""The benchmark harness: ``python -m benchmarks COMMAND ...`` (results in benchmarks/results; replay writes
+only where its --out says).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
 replay, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints, kernel-caches.
@@ -7,8 +8,11 @@ replay, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-check
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,8 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     prediction = sub.add_parser("prediction", help="the prefetch predictor's precision and recall on the default model")
     prediction.add_argument("--tokens", type=int, default=48)
     replay = sub.add_parser("replay", help="routing traces through the engine's residency code, against Belady")
-    replay.add_argument("traces", nargs="+", help="trace files (JSON Lines, see README: Routing traces)")
+    replay.add_argument("traces", nargs="+", help="trace files (JSON Lines, see docs/traces.md)")
     replay.add_argument("--budgets", nargs="+", default=["25%", "50%", "75%"])
+    replay.add_argument("--out", type=Path, default=None,
+                        help="folder for the tables and plots (default: a new temporary folder; "
+                             "benchmarks/results to refresh the committed ones)")
     quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
     quantized.add_argument("--repeats", type=int, default=3)
     sub.add_parser("quantized-gpu", help="quantised experts on the GPU (OLMoE shapes): tokens/s per budget")
@@ -62,90 +69,94 @@ def main(argv: list[str] | None = None) -> None:
     caches = sub.add_parser("kernel-caches", help="resident set and speed with oneDNN's kernel caches capped or not")
     caches.add_argument("--repeats", type=int, default=3)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "speed":
-        from tqdm import tqdm
+    RUNS[args.command](args, rest)
 
-        from .speed import sweep, write
 
-        bar = tqdm(desc=f"speed {args.model}", unit="run")
+def _speed(args: argparse.Namespace, _rest: list[str]) -> None:
+    from tqdm import tqdm
 
-        def progress(text: str, rows: list[dict]) -> None:  # the table so far survives an interrupted sweep
-            bar.set_postfix_str(text)
-            bar.update()
-            write(rows, args.model, args.device, args.tokens, args.repeats)
+    from .speed import sweep, write
 
-        rows = sweep(args.model, args.device, args.tokens, args.repeats, tuple(args.budgets), progress,
-                     tuple(args.contenders))
-        bar.close()
-        print(write(rows, args.model, args.device, args.tokens, args.repeats).read_text())
-    elif args.command == "swap-copy":
-        from .swap_copy import main as run
+    bar = tqdm(desc=f"speed {args.model}", unit="run")
 
-        print(run(args.models).read_text())
-    elif args.command == "budget-latency":
-        from .budget_latency import main as run
+    def progress(text: str, rows: list[dict]) -> None:  # the table so far survives an interrupted sweep
+        bar.set_postfix_str(text)
+        bar.update()
+        write(rows, args.model, args.device, args.tokens, args.repeats)
 
-        print(run(args.model, args.device).read_text())
-    elif args.command == "quality":
-        from .quality import main as run
+    rows = sweep(args.model, args.device, args.tokens, args.repeats, tuple(args.budgets), progress,
+                 tuple(args.contenders))
+    bar.close()
+    print(write(rows, args.model, args.device, args.tokens, args.repeats).read_text())
 
-        print(run().read_text())
-    elif args.command == "llama-cpp":
-        from .llama_cpp import main as run
 
-        print(run(args.folder, args.gguf, args.llama_bench, args.tokens, args.repeats, args.budgets,
-                  args.cap_mib).read_text())
-    elif args.command == "exact-budgets":
-        from .exact_budgets import main as run
+def _replay(args: argparse.Namespace, _rest: list[str]) -> None:
+    import tempfile
 
-        print(run(args.model, args.device, args.layers, args.budgets, args.tokens, args.repeats).read_text())
-    elif args.command == "prediction":
-        from .prediction import main as run
+    from .replay import main as run
 
-        run(args.tokens)
-    elif args.command == "replay":
-        from .replay import main as run
+    out = args.out if args.out is not None else Path(tempfile.mkdtemp(prefix="expertswap-replay-"))
+    for path in run(args.traces, args.budgets, out):
+        print(path.read_text())
+        print(f"written: {path} and {path.with_suffix('.png')}")
 
-        for path in run(args.traces, args.budgets):
-            print(path.read_text())
-    elif args.command == "quantized":
-        from .quantized import main as run
 
-        print(run(args.repeats).read_text())
-    elif args.command == "quantized-gpu":
-        from .quantized_gpu import main as run
+def _record_traces(_args: argparse.Namespace, _rest: list[str]) -> None:
+    from .record_traces import main as run
 
-        print(run().read_text())
-    elif args.command == "lowbit":
-        from .lowbit import main as run
+    for path in run():
+        print(path)
 
-        print(run().read_text())
-    elif args.command == "fit-real":
-        from .fit_real import main as run
 
-        print(run().read_text())
-    elif args.command == "record-traces":
-        from .record_traces import main as run
+def _prediction(args: argparse.Namespace, _rest: list[str]) -> None:
+    from .prediction import main as run
 
-        for path in run():
-            print(path)
-    elif args.command == "kernel-caches":
-        from .kernel_caches import main as run
+    run(args.tokens)
 
-        print(run(args.repeats).read_text())
-    elif args.command == "default-model":
-        from .default_model import main as run
 
-        run()
-    elif args.command == "default-checkpoints":
-        from .default_checkpoints import main as run
+def _default_model(_args: argparse.Namespace, _rest: list[str]) -> None:
+    from .default_model import main as run
 
-        print(run(args.folders).read_text())
-    else:
-        from .core_sweep import main as run
+    run()
 
-        sys.argv = [sys.argv[0], *rest]
-        run()
+
+def _core_sweep(_args: argparse.Namespace, rest: list[str]) -> None:
+    from .core_sweep import main as run
+
+    sys.argv = [sys.argv[0], *rest]
+    run()
+
+
+def _printed(module: str, call: Callable[[Any, argparse.Namespace], Path]) -> Callable[[argparse.Namespace, list[str]],
+                                                                                       None]:
+    """A command whose ``main`` writes one results file, printed when done."""
+    def run(args: argparse.Namespace, _rest: list[str]) -> None:
+        print(call(importlib.import_module(f"benchmarks.{module}").main, args).read_text())
+
+    return run
+
+
+RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
+    "speed": _speed,
+    "swap-copy": _printed("swap_copy", lambda run, a: run(a.models)),
+    "budget-latency": _printed("budget_latency", lambda run, a: run(a.model, a.device)),
+    "quality": _printed("quality", lambda run, a: run()),
+    "llama-cpp": _printed("llama_cpp", lambda run, a: run(a.folder, a.gguf, a.llama_bench, a.tokens, a.repeats,
+                                                          a.budgets, a.cap_mib)),
+    "exact-budgets": _printed("exact_budgets", lambda run, a: run(a.model, a.device, a.layers, a.budgets, a.tokens,
+                                                                  a.repeats)),
+    "prediction": _prediction,
+    "replay": _replay,
+    "quantized": _printed("quantized", lambda run, a: run(a.repeats)),
+    "quantized-gpu": _printed("quantized_gpu", lambda run, a: run()),
+    "lowbit": _printed("lowbit", lambda run, a: run()),
+    "fit-real": _printed("fit_real", lambda run, a: run()),
+    "record-traces": _record_traces,
+    "kernel-caches": _printed("kernel_caches", lambda run, a: run(a.repeats)),
+    "default-model": _default_model,
+    "default-checkpoints": _printed("default_checkpoints", lambda run, a: run(a.folders)),
+    "core-sweep": _core_sweep,
+}
 
 
 if __name__ == "__main__":

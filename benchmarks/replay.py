@@ -1,6 +1,8 @@
 """Replay routing traces through the engine's own residency code, at several budgets, against Belady's optimum.
 
-``python -m benchmarks replay TRACE... [--budgets 25% 50% 75%]``. No weights are loaded: each MoE layer
+``python -m benchmarks replay TRACE... [--budgets 25% 50% 75%] [--out DIR]``: a table and a plot per trace,
+``replay-<trace>.md`` and ``.png``, in ``DIR`` only (by default a new temporary folder, so a run never
+overwrites a committed result; ``--out benchmarks/results`` refreshes those). No weights are loaded: each MoE layer
 gets the engine's ``ExpertCache`` (the bookkeeping the committee runs), sized by the engine's planner for
 the trace's expert count and a nominal expert size, and is driven as an ``exact`` forward drives it:
 observe the routing (the cache's own hit and miss counters), load what is missing pass by pass, and (for
@@ -34,7 +36,6 @@ from expertswap.protocol import DEFAULT_EVICTION, LayerShape, parse_budget, plan
 
 from .stamp import stamp
 
-RESULTS = Path(__file__).parent / "results"
 NOMINAL = 1 << 20  # expert size when the trace does not give one: budgets are shares of it either way
 CPU = torch.device("cpu")
 
@@ -216,7 +217,8 @@ def measure(path: Path, budgets: list[str]) -> Report:
     return report
 
 
-def write(report: Report, budgets: list[str]) -> Path:
+def write(report: Report, budgets: list[str], out: Path) -> Path:
+    """``replay-<trace>.md`` and its plot, written into ``out`` (and nowhere else)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,11 +253,12 @@ def write(report: Report, budgets: list[str]) -> Path:
     ax.legend(fontsize=7)
     fig.text(0.01, 0.01, stamp(), fontsize=6)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    fig.savefig(out / f"{stem}.png", dpi=110)
+    plt.close(fig)
     lines += ["", f"![decode hit rate against budget]({stem}.png)", ""]
-    out = RESULTS / f"{stem}.md"
-    out.write_text("\n".join(lines))
-    return out
+    table = out / f"{stem}.md"
+    table.write_text("\n".join(lines))
+    return table
 
 
 def targets(report: Report) -> list[str]:
@@ -274,9 +277,7 @@ def targets(report: Report) -> list[str]:
     ]
 
 
-def main(traces: list[str], budgets: list[str]) -> list[Path]:
-    written = []
-    for trace in traces:
-        report = measure(Path(trace), budgets)
-        written.append(write(report, budgets))
-    return written
+def main(traces: list[str], budgets: list[str], out: Path) -> list[Path]:
+    """Replay each trace; its table and plot go into ``out`` (created if missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return [write(measure(Path(trace), budgets), budgets, out) for trace in traces]

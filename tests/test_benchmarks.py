@@ -73,3 +73,49 @@ def test_the_factual_report_counts_matches_among_the_teachers_correct_answers() 
     moe = teacher[:30] + ["no idea"] * 10  # 30 of the teacher's 40
     lines = "\n".join(factual_lines({"teacher": teacher, "moe": moe}))
     assert "| correct | 40 / 40 | 30 / 40 |" in lines and "30 / 40 (75%; target >= 80%: not met)" in lines
+
+
+def _tiny_trace(path) -> None:
+    """Two layers of four experts, top-2: a prompt of three tokens, then four decode tokens."""
+    import json
+
+    header = {"format": "expertswap-trace/1", "model": "tiny", "family": "olmoe", "layers": [0, 1], "experts": 4,
+              "top_k": 2}
+    lines = [json.dumps(header)]
+    for position in range(7):
+        phase = "prefill" if position < 3 else "decode"
+        step = 0 if position < 3 else position - 2
+        experts = {"0": [position % 4, (position + 1) % 4], "1": [(position + 2) % 4, (position + 3) % 4]}
+        lines.append(json.dumps({"position": position, "phase": phase, "step": step, "experts": experts}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_replay_writes_only_where_it_is_told(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.__main__ import main
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    trace = tmp_path / "tiny-olmoe.jsonl"  # named like a committed trace: its results are replay-tiny-olmoe.*
+    _tiny_trace(trace)
+    out = tmp_path / "out"
+    main(["replay", str(trace), "--budgets", "50%", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["replay-tiny-olmoe.md", "replay-tiny-olmoe.png"]
+    table = (out / "replay-tiny-olmoe.md").read_text()
+    assert "| Belady MIN | 50% |" in table and "| LRU | 50% |" in table
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))  # no --out: a new temporary folder
+    (tmp_path / "scratch").mkdir()
+    main(["replay", str(trace), "--budgets", "50%"])
+    [scratch] = (tmp_path / "scratch").iterdir()
+    assert sorted(p.name for p in scratch.iterdir()) == ["replay-tiny-olmoe.md", "replay-tiny-olmoe.png"]
+    assert str(scratch) in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
+
+
+def test_every_listed_command_has_a_runner() -> None:
+    import benchmarks.__main__ as harness
+
+    listed = harness.__doc__.split("Commands:")[1].replace("\n", " ").strip(" .").split(", ")
+    assert sorted(harness.RUNS) == sorted(listed)
