@@ -405,7 +405,7 @@ def test_budget_moves_mid_reply_and_policy_controls_reach_the_engine(window: Mai
     window.budget.policy.setCurrentText("skip")
     window.budget.threshold.setValue(0.3)
     assert window.budget.threshold.isEnabled()
-    assert (engine.runtime.policy, engine.runtime.skip_threshold) == ("skip", 0.3)
+    assert (engine.policy, engine.runtime.policy.skip_threshold) == ("skip", 0.3)
 
 
 def test_chat_view_never_loads_remote_resources(qtbot) -> None:
