@@ -329,6 +329,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model, tmp_path: Path, capsys)
         assert err.count("\n") == 1 and words in err and "Traceback" not in err, (name, err)
 
 
+@pytest.mark.slow  # a subprocess or a long replay: make test runs it, make test-fast does not
 def test_cli_chat_skips_an_undecodable_line_and_ctrl_c_ends_cleanly(tiny_model) -> None:
     import os
     import signal

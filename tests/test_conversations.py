@@ -168,6 +168,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess or a long replay: make test runs it, make test-fast does not
 def test_kill_9_mid_reply_loses_at_most_the_reply_in_progress(tmp_path: Path) -> None:
     """A child streams replies through the app's store; killed at random moments, what it reported is intact."""
     rng = random.Random(1234)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # a subprocess or a long replay: make test runs it, make test-fast does not
 def test_importing_engine_models_cli_and_server_loads_no_qt() -> None:
     code = ("import sys, expertswap.engine, expertswap.models, expertswap.cli, expertswap.server.app; "
             "print(sorted(m for m in sys.modules if 'PySide' in m or m.startswith(('expertswap.app', 'tools'))))")

@@ -80,6 +80,7 @@ def _random_trace(rng: random.Random, experts: int, top_k: int, layers: int, len
     return tokens
 
 
+@pytest.mark.slow  # a subprocess or a long replay: make test runs it, make test-fast does not
 def test_no_demand_policy_beats_belady_on_random_traces() -> None:
     rng = random.Random(7)
     for _ in range(40):
