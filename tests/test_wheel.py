@@ -30,7 +30,7 @@ def _wheel(out: Path) -> Path:
 def test_the_wheel_carries_the_package_data_and_nothing_of_the_repository(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(_wheel(tmp_path)).namelist())
     for data in ("expertswap/models/default_model/files/plan.safetensors", "expertswap/app/icons/expertswap.png",
-                 "expertswap/engine/compat.py", "expertswap/cli/__init__.py"):
+                 "expertswap/engine/weights/compat.py", "expertswap/cli/__init__.py"):
         assert data in names, data
     assert not [n for n in names if n.startswith(("tools/", "tests/", "benchmarks/", "engine/", "app/"))]
 
