@@ -2,7 +2,7 @@
 only where its --out says).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints, kernel-caches.
+replay, trace-decode, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints, kernel-caches.
 """
 
 from __future__ import annotations
@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     replay.add_argument("--out", type=Path, default=None,
                         help="folder for the tables and plots (default: a new temporary folder; "
                              "benchmarks/results to refresh the committed ones)")
+    trace = sub.add_parser("trace-decode", help="decode speed and hit rate under a real model's routing (GPU)")
+    trace.add_argument("trace", type=Path, help="a trace of a real model (../shared/traces style)")
+    trace.add_argument("--layers", type=int, default=None, help="the first N MoE layers (default: all)")
+    trace.add_argument("--budgets", nargs="+", default=["100%", "75%", "50%", "25%"])
+    trace.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    trace.add_argument("--repeats", type=int, default=3)
+    trace.add_argument("--out", type=Path, required=True, help="folder for the table")
     quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
     quantized.add_argument("--repeats", type=int, default=3)
     sub.add_parser("quantized-gpu", help="quantised experts on the GPU (OLMoE shapes): tokens/s per budget")
@@ -147,6 +154,8 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
                                                                   a.repeats)),
     "prediction": _prediction,
     "replay": _replay,
+    "trace-decode": _printed("trace_routing", lambda run, a: run(a.trace, a.layers, a.budgets, a.device, a.repeats,
+                                                                 a.out)),
     "quantized": _printed("quantized", lambda run, a: run(a.repeats)),
     "quantized-gpu": _printed("quantized_gpu", lambda run, a: run()),
     "lowbit": _printed("lowbit", lambda run, a: run()),

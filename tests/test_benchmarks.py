@@ -119,3 +119,58 @@ def test_every_listed_command_has_a_runner() -> None:
 
     listed = harness.__doc__.split("Commands:")[1].replace("\n", " ").strip(" .").split(", ")
     assert sorted(harness.RUNS) == sorted(listed)
+
+
+def _trace_file(path, layers: list[int], experts: int, top_k: int, positions: int, prefill: int) -> None:
+    """A made-up trace whose routing no random router would choose: each position cycles through the experts."""
+    import json
+
+    header = {"format": "expertswap-trace/1", "model": "made-up", "family": "olmoe", "layers": layers,
+              "experts": experts, "top_k": top_k, "tokenizer": None}
+    lines = [json.dumps(header)]
+    for p in range(positions):
+        choice = {str(layer): [(p * 3 + layer + j) % experts for j in range(top_k)] for layer in layers}
+        lines.append(json.dumps({"position": p, "phase": "prefill" if p < prefill else "decode",
+                                 "step": 0 if p < prefill else p - prefill + 1, "experts": choice}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_trace_router_hands_the_committees_the_traces_routing(tiny_model, tmp_path) -> None:
+    """The committees see exactly the recorded experts, token after token, and a small budget under that routing
+    still gives the full budget's greedy tokens (the miss path, exact)."""
+    from benchmarks.trace_routing import install, read_routing
+    from expertswap.engine import Engine, read_trace
+    from expertswap.protocol import SamplingSettings
+
+    folder = tiny_model("olmoe")
+    source = tmp_path / "made-up.jsonl"
+    _trace_file(source, [0, 1], experts=8, top_k=2, positions=20, prefill=6)
+    routing = read_routing(source)
+    assert routing.prompt == 6 and routing.index[0].shape == (20, 2)
+    outputs = {}
+    for budget in ("100%", "minimum"):
+        with Engine.load(folder, budget="100%", swapper=False) as probe:
+            floor = probe.minimum_budget_bytes
+        with Engine.load(folder, budget=floor if budget == "minimum" else budget, swapper=False) as engine:
+            install(engine, routing)
+            with engine.record_trace(tmp_path / f"seen-{budget}.jsonl"):
+                outputs[budget] = list(engine.generate(list(range(3, 9)), SamplingSettings(max_new_tokens=14)))
+            if budget == "minimum":
+                assert engine.stats().misses > 0  # the small committee missed, and loaded
+        _, seen = read_trace(tmp_path / f"seen-{budget}.jsonl")
+        for token in seen:
+            for layer in (0, 1):
+                assert token.experts[layer] == routing.index[layer][token.position].tolist(), (budget, token.position)
+    assert outputs["minimum"] == outputs["100%"]
+
+
+def test_the_trace_routers_guess_is_the_previous_token_and_moves_nothing() -> None:
+    from benchmarks.trace_routing import TraceRouter
+
+    index = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    router = TraceRouter(index, torch.full((3, 2), 0.5), 6, torch.device("cpu"))
+    x = torch.zeros(2, 4)
+    _, weights, got = router(x)  # a two-token prefill
+    assert got.tolist() == [[0, 1], [2, 3]] and weights.tolist() == [[0.5, 0.5]] * 2
+    assert router.previous(x[:1]).tolist() == [[2, 3]] and int(router.position) == 2
+    assert router(x[:1])[2].tolist() == [[4, 5]] and router(x[:1])[2].tolist() == [[0, 1]]  # wraps round

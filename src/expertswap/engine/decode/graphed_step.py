@@ -101,6 +101,11 @@ class GraphedDecode:
         self.cache.length = 0
         return self.cache
 
+    @property
+    def position(self) -> torch.Tensor:
+        """The device tensor holding the position the coming step decodes (set before it runs, warm-ups too)."""
+        return self._position
+
     def step(self, token: int, cache: KVCache) -> torch.Tensor:
         """Logits [1, vocab] of ``token`` at the cache's next position; the cache grows by one."""
         assert cache is self.cache and cache.length < cache.capacity
@@ -199,7 +204,7 @@ class GraphedDecode:
             index, weights, _ = committee.observe(y, index, weights)
             held[f"{i}"] = (h, y, index, weights)
             if following is not None:  # the next MoE layer's router on this hidden state: its likely experts
-                held[f"{i}:next"] = following.router(y)[2]
+                held[f"{i}:next"] = following.predict(y)
 
         def experts() -> None:
             h, y, index, weights = held[f"{i}"]

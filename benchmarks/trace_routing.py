@@ -1,0 +1,211 @@
+"""Decode speed under a real model's routing: a synthetic model of its shape replays the recorded expert choices.
+
+    python -m benchmarks trace-decode TRACE.jsonl [--layers N] [--budgets 100% 75% 50% 25%] --out DIR
+
+A random-weight router spreads a token over the experts almost uniformly and, with the swapper, hits nearly
+every lookup at 50%: it hid the miss path's cost. Here every MoE layer's router is replaced by a
+``TraceRouter``, which returns the trace's experts (and weights, or equal ones where the trace has none) for
+each position, so the committees see what the real model asked for. Its table sits on the device and its
+position is a device tensor: a captured CUDA graph replays it like the model's own router. The prefetch
+predictor has no real hidden state to guess from, so its guess is the layer's previous token (temporal
+locality), not an oracle.
+
+Each budget runs in a fresh process; the synthetic model's own (random) routing runs beside it as the best
+case. Tokens are greedy: at every budget they must equal the engine's own 100% under the same routing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .stamp import stamp
+
+if TYPE_CHECKING:
+    from expertswap.engine import Engine
+
+# a trace's model -> the synthetic family and shape that stands in for it (random weights, real layer shapes;
+# the families are those the compact step and its CUDA graphs cover)
+SHAPES = {
+    "granite-3.0-1b-a400m-instruct": ("olmoe", {"num_experts": 32, "top_k": 8, "hidden": 1024, "intermediate": 512,
+                                                "heads": 16, "vocab_size": 49155}),
+    "Qwen1.5-MoE-A2.7B-Chat-4bit": ("qwen2_moe", {"num_experts": 60, "top_k": 4, "hidden": 2048,
+                                                  "intermediate": 1408, "heads": 16, "vocab_size": 151936}),
+    "Mixtral-8x7B-Instruct-v0.1-FP8": ("mixtral", {"num_experts": 8, "top_k": 2, "hidden": 4096,
+                                                   "intermediate": 14336, "heads": 32, "vocab_size": 32000}),
+}
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A trace as tables: per MoE layer, [positions, top_k] expert ids and weights; the prompt's length."""
+
+    model: str
+    index: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    prompt: int
+
+
+def read_routing(path: str | Path, layers: int | None = None) -> Routing:
+    """The first ``layers`` MoE layers of a trace (all by default). A trace without prefill (decode only)
+    lends its first 8 tokens to the prompt."""
+    from expertswap.engine import read_trace
+
+    header, tokens = read_trace(path)
+    kept = header.layers[:layers] if layers else header.layers
+    index, weights = [], []
+    for layer in kept:
+        ids = torch.tensor([t.experts[layer] for t in tokens], dtype=torch.long)
+        given = [t.weights.get(layer) for t in tokens]
+        if all(w is not None and len(w) == header.top_k for w in given):
+            w = torch.tensor(given, dtype=torch.float32)
+        else:  # routing ids only (Granite's source): equal shares
+            w = torch.full(ids.shape, 1.0 / header.top_k)
+        index.append(ids)
+        weights.append(w / w.sum(dim=1, keepdim=True))
+    prefill = sum(t.phase == "prefill" for t in tokens)
+    return Routing(header.model, index, weights, prefill or 8)
+
+
+class TraceRouter(nn.Module):
+    """Returns the trace's routing for the positions it is asked about, in the family router's shape:
+    (logits, weights, index). Graph-capturable: the table and the position live on the device.
+
+    A prompt's rows follow the router's own counter. A single decode token on the CUDA-graph step reads the
+    step's own position (``clock``): the graphs' warm-up runs the pieces before capturing them, and a counter
+    would count those runs too.
+    """
+
+    def __init__(self, index: torch.Tensor, weights: torch.Tensor, num_experts: int, device: torch.device,
+                 clock: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.clock = clock
+        self.register_buffer("table", index.to(device))
+        self.register_buffer("shares", weights.to(device))
+        self.register_buffer("position", torch.zeros((), dtype=torch.long, device=device))
+
+    def _start(self, rows: int) -> torch.Tensor:
+        if rows == 1 and self.clock is not None:
+            self.position.copy_(self.clock.reshape(()))
+        return self.position.clone()
+
+    def _rows(self, start: torch.Tensor, rows: int) -> torch.Tensor:
+        return (start + torch.arange(rows, device=self.table.device)) % self.table.shape[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        at = self._rows(self._start(x.shape[0]), x.shape[0])
+        self.position += x.shape[0]
+        logits = torch.zeros(x.shape[0], self.num_experts, device=x.device, dtype=x.dtype)
+        return logits, self.shares[at].to(x.dtype), self.table[at]
+
+    def previous(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts of the position before the coming one: the predictor's guess (it does not advance)."""
+        start = self.clock.reshape(()) if self.clock is not None else self.position
+        return self.table[self._rows(start - 1, x.shape[0])]
+
+
+def install(engine: Engine, routing: Routing) -> list[TraceRouter]:
+    """Replace the router of every MoE layer of ``engine``'s compact step with the trace's (before any reply)."""
+    compact = engine.compact
+    if compact is None:
+        raise SystemExit("trace replay needs a family the compact step covers (olmoe, qwen2_moe, qwen3_moe, mixtral)")
+    blocks = [layer.mlp for layer in compact.layers if hasattr(layer.mlp, "experts")]
+    if len(blocks) != len(routing.index):
+        raise SystemExit(f"the model has {len(blocks)} MoE layers, the routing {len(routing.index)}")
+    routers = []
+    for block, index, weights in zip(blocks, routing.index, routing.weights, strict=True):
+        router = TraceRouter(index, weights, block.experts.num_experts, compact.device,
+                             engine.graphed.position if engine.graphed is not None else None)
+        block.router = router
+        block.predict = router.previous
+        routers.append(router)
+    return routers
+
+
+def build(model: str, layers: int) -> Path:
+    """The synthetic stand-in for ``model`` at ``layers`` MoE layers, built once into the temporary folder."""
+    from tools.synthetic import build_model
+
+    family, shape = SHAPES[model]
+    folder = Path(tempfile.gettempdir()) / f"expertswap-trace-{family}-{shape['num_experts']}x{layers}"
+    if not (folder / "config.json").exists():
+        build_model(family, folder, dtype=torch.bfloat16, init_std=0.02, layers=layers, **shape)
+        config = json.loads((folder / "config.json").read_text())
+        config["max_position_embeddings"] = 4096
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def run(folder: str, trace: str, layers: int, budget: str, device: str, repeats: int, replay: bool) -> dict:
+    """One engine in this process: greedy decode over the trace's tokens, ``repeats`` times, under the trace's
+    routing (``replay``) or the model's own random routing, for as many tokens."""
+    from expertswap.engine import Engine
+    from expertswap.protocol import SamplingSettings
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    routing = read_routing(trace, layers)
+    engine = Engine.load(folder, budget=budget, device=device, dtype=dtype, ram_tier=device == "cuda")
+    try:
+        routers = install(engine, routing) if replay else []  # once: captured graphs keep reading these
+        prompt, total = routing.prompt, routing.index[0].shape[0]
+        speeds, outputs, hits = [], [], []
+        for _ in range(repeats):
+            for router in routers:
+                router.position.zero_()  # in place: the graphs' buffer, back to the trace's first token
+            tokens = engine.generate(list(range(3, 3 + prompt)), SamplingSettings(max_new_tokens=total - prompt))
+            out = [next(tokens)]  # the prefill: its lookups are not the decode's
+            before = engine.stats()
+            out += list(tokens)
+            after = engine.stats()
+            outputs.append(out)
+            speeds.append(after.tokens_per_s)
+            looked = (after.hits - before.hits) + (after.misses - before.misses)
+            hits.append((after.hits - before.hits) / looked if looked else 1.0)
+        return {"budget": budget, "tok_s": statistics.median(speeds), "hit_rate": statistics.median(hits),
+                "tokens": outputs[0], "stable": all(o == outputs[0] for o in outputs),
+                "peak_vram": torch.cuda.max_memory_allocated() if device == "cuda" else 0}
+    finally:
+        engine.close()
+
+
+def main(trace: Path, layers: int | None, budgets: list[str], device: str, repeats: int, out: Path) -> Path:
+    """Every budget, trace-driven and random, each in a fresh process; the table goes to ``out``."""
+    routing = read_routing(trace, layers)
+    depth = len(routing.index)
+    folder = build(routing.model, depth)
+    rows: dict[str, list[dict]] = {"trace": [], "random": []}
+    for kind in rows:
+        for budget in budgets:
+            code = ("import json, sys; from benchmarks.trace_routing import run; "
+                    f"print(json.dumps(run({str(folder)!r}, {str(trace)!r}, {depth}, {budget!r}, {device!r}, "
+                    f"{repeats}, {kind == 'trace'})))")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            rows[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"trace-decode-{trace.stem}-{device}.md"
+    title = (f"# Decode under real routing: {trace.name} on a synthetic {routing.model} shape, {depth} MoE layers, "
+             f"{device}")
+    method = (f"Greedy, prompt {routing.prompt} tokens, {routing.index[0].shape[0] - routing.prompt} decoded, "
+              f"medians of {repeats} in a fresh process per budget. `same as 100%`: the tokens equal this routing's "
+              "own 100%.")
+    lines = [title, "", stamp(device), "", method, "",
+             "| routing | budget | tok/s | decode hit rate | same as 100% | peak VRAM GiB |",
+             "| --- | --- | ---: | ---: | --- | ---: |"]
+    for kind, runs in rows.items():
+        reference = next((r["tokens"] for r in runs if r["budget"] == "100%"), runs[0]["tokens"])
+        for r in runs:
+            same = "yes" if r["tokens"] == reference and r["stable"] else "NO"
+            lines.append(f"| {kind} | {r['budget']} | {r['tok_s']:.1f} | {r['hit_rate']:.3f} | {same} | "
+                         f"{r['peak_vram'] / 2**30:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
