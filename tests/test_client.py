@@ -78,7 +78,20 @@ def test_a_remote_reply_is_the_engines_greedy_reply_and_telemetry_follows(server
     assert isinstance(events[0], ResidencySnapshot)  # a new follower starts from the committees as they are
     assert any(isinstance(e, TokenStats) and e.tokens == 8 for e in events)
     assert any(isinstance(e, SwapEvent) for e in events)  # 50%: the reply swapped experts
+    later = remote.subscribe()  # the poller runs already: this one is owed the committees too, first
+    first = _first_event(later)
+    assert isinstance(first, ResidencySnapshot) and first.resident == server.engine.residency().resident
+    later.close()
     subscription.close()
+
+
+def _first_event(subscription: object, timeout: float = 5.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = subscription.get(timeout=0.1)  # type: ignore[attr-defined]
+        if got is not None:
+            return got
+    raise AssertionError("no event arrived")
 
 
 def test_cancel_drops_the_reply_on_the_server(server: Server, remote: RemoteEngine) -> None:

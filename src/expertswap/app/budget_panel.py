@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.protocol import POLICIES, format_bytes
+from expertswap.protocol import POLICIES, THRESHOLD_POLICIES, format_bytes
 
 STEPS = 1000
 
@@ -103,8 +103,9 @@ class BudgetPanel(QWidget):
 
     def _policy_moved(self) -> None:
         policy = self.policy.currentText()
-        self.threshold.setEnabled(policy == "skip")
-        self.policy_changed.emit(policy, self.threshold.value() if policy == "skip" else 0.0)
+        takes = policy in THRESHOLD_POLICIES
+        self.threshold.setEnabled(takes)
+        self.policy_changed.emit(policy, self.threshold.value() if takes else 0.0)
 
     def _to_step(self, budget: int) -> int:
         span = self.total - self.minimum

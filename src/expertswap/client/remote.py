@@ -87,6 +87,7 @@ class RemoteEngine:
         self._figures: wire.Figures | None = None
         self._telemetry = Telemetry()  # the server's events, re-emitted here as a local engine emits its own
         self._poller: concurrent.futures.Future[None] | None = None
+        self._newcomers: list[Subscription] = []  # subscribed after the poller started: owed a residency
         self._reply: concurrent.futures.Future[None] | None = None
 
     @classmethod
@@ -169,8 +170,11 @@ class RemoteEngine:
         """Telemetry from now on, fetched every ``POLL_S`` (nothing arrives from a server that is not ExpertSwap's)."""
         subscription = self._telemetry.subscribe(maxsize)
         with self._lock:
-            if self.expertswap and self._poller is None and not self._closed:
-                self._poller = self._submit(self._poll())
+            if self.expertswap and not self._closed:
+                if self._poller is None:  # its first page starts with the residency
+                    self._poller = self._submit(self._poll())
+                else:  # as a local engine's does, it starts from the committees as they are: the next poll
+                    self._newcomers.append(subscription)
         return subscription
 
     async def stream_chat(self, messages: Sequence[dict[str, str]],
@@ -306,6 +310,12 @@ class RemoteEngine:
         after = -1
         while True:
             try:
+                with self._lock:
+                    newcomers, self._newcomers = self._newcomers, []
+                if newcomers:
+                    snapshot = _read(wire.residency_from_json, await self._get(wire.RESIDENCY))
+                    for subscription in newcomers:
+                        subscription.put(snapshot)
                 page = _read(wire.events_from_json, await self._get(f"{wire.EVENTS}?after={after}"))
                 after = page.next
                 self._take(await self._get(wire.STATS))

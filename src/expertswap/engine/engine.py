@@ -32,7 +32,7 @@ from expertswap.protocol.errors import (
     ModelFormatError,
     PromptError,
 )
-from expertswap.protocol.events import MemorySample, ResidencySnapshot, Subscription
+from expertswap.protocol.events import ResidencySnapshot, Subscription
 from expertswap.protocol.options import DEFAULT_EVICTION
 from expertswap.protocol.plan import LayerShape, committee_size
 from expertswap.protocol.sampling import SamplingSettings
@@ -86,8 +86,12 @@ class Engine:
         """
         engine = cls(build(model_dir, budget, device, policy, ram_tier, dtype, skip_threshold, swapper, eviction,
                            quantize))
-        engine.swapper.start()
-        engine.watcher.start()
+        try:
+            engine.swapper.start()
+            engine.watcher.start()
+        except BaseException:  # no thread to be had: give the memory and the files back
+            engine.close()
+            raise
         _LIVE.add(engine)
         return engine
 
@@ -123,7 +127,7 @@ class Engine:
     @property
     def context_tokens(self) -> int | None:
         """The model's context length, when its config gives one."""
-        return self.decoder.context
+        return self.sessions.context
 
     @property
     def quantize(self) -> str | None:
@@ -363,9 +367,6 @@ class Engine:
         self.store.checkpoint.close()
 
     # ---- internals ---------------------------------------------------------------------------
-    def memory_sample(self) -> MemorySample:
-        return self.watcher.sample()
-
     def _require_open(self) -> None:
         """A closed engine has given its memory back: what would move experts again is refused."""
         if self.decoder.closed:

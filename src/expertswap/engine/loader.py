@@ -24,6 +24,7 @@ from expertswap.engine.decode.step import StepGuard
 from expertswap.engine.device import resolve_device
 from expertswap.engine.moe.committee import Committee
 from expertswap.engine.moe.copier import Copier
+from expertswap.engine.moe.expert_cache import check_eviction
 from expertswap.engine.moe.expert_rows import supports_rows
 from expertswap.engine.moe.policies import choose_policy
 from expertswap.engine.moe.runtime import Runtime
@@ -38,8 +39,8 @@ from expertswap.engine.weights.skeleton import ExpertsSite, load_skeleton
 from expertswap.engine.weights.store import ExpertStore, resolve_layer
 from expertswap.engine.weights.validate import check_layers
 from expertswap.protocol.budget import parse_budget
-from expertswap.protocol.errors import ModelFormatError, PolicyError, SettingsError, UnsupportedArchitectureError
-from expertswap.protocol.options import EVICTIONS, QUANTIZATIONS
+from expertswap.protocol.errors import ModelFormatError, SettingsError, UnsupportedArchitectureError
+from expertswap.protocol.options import QUANTIZATIONS
 from expertswap.protocol.plan import plan_capacities
 
 
@@ -73,8 +74,7 @@ def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ra
     choose_policy(policy, torch_device.type, skip_threshold)  # a wrong name fails before anything is read
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise SettingsError(f"unknown quantisation {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
-    if eviction not in EVICTIONS:
-        raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+    check_eviction(eviction)
     folder, config, family = read_config(model_dir)
     native, block = native_packing(config)
     if native is not None and quantize is not None:
@@ -103,16 +103,17 @@ def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ra
         runtime = Runtime(policy=miss_policy, eviction=eviction,
                           packed_slots=any(spec.quantize for spec in layers.values()))
         copier = Copier(torch_device)
-        committees = [Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device,
-                                _router(site), copier) for site, capacity in zip(sites, capacities, strict=True)]
+        routers = [_router(site) for site in sites]
+        committees = [Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router,
+                                copier) for site, capacity, router in zip(sites, capacities, routers, strict=True)]
         for site, committee in zip(sites, committees, strict=True):
             setattr(site.parent, site.name.rpartition(".")[2], committee)  # the committee replaces the experts
         tokenizer = _load_tokenizer(folder)
-    except BaseException:  # a broken folder must not leave its safetensors files open
+        return _wire(model, tokenizer, family, committees, row_path, store, runtime, copier, budget_bytes, swapper,
+                     routers)
+    except BaseException:  # a broken folder, or no memory for the compact step: no safetensors file left open
         checkpoint.close()
         raise
-    return _wire(model, tokenizer, family, committees, row_path, store, runtime, copier, budget_bytes, swapper,
-                 [_router(site) for site in sites])
 
 
 def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, family: Family,

@@ -34,7 +34,7 @@ from expertswap.protocol.events import (
     TokenStats,
     event_from_json,
 )
-from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS, POLICIES, QUANTIZATIONS
+from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS, POLICIES, QUANTIZATIONS, THRESHOLD_POLICIES
 from expertswap.protocol.plan import LayerShape, committee_size, minimum_bytes, plan_capacities
 from expertswap.protocol.sampling import SamplingSettings
 from expertswap.protocol.stats import EngineStats
@@ -47,6 +47,7 @@ __all__ = [
     "EVICTIONS",
     "POLICIES",
     "QUANTIZATIONS",
+    "THRESHOLD_POLICIES",
     "BudgetChange",
     "BudgetError",
     "BudgetTooSmallError",

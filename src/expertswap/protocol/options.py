@@ -6,6 +6,7 @@ Each name's rules (which device a policy needs, what a format is) are the engine
 from __future__ import annotations
 
 POLICIES = ("exact", "substitute", "skip", "cpu", "lowbit")  # what a routed expert that is not resident costs
+THRESHOLD_POLICIES = ("skip",)  # the policies a skip threshold applies to
 EVICTIONS = ("importance", "lru", "lfu")  # which resident expert a miss replaces
 DEFAULT_EVICTION = "importance"  # chosen by replaying recorded traces: benchmarks/replay.py
 QUANTIZATIONS = ("int8", "nf4", "fp4")  # experts quantised when read (--quantize)

@@ -52,7 +52,7 @@ class ReplyStats:
 
 
 class ReplyListener(Protocol):
-    """Who hears of a reply's progress: the engine's reporter (telemetry) and the swapper's wake-up."""
+    """Who hears of a reply's progress (the engine's ``Reporter``: telemetry, the peak, the swapper's wake-up)."""
 
     def token_done(self, pace: ReplyStats) -> None:
         """After each token, with the reply's pace so far."""
@@ -69,7 +69,6 @@ class Decoder:
 
     def __init__(self, sessions: Sessions, guard: StepGuard, stop_ids: set[int], listener: ReplyListener) -> None:
         self.sessions = sessions
-        self.context = sessions.context  # the model's context length, when its config gives one
         self.guard = guard
         self.stop_ids = stop_ids
         self.listener = listener
@@ -109,7 +108,7 @@ class Decoder:
         """Yield new token ids (synchronously) until EOS, ``max_new_tokens`` or cancellation."""
         if not input_ids:
             raise PromptError("the prompt is empty: there is nothing to reply to")
-        limit = self.context
+        limit = self.sessions.context
         if limit is not None and len(input_ids) >= limit:
             raise PromptError(f"the prompt has {len(input_ids)} tokens; this model's context holds {limit}")
         if limit is not None and len(input_ids) + settings.max_new_tokens > limit:  # the reply stops at the context

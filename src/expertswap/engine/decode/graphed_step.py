@@ -88,7 +88,7 @@ class GraphedDecode:
         """The exact policy in bf16/fp16 on plain slots: other policies and packed slots decide per token on the
         host in ways a graph cannot hold, and transformers' grouped_mm falls back to host-side offsets in fp32."""
         runtime = self.runtime
-        return runtime.policy.name == "exact" and runtime.trace is None and not runtime.packed_slots and (
+        return runtime.policy.graphable and runtime.trace is None and not runtime.packed_slots and (
             not self.cuda or self.compact.dtype in (torch.bfloat16, torch.float16)
         )
 

@@ -4,7 +4,8 @@ Lock discipline, in one place: the runtime's step lock (an RLock) is held for th
 and for anything that changes what a forward sees (a resize, a swap batch, a policy switch, a pinned
 committee, a residency snapshot). Budget and policy requests from other threads only record what is
 wanted; the next step applies them here, between tokens, under the lock. Background copies (the
-swapper) read and stage outside the lock and take it only to install a batch. Nothing else takes it.
+swapper) read and stage outside the lock and take it only to install a batch. Besides those, only what
+reads the committees consistently takes it: a residency snapshot, a new subscription, the stats of a token.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ def forward_mode() -> Iterator[None]:
     """How every engine forward runs: inference mode, attention backends that suit a growing KV cache."""
     with torch.inference_mode(), sdpa_kernel(_ATTENTION):
         yield
-
 
 
 class StepHooks(Protocol):

@@ -13,6 +13,7 @@ import torch
 from expertswap.engine.moe.policies import skip_routings
 from expertswap.engine.moe.slot_map import SlotMap
 from expertswap.engine.observe.counters import RoutingCounts
+from expertswap.protocol.errors import PolicyError
 from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS
 
 # how a miss picks its victim (and what the swapper and a shrink keep): SwapMoE's importance (decayed
@@ -21,13 +22,18 @@ DECAY_PER_TOKEN = 0.95
 SWAP_HYSTERESIS = 1.25
 
 
+
+def check_eviction(name: str) -> None:
+    """The one check of an eviction's name: at load, before anything is read, and for every cache."""
+    if name not in EVICTIONS:
+        raise PolicyError(f"eviction must be one of {', '.join(EVICTIONS)}, got {name!r}")
+
 class ExpertCache:
     """The residency state and decisions of one layer's committee of ``capacity`` of ``num_experts`` experts."""
 
     def __init__(self, num_experts: int, top_k: int, capacity: int, device: torch.device,
                  eviction: str = DEFAULT_EVICTION) -> None:
-        if eviction not in EVICTIONS:
-            raise ValueError(f"unknown eviction {eviction!r}: use one of {', '.join(EVICTIONS)}")
+        check_eviction(eviction)
         self.num_experts, self.top_k, self.eviction = num_experts, top_k, eviction
         E = num_experts
         self.slots = SlotMap(E, capacity, device)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from expertswap.protocol.errors import PolicyError
-from expertswap.protocol.options import POLICIES
+from expertswap.protocol.options import POLICIES, THRESHOLD_POLICIES
 
 
 class MissHandler(Protocol):
@@ -35,14 +35,16 @@ class MissPolicy:
     loads_on_miss: ClassVar[bool] = True  # False: decoding never loads (the prompt still does, exactly)
     needs_cuda: ClassVar[bool] = False
     needs_rows: ClassVar[bool] = False  # needs every layer on the per-expert row path
+    graphable: ClassVar[bool] = True  # the CUDA-graph decode step holds it (its loads sit between the pieces)
+    pinnable: ClassVar[bool] = False  # a static committee may serve it: a miss never loads, even in a prompt
 
     def __init__(self, skip_threshold: float = 0.0) -> None:
         self.skip_threshold = skip_threshold
 
     @property
     def routing_threshold(self) -> float:
-        """Routings below this weight are dropped before anything loads (only ``skip`` drops any)."""
-        return 0.0
+        """Routings below this weight are dropped before anything loads (the ``THRESHOLD_POLICIES`` drop any)."""
+        return self.skip_threshold if self.name in THRESHOLD_POLICIES else 0.0
 
     def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                       resident: torch.Tensor) -> torch.Tensor | None:
@@ -58,10 +60,7 @@ class Skip(MissPolicy):
     """``skip`` (PC-MoE's skippable computation): routings under the threshold are dropped, the rest load."""
 
     name = "skip"
-
-    @property
-    def routing_threshold(self) -> float:
-        return self.skip_threshold
+    graphable = False  # which routings it drops is decided per token on the host
 
 
 class Substitute(MissPolicy):
@@ -69,6 +68,8 @@ class Substitute(MissPolicy):
 
     name = "substitute"
     loads_on_miss = False
+    graphable = False
+    pinnable = True
 
     def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                       resident: torch.Tensor) -> torch.Tensor | None:
@@ -81,6 +82,7 @@ class HostCompute(MissPolicy):
     name = "cpu"
     loads_on_miss = False
     needs_cuda = True
+    graphable = False
 
     def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                       resident: torch.Tensor) -> torch.Tensor | None:
@@ -93,6 +95,7 @@ class LowBit(MissPolicy):
     name = "lowbit"
     loads_on_miss = False
     needs_rows = True
+    graphable = False
 
     def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                       resident: torch.Tensor) -> torch.Tensor | None:

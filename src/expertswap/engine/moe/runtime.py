@@ -15,12 +15,12 @@ from expertswap.protocol.options import DEFAULT_EVICTION
 
 @dataclass
 class Runtime:
-    """State every committee of one engine shares: policy, whether misses may load, lock, telemetry."""
+    """One per engine, shared by its committees; changed only through its methods, under the step lock."""
 
     policy: MissPolicy = field(default_factory=MissPolicy)  # chosen by name with policies.choose_policy
-    eviction: str = DEFAULT_EVICTION  # or another of expert_cache.EVICTIONS
+    eviction: str = DEFAULT_EVICTION  # or another of protocol.options.EVICTIONS
     allow_loads: bool = True
-    pinned: bool = False  # a static committee: nothing loads, the swapper rests (Engine.pin_committee)
+    pinned: bool = False  # a static committee: nothing loads, the swapper rests (``pin``)
     counters: Counters = field(default_factory=Counters)
     lock: threading.RLock = field(default_factory=threading.RLock)
     telemetry: Telemetry = field(default_factory=Telemetry)
@@ -48,7 +48,7 @@ class Runtime:
         Only under ``substitute``: nothing else computes a miss without loading it. ``check_only``: refuse now,
         before the caller fills the committees.
         """
-        if pinned and self.policy.name != "substitute":
+        if pinned and not self.policy.pinnable:
             raise PolicyError(f"a pinned committee needs the substitute policy, not {self.policy.name!r}")
         if not check_only:
             self.pinned = pinned
@@ -56,7 +56,7 @@ class Runtime:
 
     def switch_policy(self, policy: MissPolicy) -> None:
         """In force from the next forward (the caller holds the step lock)."""
-        if self.pinned and policy.name != "substitute":
+        if self.pinned and not policy.pinnable:
             raise PolicyError("release the pinned committee (pin_committee(None)) before leaving substitute")
         self.policy = policy
 
