@@ -72,9 +72,8 @@ def main(model: str, device: str, layers: int, budgets: list[str], tokens: int, 
                 reference = reference if reference is not None else out
                 same.append(out == reference)
             stats = engine.stats()
-            guess = engine.graphed.prediction if engine.graphed is not None else None
-            predicted = f"{guess.precision:.2f} / {guess.recall:.2f}" if guess and guess.predicted else "-"
-            rows.append((budget, statistics.median(speeds), stats.hit_rate, all(same), out == plain_tokens, predicted))
+            graphs = engine.graphed.graphs_per_token if engine.graphed is not None else 0
+            rows.append((budget, statistics.median(speeds), stats.hit_rate, all(same), out == plain_tokens, graphs))
     path = RESULTS / f"exact-budgets-{model}-{device}.md"
     full = rows[0][1] if rows and rows[0][0] == "100%" else None
     lines = [f"# Exact at every budget: {model}, {layers} layers, {device}", "", stamp(device), "",
@@ -82,12 +81,12 @@ def main(model: str, device: str, layers: int, budgets: list[str], tokens: int, 
              f"{', experts in pinned host RAM' if device == 'cuda' else ''}. "
              f"`same as 100%`: the engine's tokens equal its own full residency's in every repetition. "
              f"Plain transformers (eager, same weights): **{plain_speed:.1f} tok/s**."), "",
-             ("| budget | tok/s | x plain transformers | x engine 100% | hit rate | prefetch precision / recall "
+             ("| budget | tok/s | x plain transformers | x engine 100% | hit rate | CUDA graphs / token "
              "| same as 100% | same as transformers |"),
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-    for budget, speed, hit, same_full, same_plain, predicted in rows:
+    for budget, speed, hit, same_full, same_plain, graphs in rows:
         ratio = f"{speed / full:.2f}" if full else "-"
-        lines.append(f"| {budget} | {speed:.1f} | {speed / plain_speed:.2f} | {ratio} | {hit:.2f} | {predicted} | "
+        lines.append(f"| {budget} | {speed:.1f} | {speed / plain_speed:.2f} | {ratio} | {hit:.2f} | {graphs} | "
                      f"{'yes' if same_full else 'NO'} | {'yes' if same_plain else 'no'} |")
     path.write_text("\n".join(lines) + "\n")
     return path

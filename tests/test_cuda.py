@@ -108,18 +108,6 @@ def test_cuda_graphs_are_captured_once_and_again_after_a_resize_and_stay_exact(t
         assert engine.graphed.captures == 2 and engine.stats().misses > 0
 
 
-def test_cuda_prefetch_of_predicted_experts_keeps_tokens_exact(tiny_model) -> None:
-    folder = tiny_model("olmoe")
-    with Engine.load(folder, budget="100%", device="cuda", dtype="bfloat16") as full:
-        ids = full.encode(PROMPT)
-        expected = list(full.generate(ids, SamplingSettings(max_new_tokens=24)))
-    with Engine.load(folder, budget="50%", device="cuda", dtype="bfloat16", ram_tier=True, swapper=False) as engine:
-        events = engine.subscribe()
-        assert list(engine.generate(ids, SamplingSettings(max_new_tokens=24))) == expected
-        reasons = {getattr(e, "reason", None) for e in events.drain()}
-        assert "prefetch" in reasons and engine.graphed.prediction.right > 0
-
-
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantised_experts_on_cuda_give_the_dequantised_models_logits(tiny_model, kind: str) -> None:
     """bitsandbytes dequantises on the GPU exactly as on the CPU: the slots' output is the quantised model's."""
@@ -162,3 +150,67 @@ def test_close_gives_the_device_memory_back_while_the_engine_is_still_referenced
     engine.close()
     assert torch.cuda.memory_allocated() - before <= 64 * 2**20
     assert engine.store.host_bytes == 0  # the pinned RAM tier too
+
+
+def test_zero_copy_kernels_give_the_same_bits_from_pinned_host_memory_as_from_a_slot() -> None:
+    """The miss path reads an expert over PCIe, the hit path from device memory: the same math on the same bytes
+    gives the same bits, and the copy the kernel writes on its way is the expert."""
+    import torch.nn.functional as F
+
+    from expertswap.engine.moe.kernels import swiglu_pairs
+
+    torch.manual_seed(0)
+    hidden, inner, pairs = 1024, 352, 4  # not multiples of the kernels' tiles
+    gate_up = torch.randn(pairs, 2 * inner, hidden, dtype=torch.bfloat16) * 0.05
+    down = torch.randn(pairs, hidden, inner, dtype=torch.bfloat16) * 0.05
+    x = torch.randn(hidden, dtype=torch.bfloat16, device="cuda")
+    weights = torch.rand(pairs, device="cuda")
+    on_device = [t.cuda() for t in (gate_up, down)]
+    on_host = [t.pin_memory() for t in (gate_up, down)]
+    filled = [torch.zeros_like(t) for t in on_device]
+
+    def addresses(t: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([t[i].data_ptr() for i in range(pairs)], dtype=torch.long, device="cuda")
+
+    none = torch.zeros(pairs, dtype=torch.long, device="cuda")
+    hit = swiglu_pairs(x, (addresses(on_device[0]), none), (addresses(on_device[1]), none), weights, inner)
+    miss = swiglu_pairs(x, (addresses(on_host[0]), addresses(filled[0])), (addresses(on_host[1]), addresses(filled[1])),
+                        weights, inner)
+    torch.cuda.synchronize()
+    assert torch.equal(hit, miss)
+    assert all(torch.equal(f, d) for f, d in zip(filled, on_device, strict=True))
+    for i in range(pairs):
+        gate, up = F.linear(x, on_device[0][i]).chunk(2)
+        want = F.linear(F.silu(gate) * up, on_device[1][i]) * weights[i].to(torch.bfloat16)
+        torch.testing.assert_close(hit[i], want, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("budget", ["50%", "min"])
+def test_host_free_decode_gives_100_percents_tokens_in_one_graph_a_token(tiny_model, family: str,
+                                                                           budget: str) -> None:
+    folder = tiny_model(family)
+    with Engine.load(folder, budget="100%", device="cuda", dtype="bfloat16", ram_tier=True) as full:
+        ids = full.encode(PROMPT)
+        expected = list(full.generate(ids, SamplingSettings(max_new_tokens=32)))
+        assert full.graphed is not None and full.graphed.graphs_per_token == 1
+        smallest = full.minimum_budget_bytes
+    with Engine.load(folder, budget=smallest if budget == "min" else budget, device="cuda", dtype="bfloat16",
+                     ram_tier=True) as engine:
+        events = engine.subscribe()
+        before = engine.stats().misses
+        assert list(engine.generate(ids, SamplingSettings(max_new_tokens=32))) == expected
+        assert engine.graphed is not None and engine.graphed.graphs_per_token == 1
+        assert engine.stats().misses > before
+        assert any(getattr(e, "reason", None) == "miss" for e in events.drain())
+        assert engine.resident_expert_bytes() <= engine.budget_bytes
+        for committee in engine.committees:  # the host followed the device, and every slot holds its expert
+            slots = committee.slots
+            assert slots.device_map.tolist() == [slots.slot_of(e) for e in range(committee.num_experts)]
+            assert slots.device_slots.tolist() == slots.slot_to_expert
+            for slot, expert in enumerate(slots.slot_to_expert):
+                if expert >= 0:
+                    held = committee.storage.read(slot)
+                    holds = [e for e in range(committee.num_experts) if all(
+                        torch.equal(held[n].cpu(), t) for n, t in engine.store.read(committee.layer, e).items())]
+                    assert holds == [expert], f"layer {committee.layer} slot {slot}: {expert} claimed, holds {holds}"

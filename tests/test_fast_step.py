@@ -126,9 +126,6 @@ def test_the_graphed_decode_pieces_reproduce_the_compact_step(tiny_model, family
                 a, b = plain.run([token]), pieces.run([token])
                 torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
         assert graphed.captures == 1 and pieces.cache.length == plain.cache.length
+        moe_layers = len(engine.committees)  # the host loads between a layer's halves only where it may miss
+        assert len(graphed.pieces) == (1 if budget == "100%" else moe_layers + 1)
         assert engine.stats().misses > 0 if budget == "50%" else engine.stats().misses == 0
-        guessed = graphed.prediction
-        if budget == "50%":  # the next layer's router on this layer's state: counted against what was used
-            assert (
-                guessed.predicted > 0 and guessed.used > 0 and 0 < guessed.right <= min(guessed.predicted, guessed.used)
-            )

@@ -60,3 +60,34 @@ def test_full_and_the_device_copy() -> None:
     assert slots.full and slots.device_map.tolist() == [-1, -1, -1]  # only publish copies
     slots.publish()
     assert slots.device_map.tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize("eviction", ["importance", "lru", "lfu"])
+def test_placing_on_the_device_makes_the_hosts_decisions(eviction: str) -> None:
+    """``ExpertCache.place`` (the host-free decode step's loads, device work only) picks the victims that the host's
+    ``loads`` picks, and the host that installs its log's rows ends with the device's maps."""
+    from expertswap.engine.moe.expert_cache import ExpertCache
+
+    rng = random.Random(3)
+    host, device = (ExpertCache(12, 3, 5, torch.device("cpu"), eviction) for _ in range(2))
+    for cache in (host, device):
+        for slot, expert in enumerate([0, 1, 2]):  # two empty slots to start with
+            cache.slots.install(slot, expert)
+        cache.slots.publish()
+        cache.norms.copy_(torch.linspace(1.0, 2.0, 12))
+    for _ in range(300):
+        index = torch.tensor([rng.sample(range(12), 3)])
+        weights = torch.rand(1, 3)
+        for cache in (host, device):
+            cache.observe(index, weights)
+        loads = host.loads(sorted(index[0].tolist()))
+        evicted = {slot: host.slots.install(slot, expert) for expert, slot in loads}
+        host.slots.publish()
+        rows = device.place(index).tolist()
+        assert [(e, s, o) for e, s, o in rows if e >= 0] == [(e, s, evicted[s]) for e, s in loads]
+        assert all(row == [-1, -1, -1] for row in rows if row[0] < 0)
+        assert device.slots.device_map.tolist() == host.slots.device_map.tolist()
+        assert device.slots.device_slots.tolist() == host.slots.slot_to_expert
+        for expert, slot, _ in (row for row in rows if row[0] >= 0):
+            device.slots.install(slot, expert)
+        _check(device.slots)

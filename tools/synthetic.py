@@ -81,18 +81,19 @@ def build_model(
     hidden: int = 64,
     intermediate: int = 32,
     heads: int = 4,
+    kv_heads: int | None = None,
     vocab_size: int = 512,
     dtype: torch.dtype = torch.float32,
     init_std: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Save a random ``family`` MoE with its tokenizer to ``folder`` and return the folder."""
+    """Save a random ``family`` MoE with its tokenizer to ``folder`` and return the folder (``kv_heads``: half the
+    heads unless given)."""
     folder = Path(folder)
     tokenizer = build_tokenizer(vocab_size)
     overrides = _family_overrides(num_experts, top_k, intermediate, heads)[family]
-    common: dict[str, Any] = {
-        "head_dim": hidden // heads, "max_position_embeddings": 1024, "num_key_value_heads": max(1, heads // 2)
-    }
+    common: dict[str, Any] = {"head_dim": hidden // heads, "max_position_embeddings": 1024,
+                              "num_key_value_heads": kv_heads or max(1, heads // 2)}
     config = AutoConfig.for_model(
         family,
         vocab_size=len(tokenizer),

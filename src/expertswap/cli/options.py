@@ -26,9 +26,10 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="cpu or cuda (default: %(default)s, cuda where torch sees a GPU)")
     parser.add_argument("--skip-threshold", type=float, default=0.0,
                         help="policy skip: drop routings whose weight is below this (0 = drop none)")
-    parser.add_argument("--ram-tier", action="store_true", help="keep every expert in host RAM (faster swaps)")
+    parser.add_argument("--ram-tier", action="store_true",
+                        help="keep every expert in host RAM (faster swaps; on CUDA the host-free decode step)")
     parser.add_argument("--no-swapper", action="store_true",
-                        help="no background swapping, misses only (on the CPU exact and skip only grow in it)")
+                        help="no background swapping, misses only (under exact and skip it only fills empty slots)")
     parser.add_argument("--eviction", choices=EVICTIONS, default=DEFAULT_EVICTION,
                         help="which expert a miss replaces: least important, or least recently used (baseline)")
 

@@ -2,8 +2,8 @@
 
 Reading experts (disk or RAM tier) happens outside the step lock; only the copies into the slots
 are done under it, between tokens, one layer's few swaps as one batch, so generation waits at most
-for that batch. On CUDA the copies run on the copier's own stream from pinned memory. On the CPU, under
-the policies that load their own misses, it only fills the slots a budget raise leaves empty
+for that batch. On CUDA the copies run on the copier's own stream from pinned memory. Under the
+policies that load their own misses it only fills the slots a budget raise leaves empty
 (``_swaps_pay``); budget requests are settled on every wake regardless.
 """
 
@@ -76,13 +76,14 @@ class Swapper:
         return done
 
     def _swaps_pay(self) -> bool:
-        """Whether evicting for a more important expert earns its loads. On a GPU the copies run on their own
-        stream. On the CPU they take the decoding cores' time, so they run only for the policies that never
-        load while decoding (substitute, lowbit): nothing else brings their missing experts in. Under exact
-        or skip a miss loads itself; there the swaps moved 32-43% more bytes for 0.2-1.7 points of hit rate
-        (benchmarks/results/replay-default-*.md) and cost 3-13% of the default model's decode speed. Filling
-        the empty slots a budget raise made always pays: nothing is evicted."""
-        return self.copier.device.type == "cuda" or not self.runtime.policy.loads_on_miss
+        """Whether evicting for a more important expert earns its loads: only for the policies that never load while
+        decoding (substitute, lowbit, cpu), where nothing else brings their missing experts in. Under exact or
+        skip a miss loads itself. There the swaps moved 32-43% more bytes for 0.2-1.7 points of hit rate on the
+        default model (benchmarks/results/replay-default-*.md) and lowered it on 12 of 42 real traces; on the CPU
+        they cost 3-13% of decode speed, and on the GPU their planning (the ranks read back layer by layer, under
+        the step lock) halved the host-free step's speed at 75% (Granite shape, H200). Filling the empty slots a
+        budget raise made always pays: nothing is evicted."""
+        return not self.runtime.policy.loads_on_miss
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -201,11 +201,6 @@ class MoEBlock:
         out = self.experts(x, index, weights)
         return out + self.shared(x) if self.shared is not None else out
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The experts this layer will likely route the coming token to, from the layer before's hidden state
-        ``x`` through this layer's router: the prefetch predictor's guess (benchmarks replaying a trace swap it)."""
-        return self.router(x)[2]
-
 
 class Layer:
     def __init__(self, layer: Any, config: Any) -> None:  # a family's decoder layer and config

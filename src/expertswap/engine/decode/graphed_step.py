@@ -1,25 +1,26 @@
-"""The decode step as CUDA graphs: two per MoE layer, with the exact policy's loads between them.
+"""The decode step as CUDA graphs: one per token when no host work sits in it, else two per MoE layer.
 
 Eager decoding on a GPU is Python and kernel launches (measured on an H200, OLMoE shape, 16
-layers: ~1,700 launches a token, the GPU busy 9% of the time). Here one token is a short list of
-pieces, each captured once and replayed: the embedding; per layer the attention, router and
-routing bookkeeping (piece A), then the experts and residual (piece B); the final norm and head.
-Between A and B of a layer whose committee is not full, the host reads the routing (one small
-copy) and loads what is missing, exactly as the eager path does; with every committee full the
-token is queued without a single host sync. Piece A also applies the next MoE layer's router to
-this layer's hidden state: the experts it names are copied from pinned host memory on the copier's
-stream while this layer's experts and the next attention compute, and the device waits for that
-copy only before the next layer's loads; whatever the guess missed is still loaded exactly
-(``prediction`` counts its precision and recall). Shapes never change (a cache of fixed capacity, the
-position a device tensor), so the graphs stay valid until a resize moves the slots or a longer
-reply needs a larger cache; then they are captured again.
+layers: ~1,700 launches a token, the GPU busy 9% of the time). Here one token is a list of pieces,
+each captured once and replayed: the embedding; per layer the attention, router and routing
+bookkeeping (piece A), then the experts and residual (piece B); the final norm and head. Pieces with
+no host work between them are captured as one graph.
 
+- Host-free (every expert in the pinned RAM tier, bf16/fp16, SwiGLU experts in stacked slots): piece B
+  runs the zero-copy kernels (``moe/zero_copy.py``): a miss is read from host memory by the kernel
+  and written into its victim slot on the way, so a token is ONE graph at every budget, and the
+  host reads what moved once per token (``_settle``).
+- Otherwise, between A and B of a layer whose committee is not full, the host reads the routing (one
+  small copy) and loads what is missing from the store, exactly as the eager path does; with every
+  committee full the token is one graph again.
+
+Shapes never change (a cache of fixed capacity, the position a device tensor), so the graphs stay valid
+until a resize moves the slots or a longer reply needs a larger cache; then they are captured again.
 Off CUDA the same pieces run eagerly: the decomposition is tested on the CPU in CI.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +28,9 @@ from typing import Any
 import torch
 
 from expertswap.engine.decode.compact_step import CompactModel, KVCache, Layer, MoEBlock, cache_size
+from expertswap.engine.moe import zero_copy
 from expertswap.engine.moe.committee import Committee
 from expertswap.engine.moe.runtime import Runtime
-
-_TRIAL = 256  # predictions before their precision decides whether prefetching goes on
-_PREFETCH_PRECISION = 0.8
 
 
 @dataclass
@@ -49,23 +48,6 @@ class _Piece:
             self.after()
 
 
-@dataclass
-class Prediction:
-    """How well layer L's hidden state, through layer L+1's router, named the experts L+1 then used."""
-
-    predicted: int = 0
-    used: int = 0
-    right: int = 0
-
-    @property
-    def precision(self) -> float:
-        return self.right / self.predicted if self.predicted else 1.0
-
-    @property
-    def recall(self) -> float:
-        return self.right / self.used if self.used else 1.0
-
-
 class GraphedDecode:
     """One reply's decode steps on a persistent cache; pieces captured on CUDA, run eagerly elsewhere."""
 
@@ -77,9 +59,10 @@ class GraphedDecode:
         self.pieces: list[_Piece] = []
         self.key: tuple | None = None
         self.captures = 0  # how often the pieces were (re)captured: tests and benchmarks read it
-        self.prediction = Prediction()
-        self._guess: dict[int, set[int]] = {}  # layer -> experts predicted for it this token
-        self._joins: dict[int, Callable[[], None]] = {}  # layer -> make the device wait for its prefetch
+        self._zero_copy: dict[int, zero_copy.ZeroCopyExperts] = {}  # layer -> its kernels, when every layer has them
+        self._log = torch.empty(0)  # [MoE layers, k, 3]: what the host-free step brought in, per layer
+        self._log_host = torch.empty(0)
+        self.graphs_per_token = 0  # graphs one token replays: tests and benchmarks read it
         self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self._token = torch.zeros(1, dtype=torch.long, device=compact.device)
         self._position = torch.zeros(1, dtype=torch.long, device=compact.device)
@@ -118,37 +101,24 @@ class GraphedDecode:
             self.key = key
         for piece in self.pieces:
             piece()
+        if self._zero_copy and not all(c.slots.full for c in self._committees()):
+            self._settle()
         cache.length += 1
         return self._logits
 
-    def _between(self, committee: Committee, routing: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
-                 following: Committee | None) -> None:
-        """After a layer's routing: load its misses (exact), and start the next layer's predicted experts."""
-        if join := self._joins.pop(committee.layer, None):
-            join()  # its prefetch lands before any load or read of these slots
-        if committee.slots.full and (following is None or following.slots.full):
-            return
-        index, guess = routing()
-        k = index.numel()
-        host = (torch.cat([index.flatten(), guess.flatten()]) if guess is not None else index.flatten()).cpu()
-        needed = sorted(set(host[:k].tolist()) - {-1})
-        if (predicted := self._guess.pop(committee.layer, None)) is not None:
-            self.prediction.predicted += len(predicted)
-            self.prediction.used += len(needed)
-            self.prediction.right += len(predicted & set(needed))
+    def _settle(self) -> None:
+        """The host follows what the token brought in: one copy of every layer's log, one sync."""
+        self._log_host.copy_(self._log, non_blocking=True)
+        torch.cuda.current_stream(self.compact.device).synchronize()
+        for committee, rows in zip(self._committees(), self._log_host.tolist(), strict=True):
+            if placed := [tuple(row) for row in rows if row[0] >= 0]:
+                committee.settle(placed)
+
+    @staticmethod
+    def _between(committee: Committee, index: torch.Tensor) -> None:
+        """After a layer's routing, when its committee is not full: load what it misses (exact), from the store."""
         if not committee.slots.full:
-            committee.make_resident(needed)
-        if guess is not None and following is not None and not following.slots.full:
-            self._guess[following.layer] = set(host[k:].tolist())
-            if self._prefetch_pays() and (join := following.prefetch(sorted(self._guess[following.layer]))):
-                self._joins[following.layer] = join
-
-    def _prefetch_pays(self) -> bool:
-        """A wrong guess costs a copy and evicts an expert that may be needed: prefetch only while guesses are good.
-
-        Measured on random-weight OLMoE shapes (H200): precision 0.69, and prefetching did not pay.
-        """
-        return self.prediction.predicted < _TRIAL or self.prediction.precision >= _PREFETCH_PRECISION
+            committee.make_resident(committee.cache.needed(index))
 
     # ---- building the pieces -----------------------------------------------------------------
     def _committees(self) -> list[Committee]:
@@ -164,25 +134,34 @@ class GraphedDecode:
             x.copy_(compact.embed(self._token))
             held["cos"], held["sin"] = (t[0] for t in compact.rotary(x[None], self._position[None]))
 
+        committees = self._committees()
+        kernels = self.cuda and self.compact.dtype in (torch.bfloat16, torch.float16) and all(
+            zero_copy.supports(c) for c in committees)
+        self._zero_copy = {}
+        if kernels:
+            self._log = torch.full((len(committees), max(c.top_k for c in committees), 3), -1, dtype=torch.long,
+                                   device=compact.device)
+            self._log_host = torch.empty(self._log.shape, dtype=torch.long).pin_memory()
+            self._zero_copy = {c.layer: zero_copy.ZeroCopyExperts(c, row) for c, row in zip(committees, self._log,
+                                                                                          strict=True)}
         pieces = [_Piece(embed)]
-        blocks = {i: layer.mlp for i, layer in enumerate(compact.layers) if isinstance(layer.mlp, MoEBlock)}
-        following = {i: blocks[j] for i, j in itertools.pairwise(blocks)}
         for i, layer in enumerate(compact.layers):
-            pieces.extend(self._layer_pieces(i, layer, x, held, cache, following.get(i)))
-        self._guess, self._joins = {}, {}
+            pieces.extend(self._layer_pieces(i, layer, x, held, cache))
 
         def head() -> None:
             held["logits"] = compact.head(compact.norm(x))
 
         pieces.append(_Piece(head))
+        pieces = _joined(pieces)
         if self.cuda:
             self._capture(pieces)
         self.pieces = pieces
+        self.graphs_per_token = len(pieces) if self.cuda else 0
         self._held = held
         self.captures += 1
 
     def _layer_pieces(self, i: int, layer: Layer, x: torch.Tensor, held: dict[str, Any],
-                      cache: KVCache, following: MoEBlock | None) -> list[_Piece]:
+                      cache: KVCache) -> list[_Piece]:
         attention, mlp = layer.attention, layer.mlp
         position = self._position
 
@@ -197,32 +176,29 @@ class GraphedDecode:
 
             return [_Piece(dense)]
         committee: Committee = mlp.experts
+        kernels = self._zero_copy.get(committee.layer)
 
         def route() -> None:
             h, y = attend()
             _, weights, index = mlp.router(y)
             index, weights, _ = committee.observe(y, index, weights)
             held[f"{i}"] = (h, y, index, weights)
-            if following is not None:  # the next MoE layer's router on this hidden state: its likely experts
-                held[f"{i}:next"] = following.predict(y)
 
         def experts() -> None:
             h, y, index, weights = held[f"{i}"]
-            out = committee.compute(y, index, weights)
+            out = kernels(y, index, weights) if kernels else committee.compute(y, index, weights)
             if mlp.shared is not None:
                 out = out + mlp.shared(y)
             x.copy_(h + out)
 
-        def routing() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return held[f"{i}"][2], held.get(f"{i}:next")
-
         def after() -> None:
-            self._between(committee, routing, following.experts if following else None)
+            self._between(committee, held[f"{i}"][2])
 
-        return [_Piece(route, after), _Piece(experts)]
+        loads = not kernels and not committee.slots.full  # full stays full until a resize, which captures again
+        return [_Piece(route, after if loads else None), _Piece(experts)]
 
     def _capture(self, pieces: list[_Piece]) -> None:
-        """Warm up on a side stream (bookkeeping restored after), then capture each piece in order."""
+        """Warm up on a side stream (the routing bookkeeping restored after), then capture each piece in order."""
         committees = self._committees()
         saved = [[t.clone() for t in c.cache.device_state()] for c in committees]
         stream = torch.cuda.Stream(self.compact.device)
@@ -235,6 +211,8 @@ class GraphedDecode:
         for committee, state in zip(committees, saved, strict=True):
             for tensor, value in zip(committee.cache.device_state(), state, strict=True):
                 tensor.copy_(value)
+        if self._zero_copy and not all(c.slots.full for c in committees):
+            self._settle()  # the warm-up's loads were real (their slots were written): the replay finds them resident
         for piece in pieces:
             piece.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(piece.graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
@@ -243,3 +221,22 @@ class GraphedDecode:
     @property
     def _logits(self) -> torch.Tensor:
         return self._held["logits"]
+
+
+def _joined(pieces: list[_Piece]) -> list[_Piece]:
+    """Consecutive pieces with no host work between them as one: one graph for all of them."""
+    runs: list[list[_Piece]] = [[]]
+    for piece in pieces:
+        runs[-1].append(piece)
+        if piece.after is not None:
+            runs.append([])
+    return [run[0] if len(run) == 1 else _Piece(_in_order([p.run for p in run]), run[-1].after)
+            for run in runs if run]
+
+
+def _in_order(runs: list[Callable[[], None]]) -> Callable[[], None]:
+    def run() -> None:
+        for each in runs:
+            each()
+
+    return run

@@ -10,7 +10,7 @@ substitution, skipping) stays on the device: no host sync unless an expert must 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -259,45 +259,43 @@ class Committee(nn.Module):
                          start)
 
     @torch.inference_mode()
-    def apply_swaps(self, swaps: Sequence[Swap], start: float, background: bool = False,
-                    ahead: bool = False) -> Callable[[], None] | None:
+    def apply_swaps(self, swaps: Sequence[Swap], start: float, background: bool = False) -> None:
         """Copy experts into slots as one batch and update the maps; only between layers, under the runtime lock.
 
         The copier queues the batch (on its own stream when ``background``); the bookkeeping runs
         while it transfers; one synchronisation per batch. Each event's ``ms`` is the batch's time
-        (from ``start``, reads included) over its size. ``ahead`` (a prefetch): nothing waits; the
-        returned callable makes the device wait before the slots are read.
+        (from ``start``, reads included) over its size.
         """
         if not swaps:
-            return None
+            return
         if self.runtime.active_layers and any(swap.reason != "miss" for swap in swaps):
             self.runtime.swaps_during_forward += 1
-        finish = self.storage.write([(swap.slot, swap.tensors) for swap in swaps], background, ahead)
+        finish = self.storage.write([(swap.slot, swap.tensors) for swap in swaps], background)
         self._learn_norms(swaps)
         evicted = [self.slots.install(swap.slot, swap.expert) for swap in swaps]
-        if not ahead:
-            finish()
+        finish()
         self.slots.publish()
-        ms = (time.perf_counter() - start) * 1000 / len(swaps)
+        self._record(swaps, evicted, (time.perf_counter() - start) * 1000 / len(swaps))
+
+    def settle(self, placed: Sequence[tuple[int, int, int]]) -> None:
+        """The host follows what a host-free decode step brought in (its log's rows: expert, slot, expert out).
+
+        The device's maps and slots already hold them; the host's maps, the norms, the counts and the
+        events catch up. Their ``ms`` is 0: the copy was the kernel's own read of the expert.
+        """
+        swaps = [Swap(expert, slot, {}, "miss") for expert, slot, _ in placed]
+        evicted = [self.slots.install(swap.slot, swap.expert) for swap in swaps]
+        if evicted != [old for *_, old in placed]:
+            raise RuntimeError(f"layer {self.layer}: the host's slot map no longer follows the device's")
+        self._learn_norms(swaps)
+        self._record(swaps, evicted, 0.0)
+
+    def _record(self, swaps: Sequence[Swap], evicted: Sequence[int], ms: float) -> None:
         self.runtime.counters.loads += len(swaps)
         self.runtime.counters.bytes_loaded += self.spec.expert_bytes * len(swaps)
         for swap, old in zip(swaps, evicted, strict=True):
             self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=swap.expert, expert_out=old,
                                                   bytes=self.spec.expert_bytes, ms=ms, reason=swap.reason))
-        return finish if ahead else None
-
-    def prefetch(self, predicted: list[int]) -> Callable[[], None] | None:
-        """Start copying the predicted experts that are missing, evicting none of the predicted ones.
-
-        Only from pinned host copies (the RAM tier): the copy runs beside the compute. Returns the
-        callable that makes the device wait for it (call it before this layer's experts run), or None.
-        """
-        loads = self.cache.loads(predicted)
-        if not loads or not self.store.pinned(self.layer, loads[0][0]):
-            return None
-        start = time.perf_counter()
-        swaps = [Swap(expert, slot, self.store.read(self.layer, expert), "prefetch") for expert, slot in loads]
-        return self.apply_swaps(swaps, start, ahead=True)
 
     @torch.inference_mode()
     def resize(self, capacity: int) -> None:

@@ -43,27 +43,20 @@ class Copier:
             staged[name] = self._staging[key].copy_(tensor)
         return staged
 
-    def copy(self, slots: Mapping[str, torch.Tensor], writes: Writes, background: bool = False,
-             ahead: bool = False) -> Callable[[], None]:
-        """Queue each write into ``slots[name][slot]``; returns ``finish``, which waits for the batch.
-
-        ``ahead`` (a prefetch, with pinned sources): the batch runs on the copier's stream beside the
-        work queued after it, and the returned callable instead makes the current stream wait for it;
-        call it just before the slots are read.
-        """
+    def copy(self, slots: Mapping[str, torch.Tensor], writes: Writes, background: bool = False) -> Callable[[], None]:
+        """Queue each write into ``slots[name][slot]`` (on the copier's stream when ``background``); returns
+        ``finish``, which waits for the batch."""
         if self.device.type != "cuda":
             for slot, tensors in writes:
                 for name, tensor in tensors.items():
                     slots[name][slot].copy_(tensor)
             return lambda: None
         current = torch.cuda.current_stream(self.device)
-        side = self.stream if (background or ahead) and self.stream is not None else current
+        side = self.stream if background and self.stream is not None else current
         side.wait_stream(current)  # queued kernels may still read the slots' old experts
         with torch.cuda.stream(side):
             for slot, tensors in writes:
                 for name, tensor in tensors.items():
                     slots[name][slot].copy_(tensor, non_blocking=True)
-        if ahead:
-            return lambda: current.wait_stream(side)
         current.wait_stream(side)  # what runs next reads the new experts
         return side.synchronize  # sources (staging buffers) may be reused after it, and timings are true

@@ -101,6 +101,42 @@ class ExpertCache:
             return self.frequency.cpu().double()
         return self.scores().double()
 
+    def device_rank(self) -> torch.Tensor:
+        """``rank`` on the device, with no host sync (the host-free decode step ranks its victims with it)."""
+        if self.eviction == "lru":
+            return self.last_used.double()
+        if self.eviction == "lfu":
+            return self.frequency.double()
+        known = ~self.norms.isnan()
+        default = torch.where(known.any(), self.norms.nanmean(), 1.0)
+        return (self.importance.float() * torch.where(known, self.norms, default)).double()
+
+    def place(self, index: torch.Tensor) -> torch.Tensor:
+        """Give every expert one token routes to a slot, on the device: the decisions ``loads`` makes on the host.
+
+        A missing expert takes the best victim (an empty slot first, then the lowest ranked, never one
+        holding a routed expert), in the order of the experts' ids; both maps are updated in place. Returns
+        [k, 3] rows (expert, slot, expert it replaced) sorted by expert, (-1, -1, -1) for the resident ones:
+        the host installs them after the token (``SlotMap.install``) and the kernel fills those slots.
+        """
+        slots = self.slots
+        capacity, spare = slots.capacity, self.num_experts
+        experts = index[0].sort().values
+        current = slots.device_map[experts.clamp(min=0)]
+        missing = (current < 0) & (experts >= 0)
+        held = slots.device_slots
+        in_use = torch.zeros(capacity + 1, dtype=torch.bool, device=index.device)
+        in_use.index_fill_(0, torch.where(missing | (experts < 0), capacity, current), True)  # no host scalar
+        rank = torch.where(held < 0, -1.0, self.device_rank()[held.clamp(min=0)])
+        victims = rank.masked_fill(in_use[:capacity], float("inf")).sort(stable=True).indices
+        fill = torch.where(missing, victims[(missing.cumsum(0) - 1).clamp(min=0)], -1)
+        target = torch.where(missing, fill, capacity)  # the spare entry for the resident ones
+        old = slots.padded_slots[target]
+        slots.padded_map.index_fill_(0, torch.where(old >= 0, old, spare), -1)
+        slots.padded_map.index_put_((torch.where(missing, experts, spare),), torch.where(missing, fill, -1))
+        slots.padded_slots.index_put_((target,), torch.where(missing, experts, -1))
+        return torch.stack([torch.where(missing, experts, -1), fill, old], dim=1)
+
     @staticmethod
     def needed(index: torch.Tensor) -> list[int]:
         """The distinct experts a routing names (one host sync)."""

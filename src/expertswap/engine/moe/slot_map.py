@@ -1,8 +1,11 @@
 """Which expert sits in which slot of one layer's committee: the bookkeeping, apart from the weights.
 
 The host keeps both directions (slot -> expert, expert -> slot) and the resident count, always
-consistent with each other; the forward reads only ``device_map`` (expert -> slot, -1 when not
-resident), refreshed by ``publish`` in one copy after a batch of changes.
+consistent with each other; the forward reads only the device's copies (``device_map``: expert -> slot,
+``device_slots``: slot -> expert, -1 for none), refreshed by ``publish`` after a batch of changes. The
+host-free decode step changes the device's copies itself (``ExpertCache.place``) and the host follows
+once per token (``install`` of what it logged). Each device copy has one spare entry past its end, a
+place for the scatters of a captured step to write what they must drop.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ class SlotMap:
 
     def __init__(self, num_experts: int, capacity: int, device: torch.device | str = "cpu") -> None:
         self.num_experts = num_experts
-        self.device_map = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+        self._device = torch.full((num_experts + 1,), -1, dtype=torch.long, device=device)
+        self.device_map = self._device[:num_experts]
+        self.padded_slots = torch.full((capacity + 1,), -1, dtype=torch.long, device=device)
         self.slot_to_expert: list[int] = [-1] * capacity
         self._slot_of = [-1] * num_experts
         self._resident = 0
@@ -25,6 +30,16 @@ class SlotMap:
     @property
     def capacity(self) -> int:
         return len(self.slot_to_expert)
+
+    @property
+    def padded_map(self) -> torch.Tensor:
+        """``device_map`` and its spare entry (index ``num_experts``)."""
+        return self._device
+
+    @property
+    def device_slots(self) -> torch.Tensor:
+        """Slot -> expert on the device (-1 empty)."""
+        return self.padded_slots[: self.capacity]
 
     @property
     def full(self) -> bool:
@@ -60,6 +75,7 @@ class SlotMap:
             raise ValueError(f"cannot keep {len(kept)} slots in {capacity}")
         old = self.slot_to_expert
         self.slot_to_expert = [-1] * capacity
+        self.padded_slots = torch.full((capacity + 1,), -1, dtype=torch.long, device=self.padded_slots.device)
         self._slot_of = [-1] * self.num_experts
         self._resident = 0
         for new_slot, old_slot in enumerate(kept):
@@ -67,5 +83,6 @@ class SlotMap:
                 self.install(new_slot, expert)
 
     def publish(self) -> None:
-        """The device's expert -> slot map from the host's, in one copy."""
+        """The device's maps from the host's, in one copy each (their tensors stay: captured graphs read them)."""
         self.device_map.copy_(torch.tensor(self._slot_of, dtype=torch.long))
+        self.device_slots.copy_(torch.tensor(self.slot_to_expert, dtype=torch.long))

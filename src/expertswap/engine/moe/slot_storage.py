@@ -41,9 +41,9 @@ class StackedSlots:
         """Bytes the slot tensors really occupy, read off the parameters themselves."""
         return sum(t.nbytes for t in self.tensors().values())
 
-    def write(self, writes: Writes, background: bool = False, ahead: bool = False) -> Callable[[], None]:
-        """Queue the copies; returns ``finish``, which waits for them (see ``Copier.copy`` for ``ahead``)."""
-        return self.copier.copy(self.tensors(), writes, background, ahead)
+    def write(self, writes: Writes, background: bool = False) -> Callable[[], None]:
+        """Queue the copies; returns ``finish``, which waits for them."""
+        return self.copier.copy(self.tensors(), writes, background)
 
     def read(self, slot: int) -> dict[str, torch.Tensor]:
         """A slot's weights as the store holds them (to check what a slot really contains)."""
@@ -95,7 +95,7 @@ class RowSlots:
     def nbytes(self) -> int:
         return sum(t.nbytes for slot in self.slots for t in slot.values())
 
-    def write(self, writes: Writes, background: bool = False, ahead: bool = False) -> Callable[[], None]:
+    def write(self, writes: Writes, background: bool = False) -> Callable[[], None]:
         for slot, tensors in writes:
             self.slots[slot] = {}  # the old expert's memory goes before the new one's arrives
             on_device = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
