@@ -1,11 +1,11 @@
-"""How well the GPU step's prefetch predictor would name the default model's experts (CPU, real routing).
+"""How well a router-based prefetch predictor would name the default model's experts (CPU, real routing).
 
-The graphed step prefetches, for each MoE layer L, the experts that layer L+1's router picks from layer
-L's normed hidden state (``graphed_step``: ``following.router(y)``). The CPU step does not prefetch, so
-this measures the same predictor on the default model's real routing: greedy replies to the evaluation
-prompts under ``exact`` at 100%, every MoE layer's router input recorded, and layer L+1's router applied
-to it. Precision = predicted experts then used / predicted; recall = used experts that were predicted /
-used. Also for the top 2k of the prediction (twice the copies, higher recall). Decode tokens and prompt
+The predictor: for each MoE layer L, the experts that layer L+1's router picks from layer L's normed hidden
+state (the replay's "router prefetch" contender; the GPU step once prefetched by it, before its kernels read
+misses straight from pinned RAM). Measured on the default model's real routing: greedy replies to the
+evaluation prompts under ``exact`` at 100%, every MoE layer's router input recorded, and layer L+1's router
+applied to it. Precision = predicted experts then used / predicted; recall = used experts that were predicted
+/ used. Also for the top 2k of the prediction (twice the copies, higher recall). Decode tokens and prompt
 tokens are reported apart. Usage: python -m benchmarks prediction [--tokens 48].
 """
 
