@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     exact.add_argument("--budgets", nargs="+", default=["100%", "75%", "50%", "25%"])
     exact.add_argument("--tokens", type=int, default=48)
     exact.add_argument("--repeats", type=int, default=3)
-    prediction = sub.add_parser("prediction", help="a router-based prefetch predictor's precision and recall on the default model")
+    prediction = sub.add_parser("prediction", help="a router-based prefetch predictor on the default model")
     prediction.add_argument("--tokens", type=int, default=48)
     replay = sub.add_parser("replay", help="routing traces through the engine's residency code, against Belady")
     replay.add_argument("traces", nargs="+", help="trace files (JSON Lines, see docs/traces.md)")
