@@ -58,7 +58,7 @@ def test_the_budget_counts_quantised_bytes_and_holds_more_experts(tiny_model, op
 
 def test_quantised_sizes() -> None:
     assert quantized_nbytes((128, 64), torch.bfloat16, None) == 128 * 64 * 2
-    assert quantized_nbytes((128, 64), torch.bfloat16, "int8") == 128 * 64 + 128 * 4
+    assert quantized_nbytes((128, 64), torch.bfloat16, "int8") == 128 * 64 + 128 * 2  # a bf16 scale per row
     assert quantized_nbytes((128, 64), torch.bfloat16, "nf4") == 128 * 64 // 2 + 128 * 64 // 64 * 4
     assert quantized_nbytes((64,), torch.bfloat16, "nf4") == 64 * 2  # biases stay as stored
 
@@ -108,3 +108,23 @@ def test_lowbit_computes_misses_from_the_nf4_copy_and_loads_nothing_while_decodi
     want = (0.6 * host.compute(committee.spec.plain(committee.store.read(committee.layer, resident)), hidden)
             + 0.4 * host.compute(committee.store.low_precision(committee.layer, missing), hidden))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_experts_go_to_the_int8_kernel_as_they_lie_on_the_cpu(tiny_model, open_engine) -> None:
+    """No dequantising per token: the slots hold int8 codes and bf16 row scales, the kernel multiplies them, and
+    every budget gives the bits of 100% (same bytes, same kernel, same rows per expert)."""
+    from expertswap.engine.weights.packed import Int8Matrix
+
+    folder = tiny_model("qwen3_moe")
+    full = open_engine(folder, budget="100%", quantize="int8", dtype="bfloat16", swapper=False)
+    half = open_engine(folder, budget="50%", quantize="int8", dtype="bfloat16", swapper=False)
+    logits = full.logits(IDS)
+    committee = full.committees[0]
+    weights = committee.storage.weights(0)
+    assert isinstance(weights["gate_up_proj"], Int8Matrix) and weights["gate_up_proj"].codes.dtype == torch.int8
+    assert weights["gate_up_proj"].scale.dtype == torch.bfloat16
+    assert committee.resident_bytes == committee.capacity * committee.spec.expert_bytes  # codes + scales, no more
+    assert torch.equal(half.logits(IDS), logits)
+    with torch.no_grad():
+        want = _dequantised_reference(folder, "int8").to(torch.bfloat16)(torch.tensor([IDS])).logits[0]
+    torch.testing.assert_close(logits.float(), want.float(), atol=0.05, rtol=0.05)  # bf16 arithmetic, two orders

@@ -14,12 +14,14 @@ needs: every budget gives full residency's bits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from expertswap.engine.weights.packed import linear, pack
+from expertswap.engine.weights.packed import Int8Matrix, linear, pack
+
+Weights = Mapping[str, torch.Tensor | Int8Matrix]  # one expert's weights as a forward takes them
 
 _UP = ("gate_up_proj", "up_proj")
 
@@ -45,7 +47,14 @@ def packed_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t if name.endswith("_bias") else pack(t) for name, t in weights.items()}
 
 
-def routed_pairs(inner: Any, weights_of: Callable[[int], dict[str, torch.Tensor]], hidden: torch.Tensor,
+def int8_matrices(tensors: dict[str, torch.Tensor]) -> Weights:
+    """An int8 expert's matrices for the int8 kernel, as the slot holds them (codes and row scales); biases kept."""
+    return {(name[: -len(".q")] if name.endswith(".q") else name):
+            (Int8Matrix(t, tensors[f"{name[: -len('.q')]}.scale"]) if name.endswith(".q") else t)
+            for name, t in tensors.items() if not name.endswith(".scale")}
+
+
+def routed_pairs(inner: Any, weights_of: Callable[[int], Weights], hidden: torch.Tensor,
                  index: list[list[int]], weights: torch.Tensor) -> torch.Tensor:
     """[T, k, H]: ``weights[t, j] * expert(index[t][j])(hidden[t])``, zero where the slot id is -1.
 
@@ -56,11 +65,16 @@ def routed_pairs(inner: Any, weights_of: Callable[[int], dict[str, torch.Tensor]
     rows, width = len(index), len(index[0]) if index else 0
     up, has_bias = up_name(inner), bool(inner.has_bias)
 
+    def bias(weight: Weights, name: str) -> torch.Tensor | None:
+        value = weight[f"{name}_bias"] if has_bias else None
+        assert not isinstance(value, Int8Matrix)
+        return value
+
     def expert(slot: int, x: torch.Tensor) -> torch.Tensor:
         weight = weights_of(slot)
-        y = linear(x, weight[up], weight[f"{up}_bias"] if has_bias else None)
+        y = linear(x, weight[up], bias(weight, up))
         y = inner._apply_gate(y) if inner.has_gate else inner.act_fn(y)
-        return linear(y, weight["down_proj"], weight["down_proj_bias"] if has_bias else None)
+        return linear(y, weight["down_proj"], bias(weight, "down_proj"))
 
     if rows == 1:  # a decode token: no gathering
         return torch.stack([(expert(s, hidden) * weights[0, j]).to(hidden.dtype) if s >= 0

@@ -3,7 +3,8 @@
 ``StackedSlots`` (CUDA): [C, ...] parameters on the experts module in the model's own layout, so
 the family's experts forward (grouped_mm) runs on them unchanged; copies go through the copier
 (streams, staging). ``RowSlots`` (CPU): one weight set per slot, computed by ``expert_rows`` (only
-routed experts run, each on its own rows), packed for oneDNN where that pays.
+routed experts run, each on its own rows), packed for oneDNN where that pays; int8 experts stay codes
+and scales, for the int8 kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from expertswap.engine.moe.copier import Copier
-from expertswap.engine.moe.expert_rows import packed_weights, slot_weights
+from expertswap.engine.moe.expert_rows import Weights, int8_matrices, packed_weights, slot_weights
+from expertswap.engine.weights.packed import int8_kernel_pays
 from expertswap.engine.weights.store import LayerExperts
 
 Writes = Sequence[tuple[int, Mapping[str, torch.Tensor]]]
@@ -75,6 +77,9 @@ class RowSlots:
     def __init__(self, inner: Any, spec: LayerExperts, packed: bool, device: torch.device) -> None:
         self.inner, self.spec, self.device = inner, spec, device
         self.packed = packed and spec.quantize is None
+        # int8 codes go to the int8 kernel as they lie (rows are output channels unless the layout is transposed)
+        self.int8 = spec.quantize == "int8" and not inner.is_transposed and int8_kernel_pays(device,
+                                                                                               spec.params[0].dtype)
         self.slots: list[dict[str, torch.Tensor]] = []
         self.uses: list[int] = []
 
@@ -82,9 +87,11 @@ class RowSlots:
         self.slots = [{} for _ in range(capacity)]
         self.uses = [0] * capacity
 
-    def weights(self, slot: int) -> dict[str, torch.Tensor]:
+    def weights(self, slot: int) -> Weights:
         """A slot's weights for a forward; packed in place at its ``PACK_AFTER_USES``-th use."""
         self.uses[slot] += 1
+        if self.int8:
+            return int8_matrices(self.slots[slot])
         if self.spec.quantize is not None:
             return slot_weights(self.inner, self.spec.plain(self.slots[slot]))
         if self.packed and self.uses[slot] == PACK_AFTER_USES:

@@ -1,13 +1,16 @@
 """Packed experts: quantised once when read (int8, nf4, fp4) or as a checkpoint ships them (fp8, mxfp4).
 
-bitsandbytes does the arithmetic of the first three: int8 keeps a scale per row, nf4/fp4 one per 64 values.
+int8 keeps a scale per row (per output channel, in the model's dtype: what torch's weight-only int8 kernel
+takes, so on the CPU an int8 expert is multiplied as it lies, never dequantised); bitsandbytes does the
+arithmetic of nf4/fp4, with a scale per 64 values.
 Native checkpoints are read as they lie: fine-grained FP8 (e4m3 codes, a float32 ``weight_scale_inv`` per
 block; Qwen3-*-FP8, DeepSeek-V3) and GPT-OSS's MXFP4 (two e2m1 codes per byte, a power-of-two exponent + 127
 per 32 values). A packed expert is a dict of tensors like a plain one, each matrix ``name`` held as
 ``name.q`` (its codes) and ``name.scale``; biases stay as they are. The RAM tier and the committee slots hold
 them so, and the budget counts their real bytes; the committee dequantises an expert's matrices to the
-model's dtype when it computes. Quantised when read, the result is the quantised model, exactly: ``exact``
-gives the same output at every budget, but that output is not the original model's.
+model's dtype when it computes (int8 on the CPU excepted, see ``packed.Int8Matrix``). Quantised when read,
+the result is the quantised model, exactly: ``exact`` gives the same output at every budget, but that output
+is not the original model's.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def quantized_nbytes(shape: tuple[int, ...], dtype: torch.dtype, kind: str | Non
     if kind is None or len(shape) < 2:
         return numel * dtype.itemsize
     if kind == "int8":
-        return numel + math.prod(shape[:-1]) * 4  # codes, a float32 scale per row
+        return numel + math.prod(shape[:-1]) * dtype.itemsize  # codes, a scale per row in the model's dtype
     if kind == "fp8":
         assert block is not None, "fp8 sizes need the checkpoint's weight_block_size"
         return numel + math.ceil(shape[-2] / block[0]) * math.ceil(shape[-1] / block[1]) * 4
@@ -69,19 +72,27 @@ def quantized_nbytes(shape: tuple[int, ...], dtype: torch.dtype, kind: str | Non
 
 def quantize(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """One expert's host tensors, quantised (see the module's docstring for the layout)."""
-    import bitsandbytes.functional as bnb  # only a quantised load pays for importing it
-
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if not _is_matrix(name, tensor):
             out[name] = tensor
         elif kind == "int8":
-            codes, scales, _ = bnb.int8_vectorwise_quant(tensor.float().reshape(-1, tensor.shape[-1]))
-            out[f"{name}.q"], out[f"{name}.scale"] = codes.reshape(tensor.shape), scales
+            out[f"{name}.q"], out[f"{name}.scale"] = _int8_rows(tensor)
         else:
+            import bitsandbytes.functional as bnb  # only a 4-bit load pays for importing it
+
             codes, state = bnb.quantize_4bit(tensor.contiguous(), blocksize=BLOCK, quant_type=kind)
             out[f"{name}.q"], out[f"{name}.scale"] = codes, state.absmax
     return out
+
+
+def _int8_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes per row (the last dimension is the input) and each row's scale, in the tensor's dtype:
+    the scale is rounded first and the codes computed against the rounded one."""
+    rows = tensor.float().reshape(-1, tensor.shape[-1])
+    scale = (rows.abs().amax(dim=1) / 127).clamp(min=torch.finfo(tensor.dtype).tiny).to(tensor.dtype)
+    codes = torch.round(rows / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(tensor.shape), scale
 
 
 def dequantize(tensors: dict[str, torch.Tensor], kind: str, shapes: dict[str, tuple[int, ...]],
@@ -101,20 +112,21 @@ def dequantize(tensors: dict[str, torch.Tensor], kind: str, shapes: dict[str, tu
         elif kind == "mxfp4":
             plain = _mxfp4_plain(base, tensor, scale, shape)
         else:
-            plain = _bnb_plain(base, tensor, scale, kind, shape, dtype)
+            plain = _quantised_plain(base, tensor, scale, kind, shape, dtype)
         out[base] = plain.to(dtype)
     return out
 
 
-def _bnb_plain(name: str, codes: torch.Tensor, scale: torch.Tensor, kind: str, shape: tuple[int, ...],
-               dtype: torch.dtype) -> torch.Tensor:
-    import bitsandbytes.functional as bnb
-
+def _quantised_plain(name: str, codes: torch.Tensor, scale: torch.Tensor, kind: str, shape: tuple[int, ...],
+                     dtype: torch.dtype) -> torch.Tensor:
+    """int8, nf4 or fp4 codes back to values; the count of scales checked first (a wrong one is a bad file)."""
     want = math.prod(shape[:-1]) if kind == "int8" else math.ceil(math.prod(shape) / BLOCK)
     if scale.numel() != want:
         raise ValueError(f"{name}: {scale.numel()} {kind} scales for a {tuple(shape)} matrix, expected {want}")
     if kind == "int8":
-        return bnb.int8_vectorwise_dequant(codes.reshape(-1, codes.shape[-1]), scale).reshape(codes.shape)
+        return (codes.float().reshape(want, -1) * scale.float()[:, None]).reshape(codes.shape)
+    import bitsandbytes.functional as bnb
+
     state = bnb.QuantState(scale, shape=torch.Size(shape), blocksize=BLOCK, quant_type=kind, dtype=dtype)
     return bnb.dequantize_4bit(codes, state)
 
