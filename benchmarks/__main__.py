@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     llama.add_argument("--repeats", type=int, default=3)
     llama.add_argument("--budgets", nargs="+", default=["100%", "50%", "25%"])
     llama.add_argument("--cap-mib", type=int, default=None, help="run every contender under this memory cap")
+    llama.add_argument("--quantize", nargs="*", default=[], help="also ExpertSwap with its experts quantised so")
     exact = sub.add_parser("exact-budgets", help="greedy tokens at every budget vs full residency, at full depth")
     exact.add_argument("--model", choices=["olmoe-shape", "qwen3-shape"], default="olmoe-shape")
     exact.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     trace.add_argument("--out", type=Path, required=True, help="folder for the table")
     quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
     quantized.add_argument("--repeats", type=int, default=3)
+    quantized.add_argument("--kinds", nargs="+", default=None, help="bf16 and quantisations to run (all by default)")
     sub.add_parser("quantized-gpu", help="quantised experts on the GPU (OLMoE shapes): tokens/s per budget")
     sub.add_parser("lowbit", help="mixed precision for misses on the default model: quality cost and share")
     sub.add_parser("fit-real", help="real MoE models' sizes from their configs: what fits a laptop and a GPU")
@@ -149,14 +151,14 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "budget-latency": _printed("budget_latency", lambda run, a: run(a.model, a.device)),
     "quality": _printed("quality", lambda run, a: run()),
     "llama-cpp": _printed("llama_cpp", lambda run, a: run(a.folder, a.gguf, a.llama_bench, a.tokens, a.repeats,
-                                                          a.budgets, a.cap_mib)),
+                                                          a.budgets, a.cap_mib, a.quantize)),
     "exact-budgets": _printed("exact_budgets", lambda run, a: run(a.model, a.device, a.layers, a.budgets, a.tokens,
                                                                   a.repeats)),
     "prediction": _prediction,
     "replay": _replay,
     "trace-decode": _printed("trace_routing", lambda run, a: run(a.trace, a.layers, a.budgets, a.device, a.repeats,
                                                                  a.out)),
-    "quantized": _printed("quantized", lambda run, a: run(a.repeats)),
+    "quantized": _printed("quantized", lambda run, a: run(a.repeats, a.kinds)),
     "quantized-gpu": _printed("quantized_gpu", lambda run, a: run()),
     "lowbit": _printed("lowbit", lambda run, a: run()),
     "fit-real": _printed("fit_real", lambda run, a: run()),

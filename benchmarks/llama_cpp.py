@@ -72,11 +72,16 @@ def _ours(kind: str, folder: str, budget: str, tokens: int, cap: list[str]) -> d
 
 
 def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, budgets: list[str],
-         cap_mib: int | None) -> Path:
+         cap_mib: int | None, quantize: list[str] | None = None) -> Path:
+    """Every contender ``repeats`` times round-robin; ExpertSwap at each budget, as stored and in each of
+    ``quantize`` (its experts quantised when read, as ``--quantize`` does)."""
     cap = _cgroup(cap_mib)
     plan = [(f"llama.cpp {Path(g).stem}", lambda g=g: _llama(bench, g, tokens, cap)) for g in ggufs]
     plan.append(("plain transformers (bf16, eager)", lambda: _ours("full", folder, "100%", tokens, cap)))
-    plan += [(f"ExpertSwap exact {b}", lambda b=b: _ours("expertswap:exact", folder, b, tokens, cap)) for b in budgets]
+    for kind in [None, *(quantize or [])]:
+        label, contender = (f"{kind} ", f"expertswap:exact:{kind}") if kind else ("", "expertswap:exact")
+        plan += [(f"ExpertSwap exact {label}{b}", lambda b=b, c=contender: _ours(c, folder, b, tokens, cap))
+                 for b in budgets]
     runs: dict[str, list[dict]] = {name: [] for name, _ in plan}
     for _ in range(repeats):
         for name, measure in plan:

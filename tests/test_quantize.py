@@ -30,8 +30,11 @@ def _dequantised_reference(folder, kind: str):
     return model
 
 
+TINY_KINDS = [k for k in QUANTIZATIONS if k not in ("int4-g64", "int4-g128")]  # the tiny experts are 32 wide
+
+
 @pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f != "gpt_oss"])
-@pytest.mark.parametrize("kind", QUANTIZATIONS)
+@pytest.mark.parametrize("kind", TINY_KINDS)
 def test_quantised_slots_give_the_dequantised_models_logits(tiny_model, open_engine, family: str, kind: str) -> None:
     folder = tiny_model(family)
     with torch.no_grad():
@@ -128,3 +131,40 @@ def test_int8_experts_go_to_the_int8_kernel_as_they_lie_on_the_cpu(tiny_model, o
     with torch.no_grad():
         want = _dequantised_reference(folder, "int8").to(torch.bfloat16)(torch.tensor([IDS])).logits[0]
     torch.testing.assert_close(logits.float(), want.float(), atol=0.05, rtol=0.05)  # bf16 arithmetic, two orders
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory):
+    """Experts 128 wide, so that int4 groups of 64 and 128 tile their rows."""
+    from tools.synthetic import build_model
+
+    return build_model("qwen3_moe", tmp_path_factory.mktemp("wide"), hidden=128, intermediate=128, heads=4)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4-g64", "int4-g128"])
+def test_int4_experts_go_to_the_int4_kernel_and_every_budget_gives_the_same_bits(wide_model, open_engine,
+                                                                                 kind: str) -> None:
+    from expertswap.engine.weights.packed import Int4Matrix
+
+    with torch.no_grad():
+        want = _dequantised_reference(wide_model, kind)(torch.tensor([IDS])).logits[0]
+    full = open_engine(wide_model, budget="100%", quantize=kind, swapper=False)
+    half = open_engine(wide_model, budget="50%", quantize=kind, swapper=False)
+    logits = full.logits(IDS)
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(half.logits(IDS), logits)
+    committee = full.committees[0]
+    matrix = committee.storage.weights(0)["gate_up_proj"]
+    assert isinstance(matrix, Int4Matrix) and matrix.group == {"int4": 32, "int4-g64": 64, "int4-g128": 128}[kind]
+    assert committee.resident_bytes == committee.capacity * committee.spec.expert_bytes  # codes + scales, no more
+    held = committee.storage.read(0)["gate_up_proj"]  # the kernel's own view of its matrix is the dequantised one
+    shapes = {p.name: p.shape for p in committee.spec.params}
+    store = dequantize(full.store.read(committee.layer, 0), kind, shapes, held.dtype)
+    torch.testing.assert_close(held, store["gate_up_proj"], rtol=0, atol=1e-6)
+
+
+def test_int4_groups_that_do_not_tile_the_experts_are_refused_before_a_read(tiny_model) -> None:
+    from expertswap.engine import Engine
+
+    with pytest.raises(UnsupportedArchitectureError, match="int4-g64 needs"):
+        Engine.load(tiny_model("qwen3_moe"), quantize="int4-g64")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,9 @@ from expertswap.engine.weights.checkpoint import Checkpoint, read_config
 from expertswap.engine.weights.families import Family
 from expertswap.engine.weights.host_memory import own_weights, return_large_frees
 from expertswap.engine.weights.packed import pack_linears, packing_pays
-from expertswap.engine.weights.quantize import native_packing
+from expertswap.engine.weights.quantize import INT4_GROUPS, int4_shape_error, native_packing
 from expertswap.engine.weights.skeleton import ExpertsSite, load_skeleton
-from expertswap.engine.weights.store import ExpertStore, resolve_layer
+from expertswap.engine.weights.store import ExpertStore, LayerExperts, resolve_layer
 from expertswap.engine.weights.validate import check_layers
 from expertswap.protocol.budget import parse_budget
 from expertswap.protocol.errors import ModelFormatError, SettingsError, UnsupportedArchitectureError
@@ -95,6 +96,7 @@ def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ra
                                       site.params, quantize or native, block, slots_plain=not row_path)
             for site in sites
         }
+        _check_int4_shapes(quantize, layers.values())
         store = ExpertStore(checkpoint, layers, pin_memory=torch_device.type == "cuda")
         budget_bytes = parse_budget(budget, store.total_expert_bytes)
         capacities = plan_capacities(budget_bytes, [spec.shape for spec in layers.values()])
@@ -114,6 +116,16 @@ def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ra
     except BaseException:  # a broken folder, or no memory for the compact step: no safetensors file left open
         checkpoint.close()
         raise
+
+
+def _check_int4_shapes(quantize: str | None, layers: Iterable[LayerExperts]) -> None:
+    """int4 groups must tile every expert matrix's rows, and the CPU kernel takes rows by 16: refused before a read."""
+    if quantize not in INT4_GROUPS:
+        return
+    for spec in layers:
+        for param in spec.params:
+            if len(param.shape) >= 2 and (why := int4_shape_error(param.shape, quantize)):
+                raise UnsupportedArchitectureError(f"layer {spec.layer} {param.name}: {why}")
 
 
 def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, family: Family,

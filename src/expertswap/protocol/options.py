@@ -9,4 +9,4 @@ POLICIES = ("exact", "substitute", "skip", "cpu", "lowbit")  # what a routed exp
 THRESHOLD_POLICIES = ("skip",)  # the policies a skip threshold applies to
 EVICTIONS = ("importance", "lru", "lfu")  # which resident expert a miss replaces
 DEFAULT_EVICTION = "importance"  # chosen by replaying recorded traces: benchmarks/replay.py
-QUANTIZATIONS = ("int8", "nf4", "fp4")  # experts quantised when read (--quantize)
+QUANTIZATIONS = ("int8", "int4", "int4-g64", "int4-g128", "nf4", "fp4")  # experts quantised when read (--quantize)

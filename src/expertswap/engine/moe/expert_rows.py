@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from expertswap.engine.weights.packed import Int8Matrix, linear, pack
+from expertswap.engine.weights.packed import Int4Matrix, Int8Matrix, Matrix, linear, pack
+from expertswap.engine.weights.quantize import INT4_GROUPS, int4_codes
 
-Weights = Mapping[str, torch.Tensor | Int8Matrix]  # one expert's weights as a forward takes them
+Weights = Mapping[str, Matrix]  # one expert's weights as a forward takes them
 
 _UP = ("gate_up_proj", "up_proj")
 
@@ -47,11 +48,21 @@ def packed_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t if name.endswith("_bias") else pack(t) for name, t in weights.items()}
 
 
-def int8_matrices(tensors: dict[str, torch.Tensor]) -> Weights:
-    """An int8 expert's matrices for the int8 kernel, as the slot holds them (codes and row scales); biases kept."""
-    return {(name[: -len(".q")] if name.endswith(".q") else name):
-            (Int8Matrix(t, tensors[f"{name[: -len('.q')]}.scale"]) if name.endswith(".q") else t)
-            for name, t in tensors.items() if not name.endswith(".scale")}
+def kernel_matrices(tensors: dict[str, torch.Tensor], kind: str) -> Weights:
+    """An int8 or int4 expert's matrices for their kernels, from its codes and scales as the store keeps them;
+    biases kept."""
+    out: dict[str, Matrix] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".scale"):
+            continue
+        if not name.endswith(".q"):
+            out[name] = tensor
+            continue
+        base = name[: -len(".q")]
+        scale = tensors[f"{base}.scale"]
+        out[base] = (Int8Matrix(tensor, scale) if kind == "int8"
+                     else Int4Matrix.pack(int4_codes(tensor), INT4_GROUPS[kind], scale))
+    return out
 
 
 def routed_pairs(inner: Any, weights_of: Callable[[int], Weights], hidden: torch.Tensor,
@@ -67,7 +78,7 @@ def routed_pairs(inner: Any, weights_of: Callable[[int], Weights], hidden: torch
 
     def bias(weight: Weights, name: str) -> torch.Tensor | None:
         value = weight[f"{name}_bias"] if has_bias else None
-        assert not isinstance(value, Int8Matrix)
+        assert not isinstance(value, Int8Matrix | Int4Matrix)
         return value
 
     def expert(slot: int, x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from expertswap.engine.moe.copier import Copier
-from expertswap.engine.moe.expert_rows import Weights, int8_matrices, packed_weights, slot_weights
-from expertswap.engine.weights.packed import int8_kernel_pays
+from expertswap.engine.moe.expert_rows import Weights, kernel_matrices, packed_weights, slot_weights
+from expertswap.engine.weights.packed import Int4Matrix, Int8Matrix, integer_kernel_pays
 from expertswap.engine.weights.store import LayerExperts
 
 Writes = Sequence[tuple[int, Mapping[str, torch.Tensor]]]
@@ -77,10 +77,9 @@ class RowSlots:
     def __init__(self, inner: Any, spec: LayerExperts, packed: bool, device: torch.device) -> None:
         self.inner, self.spec, self.device = inner, spec, device
         self.packed = packed and spec.quantize is None
-        # int8 codes go to the int8 kernel as they lie (rows are output channels unless the layout is transposed)
-        self.int8 = spec.quantize == "int8" and not inner.is_transposed and int8_kernel_pays(device,
-                                                                                               spec.params[0].dtype)
-        self.slots: list[dict[str, torch.Tensor]] = []
+        # int8 and int4 codes go to their kernels as they lie (rows are output channels unless transposed)
+        self.kernels = not inner.is_transposed and integer_kernel_pays(spec.quantize, device, spec.params[0].dtype)
+        self.slots: list[Weights] = []
         self.uses: list[int] = []
 
     def allocate(self, capacity: int) -> None:
@@ -90,38 +89,53 @@ class RowSlots:
     def weights(self, slot: int) -> Weights:
         """A slot's weights for a forward; packed in place at its ``PACK_AFTER_USES``-th use."""
         self.uses[slot] += 1
-        if self.int8:
-            return int8_matrices(self.slots[slot])
+        if self.kernels:
+            return self.slots[slot]
         if self.spec.quantize is not None:
-            return slot_weights(self.inner, self.spec.plain(self.slots[slot]))
+            return slot_weights(self.inner, self.spec.plain(self._tensors(slot)))
         if self.packed and self.uses[slot] == PACK_AFTER_USES:
-            self.slots[slot] = packed_weights(self.slots[slot])
+            self.slots[slot] = packed_weights(self._tensors(slot))
         return self.slots[slot]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for slot in self.slots for t in slot.values())
+        return sum(t.nbytes for slot in self.slots for t in slot.values())  # a kernel's matrix counts its tensors
 
     def write(self, writes: Writes, background: bool = False) -> Callable[[], None]:
         for slot, tensors in writes:
             self.slots[slot] = {}  # the old expert's memory goes before the new one's arrives
             on_device = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
-            self.slots[slot] = on_device if self.spec.quantize is not None else slot_weights(self.inner, on_device)
+            if self.kernels:
+                assert self.spec.quantize is not None
+                self.slots[slot] = kernel_matrices(on_device, self.spec.quantize)
+            else:
+                self.slots[slot] = on_device if self.spec.quantize is not None else slot_weights(self.inner,
+                                                                                                 on_device)
             self.uses[slot] = 0
         return lambda: None
 
     def read(self, slot: int) -> dict[str, torch.Tensor]:
+        if self.kernels:
+            return {name: m.plain() if isinstance(m, Int8Matrix | Int4Matrix) else m
+                    for name, m in self.slots[slot].items()}
         if self.spec.quantize is not None:
-            return self.spec.plain(self.slots[slot])
+            return self.spec.plain(self._tensors(slot))
         out = {}
-        for name, tensor in self.slots[slot].items():
+        for name, tensor in self._tensors(slot).items():
             plain = tensor.to_dense() if tensor.is_mkldnn else tensor
             out[name] = plain.t() if self.inner.is_transposed and not name.endswith("_bias") else plain
         return out
 
-    def views(self, slot: int, _host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The slot's weights as the model computes with them, where they live (for |expert|)."""
-        return list(self.read(slot).values())
+    def views(self, slot: int, host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The slot's weights as the model computes with them (for |expert|): from ``host``, the expert as it was
+        read, where the slot holds a kernel's layout."""
+        return list(self.spec.plain(dict(host)).values()) if self.kernels else list(self.read(slot).values())
+
+    def _tensors(self, slot: int) -> dict[str, torch.Tensor]:
+        """A slot that holds plain or packed tensors (no kernel's matrices)."""
+        tensors = {name: t for name, t in self.slots[slot].items() if isinstance(t, torch.Tensor)}
+        assert len(tensors) == len(self.slots[slot])
+        return tensors
 
     def reshape(self, kept: Sequence[int], capacity: int) -> None:
         old, uses = self.slots, self.uses

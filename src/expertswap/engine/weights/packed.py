@@ -6,9 +6,12 @@ per step that reorder is most of the work: over 100 distinct weights from RAM, p
 weight is packed once, at load (non-expert linears) or when an expert enters a slot, and the
 plain copy is dropped, so memory does not grow.
 
-int8 experts on the CPU are kept as their codes and per-row scales (``Int8Matrix``) and multiplied by
-torch's weight-only int8 kernel (``_weight_int8pack_mm``) as they lie: no dequantising per token. On the
-2-core dev machine a bf16 row times a 2048x2048 int8 matrix took 105 us, against 201 us packed bf16.
+int8 and int4 experts on the CPU are kept as their codes and scales (``Int8Matrix``, ``Int4Matrix``) and
+multiplied by torch's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) as they
+lie: no dequantising per token. On the 2-core dev machine a bf16 row times a 2048x2048 matrix took 105 us in
+int8 and 96-102 us in int4 (groups of 32-128), against 201 us packed bf16. The int4 kernel's layout depends
+on the CPU's vector width, so it is made when an expert enters a slot (``Int4Matrix.pack``), from the portable
+two-codes-a-byte form the store keeps.
 
 These are torch's private ops (checked with torch 2.13); ``compat_check`` in the tests fails loudly if a
 torch upgrade removes them.
@@ -42,17 +45,57 @@ class Int8Matrix(NamedTuple):
     codes: torch.Tensor
     scale: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes
 
-def int8_kernel_pays(device: torch.device, dtype: torch.dtype) -> bool:
-    """Where int8 experts are multiplied as they lie: the CPU, in bf16 or float32 (the kernel's dtypes there)."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scale)
+
+    def plain(self) -> torch.Tensor:
+        """The matrix the kernel multiplies by (for checks and norms)."""
+        return (self.codes.float() * self.scale.float()[:, None]).to(self.scale.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for a plain, a packed or an int8 weight."""
-    if isinstance(weight, Int8Matrix):
-        rows = x.reshape(-1, x.shape[-1])
-        y = torch.ops.aten._weight_int8pack_mm(rows, weight.codes, weight.scale)
+class Int4Matrix(NamedTuple):
+    """An [out, in] weight in the CPU int4 kernel's layout, with a (scale, zero) per ``group`` values of a row."""
+
+    packed: torch.Tensor
+    group: int
+    scale_zeros: torch.Tensor  # [in / group, out, 2], the activations' dtype
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, group: int, scale_zeros: torch.Tensor) -> Int4Matrix:
+        """From [out, in] int32 codes 0..15 (this CPU's layout is made here, about 4 ms per 2048x2048)."""
+        return cls(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), group, scale_zeros)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale_zeros.nbytes
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scale_zeros)
+
+    def plain(self) -> torch.Tensor:
+        """The matrix the kernel multiplies by, read through the kernel itself (its layout is the CPU's): a
+        matmul with the identity, for checks only."""
+        inputs = self.scale_zeros.shape[0] * self.group
+        return self(torch.eye(inputs, dtype=self.scale_zeros.dtype)).t()
+
+
+Matrix = torch.Tensor | Int8Matrix | Int4Matrix
+
+
+def integer_kernel_pays(kind: str | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Where int8 and int4 experts are multiplied as they lie: the CPU, in bf16 or float32 (the kernels' dtypes)."""
+    return (kind is not None and (kind == "int8" or kind.startswith("int4")) and device.type == "cpu"
+            and dtype in (torch.bfloat16, torch.float32))
+
+
+def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a plain, a packed, an int8 or an int4 weight."""
+    if isinstance(weight, Int8Matrix | Int4Matrix):
+        y = weight(x.reshape(-1, x.shape[-1]))
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y if bias is None else y + bias
     return packed_linear(x, weight, bias) if weight.is_mkldnn else F.linear(x, weight, bias)

@@ -2,7 +2,9 @@
 
 int8 keeps a scale per row (per output channel, in the model's dtype: what torch's weight-only int8 kernel
 takes, so on the CPU an int8 expert is multiplied as it lies, never dequantised); bitsandbytes does the
-arithmetic of nf4/fp4, with a scale per 64 values.
+arithmetic of nf4/fp4, with a scale per 64 values. int4 (groups of 32, ``int4-g64``, ``int4-g128``) keeps two
+codes per byte (the even column in the low nibble) and, per group of a row, a scale and a zero in the model's
+dtype (value = (code - 8) * scale + zero, torch's int4 kernel's convention), laid out [groups, rows, 2].
 Native checkpoints are read as they lie: fine-grained FP8 (e4m3 codes, a float32 ``weight_scale_inv`` per
 block; Qwen3-*-FP8, DeepSeek-V3) and GPT-OSS's MXFP4 (two e2m1 codes per byte, a power-of-two exponent + 127
 per 32 values). A packed expert is a dict of tensors like a plain one, each matrix ``name`` held as
@@ -24,7 +26,8 @@ from expertswap.protocol.errors import ModelFormatError, UnsupportedArchitecture
 
 NATIVE_FORMATS = ("fp8", "mxfp4")  # config.json's quantization_config.quant_method of checkpoints read packed
 LOW_PRECISION = "nf4"  # the copy the lowbit policy computes misses from
-BLOCK = 64  # values per 4-bit scale
+BLOCK = 64  # values per 4-bit scale (nf4, fp4)
+INT4_GROUPS = {"int4": 32, "int4-g64": 64, "int4-g128": 128}  # values per scale and zero
 
 
 def native_packing(config: Any) -> tuple[str | None, tuple[int, int] | None]:
@@ -67,6 +70,8 @@ def quantized_nbytes(shape: tuple[int, ...], dtype: torch.dtype, kind: str | Non
         return numel + math.ceil(shape[-2] / block[0]) * math.ceil(shape[-1] / block[1]) * 4
     if kind == "mxfp4":
         return numel // 2 + numel // 32  # two codes per byte, an exponent byte per 32 values
+    if kind in INT4_GROUPS:
+        return numel // 2 + numel // INT4_GROUPS[kind] * 2 * dtype.itemsize  # codes, a scale and a zero per group
     return math.ceil(numel / 2) + math.ceil(numel / BLOCK) * 4  # two codes per byte, a float32 scale per block
 
 
@@ -78,6 +83,8 @@ def quantize(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Ten
             out[name] = tensor
         elif kind == "int8":
             out[f"{name}.q"], out[f"{name}.scale"] = _int8_rows(tensor)
+        elif kind in INT4_GROUPS:
+            out[f"{name}.q"], out[f"{name}.scale"] = _int4_groups(tensor, INT4_GROUPS[kind])
         else:
             import bitsandbytes.functional as bnb  # only a 4-bit load pays for importing it
 
@@ -95,6 +102,35 @@ def _int8_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(tensor.shape), scale
 
 
+def int4_shape_error(shape: tuple[int, ...], kind: str) -> str | None:
+    """Why a matrix of ``shape`` cannot be ``kind`` (int4 groups tile each row; the CPU kernel takes rows by 16),
+    or None."""
+    group, cols = INT4_GROUPS[kind], shape[-1]
+    rows = math.prod(shape[:-1])
+    if cols % group or rows % 16:
+        return f"{kind} needs rows in multiples of 16 and rows of a multiple of {group} values, not {tuple(shape)}"
+    return None
+
+
+def _int4_groups(tensor: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per ``group`` values of a row (min to max in 15 steps), two per byte, and each group's
+    (scale, zero) in the tensor's dtype, rounded first and the codes computed against the rounded ones."""
+    rows = tensor.float().reshape(-1, tensor.shape[-1])
+    n, k = rows.shape
+    groups = rows.reshape(n, k // group, group)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(tensor.dtype).tiny).to(tensor.dtype).float()
+    zero = (low + 8 * scale).to(tensor.dtype).float()
+    codes = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(tensor.dtype)
+
+
+def int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] int32 codes 0..15 from two per byte (the even column low)."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
 def dequantize(tensors: dict[str, torch.Tensor], kind: str, shapes: dict[str, tuple[int, ...]],
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The plain tensors back, in ``dtype``; ``shapes`` gives each matrix's per-expert shape."""
@@ -109,6 +145,8 @@ def dequantize(tensors: dict[str, torch.Tensor], kind: str, shapes: dict[str, tu
         scale, shape = tensors[f"{base}.scale"], shapes[base]
         if kind == "fp8":
             plain = _fp8_plain(base, tensor, scale)
+        elif kind in INT4_GROUPS:
+            plain = _int4_plain(base, tensor, scale, INT4_GROUPS[kind], shape)
         elif kind == "mxfp4":
             plain = _mxfp4_plain(base, tensor, scale, shape)
         else:
@@ -129,6 +167,17 @@ def _quantised_plain(name: str, codes: torch.Tensor, scale: torch.Tensor, kind: 
 
     state = bnb.QuantState(scale, shape=torch.Size(shape), blocksize=BLOCK, quant_type=kind, dtype=dtype)
     return bnb.dequantize_4bit(codes, state)
+
+
+def _int4_plain(name: str, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int,
+                shape: tuple[int, ...]) -> torch.Tensor:
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    if tuple(packed.shape) != (rows, cols // 2) or tuple(scale_zeros.shape) != (cols // group, rows, 2):
+        raise ValueError(f"{name}: int4 codes {tuple(packed.shape)} and scales {tuple(scale_zeros.shape)} do not "
+                         f"make a {tuple(shape)} matrix")
+    codes = int4_codes(packed).float().reshape(rows, cols // group, group)
+    scale, zero = (scale_zeros.float().transpose(0, 1)[..., i, None] for i in (0, 1))
+    return ((codes - 8) * scale + zero).reshape(shape)
 
 
 def _fp8_plain(name: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
