@@ -1,7 +1,7 @@
 """Quantised experts on the default model: what each quantisation costs in quality, and what it buys per byte.
 
-``python -m benchmarks quantized [--repeats 3] [--kinds bf16 int8 ...]`` (CPU, bf16 as the app runs here). Quality: perplexity of
-held-out text (the first 128 tokens of each odd pydoc topic, the first 512 of the GPL-3) through
+``python -m benchmarks quantized [--repeats 3] [--kinds bf16 int8 ...]`` (CPU, bf16 as the app runs here).
+Quality: perplexity of held-out text (the first 128 tokens of each odd pydoc topic, the first 512 of the GPL-3) through
 ``Engine.score`` under ``exact``, and top-1 agreement with the unquantised model; under ``exact`` neither
 depends on the budget. Speed: greedy decode tokens/s in fresh processes (medians), at 100/50/25% of the
 *unquantised* expert bytes, with how many experts each budget holds and the hit rate.
@@ -103,7 +103,7 @@ def write(quality_rows: dict[str | None, dict[str, float]], speed_rows: list[dic
             continue
         lines.append(f"| {name.get(r['kind'], r['kind'])} | {r['share']}% | {r['held']} of {r['experts']} | "
                      f"{r['tok_s']:.1f} | {r['hit_rate']:.2f} | {r['peak_rss'] / 2**20:.0f} |")
-    lines += ["", "## Targets", ""] + _targets(quality_rows, speed_rows)
+    lines += ["", "## Targets", "", *_targets(quality_rows, speed_rows)]
     out = RESULTS / "quantized-default-cpu.md"
     out.write_text("\n".join(lines) + "\n")
     return out
