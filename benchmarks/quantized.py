@@ -123,7 +123,8 @@ def _targets(quality_rows: dict[str | None, dict[str, float]], speed_rows: list[
         met = mine["tok_s"] >= ratio * plain["tok_s"] and cost < budget
         lines.append(f"- {kind} at {share}% at least {ratio}x bf16 at {against}% of the same bytes, for a perplexity "
                      f"cost under {budget:.0%}: {mine['tok_s']:.1f} against {plain['tok_s']:.1f} tok/s "
-                     f"({mine['tok_s'] / plain['tok_s']:.2f}x), cost {cost:+.1%} (pydoc): {'met' if met else 'not met'}.")
+                     f"({mine['tok_s'] / plain['tok_s']:.2f}x), cost {cost:+.1%} (pydoc): "
+                     f"{'met' if met else 'not met'}.")
     return lines
 
 
