@@ -166,5 +166,5 @@ def test_int4_experts_go_to_the_int4_kernel_and_every_budget_gives_the_same_bits
 def test_int4_groups_that_do_not_tile_the_experts_are_refused_before_a_read(tiny_model) -> None:
     from expertswap.engine import Engine
 
-    with pytest.raises(UnsupportedArchitectureError, match="int4-g64 needs"):
+    with pytest.raises(UnsupportedArchitectureError, match="int4-g64 needs a multiple of 16 rows"):
         Engine.load(tiny_model("qwen3_moe"), quantize="int4-g64")

@@ -81,7 +81,7 @@ class Engine:
     ) -> Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``.
 
-        ``quantize`` (int8, nf4, fp4) quantises every expert when it is read: the budget then counts
+        ``quantize`` (int8, int4, int4-g64, int4-g128, nf4, fp4) quantises every expert when it is read: the budget then counts
         quantised bytes, and the output is the quantised model's, not the original's.
         """
         engine = cls(build(model_dir, budget, device, policy, ram_tier, dtype, skip_threshold, swapper, eviction,
@@ -131,7 +131,7 @@ class Engine:
 
     @property
     def quantize(self) -> str | None:
-        """How the experts were quantised when read (int8, nf4, fp4), or None: as stored."""
+        """How the experts were quantised when read (``QUANTIZATIONS``), or None: as stored."""
         spec = self.committees[0].spec
         return None if spec.native else spec.packing
 

@@ -101,7 +101,7 @@ def fit_report(model_dir: str | Path, budget: str | int = "100%", context_tokens
                device: str = "cpu", quantize: str | None = None) -> FitReport:
     """Sizes of a model folder and the machine's free memory; reads no weights.
 
-    ``quantize`` (int8, nf4, fp4) counts the experts as the engine holds them once quantised. A natively packed
+    ``quantize`` (int8, int4, nf4, ...) counts the experts as the engine holds them once quantised. A natively packed
     checkpoint (fp8, mxfp4) is counted as the engine holds it.
     """
     folder, config, family = read_config(model_dir)

@@ -108,7 +108,8 @@ def int4_shape_error(shape: tuple[int, ...], kind: str) -> str | None:
     group, cols = INT4_GROUPS[kind], shape[-1]
     rows = math.prod(shape[:-1])
     if cols % group or rows % 16:
-        return f"{kind} needs rows in multiples of 16 and rows of a multiple of {group} values, not {tuple(shape)}"
+        return (f"{kind} needs a multiple of 16 rows, each a multiple of {group} values wide; this expert matrix is "
+                f"{rows}x{cols}")
     return None
 
 
