@@ -81,8 +81,9 @@ class Engine:
     ) -> Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``.
 
-        ``quantize`` (int8, int4, int4-g64, int4-g128, nf4, fp4) quantises every expert when it is read: the budget then counts
-        quantised bytes, and the output is the quantised model's, not the original's.
+        ``quantize`` (one of ``QUANTIZATIONS``: int8, int4 in groups of 32/64/128, nf4, fp4) quantises every expert
+        when it is read: the budget then counts quantised bytes, and the output is the quantised model's, not the
+        original's.
         """
         engine = cls(build(model_dir, budget, device, policy, ram_tier, dtype, skip_threshold, swapper, eviction,
                            quantize))

@@ -40,8 +40,8 @@ class LayerExperts:
     top_k: int
     params: tuple[ParamSpec, ...]
     keys: dict[str, tuple[str, ...]]  # param -> key templates with {expert} (a packed matrix's codes)
-    # how the store keeps each expert (engine/weights/quantize.py): int8 | int4* | nf4 | fp4 quantised when read, fp8 | mxfp4 as
-    # the checkpoint ships them; None: plain
+    # how the store keeps each expert (engine/weights/quantize.py): int8 | int4* | nf4 | fp4 quantised when read,
+    # fp8 | mxfp4 as the checkpoint ships them; None: plain
     packing: str | None = None
     block: tuple[int, int] | None = None  # fp8's weight_block_size
     slots_plain: bool = False  # the slots hold experts unpacked (families off the row path): read() unpacks
