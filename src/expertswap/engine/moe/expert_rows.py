@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from expertswap.engine.weights.packed import Int4Matrix, Int8Matrix, Matrix, linear, pack
-from expertswap.engine.weights.quantize import INT4_GROUPS, int4_codes
+from expertswap.engine.weights.quantize import INT4_GROUPS, int4_codes, packed_parts
 
 Weights = Mapping[str, Matrix]  # one expert's weights as a forward takes them
 
@@ -52,16 +52,13 @@ def kernel_matrices(tensors: dict[str, torch.Tensor], kind: str) -> Weights:
     """An int8 or int4 expert's matrices for their kernels, from its codes and scales as the store keeps them;
     biases kept."""
     out: dict[str, Matrix] = {}
-    for name, tensor in tensors.items():
-        if name.endswith(".scale"):
-            continue
-        if not name.endswith(".q"):
+    for name, tensor, scale in packed_parts(tensors):
+        if scale is None:
             out[name] = tensor
-            continue
-        base = name[: -len(".q")]
-        scale = tensors[f"{base}.scale"]
-        out[base] = (Int8Matrix(tensor, scale) if kind == "int8"
-                     else Int4Matrix.pack(int4_codes(tensor), INT4_GROUPS[kind], scale))
+        elif kind == "int8":
+            out[name] = Int8Matrix(tensor, scale)
+        else:
+            out[name] = Int4Matrix.pack(int4_codes(tensor), INT4_GROUPS[kind], scale)
     return out
 
 

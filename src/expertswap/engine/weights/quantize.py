@@ -18,6 +18,7 @@ is not the original model's.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -132,18 +133,25 @@ def int4_codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
 
 
+def packed_parts(tensors: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(name, codes, scale) for each matrix of a packed expert, (name, tensor, None) for what is kept plain."""
+    for name, tensor in tensors.items():
+        if name.endswith(".q"):
+            base = name[: -len(".q")]
+            yield base, tensor, tensors[f"{base}.scale"]
+        elif not name.endswith(".scale"):
+            yield name, tensor, None
+
+
 def dequantize(tensors: dict[str, torch.Tensor], kind: str, shapes: dict[str, tuple[int, ...]],
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The plain tensors back, in ``dtype``; ``shapes`` gives each matrix's per-expert shape."""
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        if name.endswith(".scale"):
+    for base, tensor, scale in packed_parts(tensors):
+        if scale is None:
+            out[base] = tensor
             continue
-        if not name.endswith(".q"):
-            out[name] = tensor
-            continue
-        base = name[: -len(".q")]
-        scale, shape = tensors[f"{base}.scale"], shapes[base]
+        shape = shapes[base]
         if kind == "fp8":
             plain = _fp8_plain(base, tensor, scale)
         elif kind in INT4_GROUPS:
