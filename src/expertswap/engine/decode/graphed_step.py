@@ -62,6 +62,7 @@ class GraphedDecode:
         self._zero_copy: dict[int, zero_copy.ZeroCopyExperts] = {}  # layer -> its kernels, when every layer has them
         self._log = torch.empty(0)  # [MoE layers, k, 3]: what the host-free step brought in, per layer
         self._log_host = torch.empty(0)
+        self._settles = False  # host-free with a committee not full: the host reads the log after each token
         self.graphs_per_token = 0  # graphs one token replays: tests and benchmarks read it
         self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self._token = torch.zeros(1, dtype=torch.long, device=compact.device)
@@ -101,7 +102,7 @@ class GraphedDecode:
             self.key = key
         for piece in self.pieces:
             piece()
-        if self._zero_copy and not all(c.slots.full for c in self._committees()):
+        if self._settles:
             self._settle()
         cache.length += 1
         return self._logits
@@ -135,8 +136,7 @@ class GraphedDecode:
             held["cos"], held["sin"] = (t[0] for t in compact.rotary(x[None], self._position[None]))
 
         committees = self._committees()
-        kernels = self.cuda and self.compact.dtype in (torch.bfloat16, torch.float16) and all(
-            zero_copy.supports(c) for c in committees)
+        kernels = self.cuda and all(zero_copy.supports(c) for c in committees)  # dtypes and layout checked there
         self._zero_copy = {}
         if kernels:
             self._log = torch.full((len(committees), max(c.top_k for c in committees), 3), -1, dtype=torch.long,
@@ -144,6 +144,7 @@ class GraphedDecode:
             self._log_host = torch.empty(self._log.shape, dtype=torch.long).pin_memory()
             self._zero_copy = {c.layer: zero_copy.ZeroCopyExperts(c, row) for c, row in zip(committees, self._log,
                                                                                           strict=True)}
+        self._settles = kernels and not all(c.slots.full for c in committees)  # full stays so until a resize
         pieces = [_Piece(embed)]
         for i, layer in enumerate(compact.layers):
             pieces.extend(self._layer_pieces(i, layer, x, held, cache))
@@ -211,7 +212,7 @@ class GraphedDecode:
         for committee, state in zip(committees, saved, strict=True):
             for tensor, value in zip(committee.cache.device_state(), state, strict=True):
                 tensor.copy_(value)
-        if self._zero_copy and not all(c.slots.full for c in committees):
+        if self._settles:
             self._settle()  # the warm-up's loads were real (their slots were written): the replay finds them resident
         for piece in pieces:
             piece.graph = torch.cuda.CUDAGraph()
