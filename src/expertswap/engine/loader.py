@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from expertswap.engine.budget.controller import BudgetController
 from expertswap.engine.budget.swapper import Swapper
 from expertswap.engine.budget.watcher import MemoryWatcher
+from expertswap.engine.decode.attention_shapes import use_stepped_attention
 from expertswap.engine.decode.compact_step import CompactModel
 from expertswap.engine.decode.compact_step import supports as supports_compact
 from expertswap.engine.decode.decoder import Decoder
@@ -135,6 +136,8 @@ def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, fam
     device = model.device
     compact = CompactModel(model) if supports_compact(model) else None
     graphed = GraphedDecode(compact, runtime) if compact is not None and device.type == "cuda" else None
+    if compact is None:
+        use_stepped_attention(model)
     if compact is None and packing_pays(device, model.dtype):
         pack_linears(model)
     own_weights(model)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from expertswap.engine.decode.attention_shapes import round_up, shape_step
 from expertswap.engine.weights.host_memory import drop_file_pages, owned
 from expertswap.engine.weights.packed import linear, pack, packing_pays
 
@@ -34,7 +35,7 @@ _GROW = 256  # caches hold a multiple of this many positions (captured graphs ar
 
 def cache_size(positions: int) -> int:
     """The capacity a cache for ``positions`` gets."""
-    return max(1, -(-positions // _GROW)) * _GROW
+    return round_up(max(1, positions), _GROW)
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -64,6 +65,35 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+@dataclass
+class Window:
+    """What attention sees for ``rows`` new positions from ``start``: ``queries`` query rows over the cache's
+    first ``width`` positions, under ``mask`` (None: everything visible).
+
+    Both are rounded up to ``step`` (extra query rows, masked zeroed keys): see attention_shapes.
+    """
+
+    start: int
+    rows: int
+    queries: int
+    width: int
+    mask: torch.Tensor | None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows
+
+    @classmethod
+    def over(cls, start: int, rows: int, step: int, device: torch.device) -> Window:
+        end = start + rows
+        queries, width = round_up(rows, step) if rows > 1 else 1, round_up(end, step)
+        mask = None
+        if width > end or rows > 1:  # causal within the new rows, everything before them visible
+            seen = torch.arange(start, start + queries, device=device).clamp(max=end - 1)[:, None]
+            mask = torch.arange(width, device=device)[None, :] <= seen
+        return cls(start, rows, queries, width, mask)
 
 
 @dataclass
@@ -127,23 +157,27 @@ class _Attention:
         v = v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1)
         return _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin), v
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                rows: int) -> torch.Tensor:
+        """The output of q's first ``rows`` rows."""
         out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, scale=self.scaling,
                                              enable_gqa=self.heads != self.kv_heads)
-        return self.o(out[0].transpose(0, 1).reshape(q.shape[1], -1))
+        return self.o(out[0, :, :rows].transpose(0, 1).reshape(rows, -1))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, start: int) -> torch.Tensor:
-        """``x`` [T, H] at positions start.. start+T-1, attending to what the cache holds up to there."""
+                 v_cache: torch.Tensor, window: Window) -> torch.Tensor:
+        """``x`` [T, H] at the window's new positions, attending to what the cache holds up to there."""
         q, k, v = self._project(x, cos, sin)
-        end = start + x.shape[0]
+        start, end = window.start, window.end
         k_cache[0, :, start:end] = k
         v_cache[0, :, start:end] = v
-        mask = None
-        if x.shape[0] > 1:  # a prompt or a scored chunk: causal within itself, everything before it visible
-            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-        return self._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+        if window.width > end:  # masked, but a garbage NaN would still poison 0 * value
+            k_cache[0, :, end:window.width] = 0
+            v_cache[0, :, end:window.width] = 0
+        if window.queries > window.rows:
+            q = F.pad(q, (0, 0, 0, window.queries - window.rows))
+        keys, values = k_cache[:, :, : window.width], v_cache[:, :, : window.width]
+        return self._attend(q, keys, values, window.mask, window.rows)
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -152,7 +186,7 @@ class _Attention:
         q, k, v = self._project(x, cos, sin)
         k_cache.index_copy_(2, position, k[None])
         v_cache.index_copy_(2, position, v[None])
-        return self._attend(q, k_cache, v_cache, (torch.arange(k_cache.shape[2], device=x.device) <= position)[None])
+        return self._attend(q, k_cache, v_cache, (torch.arange(k_cache.shape[2], device=x.device) <= position)[None], 1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -230,10 +264,11 @@ class CompactModel:
         first = self.layers[0].attention
         self.kv_shape = (1, first.kv_heads, 0, first.head_dim)
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
+        self.shape_step = shape_step(self.device, self.dtype)
 
     def new_cache(self, capacity: int, zeroed: bool = False) -> KVCache:
         """``zeroed`` for a cache read whole under a mask: a masked garbage NaN would still poison 0 * value."""
-        shape = (*self.kv_shape[:2], max(capacity, 1), self.kv_shape[3])
+        shape = (*self.kv_shape[:2], round_up(max(capacity, 1), self.shape_step), self.kv_shape[3])
         make = [(torch.zeros if zeroed else torch.empty)(shape, device=self.device, dtype=self.dtype)
                 for _ in range(2 * len(self.layers))]
         return KVCache(make[: len(self.layers)], make[len(self.layers) :])
@@ -245,8 +280,9 @@ class CompactModel:
         x = self.embed(ids)
         positions = torch.arange(start, start + rows, device=ids.device)[None]
         cos, sin = (t[0] for t in self.rotary(x[None], positions))
+        window = Window.over(start, rows, self.shape_step, ids.device)
         for i, layer in enumerate(self.layers):
-            x = x + layer.attention(layer.norm_in(x), cos, sin, cache.keys[i], cache.values[i], start)
+            x = x + layer.attention(layer.norm_in(x), cos, sin, cache.keys[i], cache.values[i], window)
             x = x + layer.mlp(layer.norm_mid(x))
         cache.length = start + rows
         if not all_logits:
