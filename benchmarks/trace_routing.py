@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,15 +177,37 @@ def run(folder: str, trace: str, layers: int, budget: str, device: str, repeats:
             looked = (after.hits - before.hits) + (after.misses - before.misses)
             hits.append((after.hits - before.hits) / looked if looked else 1.0)
         peak = torch.cuda.max_memory_allocated() if cuda else 0  # before the bandwidth probe's buffers
+        kernels, busy = profile_decode(engine, prompt) if cuda else (0.0, 0.0)
         return {"budget": budget, "pcie": pcie_bandwidth() if cuda else 0.0, "tok_s": statistics.median(speeds),
                 "hit_rate": statistics.median(hits),
                 "tokens": outputs[0], "stable": all(o == outputs[0] for o in outputs),
                 "bytes_per_token": statistics.median(moved),
                 "graphs": engine.graphed.graphs_per_token if engine.graphed is not None else 0,
-                "peak_vram": peak,
+                "kernels": kernels, "busy": busy, "peak_vram": peak,
                 "bound": non_expert + engine.budget_bytes + kv}
     finally:
         engine.close()
+
+
+def profile_decode(engine: Engine, prompt: int, tokens: int = 16) -> tuple[float, float]:
+    """Kernels per decode token and the GPU's busy share of the wall time, from CUPTI's kernel records over
+    ``tokens`` decode tokens after the timed runs (the profiler's own cost included in the wall time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from expertswap.protocol import SamplingSettings
+
+    reply = engine.generate(list(range(3, 3 + prompt)), SamplingSettings(max_new_tokens=tokens + 1))
+    next(reply)  # the prefill is not decode
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        decoded = sum(1 for _ in reply)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as folder:
+        prof.export_chrome_trace(str(Path(folder) / "trace.json"))
+        events = json.loads((Path(folder) / "trace.json").read_text())["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    return len(kernels) / max(decoded, 1), sum(e["dur"] for e in kernels) / 1e6 / wall
 
 
 def pcie_bandwidth(size: int = 256 << 20) -> float:
@@ -224,13 +247,14 @@ def main(trace: Path, layers: int | None, budgets: list[str], device: str, repea
               "own 100%. `peak / bound`: the peak over what is not an expert plus the budget plus the KV cache "
               "(the target: at most 1.10). `limit`: the tok/s that 100%'s time per token plus the bytes each token "
               "brought in, over the measured pinned host-to-device bandwidth, would allow; `x limit`: tok/s over it "
-              "(the target: within 1.5x, so at least 0.67). `graphs`: CUDA graphs one token replays.")
+              "(the target: within 1.5x, so at least 0.67). `graphs`: CUDA graphs one token replays; `kernels`: "
+              "kernels per decode token and `busy`: the GPU's busy share, from a profile of 16 more tokens.")
     pcie = max(r["pcie"] for runs in rows.values() for r in runs)
     bandwidth = f"Pinned host-to-device bandwidth: {pcie / 1e9:.1f} GB/s."
     lines = [title, "", stamp(device), "", method, "", bandwidth, "",
              ("| routing | budget | tok/s | decode hit rate | MiB in / token | limit tok/s | x limit | graphs | "
-              "same as 100% | peak VRAM GiB | peak / bound |"),
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+              "kernels | busy | same as 100% | peak VRAM GiB | peak / bound |"),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for kind, runs in rows.items():
         full = next((r for r in runs if r["budget"] == "100%"), runs[0])
         for r in runs:
@@ -238,6 +262,7 @@ def main(trace: Path, layers: int | None, budgets: list[str], device: str, repea
             seconds = 1 / full["tok_s"] + (r["bytes_per_token"] / r["pcie"] if r["pcie"] else 0.0)
             lines.append(f"| {kind} | {r['budget']} | {r['tok_s']:.1f} | {r['hit_rate']:.3f} | "
                          f"{r['bytes_per_token'] / 2**20:.1f} | {1 / seconds:.1f} | {r['tok_s'] * seconds:.2f} | "
-                         f"{r['graphs']} | {same} | {r['peak_vram'] / 2**30:.2f} | {r['peak_vram'] / r['bound']:.2f} |")
+                         f"{r['graphs']} | {r['kernels']:.0f} | {r['busy']:.0%} | {same} | "
+                         f"{r['peak_vram'] / 2**30:.2f} | {r['peak_vram'] / r['bound']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -185,6 +185,29 @@ def test_zero_copy_kernels_give_the_same_bits_from_pinned_host_memory_as_from_a_
         torch.testing.assert_close(hit[i], want, atol=2e-3, rtol=2e-2)
 
 
+def test_fused_norm_and_rotary_give_transformers_values_in_one_kernel_each() -> None:
+    """The step's RMSNorm and rotary embedding, one kernel each: the rotary gives eager's bits, the norm (its mean
+    summed in another order) at most one bf16 rounding step away, on the views the step hands them."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+
+    from expertswap.engine.decode import fused
+    from expertswap.engine.decode.compact_step import _rotate
+
+    torch.manual_seed(0)
+    assert fused.available(torch.device("cuda"), torch.bfloat16)
+    norm = OlmoeRMSNorm(128, eps=1e-5).to("cuda", torch.bfloat16)
+    norm.weight.data = torch.randn(128, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(3, 8 * 128 + 2 * 4 * 128, device="cuda", dtype=torch.bfloat16) * 3
+    for x in (qkv[:, 128:256], qkv[:, : 8 * 128].view(3, 8, 128)):  # a slice of a wider row; heads of a view
+        want = norm(x)
+        got = fused.rms_norm(x, norm.weight, 1e-5)
+        torch.testing.assert_close(got, want, atol=0, rtol=2**-7)
+        assert (got != want).float().mean() < 0.02
+    q = qkv[:, : 8 * 128].view(3, 8, 128).transpose(0, 1)  # [heads, T, D], as the step rotates it
+    cos, sin = (torch.randn(3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert torch.equal(fused.rotate(q, cos, sin), _rotate(q, cos, sin))
+
+
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("budget", ["50%", "min"])
 def test_host_free_decode_gives_100_percents_tokens_in_one_graph_a_token(tiny_model, family: str,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from expertswap.engine.decode import fused
 from expertswap.engine.decode.attention_shapes import round_up, shape_step
 from expertswap.engine.weights.host_memory import drop_file_pages, owned
 from expertswap.engine.weights.packed import linear, pack, packing_pays
@@ -123,6 +124,19 @@ class KVCache:
                 store[i] = new
 
 
+class Norm:
+    """A family's RMSNorm (all four compute the same): one fused kernel on CUDA, the module itself elsewhere."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.fused = fused.available(module.weight.device, module.weight.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.stride(-1) == 1:
+            return fused.rms_norm(x, self.module.weight, self.module.variance_epsilon)
+        return self.module(x)
+
+
 class _Attention:
     """One layer's attention with fused q/k/v."""
 
@@ -135,10 +149,12 @@ class _Attention:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.scaling = attn.scaling
-        self.q_norm: Any = getattr(attn, "q_norm", None)
-        self.k_norm: Any = getattr(attn, "k_norm", None)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm, self.k_norm = (Norm(n) if n is not None else None for n in (q_norm, k_norm))
         # Qwen3 normalises each head, OLMoE the whole projection
-        self.norm_per_head = self.q_norm is not None and self.q_norm.weight.shape[0] == self.head_dim
+        self.norm_per_head = q_norm is not None and q_norm.weight.shape[0] == self.head_dim
+        fast = fused.available(self.o.weight.device, self.o.weight.dtype) and self.head_dim & (self.head_dim - 1) == 0
+        self.rotate = fused.rotate if fast else _rotate
         self.clip = getattr(config, "clip_qkv", None)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor,
@@ -146,16 +162,16 @@ class _Attention:
         """q [heads, T, D] and k, v [kv_heads, T, D], normed and rotated as the family does."""
         rows = x.shape[0]
         q, k, v = self.qkv(x).split(self.qkv.splits, dim=-1)
-        if self.q_norm is not None and not self.norm_per_head:
+        if self.q_norm is not None and self.k_norm is not None and not self.norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
             q, k, v = (t.clamp(min=-self.clip, max=self.clip) for t in (q, k, v))
         q = q.view(rows, self.heads, self.head_dim)
         k = k.view(rows, self.kv_heads, self.head_dim)
-        if self.norm_per_head:
+        if self.norm_per_head and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         v = v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1)
-        return _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin), v
+        return self.rotate(q.transpose(0, 1), cos, sin), self.rotate(k.transpose(0, 1), cos, sin), v
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                 rows: int) -> torch.Tensor:
@@ -180,13 +196,13 @@ class _Attention:
         return self._attend(q, keys, values, window.mask, window.rows)
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """One token at ``position`` (a device tensor) over the whole cache, masked: shapes never change,
-        so a CUDA graph can replay it at every position."""
+             v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One token at ``position`` (a device tensor) over the whole cache under ``mask`` (the positions up to
+        it): shapes never change, so a CUDA graph can replay it at every position."""
         q, k, v = self._project(x, cos, sin)
         k_cache.index_copy_(2, position, k[None])
         v_cache.index_copy_(2, position, v[None])
-        return self._attend(q, k_cache, v_cache, (torch.arange(k_cache.shape[2], device=x.device) <= position)[None], 1)
+        return self._attend(q, k_cache, v_cache, mask, 1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -238,8 +254,8 @@ class MoEBlock:
 
 class Layer:
     def __init__(self, layer: Any, config: Any) -> None:  # a family's decoder layer and config
-        self.norm_in = layer.input_layernorm
-        self.norm_mid = layer.post_attention_layernorm
+        self.norm_in = Norm(layer.input_layernorm)
+        self.norm_mid = Norm(layer.post_attention_layernorm)
         self.attention = _Attention(layer.self_attn, config)
         block = layer.mlp
         self.mlp: MoEBlock | _MLP = MoEBlock(block) if hasattr(block, "experts") else _MLP(block)
@@ -253,7 +269,7 @@ class CompactModel:
         inner: Any = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
-        self.norm = inner.norm
+        self.norm = Norm(inner.norm)
         config = model.config
         self.layers = [Layer(layer, config) for layer in inner.layers]
         head: Any = model.lm_head

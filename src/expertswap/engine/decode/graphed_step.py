@@ -134,6 +134,7 @@ class GraphedDecode:
         def embed() -> None:
             x.copy_(compact.embed(self._token))
             held["cos"], held["sin"] = (t[0] for t in compact.rotary(x[None], self._position[None]))
+            held["mask"] = (torch.arange(cache.capacity, device=x.device) <= self._position)[None]  # all layers'
 
         committees = self._committees()
         kernels = self.cuda and all(zero_copy.supports(c) for c in committees)  # dtypes and layout checked there
@@ -167,7 +168,8 @@ class GraphedDecode:
         position = self._position
 
         def attend() -> tuple[torch.Tensor, torch.Tensor]:
-            h = x + attention.step(layer.norm_in(x), held["cos"], held["sin"], cache.keys[i], cache.values[i], position)
+            h = x + attention.step(layer.norm_in(x), held["cos"], held["sin"], cache.keys[i], cache.values[i], position,
+                                   held["mask"])
             return h, layer.norm_mid(h)
 
         if not isinstance(mlp, MoEBlock):
