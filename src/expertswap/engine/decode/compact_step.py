@@ -150,7 +150,7 @@ class _Attention:
         self.kv_heads = config.num_key_value_heads
         self.scaling = attn.scaling
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.q_norm, self.k_norm = (Norm(n) if n is not None else None for n in (q_norm, k_norm))
+        self.qk_norms = (Norm(q_norm), Norm(k_norm)) if q_norm is not None and k_norm is not None else None
         # Qwen3 normalises each head, OLMoE the whole projection
         self.norm_per_head = q_norm is not None and q_norm.weight.shape[0] == self.head_dim
         fast = fused.available(self.o.weight.device, self.o.weight.dtype) and self.head_dim & (self.head_dim - 1) == 0
@@ -162,14 +162,14 @@ class _Attention:
         """q [heads, T, D] and k, v [kv_heads, T, D], normed and rotated as the family does."""
         rows = x.shape[0]
         q, k, v = self.qkv(x).split(self.qkv.splits, dim=-1)
-        if self.q_norm is not None and self.k_norm is not None and not self.norm_per_head:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norms is not None and not self.norm_per_head:
+            q, k = self.qk_norms[0](q), self.qk_norms[1](k)
         if self.clip is not None:
             q, k, v = (t.clamp(min=-self.clip, max=self.clip) for t in (q, k, v))
         q = q.view(rows, self.heads, self.head_dim)
         k = k.view(rows, self.kv_heads, self.head_dim)
-        if self.norm_per_head and self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norms is not None and self.norm_per_head:
+            q, k = self.qk_norms[0](q), self.qk_norms[1](k)
         v = v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1)
         return self.rotate(q.transpose(0, 1), cos, sin), self.rotate(k.transpose(0, 1), cos, sin), v
 
