@@ -154,35 +154,74 @@ def test_close_gives_the_device_memory_back_while_the_engine_is_still_referenced
 
 def test_zero_copy_kernels_give_the_same_bits_from_pinned_host_memory_as_from_a_slot() -> None:
     """The miss path reads an expert over PCIe, the hit path from device memory: the same math on the same bytes
-    gives the same bits, and the copy the kernel writes on its way is the expert."""
+    gives the same bits, and the copy the kernel writes on its way into the slot is the expert."""
     import torch.nn.functional as F
 
-    from expertswap.engine.moe.kernels import swiglu_pairs
+    from expertswap.engine.moe.kernels import sum_pairs, swiglu_pairs
 
     torch.manual_seed(0)
-    hidden, inner, pairs = 1024, 352, 4  # not multiples of the kernels' tiles
-    gate_up = torch.randn(pairs, 2 * inner, hidden, dtype=torch.bfloat16) * 0.05
-    down = torch.randn(pairs, hidden, inner, dtype=torch.bfloat16) * 0.05
-    x = torch.randn(hidden, dtype=torch.bfloat16, device="cuda")
-    weights = torch.rand(pairs, device="cuda")
-    on_device = [t.cuda() for t in (gate_up, down)]
-    on_host = [t.pin_memory() for t in (gate_up, down)]
-    filled = [torch.zeros_like(t) for t in on_device]
-
-    def addresses(t: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([t[i].data_ptr() for i in range(pairs)], dtype=torch.long, device="cuda")
-
-    none = torch.zeros(pairs, dtype=torch.long, device="cuda")
-    hit = swiglu_pairs(x, (addresses(on_device[0]), none), (addresses(on_device[1]), none), weights, inner)
-    miss = swiglu_pairs(x, (addresses(on_host[0]), addresses(filled[0])), (addresses(on_host[1]), addresses(filled[1])),
-                        weights, inner)
-    torch.cuda.synchronize()
+    hidden, inner, experts = 1024, 352, 6  # not multiples of the kernels' tiles
+    device, dtype = "cuda", torch.bfloat16
+    gate_up = torch.randn(experts, 2 * inner, hidden, dtype=dtype) * 0.05
+    down = torch.randn(experts, hidden, inner, dtype=dtype) * 0.05
+    host = [t.pin_memory() for t in (gate_up, down)]
+    host_addresses = tuple(torch.tensor([t[e].data_ptr() for e in range(experts)], device=device) for t in host)
+    index = torch.tensor([5, 1, 3, 0], device=device)  # pair i's expert sits in (or comes into) slot i
+    slot_map = torch.full((experts,), -1, device=device)
+    slot_map[index] = torch.arange(4, device=device)
+    held = [t[index.cpu()].to(device) for t in (gate_up, down)]
+    x = torch.randn(hidden, dtype=dtype, device=device)
+    weights = torch.rand(4, device=device)
+    hit = swiglu_pairs(x, index, None, slot_map, host_addresses, (held[0], held[1]), weights)
+    partly = [t.clone() for t in held]
+    for t in partly:
+        t[1::2] = 0  # slots 1 and 3 are being filled
+    fill = torch.tensor([-1, 1, -1, 3], device=device)
+    miss = swiglu_pairs(x, index, fill, slot_map, host_addresses, (partly[0], partly[1]), weights)
     assert torch.equal(hit, miss)
-    assert all(torch.equal(f, d) for f, d in zip(filled, on_device, strict=True))
-    for i in range(pairs):
-        gate, up = F.linear(x, on_device[0][i]).chunk(2)
-        want = F.linear(F.silu(gate) * up, on_device[1][i]) * weights[i].to(torch.bfloat16)
+    assert all(torch.equal(p, h) for p, h in zip(partly, held, strict=True))
+    for i in range(4):
+        gate, up = F.linear(x, held[0][i]).chunk(2)
+        want = F.linear(F.silu(gate) * up, held[1][i]) * weights[i].to(dtype)
         torch.testing.assert_close(hit[i], want, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(sum_pairs(hit), hit.float().sum(0, keepdim=True).to(dtype), atol=0, rtol=2**-7)
+
+
+@pytest.mark.parametrize("eviction", ["importance", "lru", "lfu"])
+def test_a_tokens_bookkeeping_in_one_program_each_makes_the_torch_codes_decisions(eviction: str) -> None:
+    """``observe`` and ``place`` of one token as one Triton program each (the CUDA decode step's) against the torch
+    code the CPU and the replay run, over random routings, shapes and budgets: the same counts, stamps, victims,
+    maps and logs; importance within float rounding (|x| summed in another order)."""
+    import random
+
+    from expertswap.engine.moe.expert_cache import ExpertCache
+
+    rng = random.Random(3)
+    for experts, k, capacity in ((32, 8, 8), (60, 4, 30), (12, 3, 5), (128, 8, 37)):
+        caches = [ExpertCache(experts, k, capacity, torch.device("cuda"), eviction) for _ in range(2)]
+        caches[0].kernels = False  # the torch code
+        assert caches[1].kernels
+        for cache in caches:
+            for slot in range(capacity - 2):  # two empty slots to start with
+                cache.slots.install(slot, slot)
+            cache.slots.publish()
+            cache.norms.copy_(torch.linspace(1.0, 2.0, experts))
+        for _ in range(100):
+            index = torch.tensor([rng.sample(range(experts), k)], device="cuda")
+            weights, hidden = torch.rand(1, k, device="cuda"), torch.randn(1, 96, device="cuda", dtype=torch.bfloat16)
+            resident = [cache.observe(index, weights, hidden)[2] for cache in caches]
+            assert torch.equal(*resident)
+            for want, got in zip(*(cache.device_state() for cache in caches), strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+            caches[1].importance.copy_(caches[0].importance)  # the decisions compared from the same state
+            logs = [torch.full((k, 3), 7, device="cuda") for _ in caches]
+            fills = [cache.place(index, log) for cache, log in zip(caches, logs, strict=True)]
+            assert torch.equal(*logs) and torch.equal(*fills)
+            assert torch.equal(caches[0].slots.padded_map, caches[1].slots.padded_map)
+            assert torch.equal(caches[0].slots.padded_slots, caches[1].slots.padded_slots)
+            for cache, log in zip(caches, logs, strict=True):
+                for expert, slot, _ in (row for row in log.tolist() if row[0] >= 0):
+                    cache.slots.install(slot, expert)
 
 
 def test_fused_norm_and_rotary_give_transformers_values_in_one_kernel_each() -> None:
@@ -192,9 +231,10 @@ def test_fused_norm_and_rotary_give_transformers_values_in_one_kernel_each() -> 
 
     from expertswap.engine.decode import fused
     from expertswap.engine.decode.compact_step import _rotate
+    from expertswap.engine.device import triton_serves
 
     torch.manual_seed(0)
-    assert fused.available(torch.device("cuda"), torch.bfloat16)
+    assert triton_serves(torch.device("cuda"), torch.bfloat16)
     norm = OlmoeRMSNorm(128, eps=1e-5).to("cuda", torch.bfloat16)
     norm.weight.data = torch.randn(128, device="cuda", dtype=torch.bfloat16)
     qkv = torch.randn(3, 8 * 128 + 2 * 4 * 128, device="cuda", dtype=torch.bfloat16) * 3
@@ -206,6 +246,32 @@ def test_fused_norm_and_rotary_give_transformers_values_in_one_kernel_each() -> 
     q = qkv[:, : 8 * 128].view(3, 8, 128).transpose(0, 1)  # [heads, T, D], as the step rotates it
     cos, sin = (torch.randn(3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     assert torch.equal(fused.rotate(q, cos, sin), _rotate(q, cos, sin))
+
+
+def test_decode_attention_reads_the_cache_up_to_the_position_only_and_gives_attentions_values() -> None:
+    """The decode step's attention of one query, split over the cache and combined: fp32 attention's values over
+    the filled positions, with and without grouped heads; what lies past the position (NaN here) is never read.
+    The token's own keys and values are written at the position by one kernel."""
+    import torch.nn.functional as F
+
+    from expertswap.engine.decode import fused
+
+    torch.manual_seed(0)
+    for heads, kv_heads, capacity, dim, position in ((16, 16, 256, 128, 0), (16, 4, 512, 64, 300),
+                                                     (8, 2, 1024, 128, 1023), (16, 16, 4096, 128, 2999)):
+        q = torch.randn(heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+        keys, values = (torch.randn(1, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        keys[:, :, position + 1 :] = float("nan")
+        values[:, :, position + 1 :] = float("nan")
+        new = [torch.randn(kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        at = torch.tensor([position], device="cuda")
+        fused.write_position(new[0], new[1], keys, values, at)  # the step writes the token's own row first
+        assert torch.equal(keys[0, :, position], new[0][:, 0]) and torch.equal(values[0, :, position], new[1][:, 0])
+        got = fused.decode_attention(q, keys, values, at, dim**-0.5)
+        seen = slice(0, position + 1)
+        want = F.scaled_dot_product_attention(q[None].float(), keys[:, :, seen].float(), values[:, :, seen].float(),
+                                              scale=dim**-0.5, enable_gqa=heads != kv_heads)
+        torch.testing.assert_close(got.float(), want[0].transpose(0, 1).reshape(1, -1), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral"])

@@ -83,7 +83,10 @@ def test_placing_on_the_device_makes_the_hosts_decisions(eviction: str) -> None:
         loads = host.loads(sorted(index[0].tolist()))
         evicted = {slot: host.slots.install(slot, expert) for expert, slot in loads}
         host.slots.publish()
-        rows = device.place(index).tolist()
+        log = torch.empty(3, 3, dtype=torch.long)
+        fill = device.place(index, log).tolist()
+        rows = log.tolist()
+        assert fill == [dict(loads).get(e, -1) for e in index[0].tolist()]  # in routing order
         assert [(e, s, o) for e, s, o in rows if e >= 0] == [(e, s, evicted[s]) for e, s in loads]
         assert all(row == [-1, -1, -1] for row in rows if row[0] < 0)
         assert device.slots.device_map.tolist() == host.slots.device_map.tolist()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from expertswap.protocol.errors import DeviceError
@@ -28,3 +30,10 @@ def resolve_device(name: str) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def triton_serves(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether our Triton kernels serve here: CUDA, with Triton (it ships with torch's CUDA builds), and for
+    kernels on the model's tensors its dtype bf16 or fp16 (the CUDA-graph step's; fp32 keeps torch's ops)."""
+    return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            and dtype in (None, torch.bfloat16, torch.float16))

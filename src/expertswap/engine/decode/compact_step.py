@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from expertswap.engine.decode import fused
 from expertswap.engine.decode.attention_shapes import round_up, shape_step
+from expertswap.engine.device import triton_serves
 from expertswap.engine.weights.host_memory import drop_file_pages, owned
 from expertswap.engine.weights.packed import linear, pack, packing_pays
 
@@ -129,7 +130,7 @@ class Norm:
 
     def __init__(self, module: Any) -> None:
         self.module = module
-        self.fused = fused.available(module.weight.device, module.weight.dtype)
+        self.fused = triton_serves(module.weight.device, module.weight.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.stride(-1) == 1:
@@ -153,8 +154,9 @@ class _Attention:
         self.qk_norms = (Norm(q_norm), Norm(k_norm)) if q_norm is not None and k_norm is not None else None
         # Qwen3 normalises each head, OLMoE the whole projection
         self.norm_per_head = q_norm is not None and q_norm.weight.shape[0] == self.head_dim
-        fast = fused.available(self.o.weight.device, self.o.weight.dtype) and self.head_dim & (self.head_dim - 1) == 0
+        fast = triton_serves(self.o.weight.device, self.o.weight.dtype) and self.head_dim & (self.head_dim - 1) == 0
         self.rotate = fused.rotate if fast else _rotate
+        self.fused_decode = fast  # one query's attention reads the filled blocks only
         self.clip = getattr(config, "clip_qkv", None)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor,
@@ -196,10 +198,14 @@ class _Attention:
         return self._attend(q, keys, values, window.mask, window.rows)
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One token at ``position`` (a device tensor) over the whole cache under ``mask`` (the positions up to
-        it): shapes never change, so a CUDA graph can replay it at every position."""
+             v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One token at ``position`` (a device tensor) over the cache up to it: the fused kernel reads that far,
+        attention elsewhere reads the whole cache under ``mask`` (additive: 0 up to it). Shapes never change, so
+        a CUDA graph can replay it at every position."""
         q, k, v = self._project(x, cos, sin)
+        if self.fused_decode:
+            fused.write_position(k, v, k_cache, v_cache, position)
+            return self.o(fused.decode_attention(q, k_cache, v_cache, position, self.scaling))
         k_cache.index_copy_(2, position, k[None])
         v_cache.index_copy_(2, position, v[None])
         return self._attend(q, k_cache, v_cache, mask, 1)

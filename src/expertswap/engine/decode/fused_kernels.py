@@ -59,3 +59,85 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     _rotate_kernel[(heads * positions,)](x, cos, sin, out, positions, x.stride(0), x.stride(1), DIM=dim,
                                          enable_fp_fusion=False)
     return out
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, position_ptr, max_ptr, sum_ptr, acc_ptr, splits, stride_kv_head,
+                             scale, GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    head, split = tl.program_id(0), tl.program_id(1)
+    position = tl.load(position_ptr)
+    keys = split * BLOCK + tl.arange(0, BLOCK)
+    seen = keys <= position  # a block wholly past the position reads nothing
+    dims = tl.arange(0, DIM)
+    q = tl.load(q_ptr + head * DIM + dims).to(tl.float32)
+    offsets = (head // GROUP) * stride_kv_head + keys[:, None] * DIM + dims[None, :]
+    k = tl.load(k_ptr + offsets, mask=seen[:, None], other=0.0).to(tl.float32)
+    scores = tl.where(seen, tl.sum(k * q[None, :], axis=1) * scale, -float("inf"))
+    top = tl.max(scores, axis=0)
+    weights = tl.exp(scores - tl.where(top == -float("inf"), 0.0, top))
+    v = tl.load(v_ptr + offsets, mask=seen[:, None], other=0.0).to(tl.float32)
+    at = head * splits + split
+    tl.store(max_ptr + at, top)
+    tl.store(sum_ptr + at, tl.sum(weights, axis=0))
+    tl.store(acc_ptr + at * DIM + dims, tl.sum(weights[:, None] * v, axis=0))
+
+
+@triton.jit
+def _combine_kernel(max_ptr, sum_ptr, acc_ptr, out_ptr, splits, DIM: tl.constexpr, CHUNK: tl.constexpr):
+    head = tl.program_id(0)
+    top = -float("inf")  # the first block always holds position 0: the maximum is finite
+    for start in range(0, splits, CHUNK):
+        parts = start + tl.arange(0, CHUNK)
+        top = tl.maximum(top, tl.max(tl.load(max_ptr + head * splits + parts, mask=parts < splits,
+                                             other=-float("inf")), axis=0))
+    dims = tl.arange(0, DIM)
+    total = 0.0
+    acc = tl.zeros([DIM], dtype=tl.float32)
+    for start in range(0, splits, CHUNK):
+        parts = start + tl.arange(0, CHUNK)
+        used = parts < splits
+        scale = tl.exp(tl.load(max_ptr + head * splits + parts, mask=used, other=-float("inf")) - top)
+        total += tl.sum(scale * tl.load(sum_ptr + head * splits + parts, mask=used, other=0.0), axis=0)
+        partial = tl.load(acc_ptr + (head * splits + parts[:, None]) * DIM + dims[None, :], mask=used[:, None],
+                          other=0.0)
+        acc += tl.sum(scale[:, None] * partial, axis=0)
+    tl.store(out_ptr + head * DIM + dims, (acc / total).to(out_ptr.dtype.element_ty))
+
+
+_KEYS_PER_PROGRAM = 64
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per head, q [heads, 1, D], over a cache's keys and values [1, kv_heads, capacity, D] up to and
+    including ``position`` (a device tensor): [1, heads * D]. Split over the cache in blocks, then combined."""
+    heads, _, dim = q.shape
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    assert q.is_contiguous() and keys.is_contiguous() and values.is_contiguous() and dim & (dim - 1) == 0
+    splits = triton.cdiv(capacity, _KEYS_PER_PROGRAM)
+    maxima = torch.empty((heads, splits), dtype=torch.float32, device=q.device)
+    sums = torch.empty_like(maxima)
+    acc = torch.empty((heads, splits, dim), dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(heads, splits)](q, keys, values, position, maxima, sums, acc, splits, keys.stride(1),
+                                              scale, GROUP=heads // kv_heads, DIM=dim, BLOCK=_KEYS_PER_PROGRAM)
+    out = torch.empty((1, heads * dim), dtype=q.dtype, device=q.device)
+    _combine_kernel[(heads,)](maxima, sums, acc, out, splits, DIM=dim, CHUNK=16)
+    return out
+
+
+@triton.jit
+def _write_position_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, position_ptr, stride_head, DIM: tl.constexpr):
+    head = tl.program_id(0)
+    dims = tl.arange(0, DIM)
+    at = head * stride_head + tl.load(position_ptr) * DIM + dims
+    tl.store(k_cache_ptr + at, tl.load(k_ptr + head * DIM + dims))
+    tl.store(v_cache_ptr + at, tl.load(v_ptr + head * DIM + dims))
+
+
+def write_position(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   position: torch.Tensor) -> None:
+    """One token's k and v [kv_heads, 1, D] into both caches [1, kv_heads, capacity, D] at ``position``."""
+    kv_heads, _, dim = k.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and dim & (dim - 1) == 0
+    k, v = k.contiguous(), v.contiguous()
+    _write_position_kernel[(kv_heads,)](k, v, k_cache, v_cache, position, k_cache.stride(1), DIM=dim)

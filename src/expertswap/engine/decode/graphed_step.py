@@ -131,10 +131,16 @@ class GraphedDecode:
         x = torch.zeros(1, compact.embed.weight.shape[1], dtype=compact.dtype, device=compact.device)
         held: dict[str, Any] = {}  # tensors one piece leaves for the next (static under capture)
 
+        masked = not all(layer.attention.fused_decode for layer in compact.layers)  # else attention reads up to it
+        held["mask"] = None
+
         def embed() -> None:
             x.copy_(compact.embed(self._token))
             held["cos"], held["sin"] = (t[0] for t in compact.rotary(x[None], self._position[None]))
-            held["mask"] = (torch.arange(cache.capacity, device=x.device) <= self._position)[None]  # all layers'
+            if masked:  # all layers' mask, additive as attention would make it of a boolean one in each layer
+                seen = torch.arange(cache.capacity, device=x.device) <= self._position
+                mask = torch.zeros(1, cache.capacity, dtype=x.dtype, device=x.device)
+                held["mask"] = mask.masked_fill_(~seen, -torch.inf)
 
         committees = self._committees()
         kernels = self.cuda and all(zero_copy.supports(c) for c in committees)  # dtypes and layout checked there
@@ -175,7 +181,7 @@ class GraphedDecode:
         if not isinstance(mlp, MoEBlock):
             def dense() -> None:
                 h, y = attend()
-                x.copy_(h + mlp(y))
+                torch.add(h, mlp(y), out=x)
 
             return [_Piece(dense)]
         committee: Committee = mlp.experts
@@ -192,7 +198,7 @@ class GraphedDecode:
             out = kernels(y, index, weights) if kernels else committee.compute(y, index, weights)
             if mlp.shared is not None:
                 out = out + mlp.shared(y)
-            x.copy_(h + out)
+            torch.add(h, out, out=x)
 
         def after() -> None:
             self._between(committee, held[f"{i}"][2])

@@ -149,8 +149,7 @@ class Committee(nn.Module):
         runtime = self.runtime
         if runtime.trace is not None:
             runtime.trace.note(self.layer, index, weights)
-        return self.cache.observe(index, weights, hidden.detach().float().norm(dim=-1, keepdim=True),
-                                  runtime.policy.routing_threshold)
+        return self.cache.observe(index, weights, hidden, runtime.policy.routing_threshold)
 
     def compute(self, hidden: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The experts' output for a routing whose experts are resident; ids < 0 contribute nothing."""

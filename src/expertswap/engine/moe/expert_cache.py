@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from expertswap.engine.device import triton_serves
 from expertswap.engine.moe.policies import skip_routings
 from expertswap.engine.moe.slot_map import SlotMap
 from expertswap.engine.observe.counters import RoutingCounts
@@ -45,6 +46,7 @@ class ExpertCache:
         self.last_token = torch.full((top_k,), -1, dtype=torch.long, device=device)  # the latest token's choice
         self.last_used = torch.zeros(E, dtype=torch.long, device=device)  # forward count when last routed to (lru)
         self.clock = torch.zeros((), dtype=torch.long, device=device)  # on the device: a captured step advances it
+        self.kernels = triton_serves(device)  # a token's observe and place as one program each (cache_kernels)
 
     @property
     def capacity(self) -> int:
@@ -55,16 +57,25 @@ class ExpertCache:
         return [self.importance, self.frequency, self.routed, self.routing.tensor, self.last_used, self.clock,
                 self.last_token]
 
-    def observe(self, index: torch.Tensor, weights: torch.Tensor, signal: torch.Tensor | None = None,
+    def observe(self, index: torch.Tensor, weights: torch.Tensor, hidden: torch.Tensor | None = None,
                 skip_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routing bookkeeping before any load: scores, counts, stamps, skipping. Device work only.
 
-        ``signal`` [T, 1] weighs each token's routings for importance (the committee passes |x|); None
-        weighs them all 1 (a trace has no hidden states). Returns the routing as skipping leaves it and
-        which routed experts are resident now.
+        Each token's routings weigh its |``hidden``| in importance (the committee passes the layer's input
+        [T, H]); None weighs them all 1 (a trace has no hidden states). Returns the routing as skipping leaves
+        it and which routed experts are resident now.
         """
         rows = index.shape[0]
-        contribution = weights.detach().float() * (signal if signal is not None else 1.0)
+        if self.kernels and rows == 1 and hidden is not None and skip_threshold == 0:
+            from expertswap.engine.moe import cache_kernels  # Triton: only where a GPU is
+
+            resident = cache_kernels.observe(hidden.detach(), index, weights, self.importance, self.frequency,
+                                             self.routed, self.last_used, self.clock, self.last_token,
+                                             self.slots.device_map, self.routing.tensor, self.eviction,
+                                             DECAY_PER_TOKEN)
+            return index, weights, resident
+        signal = hidden.detach().float().norm(dim=-1, keepdim=True) if hidden is not None else 1.0
+        contribution = weights.detach().float() * signal
         self.importance.mul_(DECAY_PER_TOKEN**rows)
         self.importance.index_add_(0, index.reshape(-1), contribution.reshape(-1))  # the router's ids: none < 0
         if skip_threshold > 0:
@@ -111,17 +122,23 @@ class ExpertCache:
         default = torch.where(known.any(), self.norms.nanmean(), 1.0)
         return (self.importance.float() * torch.where(known, self.norms, default)).double()
 
-    def place(self, index: torch.Tensor) -> torch.Tensor:
+    def place(self, index: torch.Tensor, log: torch.Tensor) -> torch.Tensor:
         """Give every expert one token routes to a slot, on the device: the decisions ``loads`` makes on the host.
 
         A missing expert takes the best victim (an empty slot first, then the lowest ranked, never one
-        holding a routed expert), in the order of the experts' ids; both maps are updated in place. Returns
-        [k, 3] rows (expert, slot, expert it replaced) sorted by expert, (-1, -1, -1) for the resident ones:
-        the host installs them after the token (``SlotMap.install``) and the kernel fills those slots.
+        holding a routed expert), in the order of the experts' ids; both maps are updated in place. ``log``
+        [k, 3] gets rows (expert, slot, expert it replaced) sorted by expert, (-1, -1, -1) for the resident
+        ones: the host installs them after the token (``SlotMap.install``). Returns the slot each routed
+        pair fills, in routing order (-1 for the resident): the kernel writes those slots as it reads.
         """
         slots = self.slots
+        if self.kernels:
+            from expertswap.engine.moe import cache_kernels  # Triton: only where a GPU is
+
+            return cache_kernels.place(index, slots.device_map, slots.device_slots, self.importance, self.frequency,
+                                       self.last_used, self.norms, log, self.eviction)
         capacity, spare = slots.capacity, self.num_experts
-        experts = index[0].sort().values
+        experts, order = index[0].sort(stable=True)
         current = slots.device_map[experts.clamp(min=0)]
         missing = (current < 0) & (experts >= 0)
         held = slots.device_slots
@@ -135,7 +152,8 @@ class ExpertCache:
         slots.padded_map.index_fill_(0, torch.where(old >= 0, old, spare), -1)
         slots.padded_map.index_put_((torch.where(missing, experts, spare),), torch.where(missing, fill, -1))
         slots.padded_slots.index_put_((target,), torch.where(missing, experts, -1))
-        return torch.stack([torch.where(missing, experts, -1), fill, old], dim=1)
+        log.copy_(torch.stack([torch.where(missing, experts, -1), fill, old], dim=1))
+        return torch.empty_like(fill).index_copy_(0, order, fill)
 
     @staticmethod
     def needed(index: torch.Tensor) -> list[int]:

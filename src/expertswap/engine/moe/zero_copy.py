@@ -45,33 +45,19 @@ class ZeroCopyExperts:
     def __init__(self, committee: Committee, log: torch.Tensor) -> None:
         self.committee = committee
         self.log = log  # [k, 3]: what each token brings in (``ExpertCache.place``'s rows), read by the host after it
-        shapes = {p.name: p.shape for p in committee.spec.params}
-        self.intermediate = shapes["down_proj"][1]
         copies = [committee.store.read(committee.layer, e) for e in range(committee.num_experts)]
-        self.host = {name: torch.tensor([c[name].data_ptr() for c in copies], dtype=torch.long,
-                                        device=committee.device) for name in _NAMES}
+        gate_up, down = (torch.tensor([c[name].data_ptr() for c in copies], dtype=torch.long, device=committee.device)
+                         for name in _NAMES)
+        self.host = (gate_up, down)  # each expert's matrices in pinned host memory, by address
 
     def __call__(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """[1, H] for one token ``hidden`` [1, H] routed to ``index`` [1, k] with ``weights`` [1, k]."""
-        from expertswap.engine.moe.kernels import swiglu_pairs  # Triton: only where a GPU is
+        from expertswap.engine.moe.kernels import sum_pairs, swiglu_pairs  # Triton: only where a GPU is
 
         committee = self.committee
         assert isinstance(committee.storage, StackedSlots)  # ``supports`` said so
-        experts = index[0]
-        if committee.slots.full:
-            fill = torch.full_like(experts, -1)
-        else:
-            placed = committee.cache.place(index)  # rows sorted by expert; back to routing order below
-            self.log.copy_(placed)
-            order = experts.sort().indices
-            fill = torch.empty_like(experts).index_copy_(0, order, placed[:, 1])
-        slot = committee.slots.device_map[experts]
-        addresses = []
-        for name in _NAMES:
-            slots = committee.storage.tensors()[name]
-            base, stride = slots.data_ptr(), slots[0].numel() * slots.element_size()
-            at_slot = base + slot * stride
-            source = torch.where(fill >= 0, self.host[name][experts], at_slot)
-            addresses.append((source, torch.where(fill >= 0, at_slot, 0)))
-        pairs = swiglu_pairs(hidden[0], addresses[0], addresses[1], weights[0], self.intermediate)
-        return pairs.sum(dim=0, keepdim=True)
+        fill = None if committee.slots.full else committee.cache.place(index, self.log)
+        slots = committee.storage.tensors()
+        pairs = swiglu_pairs(hidden[0], index[0], fill, committee.slots.device_map, self.host,
+                             (slots["gate_up_proj"], slots["down_proj"]), weights[0])
+        return sum_pairs(pairs)
