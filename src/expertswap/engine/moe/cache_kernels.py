@@ -80,7 +80,7 @@ def observe(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, im
 
 @triton.jit
 def _place_kernel(index_ptr, map_ptr, slots_ptr, importance_ptr, frequency_ptr, last_used_ptr, norms_ptr, log_ptr,
-                  fill_ptr, experts, capacity, K: tl.constexpr, EVICTION: tl.constexpr, BLOCK_K: tl.constexpr,
+                  fill_ptr, capacity, K: tl.constexpr, EVICTION: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_C: tl.constexpr):
     j = tl.arange(0, BLOCK_K)
     routed = tl.load(index_ptr + j, mask=j < K, other=-1)
@@ -130,7 +130,7 @@ def place(index: torch.Tensor, slot_map: torch.Tensor, slots: torch.Tensor, impo
     k, capacity = index.shape[-1], slots.numel()
     index = index.contiguous()
     fill = torch.empty(k, dtype=torch.long, device=index.device)
-    _place_kernel[(1,)](index, slot_map, slots, importance, frequency, last_used, norms, log, fill,
-                        importance.numel(), capacity, K=k, EVICTION=EVICTION_CODES[eviction],
-                        BLOCK_K=triton.next_power_of_2(k), BLOCK_C=triton.next_power_of_2(capacity))
+    _place_kernel[(1,)](index, slot_map, slots, importance, frequency, last_used, norms, log, fill, capacity, K=k,
+                        EVICTION=EVICTION_CODES[eviction], BLOCK_K=triton.next_power_of_2(k),
+                        BLOCK_C=triton.next_power_of_2(capacity))
     return fill
