@@ -56,9 +56,11 @@ def _observe_kernel(hidden_ptr, index_ptr, weights_ptr, importance_ptr, frequenc
         misses += (valid & ~resident).to(tl.int64)
     tl.store(importance_ptr + e, importance, mask=live)
     tl.store(routed_ptr + e, routed, mask=live)
-    tl.store(frequency_ptr + e, frequency, mask=live)
-    tl.store(last_used_ptr + e, last_used, mask=live)
-    tl.store(clock_ptr, clock)
+    if EVICTION == 2:
+        tl.store(frequency_ptr + e, frequency, mask=live)
+    if EVICTION == 1:
+        tl.store(last_used_ptr + e, last_used, mask=live)
+        tl.store(clock_ptr, clock)
     tl.store(counts_ptr, hits)
     tl.store(counts_ptr + 1, misses)
 
