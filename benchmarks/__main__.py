@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     trace.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     trace.add_argument("--repeats", type=int, default=3)
     trace.add_argument("--out", type=Path, required=True, help="folder for the table")
+    trace.add_argument("--prefill", type=int, nargs="*", default=[], help="also time prompts of these lengths")
+    trace.add_argument("--llama-cpp", type=Path, default=None,
+                       help="a llama.cpp source tree with build/bin/llama-bench: beside it on the same weights")
     quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
     quantized.add_argument("--repeats", type=int, default=3)
     quantized.add_argument("--kinds", nargs="+", default=None, help="bf16 and quantisations to run (all by default)")
@@ -157,7 +160,7 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "prediction": _prediction,
     "replay": _replay,
     "trace-decode": _printed("trace_routing", lambda run, a: run(a.trace, a.layers, a.budgets, a.device, a.repeats,
-                                                                 a.out)),
+                                                                 a.out, tuple(a.prefill), a.llama_cpp)),
     "quantized": _printed("quantized", lambda run, a: run(a.repeats, a.kinds)),
     "quantized-gpu": _printed("quantized_gpu", lambda run, a: run()),
     "lowbit": _printed("lowbit", lambda run, a: run()),

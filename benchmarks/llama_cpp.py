@@ -105,3 +105,33 @@ def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, b
         lines.append(f"| {name} | {tok_s:.1f} | {rss:.0f} |")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def convert(source: Path, folder: Path, outtype: str) -> Path:
+    """``folder`` as a GGUF of ``outtype`` (``bf16``, ``q8_0``), by the converter of the llama.cpp tree
+    ``source``; converted once, kept beside the folder (a half-written file never takes its name)."""
+    out = folder.parent / f"{folder.name}-{outtype}.gguf"
+    if not out.exists():
+        part = out.with_name(out.name + ".part")
+        done = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder), "--outtype",
+                               outtype, "--outfile", str(part)], capture_output=True, text=True, timeout=900,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"convert_hf_to_gguf {outtype}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        part.rename(out)
+    return out
+
+
+def bench_gpu(bench: Path, gguf: Path, cpu_layers: list[int], prompts: list[int], tokens: int,
+              repeats: int, log: Path) -> list[dict]:
+    """llama-bench with every layer on the GPU but the experts of ``cpu_layers[i]`` layers (``--n-cpu-moe``),
+    all host threads: decode of ``tokens`` and prefill of each of ``prompts``; llama-bench's own means over
+    ``repeats``. Its log goes to ``log``: a failed load says why there, not in the one-line error."""
+    cmd = [str(bench), "-m", str(gguf), "-ngl", "99", "-ncmoe", ",".join(map(str, cpu_layers)),
+           "-t", str(os.cpu_count()), "-p", ",".join(map(str, prompts)) or "0", "-n", str(tokens), "-r", str(repeats),
+           "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    log.write_text(" ".join(cmd) + "\n" + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-bench {gguf.name}: {(done.stderr.strip().splitlines() or ['killed'])[-1][:160]}")
+    return json.loads(done.stdout)

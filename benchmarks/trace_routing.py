@@ -15,6 +15,7 @@ case. Tokens are greedy: at every budget they must equal the engine's own 100% u
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -138,14 +139,16 @@ def build(model: str, layers: int) -> Path:
     if not (folder / "config.json").exists():
         build_model(family, folder, dtype=torch.bfloat16, init_std=0.02, layers=layers, **shape)
         config = json.loads((folder / "config.json").read_text())
-        config["max_position_embeddings"] = 4096
+        config["max_position_embeddings"] = 16384  # room for the 8k-token prefill and a reply
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
-def run(folder: str, trace: str, layers: int, budget: str, device: str, repeats: int, replay: bool) -> dict:
+def run(folder: str, trace: str, layers: int, budget: str, device: str, repeats: int, replay: bool,
+        prompts: tuple[int, ...] = ()) -> dict:
     """One engine in this process: greedy decode over the trace's tokens, ``repeats`` times, under the trace's
-    routing (``replay``) or the model's own random routing, for as many tokens."""
+    routing (``replay``) or the model's own random routing, for as many tokens; then the prefill of a prompt
+    of each length in ``prompts``."""
     from expertswap.engine import Engine
     from expertswap.protocol import SamplingSettings
 
@@ -178,12 +181,13 @@ def run(folder: str, trace: str, layers: int, budget: str, device: str, repeats:
             hits.append((after.hits - before.hits) / looked if looked else 1.0)
         peak = torch.cuda.max_memory_allocated() if cuda else 0  # before the bandwidth probe's buffers
         kernels, busy = profile_decode(engine, prompt) if cuda else (0.0, 0.0)
+        prefill = {length: prefill_speed(engine, length, repeats) for length in prompts}
         return {"budget": budget, "pcie": pcie_bandwidth() if cuda else 0.0, "tok_s": statistics.median(speeds),
                 "hit_rate": statistics.median(hits),
                 "tokens": outputs[0], "stable": all(o == outputs[0] for o in outputs),
                 "bytes_per_token": statistics.median(moved),
                 "graphs": engine.graphed.graphs_per_token if engine.graphed is not None else 0,
-                "kernels": kernels, "busy": busy, "peak_vram": peak,
+                "kernels": kernels, "busy": busy, "peak_vram": peak, "prefill": prefill,
                 "bound": non_expert + engine.budget_bytes + kv}
     finally:
         engine.close()
@@ -210,6 +214,26 @@ def profile_decode(engine: Engine, prompt: int, tokens: int = 16) -> tuple[float
     return len(kernels) / max(decoded, 1), sum(e["dur"] for e in kernels) / 1e6 / wall
 
 
+def prefill_speed(engine: Engine, length: int, repeats: int) -> float:
+    """Prompt tokens per second: a ``length``-token prompt to its first token, the median of ``repeats`` after
+    one warm-up (which sizes the caches)."""
+    from expertswap.protocol import SamplingSettings
+
+    ids = [3 + i % 30000 for i in range(length)]
+    times = []
+    for _ in range(repeats + 1):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        reply = engine.generate(ids, SamplingSettings(max_new_tokens=1))
+        next(reply)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        list(reply)  # the rest of a one-token reply: its end
+    return length / statistics.median(times[1:])
+
+
 def pcie_bandwidth(size: int = 256 << 20) -> float:
     """Host-to-device bytes per second from pinned memory (the median of 5 copies of ``size`` bytes)."""
     host = torch.empty(size, dtype=torch.uint8).pin_memory()
@@ -225,17 +249,21 @@ def pcie_bandwidth(size: int = 256 << 20) -> float:
     return size / statistics.median(times)
 
 
-def main(trace: Path, layers: int | None, budgets: list[str], device: str, repeats: int, out: Path) -> Path:
-    """Every budget, trace-driven and random, each in a fresh process; the table goes to ``out``."""
+def main(trace: Path, layers: int | None, budgets: list[str], device: str, repeats: int, out: Path,
+         prompts: tuple[int, ...] = (), llama_cpp: Path | None = None) -> Path:
+    """Every budget, trace-driven and random, each in a fresh process (the trace-driven ones also time the
+    prefill of ``prompts``), then llama.cpp of the tree ``llama_cpp`` on the same weights at equal VRAM; the
+    tables go to ``out``."""
     routing = read_routing(trace, layers)
     depth = len(routing.index)
     folder = build(routing.model, depth)
     rows: dict[str, list[dict]] = {"trace": [], "random": []}
     for kind in rows:
         for budget in budgets:
+            lengths = prompts if kind == "trace" else ()
             code = ("import json, sys; from benchmarks.trace_routing import run; "
                     f"print(json.dumps(run({str(folder)!r}, {str(trace)!r}, {depth}, {budget!r}, {device!r}, "
-                    f"{repeats}, {kind == 'trace'})))")
+                    f"{repeats}, {kind == 'trace'}, {lengths!r})))")
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             rows[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
     out.mkdir(parents=True, exist_ok=True)
@@ -264,5 +292,59 @@ def main(trace: Path, layers: int | None, budgets: list[str], device: str, repea
                          f"{r['bytes_per_token'] / 2**20:.1f} | {1 / seconds:.1f} | {r['tok_s'] * seconds:.2f} | "
                          f"{r['graphs']} | {r['kernels']:.0f} | {r['busy']:.0%} | {same} | "
                          f"{r['peak_vram'] / 2**30:.2f} | {r['peak_vram'] / r['bound']:.2f} |")
+    if prompts:
+        lines += ["", f"Prefill under the trace's routing, tok/s (prompt to first token, median of {repeats}):", "",
+                  "| prompt tokens | " + " | ".join(budgets) + " |", "| ---: |" + " ---: |" * len(budgets)]
+        lines += [f"| {length} | " + " | ".join(f"{r['prefill'][str(length)]:,.0f}" for r in rows["trace"]) + " |"
+                  for length in prompts]
+    if llama_cpp is not None:
+        lines += ["", *beside_llama_cpp(llama_cpp, folder, depth, budgets, rows, prompts, repeats, out)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def beside_llama_cpp(source: Path, folder: Path, depth: int, budgets: list[str], rows: dict[str, list[dict]],
+                     prompts: tuple[int, ...], repeats: int, out: Path) -> list[str]:
+    """llama.cpp CUDA on the same weights (its own BF16 and Q8_0 conversions) with the experts of the layers
+    a budget leaves out on the CPU (``--n-cpu-moe``), as a markdown section beside ``rows``; its raw JSON and
+    logs go to ``out``. A llama.cpp failure is a row that says so: ExpertSwap's figures stand."""
+    from .llama_cpp import bench_gpu, convert
+
+    shares = [float(b.rstrip("%")) / 100 for b in budgets]
+    cpu_layers = [round(depth * (1 - share)) for share in shares]
+    lines = ["## llama.cpp CUDA beside it, same weights, same run", "",
+             (f"llama.cpp from `{source.name}` (`build/bin/llama-bench`, the same sources' `convert_hf_to_gguf.py`), "
+             f"`-ngl 99 -ncmoe {','.join(map(str, cpu_layers))} -t {os.cpu_count()}`: the experts of "
+             f"{', '.join(map(str, cpu_layers))} of {depth} layers on the CPU, the same expert bytes on the GPU as "
+             f"each budget; means of {repeats}. ExpertSwap: the table above (medians)."), "",
+             "| contender | test | " + " | ".join(budgets) + " |", "| --- | --- |" + " ---: |" * len(budgets)]
+    tests = [("decode", 0)] + [(f"prefill {p}", p) for p in prompts]
+    ours = {"decode": {k: [r["tok_s"] for r in runs] for k, runs in rows.items()}}
+    for name, length in tests[1:]:
+        ours[name] = {"trace": [r["prefill"][str(length)] for r in rows["trace"]]}
+    theirs: dict[str, dict[str, list[float]]] = {}
+    for outtype in ("bf16", "q8_0"):
+        label = f"llama.cpp {outtype.upper()}"
+        try:
+            gguf = convert(source, folder, outtype)
+            results = bench_gpu(source / "build" / "bin" / "llama-bench", gguf, cpu_layers, list(prompts), 64,
+                                repeats, out / f"llama-bench-{outtype}.log")
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            lines.append(f"| {label} | failed: {str(error)[:160]} |" + " |" * len(budgets))
+            continue
+        (out / f"llama-bench-{folder.name}-{outtype}.json").write_text(json.dumps(results, indent=1))
+        speed = {(r["n_cpu_moe"], r["n_prompt"], r["n_gen"]): r["avg_ts"] for r in results}
+        for name, length in tests:  # decode: tg64 from an empty cache; prefill: pp<length>
+            theirs.setdefault(name, {})[label] = [speed.get((n, length, 0) if length else (n, 0, 64), float("nan"))
+                                                  for n in cpu_layers]
+    for name, _ in tests:
+        for kind, speeds in ours[name].items():
+            lines.append(f"| ExpertSwap, {kind} routing | {name} | " + " | ".join(f"{v:,.1f}" for v in speeds) + " |")
+        for label, speeds in theirs.get(name, {}).items():
+            lines.append(f"| {label} | {name} | " + " | ".join(f"{v:,.1f}" for v in speeds) + " |")
+        bf16 = theirs.get(name, {}).get("llama.cpp BF16")
+        if bf16:
+            ratio = [o / t for o, t in zip(ours[name]["trace"], bf16, strict=True)]
+            lines.append(f"| ExpertSwap trace / llama.cpp BF16 | {name} | " + " | ".join(f"{v:.2f}x" for v in ratio)
+                         + " |")
+    return lines
