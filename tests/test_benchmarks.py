@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -174,3 +177,49 @@ def test_the_trace_router_replays_the_trace_in_order_and_wraps_round() -> None:
     assert got.tolist() == [[0, 1], [2, 3]] and weights.tolist() == [[0.5, 0.5]] * 2
     assert int(router.position) == 2
     assert router(x[:1])[2].tolist() == [[4, 5]] and router(x[:1])[2].tolist() == [[0, 1]]  # wraps round
+
+
+def _fake_llama_tree(root: Path) -> Path:
+    """A llama.cpp tree whose converter writes a stub GGUF and whose llama-bench answers in its JSON shape
+    (``-ncmoe``, ``-p``, ``-n`` as asked; tok/s from them), and refuses a Q8_0 file as a failed load does."""
+    (root / "build" / "bin").mkdir(parents=True)
+    (root / "convert_hf_to_gguf.py").write_text(
+        "import sys\nargs = sys.argv\n"
+        "open(args[args.index('--outfile') + 1], 'w').write(args[args.index('--outtype') + 1])\n")
+    bench = root / "build" / "bin" / "llama-bench"
+    bench.write_text(f"""#!{sys.executable}
+import json, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+if 'q8_0' in args['-m']:
+    sys.exit('main: error: failed to load model ' + repr(args['-m']))
+rows = []
+for n in map(int, args['-ncmoe'].split(',')):
+    rows += [{{'n_cpu_moe': n, 'n_prompt': p, 'n_gen': 0, 'avg_ts': 1000.0 * p / (n + 1)}}
+             for p in map(int, args['-p'].split(','))]
+    rows.append({{'n_cpu_moe': n, 'n_prompt': 0, 'n_gen': int(args['-n']), 'avg_ts': 100.0 / (n + 1)}})
+print(json.dumps(rows))
+""")
+    bench.chmod(0o755)
+    return root
+
+
+def test_llama_cpp_runs_beside_the_trace_rows_at_the_budgets_expert_bytes(tmp_path) -> None:
+    """The llama.cpp section asks llama-bench for the layers each budget leaves out (24 layers: 0/6/12/18),
+    sets its decode and prefill beside ours with the ratio, and a load it refuses is a row that says so."""
+    from benchmarks.trace_routing import beside_llama_cpp
+
+    tree, folder = _fake_llama_tree(tmp_path / "llama.cpp"), tmp_path / "model"
+    folder.mkdir()
+    rows = {kind: [{"tok_s": speed, "prefill": {"512": 10_000.0}} for speed in (50.0, 40.0, 30.0, 20.0)]
+            for kind in ("trace", "random")}
+    lines = beside_llama_cpp(tree, folder, 24, ["100%", "75%", "50%", "25%"], rows, (512,), 3, tmp_path)
+    table = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in lines
+             if line.startswith("| ")}
+    assert "-ncmoe 0,6,12,18" in lines[2]
+    assert table[("llama.cpp BF16", "decode")].endswith("| 100.0 | 14.3 | 7.7 | 5.3 |")
+    assert table[("llama.cpp BF16", "prefill 512")].endswith("| 512,000.0 | 73,142.9 | 39,384.6 | 26,947.4 |")
+    assert table[("ExpertSwap trace / llama.cpp BF16", "decode")].endswith("| 0.50x | 2.80x | 3.90x | 3.80x |")
+    assert any(line.startswith("| llama.cpp Q8_0 | failed: llama-bench model-q8_0.gguf: ") and
+               "failed to load model" in line for line in lines)
+    assert (tmp_path / "model-bf16.gguf").read_text() == "bf16"  # converted once, beside the folder
+    assert "failed to load model" in (tmp_path / "llama-bench-q8_0.log").read_text()
