@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     trace.add_argument("--prefill", type=int, nargs="*", default=[], help="also time prompts of these lengths")
     trace.add_argument("--llama-cpp", type=Path, default=None,
                        help="a llama.cpp source tree with build/bin/llama-bench: beside it on the same weights")
+    trace.add_argument("--routing", nargs="+", choices=["trace", "random"], default=["trace", "random"],
+                       help="the trace's routing, the model's own random routing (the best case), or both")
     quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
     quantized.add_argument("--repeats", type=int, default=3)
     quantized.add_argument("--kinds", nargs="+", default=None, help="bf16 and quantisations to run (all by default)")
@@ -160,7 +162,8 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "prediction": _prediction,
     "replay": _replay,
     "trace-decode": _printed("trace_routing", lambda run, a: run(a.trace, a.layers, a.budgets, a.device, a.repeats,
-                                                                 a.out, tuple(a.prefill), a.llama_cpp)),
+                                                                 a.out, tuple(a.prefill), a.llama_cpp,
+                                                                 tuple(a.routing))),
     "quantized": _printed("quantized", lambda run, a: run(a.repeats, a.kinds)),
     "quantized-gpu": _printed("quantized_gpu", lambda run, a: run()),
     "lowbit": _printed("lowbit", lambda run, a: run()),

@@ -250,14 +250,18 @@ def pcie_bandwidth(size: int = 256 << 20) -> float:
 
 
 def main(trace: Path, layers: int | None, budgets: list[str], device: str, repeats: int, out: Path,
-         prompts: tuple[int, ...] = (), llama_cpp: Path | None = None) -> Path:
-    """Every budget, trace-driven and random, each in a fresh process (the trace-driven ones also time the
-    prefill of ``prompts``), then llama.cpp of the tree ``llama_cpp`` on the same weights at equal VRAM; the
-    tables go to ``out``."""
+         prompts: tuple[int, ...] = (), llama_cpp: Path | None = None,
+         routings: tuple[str, ...] = ("trace", "random")) -> Path:
+    """Every budget under each of ``routings`` (the trace's, the model's own random one), each in a fresh
+    process (the trace-driven ones also time the prefill of ``prompts``), then llama.cpp of the tree
+    ``llama_cpp`` on the same weights at equal VRAM; the tables go to ``out``, ExpertSwap's before llama.cpp
+    starts."""
+    if (prompts or llama_cpp) and "trace" not in routings:
+        raise SystemExit("prefill and llama.cpp sit beside the trace's routing: keep it in --routing")
     routing = read_routing(trace, layers)
     depth = len(routing.index)
     folder = build(routing.model, depth)
-    rows: dict[str, list[dict]] = {"trace": [], "random": []}
+    rows: dict[str, list[dict]] = {kind: [] for kind in routings}
     for kind in rows:
         for budget in budgets:
             lengths = prompts if kind == "trace" else ()
@@ -297,9 +301,10 @@ def main(trace: Path, layers: int | None, budgets: list[str], device: str, repea
                   "| prompt tokens | " + " | ".join(budgets) + " |", "| ---: |" + " ---: |" * len(budgets)]
         lines += [f"| {length} | " + " | ".join(f"{r['prefill'][str(length)]:,.0f}" for r in rows["trace"]) + " |"
                   for length in prompts]
+    path.write_text("\n".join(lines) + "\n")
     if llama_cpp is not None:
         lines += ["", *beside_llama_cpp(llama_cpp, folder, depth, budgets, rows, prompts, repeats, out)]
-    path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join(lines) + "\n")
     return path
 
 
