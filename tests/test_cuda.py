@@ -248,10 +248,67 @@ def test_fused_norm_and_rotary_give_transformers_values_in_one_kernel_each() -> 
     assert torch.equal(fused.rotate(q, cos, sin), _rotate(q, cos, sin))
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "norm", "clip"), [
+    (16, 16, 128, "whole", None), (16, 4, 64, "head", None), (8, 2, 128, None, None), (12, 4, 128, "whole", 0.5),
+    (16, 4, 128, "head", 0.25)])
+def test_one_kernel_for_a_tokens_qkv_gives_the_norm_clip_and_rotary_of_the_step(heads: int, kv_heads: int, dim: int,
+                                                                                norm: str | None,
+                                                                                clip: float | None) -> None:
+    """``decode_qkv`` against the ops the prompt runs one by one (norm over the projection or per head, clip,
+    rotary): the same bits without a norm, at most one bf16 rounding step away with one (its mean summed in
+    another order); k and v land in the caches at the position and nothing else there is written."""
+    from expertswap.engine.decode import fused
+    from expertswap.engine.decode.compact_step import _rotate
+
+    torch.manual_seed(0)
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * dim, **bf16) * 3
+    widths = {"whole": (heads * dim, kv_heads * dim), "head": (dim, dim)}.get(norm or "", (0, 0))
+    weights = [torch.randn(w, **bf16) for w in widths]
+    cos, sin = torch.randn(1, dim, **bf16), torch.randn(1, dim, **bf16)
+    capacity, position = 64, 37
+    keys, values = (torch.full((1, kv_heads, capacity, dim), float("nan"), **bf16) for _ in range(2))
+    at = torch.tensor([position], device="cuda")
+    norms = torch.cat(weights) if norm else None
+    got = fused.decode_qkv(qkv, norms, norm == "head", 1e-6, clip, cos, sin, keys, values, at, heads)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    if norm == "whole":
+        q, k = fused.rms_norm(q, weights[0], 1e-6), fused.rms_norm(k, weights[1], 1e-6)
+    if clip is not None:
+        q, k, v = (t.clamp(min=-clip, max=clip) for t in (q, k, v))
+    q, k, v = q.view(1, heads, dim), k.view(1, kv_heads, dim), v.view(1, kv_heads, dim)
+    if norm == "head":
+        q, k = fused.rms_norm(q, weights[0], 1e-6), fused.rms_norm(k, weights[1], 1e-6)
+    want_q, want_k = _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin)
+    close = {"atol": 0, "rtol": 2**-7} if norm else {"atol": 0, "rtol": 0}
+    torch.testing.assert_close(got, want_q, **close)
+    torch.testing.assert_close(keys[0, :, position], want_k[:, 0], **close)
+    assert torch.equal(values[0, :, position], v[0])
+    others = torch.ones(capacity, dtype=torch.bool)
+    others[position] = False
+    assert keys[0, :, others].isnan().all() and values[0, :, others].isnan().all()
+
+
+def test_residual_adds_fused_into_the_kernel_before_them_round_as_the_add_alone() -> None:
+    """The add before the post-attention norm and the add after the pair sum, each inside one kernel: the sum's
+    bits equal the plain add's, the norm that of the norm kernel alone."""
+    from expertswap.engine.decode import fused
+    from expertswap.engine.moe.kernels import sum_pairs
+
+    torch.manual_seed(0)
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    x, delta, weight = torch.randn(1, 1000, **bf16), torch.randn(1, 1000, **bf16), torch.randn(1000, **bf16)
+    total, normed = fused.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, fused.rms_norm(x + delta, weight, 1e-5), atol=0, rtol=2**-7)
+    pairs, h, out = torch.randn(8, 1000, **bf16), torch.randn(1, 1000, **bf16), torch.empty(1, 1000, **bf16)
+    assert sum_pairs(pairs, (h, out)) is out and torch.equal(out, h + sum_pairs(pairs))
+
+
 def test_decode_attention_reads_the_cache_up_to_the_position_only_and_gives_attentions_values() -> None:
     """The decode step's attention of one query, split over the cache and combined: fp32 attention's values over
     the filled positions, with and without grouped heads; what lies past the position (NaN here) is never read.
-    The token's own keys and values are written at the position by one kernel."""
+    The token's own keys and values are written at the position by one kernel (``decode_qkv``)."""
     import torch.nn.functional as F
 
     from expertswap.engine.decode import fused
@@ -263,10 +320,12 @@ def test_decode_attention_reads_the_cache_up_to_the_position_only_and_gives_atte
         keys, values = (torch.randn(1, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         keys[:, :, position + 1 :] = float("nan")
         values[:, :, position + 1 :] = float("nan")
-        new = [torch.randn(kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        qkv = torch.randn(1, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
         at = torch.tensor([position], device="cuda")
-        fused.write_position(new[0], new[1], keys, values, at)  # the step writes the token's own row first
-        assert torch.equal(keys[0, :, position], new[0][:, 0]) and torch.equal(values[0, :, position], new[1][:, 0])
+        ones = torch.ones(1, dim, device="cuda", dtype=torch.bfloat16)
+        fused.decode_qkv(qkv, None, False, 0.0, None, ones, 0 * ones, keys, values, at, heads)  # rotation by 0
+        new = qkv[0, heads * dim :].view(2, kv_heads, dim)
+        assert torch.equal(keys[0, :, position], new[0]) and torch.equal(values[0, :, position], new[1])
         got = fused.decode_attention(q, keys, values, at, dim**-0.5)
         seen = slice(0, position + 1)
         want = F.scaled_dot_product_attention(q[None].float(), keys[:, :, seen].float(), values[:, :, seen].float(),

@@ -137,6 +137,13 @@ class Norm:
             return fused.rms_norm(x, self.module.weight, self.module.variance_epsilon)
         return self.module(x)
 
+    def after_add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``x + delta``, its norm): one kernel for a decode row on CUDA, the two ops elsewhere."""
+        if self.fused and x.shape[0] == 1 and x.is_contiguous() and delta.is_contiguous():
+            return fused.add_rms_norm(x, delta, self.module.weight, self.module.variance_epsilon)
+        total = x + delta
+        return total, self(total)
+
 
 class _Attention:
     """One layer's attention with fused q/k/v."""
@@ -156,8 +163,12 @@ class _Attention:
         self.norm_per_head = q_norm is not None and q_norm.weight.shape[0] == self.head_dim
         fast = triton_serves(self.o.weight.device, self.o.weight.dtype) and self.head_dim & (self.head_dim - 1) == 0
         self.rotate = fused.rotate if fast else _rotate
-        self.fused_decode = fast  # one query's attention reads the filled blocks only
+        self.fused_decode = fast  # one kernel for q/k/v, one query's attention reads the filled blocks only
         self.clip = getattr(config, "clip_qkv", None)
+        norms = self.qk_norms
+        self.decode_norms = torch.cat([n.module.weight for n in norms]) if fast and norms is not None else None
+        self.eps = norms[0].module.variance_epsilon if norms is not None else 0.0
+        assert norms is None or norms[1].module.variance_epsilon == self.eps  # one kernel norms both
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,10 +213,11 @@ class _Attention:
         """One token at ``position`` (a device tensor) over the cache up to it: the fused kernel reads that far,
         attention elsewhere reads the whole cache under ``mask`` (additive: 0 up to it). Shapes never change, so
         a CUDA graph can replay it at every position."""
-        q, k, v = self._project(x, cos, sin)
         if self.fused_decode:
-            fused.write_position(k, v, k_cache, v_cache, position)
+            q = fused.decode_qkv(self.qkv(x), self.decode_norms, self.norm_per_head, self.eps, self.clip, cos, sin,
+                                 k_cache, v_cache, position, self.heads)
             return self.o(fused.decode_attention(q, k_cache, v_cache, position, self.scaling))
+        q, k, v = self._project(x, cos, sin)
         k_cache.index_copy_(2, position, k[None])
         v_cache.index_copy_(2, position, v[None])
         return self._attend(q, k_cache, v_cache, mask, 1)

@@ -1,4 +1,5 @@
-"""One kernel each for the decode step's small ops on CUDA: RMSNorm and the rotary embedding.
+"""One kernel each for the decode step's small ops on CUDA: RMSNorm, the rotary embedding, one query's q/k/v and
+attention, a residual add with the norm after it.
 
 At batch 1 a layer is launch-bound: transformers' RMSNorm is seven kernels (cast, square, mean, add,
 rsqrt, multiply, scale) and the rotary embedding six per tensor, for a few kilobytes each; a layer ran
@@ -36,10 +37,20 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return fused_kernels.decode_attention(q, keys, values, position, scale)
 
 
-def write_position(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   position: torch.Tensor) -> None:
-    """One token's keys and values [kv_heads, 1, D] into the caches at ``position`` (a device tensor), in one
-    kernel where two ``index_copy_`` took 2.4 us each on an H200."""
+def decode_qkv(qkv: torch.Tensor, norms: torch.Tensor | None, per_head: bool, eps: float, clip: float | None,
+               cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               position: torch.Tensor, heads: int) -> torch.Tensor:
+    """One token's q [heads, 1, D] from its fused projection, normed, clipped and rotated as the family does, its
+    k and v written into the caches at ``position`` (a device tensor): one kernel where the norms, rotations and
+    cache writes were five."""
     from expertswap.engine.decode import fused_kernels
 
-    fused_kernels.write_position(k, v, k_cache, v_cache, position)
+    return fused_kernels.decode_qkv(qkv, norms, per_head, eps, clip, cos, sin, k_cache, v_cache, position, heads)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the RMSNorm of its sum, one row: (``x + delta``, its norm), rounded as the two apart."""
+    from expertswap.engine.decode import fused_kernels
+
+    return fused_kernels.add_rms_norm(x, delta, weight, eps)

@@ -174,9 +174,9 @@ class GraphedDecode:
         position = self._position
 
         def attend() -> tuple[torch.Tensor, torch.Tensor]:
-            h = x + attention.step(layer.norm_in(x), held["cos"], held["sin"], cache.keys[i], cache.values[i], position,
-                                   held["mask"])
-            return h, layer.norm_mid(h)
+            out = attention.step(layer.norm_in(x), held["cos"], held["sin"], cache.keys[i], cache.values[i], position,
+                                 held["mask"])
+            return layer.norm_mid.after_add(x, out)
 
         if not isinstance(mlp, MoEBlock):
             def dense() -> None:
@@ -195,6 +195,9 @@ class GraphedDecode:
 
         def experts() -> None:
             h, y, index, weights = held[f"{i}"]
+            if kernels and mlp.shared is None:
+                kernels(y, index, weights, residual=(h, x))  # the pair sum adds h into x itself
+                return
             out = kernels(y, index, weights) if kernels else committee.compute(y, index, weights)
             if mlp.shared is not None:
                 out = out + mlp.shared(y)

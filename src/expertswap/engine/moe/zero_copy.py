@@ -50,8 +50,10 @@ class ZeroCopyExperts:
                          for name in _NAMES)
         self.host = (gate_up, down)  # each expert's matrices in pinned host memory, by address
 
-    def __call__(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """[1, H] for one token ``hidden`` [1, H] routed to ``index`` [1, k] with ``weights`` [1, k]."""
+    def __call__(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                 residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """[1, H] for one token ``hidden`` [1, H] routed to ``index`` [1, k] with ``weights`` [1, k]; with
+        ``residual`` (h, out), ``h`` plus that, written into ``out``, in the same kernel as the sum."""
         from expertswap.engine.moe.kernels import sum_pairs, swiglu_pairs  # Triton: only where a GPU is
 
         committee = self.committee
@@ -60,4 +62,4 @@ class ZeroCopyExperts:
         slots = committee.storage.tensors()
         pairs = swiglu_pairs(hidden[0], index[0], fill, committee.slots.device_map, self.host,
                              (slots["gate_up_proj"], slots["down_proj"]), weights[0])
-        return sum_pairs(pairs)
+        return sum_pairs(pairs, residual)
