@@ -16,23 +16,25 @@ from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from expertswap.engine.decode.session import Session
 from expertswap.protocol.errors import OutOfMemoryError
 
 T = TypeVar("T")
 
-# every attention backend but cuDNN: it builds a new graph for each new sequence length, which cost
-# about 30 ms per decode step on an H100 (torch 2.11), ten times the 2-layer step it served
-_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.OVERRIDEABLE]
-
-
 @contextlib.contextmanager
 def forward_mode() -> Iterator[None]:
-    """How every engine forward runs: inference mode, attention backends that suit a growing KV cache."""
-    with torch.inference_mode(), sdpa_kernel(_ATTENTION):
-        yield
+    """How every engine forward runs: inference mode, and attention without cuDNN's, which builds a new graph
+    for each new sequence length (about 30 ms a decode step on an H100, torch 2.11, ten times the 2-layer step
+    it served). Only that one flag flips: ``sdpa_kernel`` sets and restores all five, 40 us of host time a
+    token on a 2-core machine, and would switch on a backend the user had switched off."""
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
 class StepHooks(Protocol):

@@ -34,14 +34,10 @@ class StackedSlots:
             slots = torch.empty((capacity, *p.shape), dtype=p.dtype, device=self.device)
             self.inner.register_parameter(p.name, nn.Parameter(slots, requires_grad=False))
         self.inner.num_experts = capacity
+        self.nbytes = sum(t.nbytes for t in self.tensors().values())  # read off the new parameters themselves
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {p.name: getattr(self.inner, p.name).data for p in self.spec.params}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the slot tensors really occupy, read off the parameters themselves."""
-        return sum(t.nbytes for t in self.tensors().values())
 
     def write(self, writes: Writes, background: bool = False) -> Callable[[], None]:
         """Queue the copies; returns ``finish``, which waits for them."""
@@ -81,10 +77,16 @@ class RowSlots:
         self.kernels = not inner.is_transposed and integer_kernel_pays(spec.quantize, device, spec.params[0].dtype)
         self.slots: list[Weights] = []
         self.uses: list[int] = []
+        self.sizes: list[int] = []  # each slot's bytes, read off its tensors as they land: counted per token
 
     def allocate(self, capacity: int) -> None:
         self.slots = [{} for _ in range(capacity)]
         self.uses = [0] * capacity
+        self.sizes = [0] * capacity
+
+    def _hold(self, slot: int, weights: Weights) -> None:
+        self.slots[slot] = weights
+        self.sizes[slot] = sum(t.nbytes for t in weights.values())  # a kernel's matrix counts its tensors
 
     def weights(self, slot: int) -> Weights:
         """A slot's weights for a forward; packed in place at its ``PACK_AFTER_USES``-th use."""
@@ -94,23 +96,22 @@ class RowSlots:
         if self.spec.quantize is not None:
             return slot_weights(self.inner, self.spec.plain(self._tensors(slot)))
         if self.packed and self.uses[slot] == PACK_AFTER_USES:
-            self.slots[slot] = packed_weights(self._tensors(slot))
+            self._hold(slot, packed_weights(self._tensors(slot)))
         return self.slots[slot]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for slot in self.slots for t in slot.values())  # a kernel's matrix counts its tensors
+        return sum(self.sizes)
 
     def write(self, writes: Writes, background: bool = False) -> Callable[[], None]:
         for slot, tensors in writes:
-            self.slots[slot] = {}  # the old expert's memory goes before the new one's arrives
+            self._hold(slot, {})  # the old expert's memory goes before the new one's arrives
             on_device = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
             if self.kernels:
                 assert self.spec.quantize is not None
-                self.slots[slot] = kernel_matrices(on_device, self.spec.quantize)
+                self._hold(slot, kernel_matrices(on_device, self.spec.quantize))
             else:
-                self.slots[slot] = on_device if self.spec.quantize is not None else slot_weights(self.inner,
-                                                                                                 on_device)
+                self._hold(slot, on_device if self.spec.quantize is not None else slot_weights(self.inner, on_device))
             self.uses[slot] = 0
         return lambda: None
 
@@ -141,3 +142,4 @@ class RowSlots:
         old, uses = self.slots, self.uses
         self.slots = [old[s] for s in kept] + [{} for _ in range(capacity - len(kept))]
         self.uses = [uses[s] for s in kept] + [0] * (capacity - len(kept))
+        self.sizes = [self.sizes[s] for s in kept] + [0] * (capacity - len(kept))
