@@ -191,7 +191,9 @@ def test_zero_copy_kernels_give_the_same_bits_from_pinned_host_memory_as_from_a_
 def test_a_tokens_bookkeeping_in_one_program_each_makes_the_torch_codes_decisions(eviction: str) -> None:
     """``observe`` and ``place`` of one token as one Triton program each (the CUDA decode step's) against the torch
     code the CPU and the replay run, over random routings, shapes and budgets: the same counts, stamps, victims,
-    maps and logs; importance within float rounding (|x| summed in another order)."""
+    maps and logs; importance within float rounding (|x| summed in another order). An expert's norm is learnt a
+    token after it came in, as the host learns it when decode steps are queued ahead: unknown norms rank as the
+    known ones' mean."""
     import random
 
     from expertswap.engine.moe.expert_cache import ExpertCache
@@ -205,7 +207,8 @@ def test_a_tokens_bookkeeping_in_one_program_each_makes_the_torch_codes_decision
             for slot in range(capacity - 2):  # two empty slots to start with
                 cache.slots.install(slot, slot)
             cache.slots.publish()
-            cache.norms.copy_(torch.linspace(1.0, 2.0, experts))
+            cache.norms[: capacity - 2] = torch.linspace(1.0, 2.0, experts)[: capacity - 2]
+        norms, learnt = torch.linspace(1.0, 2.0, experts, device="cuda"), []
         for _ in range(100):
             index = torch.tensor([rng.sample(range(experts), k)], device="cuda")
             weights, hidden = torch.rand(1, k, device="cuda"), torch.randn(1, 96, device="cuda", dtype=torch.bfloat16)
@@ -222,6 +225,8 @@ def test_a_tokens_bookkeeping_in_one_program_each_makes_the_torch_codes_decision
             for cache, log in zip(caches, logs, strict=True):
                 for expert, slot, _ in (row for row in log.tolist() if row[0] >= 0):
                     cache.slots.install(slot, expert)
+                cache.norms[learnt] = norms[learnt]  # those the token before brought in
+            learnt = [row[0] for row in logs[0].tolist() if row[0] >= 0]
 
 
 def test_fused_norm_and_rotary_give_transformers_values_in_one_kernel_each() -> None:
@@ -352,13 +357,50 @@ def test_host_free_decode_gives_100_percents_tokens_in_one_graph_a_token(tiny_mo
         assert engine.stats().misses > before
         assert any(getattr(e, "reason", None) == "miss" for e in events.drain())
         assert engine.resident_expert_bytes() <= engine.budget_bytes
-        for committee in engine.committees:  # the host followed the device, and every slot holds its expert
-            slots = committee.slots
-            assert slots.device_map.tolist() == [slots.slot_of(e) for e in range(committee.num_experts)]
-            assert slots.device_slots.tolist() == slots.slot_to_expert
-            for slot, expert in enumerate(slots.slot_to_expert):
-                if expert >= 0:
-                    held = committee.storage.read(slot)
-                    holds = [e for e in range(committee.num_experts) if all(
-                        torch.equal(held[n].cpu(), t) for n, t in engine.store.read(committee.layer, e).items())]
-                    assert holds == [expert], f"layer {committee.layer} slot {slot}: {expert} claimed, holds {holds}"
+        _the_host_follows_the_device(engine)
+
+
+def _the_host_follows_the_device(engine: Engine) -> None:
+    """The host's maps are the device's, and every slot holds the bytes of the expert it claims."""
+    for committee in engine.committees:
+        slots = committee.slots
+        assert slots.device_map.tolist() == [slots.slot_of(e) for e in range(committee.num_experts)]
+        assert slots.device_slots.tolist() == slots.slot_to_expert
+        for slot, expert in enumerate(slots.slot_to_expert):
+            if expert >= 0:
+                held = committee.storage.read(slot)
+                holds = [e for e in range(committee.num_experts) if all(
+                    torch.equal(held[n].cpu(), t) for n, t in engine.store.read(committee.layer, e).items())]
+                assert holds == [expert], f"layer {committee.layer} slot {slot}: {expert} claimed, holds {holds}"
+
+
+def test_steps_queued_ahead_on_the_gpu_stop_move_budgets_and_leave_the_maps_settled(tiny_model) -> None:
+    """Greedy steps queued one ahead of the host (the host-free step at 50%, nobody listening): 100%'s tokens;
+    a stop token's step ahead is taken back; budgets moved mid-reply land on settled committees."""
+    folder = tiny_model("olmoe")
+    settings = SamplingSettings(max_new_tokens=32)
+    with Engine.load(folder, budget="100%", device="cuda", dtype="bfloat16", ram_tier=True) as full:
+        ids = full.encode(PROMPT)
+        expected = list(full.generate(ids, settings))
+    with Engine.load(folder, budget="50%", device="cuda", dtype="bfloat16", ram_tier=True) as engine:
+        steps = engine.guard.steps
+        assert list(engine.generate(ids, settings)) == expected
+        assert engine.guard.steps - steps == 32
+        _the_host_follows_the_device(engine)
+        stop = expected[9]
+        engine.decoder.stop_ids.add(stop)
+        steps = engine.guard.steps
+        assert list(engine.generate(ids, settings)) == expected[: expected.index(stop) + 1]
+        assert engine.guard.steps - steps == expected.index(stop) + 2  # the stop token's step, queued ahead
+        assert engine.graphed is not None and engine.graphed.cache is not None
+        assert engine.graphed.cache.length == len(ids) + expected.index(stop)
+        engine.decoder.stop_ids.discard(stop)
+        _the_host_follows_the_device(engine)
+        got = []
+        for token in engine.generate(ids, settings):
+            got.append(token)
+            if len(got) in (5, 12, 20):
+                engine.set_budget({5: "25%", 12: "75%", 20: "50%"}[len(got)])
+                _the_host_follows_the_device(engine)
+        assert got == expected
+        _the_host_follows_the_device(engine)

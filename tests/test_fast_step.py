@@ -129,3 +129,44 @@ def test_the_graphed_decode_pieces_reproduce_the_compact_step(tiny_model, family
         moe_layers = len(engine.committees)  # the host loads between a layer's halves only where it may miss
         assert len(graphed.pieces) == (1 if budget == "100%" else moe_layers + 1)
         assert engine.stats().misses > 0 if budget == "50%" else engine.stats().misses == 0
+
+
+
+def _reply(engine: Engine, ids: list[int], settings: SamplingSettings,
+           budgets: dict[int, str] | None = None) -> list[int]:
+    """A greedy reply; ``budgets``: the budget to ask for once the reply holds that many tokens."""
+    out: list[int] = []
+    for token in engine.generate(ids, settings):
+        out.append(token)
+        if budgets and len(out) in budgets:
+            engine.set_budget(budgets[len(out)])
+    return out
+
+
+@pytest.mark.parametrize("budget", ["100%", "50%"])
+def test_greedy_steps_queued_ahead_give_the_host_picks(tiny_model, budget: str) -> None:
+    """The graphed step's own greedy pick, each step queued before the host reads the one before (run eagerly on
+    the CPU): the host's tokens; past a stop token, the step queued ahead is run and taken back out of the cache;
+    a budget moved mid-reply lands between two steps and changes no token."""
+    with Engine.load(tiny_model("olmoe"), budget=budget, swapper=True) as engine:
+        ids = engine.encode(PROMPT)
+        settings = SamplingSettings(max_new_tokens=12)
+        plain = _reply(engine, ids, settings)
+        graphed = GraphedDecode(engine.compact, engine.runtime)
+        engine.sessions.graphed = graphed
+        steps = engine.guard.steps
+        assert _reply(engine, ids, settings) == plain
+        assert engine.guard.steps - steps == 12 and graphed.cache is not None  # a prefill and 11 steps ahead
+        assert graphed.cache.length == len(ids) + 11
+
+        stop = plain[4]
+        cut = plain[: plain.index(stop) + 1]
+        engine.decoder.stop_ids.add(stop)
+        steps = engine.guard.steps
+        assert _reply(engine, ids, settings) == cut
+        engine.decoder.stop_ids.discard(stop)
+        assert engine.guard.steps - steps == len(cut) + 1  # the step of the stop token ran ahead ...
+        assert graphed.cache.length == len(ids) + len(cut) - 1  # ... and was taken back
+
+        assert _reply(engine, ids, settings, budgets={3: "25%", 7: "100%"}) == plain
+        assert engine.budget_bytes == engine.total_expert_bytes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from expertswap.engine.budget.controller import BudgetController
 from expertswap.engine.moe.runtime import Runtime
 
@@ -13,8 +15,8 @@ class BetweenSteps:
         self.budget = budget
         self.runtime = runtime
 
-    def before_step(self, is_prefill: bool) -> None:
-        self.budget.apply_pending()
+    def before_step(self, is_prefill: bool, finish: Callable[[], None] | None = None) -> None:
+        self.budget.apply_pending(finish)
         self.runtime.begin_step(is_prefill)
 
     def after_step(self, is_prefill: bool) -> None:

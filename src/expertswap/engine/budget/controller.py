@@ -8,7 +8,7 @@ a forward never sees its committees resized.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -71,12 +71,15 @@ class BudgetController:
                 if not self.shrink_after_oom(exc):
                     return
 
-    def apply_pending(self) -> None:
-        """Resize every committee to the pending budget (the caller holds the step lock)."""
+    def apply_pending(self, finish: Callable[[], None] | None = None) -> None:
+        """Resize every committee to the pending budget (the caller holds the step lock), after ``finish``: the
+        decode step still in flight, which the resize must find settled."""
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is None:
             return
+        if finish is not None:
+            finish()
         new, reason = pending
         demand = [effective_experts(c.cache.scores(), c.top_k) for c in self.committees]
         capacities = plan_capacities(new, [c.shape for c in self.committees], demand)

@@ -36,7 +36,8 @@ def decode_loop(
     cancel: threading.Event,
     guard: StepGuard,
 ) -> Iterator[int]:
-    """Yield new token ids: a prefill, then one token at a time on the session's cache, each through ``guard``."""
+    """Yield new token ids: a prefill, then one token at a time on the session's cache, each through ``guard``;
+    greedy tokens one step ahead where the session can (``_greedy_ahead``)."""
     generator = None
     if settings.seed is not None:
         generator = torch.Generator().manual_seed(settings.seed)
@@ -44,12 +45,38 @@ def decode_loop(
     for step in range(settings.max_new_tokens):
         if cancel.is_set():
             return
+        if step == 1 and settings.temperature <= 0 and session.runs_ahead():
+            yield from _greedy_ahead(session, tokens[0], settings.max_new_tokens - 1, stop_ids, cancel, guard)
+            return
         logits = guard.run(functools.partial(session.run, tokens), is_prefill=step == 0, session=session)
         token = pick_token(logits[-1], settings, generator)
         yield token
         if token in stop_ids:
             return
         tokens = [token]
+
+
+def _greedy_ahead(session: Session, token: int, count: int, stop_ids: set[int], cancel: threading.Event,
+                  guard: StepGuard) -> Iterator[int]:
+    """``count`` greedy tokens after ``token``, each step queued before the host reads the step before's pick:
+    the GPU never waits for the host's bookkeeping between tokens. A step queued past the reply's end (after
+    its stop token, or a cancel) is finished and taken back out of the cache; its lookups count in the stats."""
+    queued = [(session.mark(), guard.ahead(functools.partial(session.ahead, token), session))]
+    try:
+        for left in range(count - 1, -1, -1):
+            if left and not cancel.is_set():
+                mark = session.mark()
+                queued.append((mark, guard.ahead(functools.partial(session.ahead, None), session)))
+            else:
+                guard.finish()
+            token = queued.pop(0)[1].token
+            yield token
+            if token in stop_ids or cancel.is_set():
+                return
+    finally:
+        if queued:
+            guard.finish()
+            session.roll_back(queued[0][0])
 
 
 class IncrementalDecoder:

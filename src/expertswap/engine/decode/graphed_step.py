@@ -61,12 +61,16 @@ class GraphedDecode:
         self.captures = 0  # how often the pieces were (re)captured: tests and benchmarks read it
         self._zero_copy: dict[int, zero_copy.ZeroCopyExperts] = {}  # layer -> its kernels, when every layer has them
         self._log = torch.empty(0)  # [MoE layers, k, 3]: what the host-free step brought in, per layer
-        self._log_host = torch.empty(0)
+        self._log_host: list[torch.Tensor] = []  # its host copies, one per step in flight (two)
         self._settles = False  # host-free with a committee not full: the host reads the log after each token
         self.graphs_per_token = 0  # graphs one token replays: tests and benchmarks read it
         self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
-        self._token = torch.zeros(1, dtype=torch.long, device=compact.device)
+        self._token = torch.zeros(1, dtype=torch.long, device=compact.device)  # the step's; its greedy pick after
         self._position = torch.zeros(1, dtype=torch.long, device=compact.device)
+        pinned = self.cuda  # host copies the GPU writes while the host does other work
+        self._picked = torch.zeros(2, dtype=torch.long, pin_memory=pinned)
+        self._done = [torch.cuda.Event() for _ in range(2)] if self.cuda else []
+        self._queued = 0  # steps queued so far: which host copies a step writes
 
     def usable(self) -> bool:
         """The exact policy in bf16/fp16 on plain slots: other policies and packed slots decide per token on the
@@ -92,8 +96,20 @@ class GraphedDecode:
 
     def step(self, token: int, cache: KVCache) -> torch.Tensor:
         """Logits [1, vocab] of ``token`` at the cache's next position; the cache grows by one."""
+        self.ahead(token, cache)()
+        return self._logits
+
+    def ahead(self, token: int | None, cache: KVCache) -> Callable[[], int]:
+        """Queue the step of ``token`` (None: of the token the step before picked, still on the device) at the
+        cache's next position, and return its finishing: it waits for the step, lets the host follow what it
+        brought in, and returns its greedy pick. Until then the host is free, and may queue the next step.
+
+        Each step copies its pick and its log to host buffers of its own (two, used in turn), so finishing one
+        step while the next runs reads what that step wrote; the greedy pick is the argmax the host would take.
+        """
         assert cache is self.cache and cache.length < cache.capacity
-        self._token.fill_(token)
+        if token is not None:
+            self._token.fill_(token)
         self._position.fill_(cache.length)  # before a capture too: its warm-up writes this position's keys
         key = (id(cache), self.runtime.policy.name, self.runtime.eviction,
                tuple(c.version for c in self._committees()))
@@ -102,16 +118,29 @@ class GraphedDecode:
             self.key = key
         for piece in self.pieces:
             piece()
-        if self._settles:
-            self._settle()
+        turn = self._queued % 2
+        self._queued += 1
+        self._picked[turn].copy_(self._token[0], non_blocking=True)
+        log = self._log_host[turn] if self._settles else None
+        if log is not None:
+            log.copy_(self._log, non_blocking=True)
+        done = self._done[turn] if self.cuda else None
+        if done is not None:
+            done.record()
         cache.length += 1
-        return self._logits
 
-    def _settle(self) -> None:
-        """The host follows what the token brought in: one copy of every layer's log, one sync."""
-        self._log_host.copy_(self._log, non_blocking=True)
-        torch.cuda.current_stream(self.compact.device).synchronize()
-        for committee, rows in zip(self._committees(), self._log_host.tolist(), strict=True):
+        def finish() -> int:
+            if done is not None:
+                done.synchronize()
+            if log is not None:
+                self._settle(log)
+            return int(self._picked[turn])
+
+        return finish
+
+    def _settle(self, log: torch.Tensor) -> None:
+        """The host follows what a token brought in (``log``: the host's copy of every layer's log, written)."""
+        for committee, rows in zip(self._committees(), log.tolist(), strict=True):
             if placed := [tuple(row) for row in rows if row[0] >= 0]:
                 committee.settle(placed)
 
@@ -148,7 +177,7 @@ class GraphedDecode:
         if kernels:
             self._log = torch.full((len(committees), max(c.top_k for c in committees), 3), -1, dtype=torch.long,
                                    device=compact.device)
-            self._log_host = torch.empty(self._log.shape, dtype=torch.long).pin_memory()
+            self._log_host = [torch.empty(self._log.shape, dtype=torch.long).pin_memory() for _ in range(2)]
             self._zero_copy = {c.layer: zero_copy.ZeroCopyExperts(c, row) for c, row in zip(committees, self._log,
                                                                                           strict=True)}
         self._settles = kernels and not all(c.slots.full for c in committees)  # full stays so until a resize
@@ -158,6 +187,7 @@ class GraphedDecode:
 
         def head() -> None:
             held["logits"] = compact.head(compact.norm(x))
+            torch.argmax(held["logits"], dim=-1, out=self._token)  # the greedy pick: the next step's token
 
         pieces.append(_Piece(head))
         pieces = _joined(pieces)
@@ -213,6 +243,7 @@ class GraphedDecode:
         """Warm up on a side stream (the routing bookkeeping restored after), then capture each piece in order."""
         committees = self._committees()
         saved = [[t.clone() for t in c.cache.device_state()] for c in committees]
+        token = self._token.clone()  # the warm-up's head writes its pick there
         stream = torch.cuda.Stream(self.compact.device)
         stream.wait_stream(torch.cuda.current_stream(self.compact.device))
         with torch.cuda.stream(stream):
@@ -223,8 +254,9 @@ class GraphedDecode:
         for committee, state in zip(committees, saved, strict=True):
             for tensor, value in zip(committee.cache.device_state(), state, strict=True):
                 tensor.copy_(value)
-        if self._settles:
-            self._settle()  # the warm-up's loads were real (their slots were written): the replay finds them resident
+        self._token.copy_(token)
+        if self._settles:  # the warm-up's loads were real (their slots were written): the replay finds them resident
+            self._settle(self._log.cpu())
         for piece in pieces:
             piece.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(piece.graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):

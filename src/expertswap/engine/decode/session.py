@@ -6,7 +6,7 @@ A session appends tokens and returns their logits; ``mark``/``roll_back`` undo a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +19,13 @@ from expertswap.engine.decode.graphed_step import GraphedDecode
 class Session(Protocol):
     def run(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         """Logits [len(ids), vocab] (all) or [1, vocab] (the last position), on the model's device."""
+
+    def runs_ahead(self) -> bool:
+        """Whether ``ahead`` serves: single greedy tokens queued one step ahead of the host (the graphed step)."""
+
+    def ahead(self, token: int | None) -> Callable[[], int]:
+        """Queue the step of ``token`` (None: the token the last queued step picked); returns its finishing, which
+        waits for it and returns its greedy pick."""
 
     def mark(self) -> object:
         """The cache's state before a step."""
@@ -39,6 +46,13 @@ class CompactSession:
         if len(ids) == 1 and self.graphed is not None and self.graphed.usable():
             return self.graphed.step(ids[0], self.cache)
         return self.compact.forward(torch.tensor(list(ids), device=self.compact.device), self.cache, all_logits)
+
+    def runs_ahead(self) -> bool:
+        return self.graphed is not None and self.graphed.usable()
+
+    def ahead(self, token: int | None) -> Callable[[], int]:
+        assert self.graphed is not None
+        return self.graphed.ahead(token, self.cache)
 
     def mark(self) -> object:
         return self.cache.length
@@ -61,6 +75,12 @@ class TransformersSession:
             input_ids=batch, past_key_values=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1
         )
         return out.logits[0]
+
+    def runs_ahead(self) -> bool:
+        return False
+
+    def ahead(self, token: int | None) -> Callable[[], int]:
+        raise NotImplementedError("transformers' forward picks no token on the device")
 
     def mark(self) -> object:
         layers: Any = self.cache.layers  # attention layers only: every family the session serves

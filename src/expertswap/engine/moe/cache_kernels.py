@@ -82,8 +82,8 @@ def observe(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, im
 
 @triton.jit
 def _place_kernel(index_ptr, map_ptr, slots_ptr, importance_ptr, frequency_ptr, last_used_ptr, norms_ptr, log_ptr,
-                  fill_ptr, capacity, K: tl.constexpr, EVICTION: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+                  fill_ptr, capacity, experts, K: tl.constexpr, EVICTION: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
     j = tl.arange(0, BLOCK_K)
     routed = tl.load(index_ptr + j, mask=j < K, other=-1)
     current = tl.load(map_ptr + tl.maximum(routed, 0), mask=j < K, other=-1)
@@ -98,9 +98,14 @@ def _place_kernel(index_ptr, map_ptr, slots_ptr, importance_ptr, frequency_ptr, 
         rank = tl.load(last_used_ptr + owner, mask=c < capacity, other=0).to(tl.float64)
     elif EVICTION == 2:
         rank = tl.load(frequency_ptr + owner, mask=c < capacity, other=0.0).to(tl.float64)
-    else:  # every resident expert's norm is known: it was measured when it came in
-        rank = (tl.load(importance_ptr + owner, mask=c < capacity, other=0.0)
-                * tl.load(norms_ptr + owner, mask=c < capacity, other=1.0)).to(tl.float64)
+    else:  # a norm not yet known (the host learns it after the step that brought the expert in): their mean
+        e = tl.arange(0, BLOCK_E)
+        every = tl.load(norms_ptr + e, mask=e < experts, other=float("nan"))
+        known = tl.sum((every == every).to(tl.float32), axis=0)
+        mean = tl.sum(tl.where(every == every, every, 0.0), axis=0) / tl.maximum(known, 1.0)
+        norm = tl.load(norms_ptr + owner, mask=c < capacity, other=1.0)
+        norm = tl.where(norm == norm, norm, tl.where(known > 0, mean, 1.0))
+        rank = (tl.load(importance_ptr + owner, mask=c < capacity, other=0.0) * norm).to(tl.float64)
     rank = tl.where(held < 0, -1.0, rank)
     in_use = tl.sum(((c[:, None] == current[None, :]) & (routed[None, :] >= 0) & (j[None, :] < K)).to(tl.int32),
                     axis=1) > 0
@@ -132,7 +137,7 @@ def place(index: torch.Tensor, slot_map: torch.Tensor, slots: torch.Tensor, impo
     k, capacity = index.shape[-1], slots.numel()
     index = index.contiguous()
     fill = torch.empty(k, dtype=torch.long, device=index.device)
-    _place_kernel[(1,)](index, slot_map, slots, importance, frequency, last_used, norms, log, fill, capacity, K=k,
-                        EVICTION=EVICTION_CODES[eviction], BLOCK_K=triton.next_power_of_2(k),
-                        BLOCK_C=triton.next_power_of_2(capacity))
+    _place_kernel[(1,)](index, slot_map, slots, importance, frequency, last_used, norms, log, fill, capacity,
+                        norms.numel(), K=k, EVICTION=EVICTION_CODES[eviction], BLOCK_K=triton.next_power_of_2(k),
+                        BLOCK_C=triton.next_power_of_2(capacity), BLOCK_E=triton.next_power_of_2(norms.numel()))
     return fill

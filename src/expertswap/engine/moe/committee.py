@@ -66,6 +66,7 @@ class Committee(nn.Module):
         self.device = device
         self.cache = ExpertCache(self.num_experts, spec.top_k, capacity, device, runtime.eviction)
         self._norm_known = [False] * self.num_experts
+        self._norms_unsure: set[int] = set()  # learnt by the last settle, unless the step after moved them out
         self.version = 0  # bumped by resize: a swap planned against an older layout is dropped
         self._router_logits: torch.Tensor | None = None
         self._host: HostExperts | None = None
@@ -281,12 +282,19 @@ class Committee(nn.Module):
 
         The device's maps and slots already hold them; the host's maps, the norms, the counts and the
         events catch up. Their ``ms`` is 0: the copy was the kernel's own read of the expert.
+
+        A step queued ahead may already have moved an expert out of its slot again: its norm is then written
+        only where the slot still holds it when the device gets there, and learnt anew next time if this
+        log shows the step after moved it out.
         """
         swaps = [Swap(expert, slot, {}, "miss") for expert, slot, _ in placed]
         evicted = [self.slots.install(swap.slot, swap.expert) for swap in swaps]
         if evicted != [old for *_, old in placed]:
             raise RuntimeError(f"layer {self.layer}: the host's slot map no longer follows the device's")
-        self._learn_norms(swaps)
+        for old in self._norms_unsure.intersection(evicted):
+            self._norm_known[old] = False
+        self._norms_unsure = {swap.expert for swap in swaps if not self._norm_known[swap.expert]}
+        self._learn_norms(swaps, where_held=True)
         self._record(swaps, evicted, 0.0)
 
     def _record(self, swaps: Sequence[Swap], evicted: Sequence[int], ms: float) -> None:
@@ -314,17 +322,21 @@ class Committee(nn.Module):
         self.slots.publish()
         self.version += 1
 
-    def _learn_norms(self, swaps: Sequence[Swap]) -> None:
+    def _learn_norms(self, swaps: Sequence[Swap], where_held: bool = False) -> None:
         """|expert| of the newly seen experts, from their slots on the device in one fused kernel.
 
-        Queued behind the copies; a host-side norm cost more than the copy itself.
+        Queued behind the copies; a host-side norm cost more than the copy itself. ``where_held``: written only
+        where the device's slot still holds the expert when the kernel runs.
         """
         new = [swap for swap in swaps if not self._norm_known[swap.expert]]  # distinct experts
         if not new:
             return
         views = [view for swap in new for view in self.storage.views(swap.slot, swap.tensors)]
-        per_param = torch.stack(foreach_norm(views)).view(len(new), -1)
+        norms = torch.stack(foreach_norm(views)).view(len(new), -1).square().sum(1).sqrt()
         experts = torch.tensor([swap.expert for swap in new], device=self.device)
-        self.cache.norms.index_copy_(0, experts, per_param.square().sum(1).sqrt())
+        if where_held:
+            slots = torch.tensor([swap.slot for swap in new], device=self.device)
+            norms = torch.where(self.slots.device_slots[slots] == experts, norms, self.cache.norms[experts])
+        self.cache.norms.index_copy_(0, experts, norms)
         for swap in new:
             self._norm_known[swap.expert] = True

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from expertswap.engine.moe.policies import MissPolicy
+from expertswap.engine.moe.step_lock import StepLock
 from expertswap.engine.observe.counters import Counters
 from expertswap.engine.observe.trace import TraceRecorder
 from expertswap.protocol.errors import EngineBusyError, PolicyError
@@ -22,7 +23,7 @@ class Runtime:
     allow_loads: bool = True
     pinned: bool = False  # a static committee: nothing loads, the swapper rests (``pin``)
     counters: Counters = field(default_factory=Counters)
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: StepLock = field(default_factory=StepLock)
     telemetry: Telemetry = field(default_factory=Telemetry)
     trace: TraceRecorder | None = None  # Engine.record_trace: every layer notes its routing
     packed_slots: bool = False  # slots hold packed experts, unpacked per forward on host-side routing

@@ -47,6 +47,10 @@ class SlotMap:
         return self._resident == self.num_experts
 
     @property
+    def empty_slots(self) -> int:
+        return self.capacity - self._resident
+
+    @property
     def resident_experts(self) -> list[int]:
         return [e for e in self.slot_to_expert if e >= 0]
 
