@@ -2,7 +2,8 @@
 only where its --out says).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, trace-decode, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints, kernel-caches.
+replay, trace-decode, app-speed, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints,
+kernel-caches.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     replay.add_argument("--out", type=Path, default=None,
                         help="folder for the tables and plots (default: a new temporary folder; "
                              "benchmarks/results to refresh the committed ones)")
+    app = sub.add_parser("app-speed", help="the desktop app's decode speed against the engine alone (offscreen)")
+    app.add_argument("--model", type=Path, default=None, help="a model folder (default: a synthetic OLMoE)")
+    app.add_argument("--budgets", nargs="+", default=["100%", "50%", "25%"])
+    app.add_argument("--tokens", type=int, default=96)
+    app.add_argument("--repeats", type=int, default=3)
+    app.add_argument("--out", type=Path, required=True, help="folder for the table")
     trace = sub.add_parser("trace-decode", help="decode speed and hit rate under a real model's routing (GPU)")
     trace.add_argument("trace", type=Path, help="a trace of a real model (../shared/traces style)")
     trace.add_argument("--layers", type=int, default=None, help="the first N MoE layers (default: all)")
@@ -159,6 +166,7 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
                                                           a.budgets, a.cap_mib, a.quantize)),
     "exact-budgets": _printed("exact_budgets", lambda run, a: run(a.model, a.device, a.layers, a.budgets, a.tokens,
                                                                   a.repeats)),
+    "app-speed": _printed("app_speed", lambda run, a: run(a.model, a.budgets, a.tokens, a.repeats, a.out)),
     "prediction": _prediction,
     "replay": _replay,
     "trace-decode": _printed("trace_routing", lambda run, a: run(a.trace, a.layers, a.budgets, a.device, a.repeats,

@@ -223,3 +223,15 @@ def test_llama_cpp_runs_beside_the_trace_rows_at_the_budgets_expert_bytes(tmp_pa
                "failed to load model" in line for line in lines)
     assert (tmp_path / "model-bf16.gguf").read_text() == "bf16"  # converted once, beside the folder
     assert "failed to load model" in (tmp_path / "llama-bench-q8_0.log").read_text()
+
+
+def test_app_speed_times_the_real_window_beside_the_engine_alone(tiny_model, tmp_path) -> None:
+    """Both contenders in fresh processes: the window (offscreen) sends a prompt, and the engine times its reply."""
+    from benchmarks.app_speed import main
+
+    table = main(tiny_model("olmoe"), ["100%", "50%"], tokens=6, repeats=1, out=tmp_path).read_text()
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith(("| 100%", "| 50%"))]
+    assert len(rows) == 2
+    for row in rows:
+        alone, window = float(row[1]), float(row[2])
+        assert alone > 0 and window > 0 and row[3].endswith("x |")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 
-from PySide6.QtCore import QRect, QSize, Qt
+from PySide6.QtCore import QRect, QSize, Qt, QTimer
 from PySide6.QtGui import QColor, QPainter
 from PySide6.QtWidgets import QToolTip, QWidget
 
 FLASH_S = 0.8
+FRAME_MS = 66  # flashes fade at 15 frames a second: a repaint per paint starved the decoder of the interpreter
 
 
 class ExpertMap(QWidget):
@@ -27,6 +28,9 @@ class ExpertMap(QWidget):
         self.last_token: dict[int, set[int]] = {}
         self.flashes: dict[tuple[int, int], float] = {}
         self.reason = ""  # why there is nothing to show, painted in place of the grid
+        self._frames = QTimer(self)
+        self._frames.setInterval(FRAME_MS)
+        self._frames.timeout.connect(self._frame)
 
     def unavailable(self, reason: str) -> None:
         """No residency to show for this engine: an empty map that says why."""
@@ -44,15 +48,27 @@ class ExpertMap(QWidget):
         self.num_experts = max((len(v) for v in snapshot.importance.values()), default=0)
         self.update()
 
-    def flash_swap(self, event) -> None:
+    def flash_swaps(self, events: list) -> None:
+        """A frame's swaps, oldest first: their cells flash, and the residents follow them."""
         now = time.monotonic()
-        for expert in (event.expert_in, event.expert_out):
-            if expert >= 0:
-                self.flashes[(event.layer, expert)] = now
-        if event.expert_in >= 0:
-            self.resident.setdefault(event.layer, set()).add(event.expert_in)
-        if event.expert_out >= 0:
-            self.resident.setdefault(event.layer, set()).discard(event.expert_out)
+        for event in events:
+            for expert in (event.expert_in, event.expert_out):
+                if expert >= 0:
+                    self.flashes[(event.layer, expert)] = now
+            if event.expert_out >= 0:
+                self.resident.setdefault(event.layer, set()).discard(event.expert_out)
+            if event.expert_in >= 0:
+                self.resident.setdefault(event.layer, set()).add(event.expert_in)
+        self.update()
+        if not self._frames.isActive():
+            self._frames.start()
+
+    def _frame(self) -> None:
+        """One frame of fading flashes; the timer stops once none is left."""
+        now = time.monotonic()
+        self.flashes = {cell: t for cell, t in self.flashes.items() if now - t < FLASH_S}
+        if not self.flashes:
+            self._frames.stop()
         self.update()
 
     def _cell(self) -> tuple[float, float]:
@@ -98,8 +114,6 @@ class ExpertMap(QWidget):
                     painter.setPen(outline)
                     painter.drawRect(rect.adjusted(0, 0, -1, -1))
         painter.end()
-        if any(now - t < FLASH_S for t in self.flashes.values()):
-            self.update()
 
     def cell_text(self, layer: int, expert: int) -> str:
         """The tooltip of one cell, from the latest snapshot."""

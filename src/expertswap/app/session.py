@@ -38,6 +38,7 @@ from expertswap.protocol import (
 from expertswap.server import BackgroundServer
 
 DRAIN_MS = 100
+_NEWEST_ONLY = (ResidencySnapshot, TokenStats)
 
 
 class EngineSession(QObject):
@@ -47,7 +48,7 @@ class EngineSession(QObject):
     load_failed = Signal(str)
     reply_chunk = Signal(str)
     reply_finished = Signal(str)  # "done" | "stopped" | an error in words
-    swap = Signal(object)
+    swaps = Signal(list)  # one frame's SwapEvents, oldest first
     residency = Signal(object)
     token_stats = Signal(object)
     memory = Signal(object)
@@ -65,8 +66,8 @@ class EngineSession(QObject):
         self._timer = QTimer(self)
         self._timer.setInterval(DRAIN_MS)
         self._timer.timeout.connect(self.drain)
-        self._signals = {SwapEvent: self.swap, ResidencySnapshot: self.residency, TokenStats: self.token_stats,
-                         MemorySample: self.memory, BudgetChange: self.budget}
+        self._signals = {ResidencySnapshot: self.residency, TokenStats: self.token_stats, MemorySample: self.memory,
+                         BudgetChange: self.budget}
 
     async def load(self, model: str, budget: str, policy: str = POLICIES[0],
                    quantize: str | None = None) -> bool:
@@ -251,13 +252,30 @@ class EngineSession(QObject):
             self.engine.follow_free_memory(enabled)
 
     def drain(self) -> None:
-        """Re-emit queued telemetry on the GUI thread, each event on its own signal."""
+        """Re-emit a frame's queued telemetry on the GUI thread, in order: the frame's swaps as lists (``swaps``),
+        of its residency snapshots and token stats only the newest (each holds what came before it), the rest
+        one signal each. Per event, a long reply's hundreds of swaps a second kept the GUI thread busy and the
+        decoder waiting for the interpreter."""
         if self._subscription is None:
             return
-        for event in self._subscription.drain():
-            signal = self._signals.get(type(event))
+        events = self._subscription.drain()
+        newest = {kind: i for i, event in enumerate(events) if (kind := type(event)) in _NEWEST_ONLY}
+        swaps: list[SwapEvent] = []
+        for i, event in enumerate(events):
+            kind = type(event)
+            if isinstance(event, SwapEvent):
+                swaps.append(event)
+                continue
+            if kind in _NEWEST_ONLY and newest[kind] != i:
+                continue
+            if swaps and kind is ResidencySnapshot:  # swaps before a snapshot land before it
+                self.swaps.emit(swaps)
+                swaps = []
+            signal = self._signals.get(kind)
             if signal is not None:
                 signal.emit(event)
+        if swaps:
+            self.swaps.emit(swaps)
 
     def close(self) -> None:
         self._timer.stop()

@@ -52,16 +52,27 @@ class SwapLog(QWidget):
             self.filter.addItem(f"layer {layer}", layer)
         self.filter.blockSignals(False)
 
-    def add(self, event) -> None:
-        self.table.insertRow(0)
-        values = [time.strftime("%H:%M:%S"), str(event.layer), _expert(event.expert_in), _expert(event.expert_out),
-                  format_bytes(event.bytes), f"{event.ms:.1f}", event.reason]
-        for column, value in enumerate(values):
-            self.table.setItem(0, column, QTableWidgetItem(value))
-        if self.table.rowCount() > MAX_ROWS:
-            self.table.removeRow(self.table.rowCount() - 1)
+    def add(self, events: list) -> None:
+        """A frame's swaps (oldest first) on top, newest first, in one repaint; only the newest ``MAX_ROWS``."""
+        new = events[-MAX_ROWS:]
+        if not new:
+            return
+        stamp = time.strftime("%H:%M:%S")
         wanted = self.filter.currentData()
-        self.table.setRowHidden(0, wanted is not None and event.layer != wanted)
+        table = self.table
+        table.setUpdatesEnabled(False)
+        try:
+            table.model().insertRows(0, len(new))
+            for row, event in enumerate(reversed(new)):
+                values = [stamp, str(event.layer), _expert(event.expert_in), _expert(event.expert_out),
+                          format_bytes(event.bytes), f"{event.ms:.1f}", event.reason]
+                for column, value in enumerate(values):
+                    table.setItem(row, column, QTableWidgetItem(value))
+                table.setRowHidden(row, wanted is not None and event.layer != wanted)
+            if table.rowCount() > MAX_ROWS:
+                table.model().removeRows(MAX_ROWS, table.rowCount() - MAX_ROWS)
+        finally:
+            table.setUpdatesEnabled(True)
 
     def _apply_filter(self) -> None:
         wanted = self.filter.currentData()
