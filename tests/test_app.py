@@ -12,7 +12,7 @@ from typing import ClassVar
 import pytest
 import torch
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QMessageBox
+from PySide6.QtWidgets import QMessageBox, QTabWidget
 
 from expertswap.app.main_window import MainWindow
 
@@ -96,6 +96,10 @@ def test_charts_follow_memory_samples_and_token_stats(window: MainWindow, loop, 
     window.session.drain()
     assert 1 <= len(speed.x) == len(stats) <= 12  # a frame's newest stats, once a frame
     assert stats[-1].tokens == 12 and list(speed.y["hit rate %"])[-1] == 100.0 * stats[-1].hit_rate
+    tabs = next(t for t in window.findChildren(QTabWidget) if t.indexOf(window.charts) >= 0)
+    tabs.setCurrentWidget(window.charts)  # a hidden chart draws what it holds once it is shown
+    qtbot.waitUntil(lambda: speed.isVisible())
+    assert list(speed.curves["hit rate %"].getData()[1]) == list(speed.y["hit rate %"])
 
 
 def test_broken_model_folder_shows_the_error_and_app_stays_usable(
@@ -168,8 +172,14 @@ def test_flashing_swaps_repaint_at_the_frame_rate_and_then_stop(qtbot) -> None:
     Paints.count = 0
     view.flash_swaps([SimpleNamespace(layer=0, expert_in=5, expert_out=1)])
     assert view.resident[0] == {0, 5}
+
+    def cell(expert: int) -> tuple[int, ...]:  # the colour in the middle of layer 0's cell
+        return view.grab().toImage().pixelColor(int((expert + 0.5) * 400 / 8), 150).getRgb()
+
+    assert cell(5) == cell(1) == (255, 170, 0, 255)  # both ends of the swap flash
     qtbot.waitUntil(lambda: not view._frames.isActive(), timeout=int(FLASH_S * 1000) + 2000)
-    assert 1 <= Paints.count <= FLASH_S * 1000 / FRAME_MS + 4 and not view.flashes
+    assert 1 <= Paints.count <= FLASH_S * 1000 / FRAME_MS + 6 and not view.flashes
+    assert cell(1) == view.palette().alternateBase().color().getRgb() != cell(5)  # out; 5 resident, in the accent
 
 
 def test_a_frames_telemetry_reaches_the_window_batched_and_in_order(qapp) -> None:

@@ -36,11 +36,22 @@ class _Plot(pg.PlotWidget):
         self.curves = {name: self.plot(name=name, pen=pg.mkPen(color, width=2)) for name, color in series.items()}
 
     def add(self, t: float, values: dict[str, float]) -> None:
+        """A point of each series; drawn now if the chart shows, else when it is shown (a hidden chart's redraws
+        cost the decoder the interpreter for nothing)."""
         self.t0 = t if self.t0 is None else self.t0
         self.x.append(t - self.t0)
         for name, value in values.items():
             self.y[name].append(value)
-            self.curves[name].setData(list(self.x), list(self.y[name]))
+        if self.isVisible():
+            self.redraw()
+
+    def redraw(self) -> None:
+        for name, curve in self.curves.items():
+            curve.setData(list(self.x), list(self.y[name]))
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        self.redraw()
 
 
 class Charts(QWidget):

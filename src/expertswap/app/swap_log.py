@@ -32,7 +32,9 @@ class SwapLog(QWidget):
         self.table.setHorizontalHeaderLabels(COLUMNS)
         self.table.setAccessibleName("Swap log")
         self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # sized to the first rows, then left alone: fitting every column to 500 rows on each frame's rows cost more
+        # than the rows themselves
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.setWordWrap(False)
         self.filter.currentIndexChanged.connect(self._apply_filter)
@@ -60,6 +62,7 @@ class SwapLog(QWidget):
         stamp = time.strftime("%H:%M:%S")
         wanted = self.filter.currentData()
         table = self.table
+        first = table.rowCount() == 0
         table.setUpdatesEnabled(False)
         try:
             table.model().insertRows(0, len(new))
@@ -71,6 +74,8 @@ class SwapLog(QWidget):
                 table.setRowHidden(row, wanted is not None and event.layer != wanted)
             if table.rowCount() > MAX_ROWS:
                 table.model().removeRows(MAX_ROWS, table.rowCount() - MAX_ROWS)
+            if first:
+                table.resizeColumnsToContents()
         finally:
             table.setUpdatesEnabled(True)
 
