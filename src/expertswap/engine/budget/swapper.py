@@ -57,7 +57,7 @@ class Swapper:
         for committee in self.committees:
             if self._stop.is_set():
                 break
-            if grow_only and (committee.slots.full or not committee.slots.empty_slots):  # woken every token: no lock
+            if grow_only and not committee.slots.empty_slots:  # woken every token: no lock taken for nothing
                 continue
             with self.runtime.lock:
                 plan, version = committee.cache.plan_swaps(self.swaps_per_layer, evict=not grow_only), committee.version
