@@ -2,8 +2,8 @@
 only where its --out says).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, trace-decode, app-speed, record-traces, quantized, quantized-gpu, lowbit, fit-real, default-checkpoints,
-kernel-caches.
+replay, trace-decode, app-speed, chat-turns, record-traces, quantized, quantized-gpu, lowbit, fit-real,
+default-checkpoints, kernel-caches.
 """
 
 from __future__ import annotations
@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--tokens", type=int, default=96)
     app.add_argument("--repeats", type=int, default=3)
     app.add_argument("--out", type=Path, required=True, help="folder for the table")
+    turns = sub.add_parser("chat-turns", help="time to first token over a long chat, from the cache or not")
+    turns.add_argument("--model", type=Path, default=None, help="a model folder (default: the built-in model)")
+    turns.add_argument("--budget", default="50%")
+    turns.add_argument("--turns", type=int, default=20)
+    turns.add_argument("--tokens", type=int, default=48)
+    turns.add_argument("--repeats", type=int, default=3)
+    turns.add_argument("--out", type=Path, required=True, help="folder for the table")
     trace = sub.add_parser("trace-decode", help="decode speed and hit rate under a real model's routing (GPU)")
     trace.add_argument("trace", type=Path, help="a trace of a real model (../shared/traces style)")
     trace.add_argument("--layers", type=int, default=None, help="the first N MoE layers (default: all)")
@@ -167,6 +174,7 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "exact-budgets": _printed("exact_budgets", lambda run, a: run(a.model, a.device, a.layers, a.budgets, a.tokens,
                                                                   a.repeats)),
     "app-speed": _printed("app_speed", lambda run, a: run(a.model, a.budgets, a.tokens, a.repeats, a.out)),
+    "chat-turns": _printed("chat_turns", lambda run, a: run(a.model, a.budget, a.turns, a.tokens, a.repeats, a.out)),
     "prediction": _prediction,
     "replay": _replay,
     "trace-decode": _printed("trace_routing", lambda run, a: run(a.trace, a.layers, a.budgets, a.device, a.repeats,

@@ -64,6 +64,20 @@ def test_chat_streamed_and_whole_give_the_engines_greedy_reply_and_usage(server:
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
+def test_a_conversation_continued_reports_the_prompt_tokens_its_cache_held(server: Server) -> None:
+    client = server.client()
+    first = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    turn = [*MESSAGES, {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And the mountains?"}]
+    second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens  # only the new turn ran
+    again = client.chat.completions.create(model="tiny", messages=turn, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == second.choices[0].message.content  # regenerated: the same reply
+    assert again.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+
+
 def test_stop_sequences_cut_the_reply(server: Server) -> None:
     client = server.client()
     full = client.completions.create(model="tiny", prompt="The sea is", max_tokens=12, temperature=0).choices[0].text

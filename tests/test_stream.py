@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from expertswap.engine import Engine
 from expertswap.protocol import EngineBusyError, SamplingSettings
@@ -95,3 +96,25 @@ def test_every_engine_forward_runs_without_cudnn_attention(tiny_model) -> None:
     assert len(seen) >= 6 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
     engine.close()
+
+
+def test_a_repetition_penalty_picks_as_transformers_processor_does_over_the_last_64_tokens(tiny_model,
+                                                                                          reference) -> None:
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    folder = tiny_model("mixtral")
+    with Engine.load(folder, budget="50%") as engine:
+        ids = engine.encode_chat(MESSAGES)
+        penalised = list(engine.generate(ids, SamplingSettings(max_new_tokens=24, repetition_penalty=1.5)))
+        plain = list(engine.generate(ids, SamplingSettings(max_new_tokens=24)))
+        stops = engine.decoder.stop_ids
+    model, processor = reference(folder), RepetitionPenaltyLogitsProcessor(1.5)
+    sequence, want = list(ids), []
+    with torch.no_grad():
+        while len(want) < 24 and not (want and want[-1] in stops):
+            logits = model(torch.tensor([sequence])).logits[0, -1]
+            scores = processor(torch.tensor([sequence[-64:]]), logits[None].clone())[0]
+            want.append(int(scores.argmax()))
+            sequence.append(want[-1])
+    assert penalised == want
+    assert penalised != plain  # it did push the loop the plain reply falls into

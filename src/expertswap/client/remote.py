@@ -282,7 +282,7 @@ class RemoteEngine:
                       put: Any) -> None:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
                                 "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-                                "top_p": settings.top_p}
+                                "top_p": settings.top_p, "repetition_penalty": settings.repetition_penalty}
         if settings.seed is not None:
             body["seed"] = settings.seed
         try:

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from expertswap.engine.decode import chat_template
 from expertswap.engine.decode.compact_step import CompactModel
-from expertswap.engine.decode.decoder import TokenChunk, TokenScores
+from expertswap.engine.decode.decoder import ReplyStats, TokenChunk, TokenScores
 from expertswap.engine.decode.generation import IncrementalDecoder
 from expertswap.engine.decode.graphed_step import GraphedDecode
 from expertswap.engine.decode.history import Message
@@ -246,6 +246,11 @@ class Engine:
         """Stop the reply in progress after its current token; safe from any thread."""
         self.decoder.cancel()
 
+    @property
+    def last_reply(self) -> ReplyStats:
+        """The latest reply's pace and how much of its prompt came from a kept cache (no device read)."""
+        return self.decoder.last
+
     @contextlib.contextmanager
     def record_trace(self, path: str | Path, model: str | None = None) -> Iterator[TraceRecorder]:
         """Within the block, every forward's routing goes to ``path`` as a trace (format: ``engine/observe/trace.py``).
@@ -336,6 +341,8 @@ class Engine:
             tokens_generated=self.decoder.last.tokens,
             tokens_per_s=self.decoder.last.tokens_per_s,
             time_to_first_token_s=self.decoder.last.time_to_first_token_s,
+            prompt_tokens=self.last_reply.prompt_tokens,
+            cached_prompt_tokens=self.last_reply.cached_prompt_tokens,
             peak_rss_bytes=peak_rss_bytes(),
         )
 

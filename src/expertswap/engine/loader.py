@@ -21,6 +21,7 @@ from expertswap.engine.decode.compact_step import CompactModel
 from expertswap.engine.decode.compact_step import supports as supports_compact
 from expertswap.engine.decode.decoder import Decoder
 from expertswap.engine.decode.graphed_step import GraphedDecode
+from expertswap.engine.decode.prefixes import Prefixes
 from expertswap.engine.decode.session import Sessions
 from expertswap.engine.decode.step import StepGuard
 from expertswap.engine.device import resolve_device
@@ -149,7 +150,8 @@ def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, fam
     context = getattr(model.config, "max_position_embeddings", None)
     sessions = Sessions(model, compact, graphed, context if isinstance(context, int) else None)
     guard = StepGuard(runtime.lock, BetweenSteps(budget, runtime))
-    decoder = Decoder(sessions, guard, _stop_ids(model, tokenizer), reporter)
+    prefixes = Prefixes(sessions, lambda: runtime.output_key(budget.budget_bytes))
+    decoder = Decoder(prefixes, guard, _stop_ids(model, tokenizer), reporter)
     return Parts(model=model, tokenizer=tokenizer, family=family, committees=committees, routers=routers,
                  row_path=row_path, store=store, runtime=runtime, copier=copier, budget=budget, swapper=swapper,
                  watcher=watcher, reporter=reporter, sessions=sessions, guard=guard, decoder=decoder)

@@ -36,11 +36,12 @@ from expertswap.protocol.events import (
 )
 from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS, POLICIES, QUANTIZATIONS, THRESHOLD_POLICIES
 from expertswap.protocol.plan import LayerShape, committee_size, minimum_bytes, plan_capacities
-from expertswap.protocol.sampling import SamplingSettings
+from expertswap.protocol.sampling import CHAT_SAMPLING, SamplingSettings
 from expertswap.protocol.stats import EngineStats
 from expertswap.protocol.units import format_bytes
 
 __all__ = [
+    "CHAT_SAMPLING",
     "DEFAULT_BUDGET",
     "DEFAULT_BUDGET_PERCENT",
     "DEFAULT_EVICTION",

@@ -26,6 +26,8 @@ class EngineStats:
     tokens_generated: int
     tokens_per_s: float
     time_to_first_token_s: float
+    prompt_tokens: int  # the latest reply's prompt
+    cached_prompt_tokens: int  # of them, those an earlier turn's cache held: not run again
     peak_rss_bytes: int
 
     @property

@@ -91,7 +91,7 @@ class Replies:
         if context is not None:
             limit = min(limit, context - prompt_tokens)
         return SamplingSettings(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
-                                seed=body.seed)
+                                seed=body.seed, repetition_penalty=body.repetition_penalty)
 
 
 def router(replies: Replies) -> APIRouter:

@@ -67,9 +67,11 @@ class Reply:
         if len(text) > sent:
             yield text[sent:]
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage; ``cached_tokens``: the prompt's tokens an earlier request's KV cache held (not run)."""
         return {"prompt_tokens": len(self.ids), "completion_tokens": self.tokens,
-                "total_tokens": len(self.ids) + self.tokens}
+                "total_tokens": len(self.ids) + self.tokens,
+                "prompt_tokens_details": {"cached_tokens": self.engine.last_reply.cached_prompt_tokens}}
 
     def _choice(self, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
         if not self.chat:

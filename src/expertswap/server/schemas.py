@@ -34,6 +34,7 @@ class Sampling(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: Stops = None
     seed: int | None = Field(None, ge=-SEED, lt=SEED)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's and llama.cpp's extension (1: none)
 
 
 class ChatRequest(Sampling):

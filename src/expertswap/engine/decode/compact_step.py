@@ -113,6 +113,22 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.keys, *self.values))
+
+    def filled(self, device: torch.device) -> KVCache:
+        """A copy of the filled positions alone, on ``device``."""
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[:, :, : self.length].to(device, copy=True)
+
+        return KVCache([cut(t) for t in self.keys], [cut(t) for t in self.values], self.length)
+
+    def copy_into(self, other: KVCache) -> None:
+        """``other`` holds this cache's positions (and their count); it must have room for them."""
+        for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values), strict=True):
+            theirs[:, :, : self.length].copy_(mine[:, :, : self.length])
+        other.length = self.length
+
     def reserve(self, total: int) -> None:
         """Room for ``total`` positions, keeping what is filled."""
         if total <= self.capacity:

@@ -1,7 +1,8 @@
 """Turning token ids into logits, scores and replies: one reply at a time, every forward through the step guard.
 
 Async callers get tokens from a worker thread of the decoder's own, handed to their event loop as
-they come; cancelling stops the reply after its current token.
+they come; cancelling stops the reply after its current token. A reply starts from the cache an earlier
+turn left where its prompt begins with that turn's tokens (``prefixes``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 
 from expertswap.engine.decode.generation import IncrementalDecoder, decode_loop
-from expertswap.engine.decode.session import Sessions
+from expertswap.engine.decode.prefixes import Prefixes
 from expertswap.engine.decode.step import StepGuard
 from expertswap.protocol.errors import EngineBusyError, EngineClosedError, PromptError
 from expertswap.protocol.sampling import SamplingSettings
@@ -44,11 +45,14 @@ class TokenChunk:
 
 @dataclass(frozen=True)
 class ReplyStats:
-    """The latest reply's pace."""
+    """The latest reply's pace, and how much of its prompt an earlier turn's cache held."""
 
     tokens: int = 0
     tokens_per_s: float = 0.0
     time_to_first_token_s: float = 0.0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    finish: str = ""  # "stop": the model ended it; "length": the token limit or the context; "cancelled"
 
 
 class ReplyListener(Protocol):
@@ -67,8 +71,9 @@ class ReplyListener(Protocol):
 class Decoder:
     """Runs the model for the engine: one reply or score at a time, every forward through ``guard``."""
 
-    def __init__(self, sessions: Sessions, guard: StepGuard, stop_ids: set[int], listener: ReplyListener) -> None:
-        self.sessions = sessions
+    def __init__(self, prefixes: Prefixes, guard: StepGuard, stop_ids: set[int], listener: ReplyListener) -> None:
+        self.prefixes = prefixes
+        self.sessions = prefixes.sessions
         self.guard = guard
         self.stop_ids = stop_ids
         self.listener = listener
@@ -81,7 +86,7 @@ class Decoder:
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:
         """Logits for every position of ``input_ids`` (one forward, misses loaded exactly), on the CPU."""
         with self._exclusive():  # sessions may share one persistent cache (CUDA graphs)
-            session = self.sessions.new(len(input_ids))
+            session = self.prefixes.fresh(len(input_ids))
             return self.guard.run(lambda: session.run(input_ids, all_logits=True), is_prefill=True,
                                   session=session).float().cpu()
 
@@ -89,7 +94,7 @@ class Decoder:
         """Loss and top-1 of each token after the first: a prefill of ``prompt`` tokens, then ``chunk`` at a time."""
         ids = list(input_ids)
         with self._exclusive():
-            session = self.sessions.new(len(ids))
+            session = self.prefixes.fresh(len(ids))
             pieces = [ids[:prompt]] + [ids[i : i + chunk] for i in range(prompt, len(ids), chunk)]
             predictors: list[torch.Tensor] = []
             last: torch.Tensor | None = None
@@ -120,17 +125,32 @@ class Decoder:
             first = start
             count = 0
             self.listener.reply_edge()
+            fed = list(input_ids)  # every id run through the session, in order: the prompt, then the reply's
             try:
-                session = self.sessions.new(len(input_ids) + settings.max_new_tokens)
-                for token in decode_loop(session, list(input_ids), settings, self.stop_ids, cancel, self.guard):
-                    now = time.perf_counter()
-                    if count == 0:
-                        first = now
-                    count += 1
-                    pace = (count - 1) / (now - first) if count > 1 and now > first else 0.0
-                    self.last = ReplyStats(count, pace, first - start)
-                    self.listener.token_done(self.last)
-                    yield token
+                session, cached = self.prefixes.session(fed, len(fed) + settings.max_new_tokens)
+                self.last = ReplyStats(prompt_tokens=len(input_ids), cached_prompt_tokens=cached)
+                reply = decode_loop(session, fed[cached:], settings, self.stop_ids, cancel, self.guard, fed[:cached])
+                with contextlib.closing(reply):  # its steps queued ahead are taken back before the cache is kept
+                    for token in reply:
+                        now = time.perf_counter()
+                        if count == 0:
+                            first = now
+                        count += 1
+                        pace = (count - 1) / (now - first) if count > 1 and now > first else 0.0
+                        self.last = ReplyStats(count, pace, first - start, len(input_ids), cached)
+                        self.listener.token_done(self.last)
+                        fed.append(token)
+                        yield token
+                self.prefixes.done(session, fed)
+                ended = "stop" if count and fed[-1] in self.stop_ids else "cancelled" if cancel.is_set() else "length"
+                self.last = dataclasses.replace(self.last, finish=ended)
+            except GeneratorExit:  # the caller stopped reading: the cache holds what was fed
+                self.prefixes.done(session, fed)
+                self.last = dataclasses.replace(self.last, finish="cancelled")
+                raise
+            except BaseException:
+                self.prefixes.forget_live()
+                raise
             finally:
                 self.listener.reply_edge()
 
@@ -170,6 +190,7 @@ class Decoder:
         self.closed = True
         self.cancel()
         self._executor.shutdown(wait=True)
+        self.prefixes.clear()
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:

@@ -80,13 +80,17 @@ class GraphedDecode:
             not self.cuda or self.compact.dtype in (torch.bfloat16, torch.float16)
         )
 
-    def new_cache(self, capacity: int) -> KVCache:
-        """The reply's cache: the persistent one (length 0), grown to a bucket that holds ``capacity``."""
+    def new_cache(self, capacity: int, start: KVCache | None = None) -> KVCache:
+        """The reply's cache: the persistent one, grown to a bucket that holds ``capacity``, holding ``start``'s
+        positions (a parked conversation's, or its own as they were before it grew) or none."""
         size = cache_size(capacity)
         if self.cache is None or self.cache.capacity < size:
             self.cache, self.pieces, self.key = None, [], None  # the old graphs point into the old cache
             self.cache = self.compact.new_cache(size, zeroed=True)
-        self.cache.length = 0
+        if start is None:
+            self.cache.length = 0
+        elif start is not self.cache:
+            start.copy_into(self.cache)
         return self.cache
 
     @property

@@ -25,13 +25,18 @@ class FittedHistory:
     dropped: int
 
 
+RESERVE_CAP = 1024  # the most a history leaves free for the reply: a 4,096-token cap must not cost half the context
+
+
 def fit_history(messages: Sequence[Message], encode_chat: Callable[[Sequence[Message]], list[int]],
                 context: int | None, reserve: int) -> FittedHistory:
-    """The fewest oldest turns dropped so that the prompt leaves ``reserve`` of ``context`` tokens for the reply.
+    """The fewest oldest turns dropped so that the prompt leaves ``reserve`` (at most ``RESERVE_CAP``) of
+    ``context`` tokens for the reply.
 
     When even the system prompt and the last turn leave less room, every older turn is dropped and the
     reply gets what is left: the engine stops it at the context (``reply_limit`` says where).
     """
+    reserve = min(reserve, RESERVE_CAP)
     system = [m for m in messages if m["role"] == "system"]
     turns: list[list[Message]] = []
     for message in (m for m in messages if m["role"] != "system"):

@@ -1,18 +1,20 @@
 """One sequence's forwards on one KV cache: the compact step where the family has one, else transformers.
 
 A session appends tokens and returns their logits; ``mark``/``roll_back`` undo a step that failed
-(out of memory) so that its retry sees the cache as it was.
+(out of memory) so that its retry sees the cache as it was. ``keep``, ``park`` and ``resume`` let a later
+turn of the same conversation start from this one's cache (``prefixes``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from expertswap.engine.decode.compact_step import CompactModel
+from expertswap.engine.decode.compact_step import CompactModel, KVCache
 from expertswap.engine.decode.graphed_step import GraphedDecode
 
 
@@ -33,6 +35,26 @@ class Session(Protocol):
     def roll_back(self, mark: object) -> bool:
         """Back to ``mark``; False if the cache cannot go back (a sliding window that dropped its past)."""
 
+    def length(self) -> int:
+        """Positions in the cache."""
+
+    def keep(self, length: int) -> bool:
+        """Only the first ``length`` positions stay; False if the cache cannot go back that far."""
+
+    def park(self) -> None:
+        """Hold the cache's positions in host memory, at their size, off the device and out of the shared cache
+        (CUDA graphs) that the next session takes."""
+
+    def resume(self, capacity: int) -> None:
+        """Room for ``capacity`` positions on the model's device, the parked ones back in place."""
+
+    def fork(self, capacity: int, length: int) -> Session | None:
+        """A new session (resumed, for ``capacity`` positions) holding this parked one's first ``length``
+        positions, this one unchanged; None if the cache cannot go back that far."""
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds."""
+
 
 class CompactSession:
     """The compact forward; single decode tokens through ``graphed`` (CUDA graphs) when it is given and usable."""
@@ -41,6 +63,7 @@ class CompactSession:
         self.compact = compact
         self.graphed = graphed
         self.cache = graphed.new_cache(capacity) if graphed is not None else compact.new_cache(capacity)
+        self._parked = False
 
     def run(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         if len(ids) == 1 and self.graphed is not None and self.graphed.usable():
@@ -60,6 +83,37 @@ class CompactSession:
     def roll_back(self, mark: object) -> bool:
         self.cache.length = int(mark)  # type: ignore[call-overload]
         return True
+
+    def length(self) -> int:
+        return self.cache.length
+
+    def keep(self, length: int) -> bool:
+        self.cache.length = min(length, self.cache.length)
+        return True
+
+    def park(self) -> None:
+        self.cache = self.cache.filled(torch.device("cpu"))
+        self._parked = True
+
+    def resume(self, capacity: int) -> None:
+        held = self.cache
+        if self.graphed is not None:
+            self.cache = self.graphed.new_cache(capacity, held)
+        elif self._parked:
+            self.cache = self.compact.new_cache(capacity)
+            held.copy_into(self.cache)
+        else:
+            self.cache.reserve(capacity)
+        self._parked = False
+
+    def fork(self, capacity: int, length: int) -> Session | None:
+        assert self._parked, "a live graphed session holds the cache the copy would be made in"
+        other = CompactSession(self.compact, capacity, self.graphed)
+        KVCache(self.cache.keys, self.cache.values, min(length, self.cache.length)).copy_into(other.cache)
+        return other
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
 
 
 class TransformersSession:
@@ -95,6 +149,42 @@ class TransformersSession:
                 except RuntimeError:  # a sliding-window layer that no longer keeps its past
                     return False
         return True
+
+    def length(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    def keep(self, length: int) -> bool:
+        layers: Any = self.cache.layers
+        return self.roll_back([min(length, layer.get_seq_length()) for layer in layers])
+
+    def park(self) -> None:
+        self._move(torch.device("cpu"))
+
+    def resume(self, capacity: int) -> None:
+        self._move(self.model.device)  # transformers' cache grows as it goes
+
+    def fork(self, capacity: int, length: int) -> Session | None:
+        other = TransformersSession(self.model)
+        other.cache = copy.deepcopy(self.cache)
+        if not other.keep(length):
+            return None
+        other.resume(capacity)
+        return other
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        layers: Any = self.cache.layers
+        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor)]
+
+    def _move(self, device: torch.device) -> None:
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                    setattr(layer, name, tensor.to(device))
 
 
 class Sessions:

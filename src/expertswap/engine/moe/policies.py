@@ -37,6 +37,7 @@ class MissPolicy:
     needs_rows: ClassVar[bool] = False  # needs every layer on the per-expert row path
     graphable: ClassVar[bool] = True  # the CUDA-graph decode step holds it (its loads sit between the pieces)
     pinnable: ClassVar[bool] = False  # a static committee may serve it: a miss never loads, even in a prompt
+    by_residency: ClassVar[bool] = False  # its output depends on which experts are resident (a budget changes it)
 
     def __init__(self, skip_threshold: float = 0.0) -> None:
         self.skip_threshold = skip_threshold
@@ -69,6 +70,7 @@ class Substitute(MissPolicy):
     name = "substitute"
     loads_on_miss = False
     graphable = False
+    by_residency = True
     pinnable = True
 
     def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
@@ -83,6 +85,7 @@ class HostCompute(MissPolicy):
     loads_on_miss = False
     needs_cuda = True
     graphable = False
+    by_residency = True
 
     def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                       resident: torch.Tensor) -> torch.Tensor | None:
@@ -96,6 +99,7 @@ class LowBit(MissPolicy):
     loads_on_miss = False
     needs_rows = True
     graphable = False
+    by_residency = True
 
     def without_loads(self, layer: MissHandler, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                       resident: torch.Tensor) -> torch.Tensor | None:

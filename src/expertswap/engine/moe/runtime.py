@@ -61,6 +61,12 @@ class Runtime:
             raise PolicyError("release the pinned committee (pin_committee(None)) before leaving substitute")
         self.policy = policy
 
+    def output_key(self, budget_bytes: int) -> tuple[object, ...]:
+        """What a forward's output depends on besides its tokens: the policy, and the budget under a policy that
+        reads the residency. Keys and values kept for a later turn are reused only while it is the same."""
+        policy = self.policy
+        return (policy.name, policy.routing_threshold, self.pinned, budget_bytes if policy.by_residency else None)
+
     def attach_trace(self, recorder: TraceRecorder | None) -> None:
         """Every layer notes its routing into ``recorder`` from the next forward (None: stop)."""
         if recorder is not None and self.trace is not None:
