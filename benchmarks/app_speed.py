@@ -72,7 +72,8 @@ def in_the_window(folder: str, budget: str, tokens: int) -> float:
         if not loop.run_until_complete(window.load_model(folder, budget=budget)):
             raise SystemExit(f"the window could not load {folder}")
         window.reply_settings.max_tokens.setValue(tokens)
-        window.reply_settings.temperature.setValue(0.0)
+        window.reply_settings.temperature.setValue(0.0)  # greedy, as the engine alone runs
+        window.reply_settings.repetition.setValue(1.0)
         window.prompt.setPlainText(PROMPT)
         window.send()
         loop.run_until_complete(window.chat_controller.reply_task)

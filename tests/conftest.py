@@ -135,6 +135,8 @@ def make_window(qtbot, folder: Path, store=None):
     settings = QSettings(str(folder / "state.ini"), QSettings.Format.IniFormat)
     win = MainWindow(store=store or ConversationStore(folder / "conversations.sqlite3"), settings=settings)
     qtbot.addWidget(win)
+    win.reply_settings.temperature.setValue(0.0)  # greedy, so a test knows its reply (the app starts sampled)
+    win.reply_settings.repetition.setValue(1.0)
     return win
 
 

@@ -11,9 +11,10 @@ from typing import ClassVar
 
 import pytest
 import torch
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtWidgets import QMessageBox, QTabWidget
 
+from expertswap.app.conversations import FINISH_NOTES, ConversationStore
 from expertswap.app.main_window import MainWindow
 
 from .conftest import make_window as _make_window
@@ -38,11 +39,13 @@ def _run_reply(loop, window: MainWindow, text: str, stop_after: int | None = Non
 def test_reply_streams_into_the_view_and_gui_stays_responsive(window: MainWindow, loop) -> None:
     window.reply_settings.max_tokens.setValue(24)
     chunks, finished, ticks = _run_reply(loop, window, "Hello there")
-    assert len(chunks) == 24 and finished == ["done"]
+    assert len(chunks) == 24 and finished == ["length"]  # the 24-token limit ended it, and it says so
     assert ticks >= 1  # the GUI thread ran a timer between the reply's first token and its end
     reply = "".join(chunks)
     assert window.chat_controller.messages[-1] == {"role": "assistant", "content": reply}
     assert reply.strip()[:10] in window.chat.toPlainText()
+    assert window.chat.toPlainText().rstrip().endswith(FINISH_NOTES["length"])
+    assert window.store.finishes(window.chat_controller.conversation) == ["", "length"]
     assert window.send_button.isEnabled() and not window.stop_button.isEnabled()
 
 
@@ -50,6 +53,13 @@ def test_stop_ends_the_reply(window: MainWindow, loop) -> None:
     window.reply_settings.max_tokens.setValue(200)
     chunks, finished, _ = _run_reply(loop, window, "Tell me everything", stop_after=3)
     assert finished == ["stopped"] and 3 <= len(chunks) < 200
+    assert window.chat.toPlainText().rstrip().endswith(FINISH_NOTES["stopped"])  # marked, and so it stays:
+    conversation = window.chat_controller.conversation
+    window.chat_controller.new_chat()
+    window.chat_controller.open(conversation)
+    assert window.chat.toPlainText().rstrip().endswith(FINISH_NOTES["stopped"])
+    assert f"*{FINISH_NOTES['stopped']}*" in window.store.to_markdown(conversation)
+    assert FINISH_NOTES["stopped"] not in window.chat.texts()[-1]  # the model reads the reply, not the note
 
 
 def test_the_expert_map_and_the_log_filter_fill_as_the_model_loads(window: MainWindow) -> None:
@@ -284,7 +294,7 @@ def test_a_long_chat_sends_its_newest_turns_and_keeps_them_all(window: MainWindo
     monkeypatch.setattr(engine, "stream_chat", spy)
     window.reply_settings.max_tokens.setValue(64)
     chunks, finished, _ = _run_reply(loop, window, "And now?")
-    assert finished == ["done"] and chunks
+    assert finished == ["length"] and chunks
 
     question = {"role": "user", "content": "And now?"}
     ((messages, settings),) = sent
@@ -471,7 +481,7 @@ def test_budget_moves_mid_reply_and_policy_controls_reach_the_engine(window: Mai
 
     window.session.reply_chunk.connect(drag)
     chunks, finished, _ = _run_reply(loop, window, "Keep talking while I move the slider")
-    assert finished == ["done"] and len(chunks) == 40
+    assert finished == ["length"] and len(chunks) == 40
     qtbot.waitUntil(lambda: engine.stats().budget_bytes == engine.stats().minimum_budget_bytes, timeout=3000)
     policies = [window.budget.policy.itemText(i) for i in range(window.budget.policy.count())]
     assert policies == list(engine.policies) and "cpu" not in policies  # the engine's own list: no cpu on a CPU
@@ -580,6 +590,57 @@ def test_every_load_failure_reaches_the_user(qtbot, loop, tiny_model, tmp_path: 
     assert win.statusBar().currentMessage() == "Model not loaded" and win.session.engine is None
 
 
+def test_a_fresh_window_samples_as_a_chat_reads_well_and_enter_can_send(qtbot, tmp_path: Path) -> None:
+    from expertswap.protocol import CHAT_SAMPLING
+
+    window = MainWindow(store=ConversationStore(tmp_path / "c.sqlite3"),
+                        settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(window)
+    assert window.reply_settings.sampling() == CHAT_SAMPLING
+    assert CHAT_SAMPLING.temperature > 0 and CHAT_SAMPLING.repetition_penalty > 1
+    sent: list[str] = []
+    window.chat_controller.send = lambda text, *_: sent.append(text) or True  # what the window hands over
+    qtbot.keyClicks(window.prompt, "one line")
+    qtbot.keyClick(window.prompt, Qt.Key.Key_Return)
+    assert sent == [] and window.prompt.toPlainText() == "one line\n"  # off by default: Enter is a new line
+    window.reply_settings.enter_sends.setChecked(True)
+    assert "Enter to send" in window.prompt.placeholderText()
+    qtbot.keyClick(window.prompt, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    qtbot.keyClick(window.prompt, Qt.Key.Key_A)
+    qtbot.keyClick(window.prompt, Qt.Key.Key_Return)
+    assert sent == ["one line\n\na"] and window.prompt.toPlainText() == ""
+    window.close()
+    again = MainWindow(store=ConversationStore(tmp_path / "c2.sqlite3"),
+                       settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(again)
+    assert again.reply_settings.enter_sends.isChecked() and again.prompt.enter_sends  # remembered
+
+
+def test_a_streaming_reply_is_laid_out_a_few_times_a_second_not_per_token(qtbot) -> None:
+    from expertswap.app.chat_view import ChatView
+
+    class Counted(ChatView):
+        renders = 0
+
+        def _render_tail(self) -> None:
+            self.renders += 1
+            super()._render_tail()
+
+    view = Counted()
+    qtbot.addWidget(view)
+    view.add_message("user", "Tell me a story.")
+    view.begin_reply()
+    before = view.renders
+    for n in range(300):  # tokens arriving faster than frames
+        view.append_chunk(f"word{n} ")
+    assert view.renders == before and "word0" not in view.toPlainText()  # nothing laid out per token
+    qtbot.waitUntil(lambda: "word299" in view.toPlainText())
+    assert view.renders == before + 1  # the whole burst in one layout
+    view.append_chunk("The end.")
+    view.end_reply()  # the reply is over: shown at once
+    assert view.toPlainText().endswith("The end.") and view.texts()[-1].endswith("word299 The end.")
+
+
 def test_raw_html_in_messages_is_shown_as_text(qtbot) -> None:
     from expertswap.app.chat_view import ChatView
 
@@ -588,6 +649,7 @@ def test_raw_html_in_messages_is_shown_as_text(qtbot) -> None:
     view.add_message("user", "Explain the `<script>` tag and <b>this</b> <script>alert(1)</script> **bold**")
     view.begin_reply()
     view.append_chunk("Use <img src=x onerror=y> & <!-- a comment --> carefully")
+    view.end_reply()
     text = view.toPlainText()
     assert "Explain the <script> tag and <b>this</b> <script>alert(1)</script> bold" in text  # nothing hidden
     assert "Use <img src=x onerror=y> & <!-- a comment --> carefully" in text

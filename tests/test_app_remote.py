@@ -175,4 +175,4 @@ def test_connecting_to_the_windows_own_server_is_refused_and_serving_goes_on(win
     assert reply.usage.completion_tokens == 4
     window.reply_settings.max_tokens.setValue(4)
     chunks, finished, _ = _run_reply(loop, window, "And here?")
-    assert finished == ["done"] and len(chunks) == 4
+    assert finished == ["length"] and len(chunks) == 4

@@ -26,12 +26,14 @@ class FakeTranscript:
 
     def __init__(self) -> None:
         self.shown: list[tuple[str, str]] = []
+        self.notes: list[str] = []  # each message's finish, as marked
 
     def clear(self) -> None:
-        self.shown = []
+        self.shown, self.notes = [], []
 
-    def add_message(self, role: str, text: str) -> None:
+    def add_message(self, role: str, text: str, finish: str = "") -> None:
         self.shown.append((role, text))
+        self.notes.append(finish)
 
     def begin_reply(self) -> None:
         self.add_message("assistant", "")
@@ -39,6 +41,9 @@ class FakeTranscript:
     def append_chunk(self, text: str) -> None:
         role, before = self.shown[-1]
         self.shown[-1] = (role, before + text)
+
+    def end_reply(self, finish: str = "") -> None:
+        self.notes[-1] = finish
 
     def texts(self) -> list[str]:
         return [text for _, text in self.shown]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -50,6 +51,26 @@ def _filled(path: Path, conversations: int = 3) -> list[list[dict[str, str]]]:
         saved.append(store.messages(c))
     store.close()
     return saved
+
+
+def test_a_version_1_file_opens_with_its_messages_and_takes_finish_marks(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript("""
+            CREATE TABLE conversations (id INTEGER PRIMARY KEY, title TEXT NOT NULL, system TEXT NOT NULL DEFAULT '',
+                created REAL NOT NULL, updated REAL NOT NULL);
+            CREATE TABLE messages (id INTEGER PRIMARY KEY, conversation INTEGER NOT NULL REFERENCES conversations(id)
+                ON DELETE CASCADE, role TEXT NOT NULL, content TEXT NOT NULL, created REAL NOT NULL);
+            INSERT INTO conversations VALUES (1, 'Old chat', '', 0, 0);
+            INSERT INTO messages VALUES (1, 1, 'user', 'hi', 0), (2, 1, 'assistant', 'hello and', 0);
+            PRAGMA user_version = 1;""")
+    store = ConversationStore(path)
+    assert store.messages(1) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello and"}]
+    assert store.finishes(1) == ["", ""]
+    store.set_finish(2, "length")
+    assert store.finishes(1) == ["", "length"] and "*Cut at the length limit" in store.to_markdown(1)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    store.close()
 
 
 def test_search_is_literal(tmp_path: Path) -> None:

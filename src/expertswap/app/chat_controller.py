@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from expertswap.app.conversations import ConversationStore
+from expertswap.app.conversations import FINISH_NOTES, ConversationStore
 from expertswap.app.reply_turn import ReplyTurn
 from expertswap.protocol import SamplingSettings
 
@@ -27,9 +27,10 @@ class Transcript(Protocol):
     """The messages shown, the last one growing while a reply streams (the window's ``ChatView``)."""
 
     def clear(self) -> None: ...
-    def add_message(self, role: str, text: str) -> None: ...
+    def add_message(self, role: str, text: str, finish: str = "") -> None: ...
     def begin_reply(self) -> None: ...
     def append_chunk(self, text: str) -> None: ...
+    def end_reply(self, finish: str = "") -> None: ...
     def texts(self) -> list[str]: ...
 
 
@@ -163,7 +164,7 @@ class ChatController:
         """The window closes: save the reply in progress as it stands and stop it; nothing is written after."""
         self._closing = True
         if self.turn is not None:
-            self.turn.finish()
+            self.turn.finish("stopped")
         self.replier.stop()
 
     # ---- what the replier reports ------------------------------------------------------------------------
@@ -207,14 +208,17 @@ class ChatController:
         self._turn_in_view = True
         self.frame.notify("")
         self._show_replying()
+        outcome = ""
         try:
             outcome = await self.replier.reply(context, settings)
         finally:
-            turn.finish()
+            turn.finish(outcome)
             self.turn = None
+            if self._turn_in_view:
+                self.transcript.end_reply(outcome if outcome in FINISH_NOTES else "")
         if self._closing:
             return
-        if outcome not in ("done", "stopped"):
+        if outcome not in ("done", *FINISH_NOTES):
             self.frame.notify(f"The reply failed: {outcome}")
         if self.conversation == turn.conversation:  # the screen shows exactly what was stored
             self.messages = self.store.messages(turn.conversation)
@@ -233,8 +237,9 @@ class ChatController:
     def _render(self) -> None:
         self._turn_in_view = False
         self.transcript.clear()
-        for message in self.messages:
-            self.transcript.add_message(message["role"], message["content"])
+        finishes = self.store.finishes(self.conversation) if self.conversation is not None else []
+        for n, message in enumerate(self.messages):
+            self.transcript.add_message(message["role"], message["content"], finishes[n] if n < len(finishes) else "")
 
     def _show_replying(self) -> None:
         self.frame.show_replying(self.replying_here, self.replying)

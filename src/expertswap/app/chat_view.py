@@ -1,10 +1,14 @@
-"""The conversation as Markdown; while a reply streams only its tail is re-rendered."""
+"""The conversation as Markdown; while a reply streams only its tail is re-rendered, a few times a second.
+
+Laying out a growing reply's Markdown on every token took the GUI thread's time from decoding (the two share
+the interpreter): chunks gather, and the tail is rendered at most every ``RENDER_MS`` and as the reply ends.
+"""
 
 from __future__ import annotations
 
 import bisect
 
-from PySide6.QtCore import QByteArray
+from PySide6.QtCore import QByteArray, QTimer
 from PySide6.QtGui import (
     QTextBlockFormat,
     QTextCharFormat,
@@ -13,6 +17,10 @@ from PySide6.QtGui import (
     QTextOption,
 )
 from PySide6.QtWidgets import QApplication, QTextBrowser
+
+from expertswap.app.conversations import FINISH_NOTES
+
+RENDER_MS = 80  # a streaming reply's tail is laid out at most this often
 
 # GitHub Markdown with raw HTML shown as text: "<script>" in a prompt is words, not markup that hides them
 MARKDOWN = QTextDocument.MarkdownFeature(
@@ -30,8 +38,13 @@ class ChatView(QTextBrowser):
         self._tail_start = 0
         self._header = ""
         self._tail = ""
+        self._note = ""  # the last message's FINISH_NOTES line
         self._starts: list[int] = []  # where each message begins in the document
         self._texts: list[str] = []
+        self._render_timer = QTimer(self)
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(RENDER_MS)
+        self._render_timer.timeout.connect(self._render_tail)
 
     def loadResource(self, kind: int, url) -> QByteArray:
         """No remote (or local) resources are ever loaded into the view: every image or sheet is empty.
@@ -40,8 +53,10 @@ class ChatView(QTextBrowser):
         """
         return QByteArray()
 
-    def add_message(self, role: str, text: str) -> None:
-        """Start a message (header and text) in its own blocks; a streaming reply grows it later."""
+    def add_message(self, role: str, text: str, finish: str = "") -> None:
+        """Start a message (header and text, and its ``FINISH_NOTES`` line if it has one) in its own blocks; a
+        streaming reply grows it later."""
+        self.end_reply()
         cursor = self.textCursor()
         cursor.movePosition(QTextCursor.MoveOperation.End)
         if not self.document().isEmpty():
@@ -50,21 +65,35 @@ class ChatView(QTextBrowser):
         self._header = f"**{'You' if role == 'user' else 'Assistant'}**\n\n"
         self._tail = ""
         self._starts.append(self._tail_start)
-        self._texts.append("")
-        self.append_chunk(text)
+        self._texts.append(text)
+        self._tail = text
+        self._note = FINISH_NOTES.get(finish, "")
+        self._render_tail()
 
     def begin_reply(self) -> None:
         self.add_message("assistant", "")
 
     def append_chunk(self, text: str) -> None:
-        """Grow the last message, re-rendering only that message."""
+        """Grow the last message; it is re-rendered (that message only) within ``RENDER_MS``."""
         self._tail += text
         self._texts[-1] = self._tail
+        if not self._render_timer.isActive():
+            self._render_timer.start()
+
+    def end_reply(self, finish: str = "") -> None:
+        """Render what is still waiting of the last message now, marked if it was stopped or cut (``finish``)."""
+        note = FINISH_NOTES.get(finish, "")
+        if self._render_timer.isActive() or note:
+            self._render_timer.stop()
+            self._note = note
+            self._render_tail()
+
+    def _render_tail(self) -> None:
         cursor = self.textCursor()
         cursor.setPosition(self._tail_start)
         cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
         cursor.removeSelectedText()
-        cursor.insertMarkdown(self._header + self._tail, MARKDOWN)
+        cursor.insertMarkdown(self._header + self._tail + (f"\n\n*{self._note}*" if self._note else ""), MARKDOWN)
         self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 
     def texts(self) -> list[str]:
@@ -72,6 +101,7 @@ class ChatView(QTextBrowser):
         return list(self._texts)
 
     def clear(self) -> None:
+        self._render_timer.stop()
         super().clear()
         self._starts.clear()
         self._texts.clear()

@@ -17,16 +17,19 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: messages.finish
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id INTEGER PRIMARY KEY, title TEXT NOT NULL, system TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY, conversation INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    role TEXT NOT NULL, content TEXT NOT NULL, created REAL NOT NULL);
+    role TEXT NOT NULL, content TEXT NOT NULL, created REAL NOT NULL, finish TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation, id);
 """
+# how a reply that did not end by itself is marked, on screen and in an export ('' for every other message)
+FINISH_NOTES = {"stopped": "Stopped before its end.",
+                "length": "Cut at the length limit: raise Max new tokens for a longer reply."}
 _SALVAGE_GAPS = (1, 2, 8, 64, 512, 4096, 32768, 262144)  # how far past a damaged row to look for more
 
 
@@ -71,6 +74,9 @@ class ConversationStore:
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("database disk image is malformed")
             db.executescript(SCHEMA)
+            if "finish" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:  # a version 1 file
+                with db:
+                    db.execute("ALTER TABLE messages ADD COLUMN finish TEXT NOT NULL DEFAULT ''")
             with db:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
@@ -164,6 +170,10 @@ class ConversationStore:
         """Rewrite a message's text (a reply that grows while it streams)."""
         self._write(lambda db: db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message)))
 
+    def set_finish(self, message: int, finish: str) -> None:
+        """How a reply ended, when it did not end by itself (a key of ``FINISH_NOTES``)."""
+        self._write(lambda db: db.execute("UPDATE messages SET finish = ? WHERE id = ?", (finish, message)))
+
     def truncate(self, conversation: int, keep: int) -> None:
         """Keep only the first ``keep`` messages (regenerate and edit rewrite the tail)."""
         self._write(lambda db: db.execute(
@@ -178,6 +188,11 @@ class ConversationStore:
     def messages(self, conversation: int) -> list[dict[str, str]]:
         rows = self.db.execute("SELECT role, content FROM messages WHERE conversation = ? ORDER BY id", (conversation,))
         return [{"role": role, "content": content} for role, content in rows]
+
+    def finishes(self, conversation: int) -> list[str]:
+        """Beside ``messages``: how each ended ('' unless a reply was stopped or cut)."""
+        rows = self.db.execute("SELECT finish FROM messages WHERE conversation = ? ORDER BY id", (conversation,))
+        return [finish for (finish,) in rows]
 
     def exists(self, conversation: int) -> bool:
         return self.db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation,)).fetchone() is not None
@@ -205,8 +220,10 @@ class ConversationStore:
         parts = [f"# {meta.title}", ""]
         if meta.system:
             parts += [f"*System:* {meta.system}", ""]
-        for message in self.messages(conversation):
+        for message, finish in zip(self.messages(conversation), self.finishes(conversation), strict=True):
             parts += [f"**{'You' if message['role'] == 'user' else 'Assistant'}**", "", message["content"], ""]
+            if finish in FINISH_NOTES:
+                parts += [f"*{FINISH_NOTES[finish]}*", ""]
         return "\n".join(parts)
 
     def close(self) -> None:
@@ -236,7 +253,8 @@ def _salvage(damaged: Path, into: sqlite3.Connection) -> tuple[int, int]:
         for orphan in sorted({row[1] for row in messages} - known):  # its conversation row was lost
             into.execute("INSERT INTO conversations VALUES (?, ?, '', ?, ?)",
                          (orphan, f"Recovered conversation {orphan}", now, now))
-        into.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", messages)
+        into.executemany("INSERT INTO messages (id, conversation, role, content, created) VALUES (?, ?, ?, ?, ?)",
+                         messages)
     return len(conversations), len(messages)
 
 

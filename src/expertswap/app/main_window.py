@@ -20,7 +20,6 @@ from PySide6.QtWidgets import (
     QLabel,
     QMainWindow,
     QMessageBox,
-    QPlainTextEdit,
     QProgressDialog,
     QPushButton,
     QSplitter,
@@ -37,6 +36,7 @@ from expertswap.app.connect_dialog import ConnectDialog
 from expertswap.app.conversations import ConversationStore
 from expertswap.app.expert_map import ExpertMap
 from expertswap.app.history_panel import HistoryPanel
+from expertswap.app.message_box import MessageBox
 from expertswap.app.models_dialog import ModelsDialog
 from expertswap.app.ops import run_op, show_error
 from expertswap.app.reply_settings import ReplySettings
@@ -79,9 +79,7 @@ class MainWindow(QMainWindow):
         self.history = HistoryPanel(self.store)
         self.chat = ChatView()
         self.reply_settings = ReplySettings()
-        self.prompt = QPlainTextEdit()
-        self.prompt.setPlaceholderText("Message (Ctrl+Enter to send, Esc to stop)")
-        self.prompt.setAccessibleName("Message")
+        self.prompt = MessageBox()
         self.prompt.setMaximumHeight(110)
         self.send_button = QPushButton("Send")
         self.send_button.setAccessibleName("Send message")
@@ -151,6 +149,8 @@ class MainWindow(QMainWindow):
     def _connect(self) -> None:
         chat = self.chat_controller
         self.send_button.clicked.connect(self.send)
+        self.prompt.submitted.connect(self.send)
+        self.reply_settings.enter_sends.toggled.connect(self.prompt.set_enter_sends)
         self.stop_button.clicked.connect(chat.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
         self.edit_button.clicked.connect(self.edit_last)
@@ -193,10 +193,12 @@ class MainWindow(QMainWindow):
             self.restoreGeometry(geometry)
         if (splitter := self.state.value("splitter")) is not None:
             self.splitter.restoreState(splitter)
+        self.reply_settings.enter_sends.setChecked(bool(self.state.value("enter_sends", False, type=bool)))
 
     def _save_state(self) -> None:
         self.state.setValue("geometry", self.saveGeometry())
         self.state.setValue("splitter", self.splitter.saveState())
+        self.state.setValue("enter_sends", self.reply_settings.enter_sends.isChecked())
         if self.session.is_local:  # a remote model is not reopened at the next start
             stats = self.session.stats()
             self.state.setValue("model", self.model_name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .conversations import ConversationStore
+from .conversations import FINISH_NOTES, ConversationStore
 
 FLUSH_S = 0.5
 
@@ -42,9 +42,12 @@ class ReplyTurn:
         else:
             self.store.update(self.message_id, self.text)
 
-    def finish(self) -> None:
-        """Final write; later calls (a reply ending after the window closed) do nothing."""
+    def finish(self, how: str = "") -> None:
+        """Final write, with how the reply ended if it did not end by itself (``FINISH_NOTES``); later calls (a
+        reply ending after the window closed) do nothing."""
         self.flush()
+        if how in FINISH_NOTES and self.message_id is not None and not self.closed:
+            self.store.set_finish(self.message_id, how)
         self.closed = True
 
     def discard(self) -> None:
