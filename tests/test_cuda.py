@@ -404,3 +404,27 @@ def test_steps_queued_ahead_on_the_gpu_stop_move_budgets_and_leave_the_maps_sett
                 _the_host_follows_the_device(engine)
         assert got == expected
         _the_host_follows_the_device(engine)
+
+
+def test_conversations_continue_from_their_caches_through_the_graphed_steps_shared_cache(tiny_model) -> None:
+    """Two chats taking turns on the graphed step (one persistent cache): the live one continues in place, the
+    other is parked in host memory and copied back in; each reply is what an engine keeping nothing gives."""
+    folder = tiny_model("olmoe")
+    settings = SamplingSettings(max_new_tokens=16)
+    with Engine.load(folder, budget="50%", device="cuda", dtype="bfloat16", ram_tier=True) as engine, \
+            Engine.load(folder, budget="50%", device="cuda", dtype="bfloat16", ram_tier=True) as fresh:
+        chats = [[{"role": "user", "content": "Tell me about the sea."}],
+                 [{"role": "user", "content": "Tell me about rocks."}]]
+        for turn in range(3):
+            for chat in chats:
+                ids = engine.encode_chat(chat)
+                got = list(engine.generate(ids, settings))
+                cached = engine.stats().cached_prompt_tokens
+                fresh.decoder.prefixes.clear()
+                assert got == list(fresh.generate(ids, settings)), f"turn {turn}"
+                assert not turn or cached > len(ids) // 2
+                assert engine.graphed is not None and engine.graphed.graphs_per_token == 1
+                chat += [{"role": "assistant", "content": engine.decode(got)}, {"role": "user", "content": "Go on."}]
+        parked = engine.decoder.prefixes.parked
+        assert len(parked) == 1 and all(t.device.type == "cpu" for t in parked[0].session.cache.keys)
+        _the_host_follows_the_device(engine)
