@@ -54,6 +54,7 @@ def chat(folder: str, budget: str, turns: int, tokens: int, reuse: bool) -> list
 
 def main(folder: Path | None, budget: str, turns: int, tokens: int, repeats: int, out: Path) -> Path:
     """``repeats`` chats per contender, each in a fresh process, round-robin; the table goes to ``out``."""
+    default = folder is None
     if folder is None:
         from expertswap.models.default_model import resolve_model
 
@@ -73,7 +74,8 @@ def main(folder: Path | None, budget: str, turns: int, tokens: int, repeats: int
     def mean_ttft(reuse: bool, first: int, last: int) -> float:
         return statistics.mean(median(reuse, t - 1, "ttft") for t in range(first, last + 1))
 
-    lines = [f"# Time to first token over a {turns}-turn chat, {folder.name} at {budget}", "",
+    name = "the built-in model" if default else folder.name
+    lines = [f"# Time to first token over a {turns}-turn chat, {name} at {budget}", "",
              (f"{stamp()}. Greedy, {tokens} new tokens a turn, medians of {repeats} fresh processes per contender, "
               "round-robin; the history fitted to the context as `chat` and the app fit it. Written by "
               "`python -m benchmarks chat-turns`."), "",

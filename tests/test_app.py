@@ -101,7 +101,7 @@ def test_charts_follow_memory_samples_and_token_stats(window: MainWindow, loop, 
     _run_reply(loop, window, "Charts please")
     qtbot.waitUntil(lambda: len(samples) >= 1, timeout=3000)  # memory is sampled every 0.5 s
     memory, speed = window.charts.memory, window.charts.speed
-    assert list(memory.y["process RSS"])[-1] == samples[-1].rss_bytes / 2**20
+    assert list(memory.y["app memory"])[-1] == samples[-1].rss_bytes / 2**20
     assert list(memory.y["budget"])[-1] == samples[-1].budget_bytes / 2**20
     window.session.drain()
     assert 1 <= len(speed.x) == len(stats) <= 12  # a frame's newest stats, once a frame
@@ -184,9 +184,9 @@ def test_flashing_swaps_repaint_at_the_frame_rate_and_then_stop(qtbot) -> None:
     assert view.resident[0] == {0, 5}
 
     def cell(expert: int) -> tuple[int, ...]:  # the colour in the middle of layer 0's cell
-        return view.grab().toImage().pixelColor(int((expert + 0.5) * 400 / 8), 150).getRgb()
+        return view.grab().toImage().pixelColor(view.cell_rect(0, expert).center().toPoint()).getRgb()
 
-    assert cell(5) == cell(1) == (255, 170, 0, 255)  # both ends of the swap flash
+    assert cell(5) == (255, 170, 0, 255) != cell(1)  # the expert coming in flashes; the one leaving simply goes
     qtbot.waitUntil(lambda: not view._frames.isActive(), timeout=int(FLASH_S * 1000) + 2000)
     assert 1 <= Paints.count <= FLASH_S * 1000 / FRAME_MS + 6 and not view.flashes
     assert cell(1) == view.palette().alternateBase().color().getRgb() != cell(5)  # out; 5 resident, in the accent
@@ -588,6 +588,35 @@ def test_every_load_failure_reaches_the_user(qtbot, loop, tiny_model, tmp_path: 
                 "a bug in the engine": "Unexpected KeyError"}[case]
     assert len(shown) == 1 and shown[0].startswith(expected) and "\n" not in shown[0]
     assert win.statusBar().currentMessage() == "Model not loaded" and win.session.engine is None
+
+
+def test_charts_share_one_clock_show_vram_only_on_a_gpu_and_break_the_speed_line_between_replies(qtbot) -> None:
+    import math
+
+    from expertswap.app.charts import Charts
+    from expertswap.protocol import MemorySample, TokenStats
+
+    charts = Charts()
+    qtbot.addWidget(charts)
+    vram = charts.memory.curves["VRAM allocated"]
+    assert not vram.isVisible() and "VRAM allocated" not in [label.text for _, label in charts.memory.legend.items]
+    charts.set_gpu(True)
+    assert vram.isVisible()
+
+    def token(t: float) -> TokenStats:
+        return TokenStats(tokens=1, tokens_per_s=5.0, hit_rate=0.5, expert_loads=0, skipped=0, substituted=0,
+                          cpu_computed=0, t=t)
+
+    charts.add_memory(MemorySample(rss_bytes=2**30, available_ram_bytes=2**34, cuda_allocated_bytes=0,
+                                   cuda_reserved_bytes=0, cuda_free_bytes=0, budget_bytes=2**29,
+                                   resident_expert_bytes=2**28, t=100.0))
+    for t in (100.5, 101.0, 110.0, 110.5):  # two replies, idle in between
+        charts.add_token(token(t))
+    assert list(charts.memory.x) == [0.0] and "available RAM" not in charts.memory.y  # free RAM: the panel's
+    assert list(charts.speed.x) == [0.5, 1.0, 5.5, 10.0, 10.5]  # the memory chart's clock
+    speeds = list(charts.speed.y["tokens/s"])
+    assert math.isnan(speeds[2]) and speeds[:2] == speeds[3:] == [5.0, 5.0]  # no line across the idle gap
+    assert charts.speed.getViewBox().linkedView(0) is charts.memory.getViewBox()  # one time axis
 
 
 def test_a_fresh_window_samples_as_a_chat_reads_well_and_enter_can_send(qtbot, tmp_path: Path) -> None:

@@ -62,8 +62,9 @@ class FakeFrame:
     def show_status(self, text: str) -> None:
         self.statuses.append(text)
 
-    def show_replying(self, here: bool, anywhere: bool) -> None:
+    def show_replying(self, here: bool, anywhere: bool, empty: bool) -> None:
         self.replying.append((here, anywhere))
+        self.empty = empty
 
     def conversations_changed(self) -> None:
         self.refreshed += 1
@@ -162,17 +163,19 @@ def run(chat: Chat, *steps: Callable[[], object]) -> None:
 def test_a_reply_streams_onto_the_screen_and_into_its_conversation(chat: Chat) -> None:
     seen: list[object] = []
     chat.replier.at[2] = lambda: seen.extend([chat.transcript.texts(), chat.controller.replying,
-                                              chat.frame.replying[-1], chat.rows()])
+                                              chat.frame.replying[-1], chat.rows(), chat.frame.refreshed])
     question = "Hello there, " + "x" * 60
     run(chat, lambda: chat.send(question, tokens=4, system="Be brief."))
     first = chat.store.search()[0]
-    assert seen == [[question, pieces(1, 2)], True, (True, True), [(first.id, "user", question)]]
+    # the new chat is listed as it is created, not when its reply ends
+    assert seen == [[question, pieces(1, 2)], True, (True, True), [(first.id, "user", question)], 1]
     assert chat.rows() == [(first.id, "user", question), (first.id, "assistant", pieces(1, 4))]
     assert (first.title, first.system) == (question[:TITLE_CHARS], "Be brief.")
     assert chat.replier.contexts == [[{"role": "system", "content": "Be brief."},
                                       {"role": "user", "content": question}]]
     assert chat.transcript.texts() == [question, pieces(1, 4)]
-    assert not chat.controller.replying and chat.frame.replying[-1] == (False, False) and chat.frame.refreshed == 1
+    assert not chat.controller.replying and chat.frame.replying[-1] == (False, False) and chat.frame.refreshed == 2
+    assert not chat.frame.empty
     chat.assert_stored_equals_shown()
 
 
@@ -255,7 +258,7 @@ def test_closing_mid_reply_saves_the_partial_reply_and_nothing_after(chat: Chat)
     run(chat, lambda: chat.send("closing", tokens=80))
     (conversation,) = chat.store.search()
     assert chat.rows() == [(conversation.id, "user", "closing"), (conversation.id, "assistant", pieces(1, 3))]
-    assert chat.replier.stops >= 1 and chat.frame.refreshed == 0  # nothing was drawn for a closed window
+    assert chat.replier.stops >= 1 and chat.frame.refreshed == 1  # as it was created; nothing after the close
     chat.controller.add_chunk("late ")  # the engine's last word after closing goes nowhere
     assert chat.rows()[-1][2] == pieces(1, 3)
 

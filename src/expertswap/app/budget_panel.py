@@ -16,9 +16,21 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from expertswap.protocol import POLICIES, THRESHOLD_POLICIES, format_bytes
+from expertswap.protocol import POLICIES, THRESHOLD_POLICIES, MemorySample, format_bytes
 
 STEPS = 1000
+POLICY_TIPS = {
+    "exact": "Every routed expert is computed as the model has it; a missing one is loaded first. The output is the "
+             "model's own at every budget.",
+    "substitute": "A missing expert is replaced by the best resident one while decoding (SwapMoE's virtual "
+                  "experts): nothing loads mid-reply, the output is approximate.",
+    "skip": "Routings weighted below the threshold are dropped (PC-MoE's skippable computation); the rest load "
+            "as in exact. Approximate.",
+    "cpu": "A missing expert is computed on the CPU from its host copy while the GPU computes the rest. The "
+           "same maths, on another device.",
+    "lowbit": "A missing expert is computed from a 4-bit copy kept in RAM: nothing loads or is evicted. "
+              "Approximate.",
+}
 
 
 class BudgetPanel(QWidget):
@@ -34,6 +46,8 @@ class BudgetPanel(QWidget):
         self.slider = QSlider(Qt.Orientation.Horizontal)
         self.slider.setRange(0, STEPS)
         self.slider.setAccessibleName("Memory budget")
+        self.slider.setToolTip("How much memory the experts may hold: left, the fewest experts a token needs; "
+                               "right, every expert. Moves take effect at the next token, also mid-reply.")
         self.label = QLabel("no model")
         self.label.setAccessibleName("Budget in force")
         self.label.setWordWrap(True)
@@ -46,7 +60,12 @@ class BudgetPanel(QWidget):
         self.threshold.setEnabled(False)
         self.follow = QCheckBox("Follow free memory")
         self.follow.setAccessibleName("Follow free memory")
-        self.follow.setToolTip("Grow or shrink the budget by itself as other programs use or free memory")
+        self.follow.setToolTip("Grow or shrink the budget by itself as other programs use or free memory, "
+                               "keeping a margin of RAM (VRAM on a GPU) free")
+        self.fit = QLabel("")
+        self.fit.setAccessibleName("Memory in use")
+        self.fit.setWordWrap(True)
+        self.fit.setToolTip("The whole app's memory, what its experts hold against the budget, and what is free")
         self._debounce = QTimer(self, singleShot=True, interval=150)
         self._debounce.timeout.connect(lambda: self.budget_requested.emit(self.requested_bytes()))
         self.slider.valueChanged.connect(self._moved)
@@ -56,12 +75,15 @@ class BudgetPanel(QWidget):
         row.addWidget(QLabel("Policy"))
         row.addWidget(self.policy)
         row.addWidget(self.threshold)
-        row.addWidget(self.follow)
+        row.addStretch(1)
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("Memory budget for experts"))
         layout.addWidget(self.slider)
         layout.addWidget(self.label)
+        layout.addWidget(self.fit)
         layout.addLayout(row)
+        layout.addWidget(self.follow)
+        layout.addStretch(1)  # maximised, the rows stay together at the top
         self.setEnabled(False)
 
     def configure(self, minimum: int, total: int, current: int, experts: int, committee_size: Callable[[int], int],
@@ -72,6 +94,8 @@ class BudgetPanel(QWidget):
         self.policy.blockSignals(True)
         self.policy.clear()
         self.policy.addItems(list(policies))
+        for index, name in enumerate(policies):
+            self.policy.setItemData(index, POLICY_TIPS.get(name, ""), Qt.ItemDataRole.ToolTipRole)
         self.policy.setCurrentText(chosen if chosen in policies else policies[0])
         self.policy.blockSignals(False)
         self.slider.blockSignals(True)
@@ -100,6 +124,13 @@ class BudgetPanel(QWidget):
         share = budget / self.total if self.total else 0.0
         self.label.setText(f"{format_bytes(budget)} · {share:.0%} of expert bytes · "
                            f"committee of {self.committee_size(budget)} of {self.experts} experts")
+
+    def show_memory(self, sample: MemorySample, cuda: bool) -> None:
+        """Whether the model fits: the app's memory, the experts against the budget, what is free (VRAM on a GPU)."""
+        free = (f"{format_bytes(sample.cuda_free_bytes)} VRAM free" if cuda
+                else f"{format_bytes(sample.available_ram_bytes)} RAM free")
+        self.fit.setText(f"App {format_bytes(sample.rss_bytes)} · experts {format_bytes(sample.resident_expert_bytes)}"
+                         f" of {format_bytes(sample.budget_bytes)} · {free}")
 
     def _policy_moved(self) -> None:
         policy = self.policy.currentText()

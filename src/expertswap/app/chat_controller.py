@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from expertswap.app.conversations import FINISH_NOTES, ConversationStore
+from expertswap.app.conversations import FINISH_NOTES, ConversationStore, Removed
 from expertswap.app.reply_turn import ReplyTurn
 from expertswap.protocol import SamplingSettings
 
@@ -43,8 +43,9 @@ class Frame(Protocol):
     def show_status(self, text: str) -> None:
         """A line in the status bar."""
 
-    def show_replying(self, here: bool, anywhere: bool) -> None:
-        """Whether a reply streams in the chat on screen (Send off, Stop on) or anywhere (Regenerate, Edit off)."""
+    def show_replying(self, here: bool, anywhere: bool, empty: bool) -> None:
+        """Whether a reply streams in the chat on screen (Send off, Stop on) or anywhere (Regenerate, Edit off), and
+        whether the chat on screen is empty (nothing to regenerate or edit)."""
 
     def conversations_changed(self) -> None:
         """A conversation was added, grew or went: refresh the list."""
@@ -150,15 +151,17 @@ class ChatController:
         self._render()
         self._show_replying()
 
-    def delete(self, conversation: int) -> None:
-        """Delete a conversation; a reply to it stops and nothing more of it is written."""
+    def delete(self, conversation: int) -> Removed | None:
+        """Delete a conversation; a reply to it stops and nothing more of it is written. Returns its rows, for
+        Undo (``ConversationStore.restore``)."""
         if self.turn is not None and self.turn.conversation == conversation:
             self.turn.discard()
             self.replier.stop()
-        self.store.delete(conversation)
+        removed = self.store.delete(conversation)
         if conversation == self.conversation:
             self.new_chat()
         self.frame.conversations_changed()
+        return removed
 
     def close(self) -> None:
         """The window closes: save the reply in progress as it stands and stop it; nothing is written after."""
@@ -192,6 +195,7 @@ class ChatController:
             return
         if self.conversation is None:
             self.conversation = self.store.create(text[:TITLE_CHARS], system, first_message=text)
+            self.frame.conversations_changed()  # listed at once, not when its reply ends
         else:
             self.store.add(self.conversation, "user", text)
         self.messages.append({"role": "user", "content": text})
@@ -240,6 +244,7 @@ class ChatController:
         finishes = self.store.finishes(self.conversation) if self.conversation is not None else []
         for n, message in enumerate(self.messages):
             self.transcript.add_message(message["role"], message["content"], finishes[n] if n < len(finishes) else "")
+        self._show_replying()
 
     def _show_replying(self) -> None:
-        self.frame.show_replying(self.replying_here, self.replying)
+        self.frame.show_replying(self.replying_here, self.replying, not self.messages)

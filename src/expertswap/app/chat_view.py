@@ -2,18 +2,23 @@
 
 Laying out a growing reply's Markdown on every token took the GUI thread's time from decoding (the two share
 the interpreter): chunks gather, and the tail is rendered at most every ``RENDER_MS`` and as the reply ends.
+A line break typed or written stays a line break (Markdown would join the lines), and a code block is
+shaded, with its language and a Copy link above it.
 """
 
 from __future__ import annotations
 
 import bisect
 
-from PySide6.QtCore import QByteArray, QTimer
+from PySide6.QtCore import QByteArray, QTimer, QUrl
 from PySide6.QtGui import (
+    QPalette,
+    QTextBlock,
     QTextBlockFormat,
     QTextCharFormat,
     QTextCursor,
     QTextDocument,
+    QTextFormat,
     QTextOption,
 )
 from PySide6.QtWidgets import QApplication, QTextBrowser
@@ -25,6 +30,16 @@ RENDER_MS = 80  # a streaming reply's tail is laid out at most this often
 # GitHub Markdown with raw HTML shown as text: "<script>" in a prompt is words, not markup that hides them
 MARKDOWN = QTextDocument.MarkdownFeature(
     QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value | QTextDocument.MarkdownFeature.MarkdownNoHTML.value)
+
+
+def with_line_breaks(text: str) -> str:
+    """Every single newline outside code fences made a hard break, as chat apps show what was typed."""
+    pieces = text.split("```")
+    return "```".join(piece.replace("\n", "  \n") if n % 2 == 0 else piece for n, piece in enumerate(pieces))
+
+
+def _is_code(block: QTextBlock) -> bool:
+    return block.blockFormat().hasProperty(QTextFormat.Property.BlockCodeLanguage)
 
 
 class ChatView(QTextBrowser):
@@ -45,6 +60,10 @@ class ChatView(QTextBrowser):
         self._render_timer.setSingleShot(True)
         self._render_timer.setInterval(RENDER_MS)
         self._render_timer.timeout.connect(self._render_tail)
+        self._codes: dict[int, str] = {}  # each Copy link's code, by the number in its copy: URL
+        self._tail_codes: list[int] = []  # the last message's, replaced as it is rendered again
+        self._next_code = 0
+        self.anchorClicked.connect(self._clicked)
 
     def loadResource(self, kind: int, url) -> QByteArray:
         """No remote (or local) resources are ever loaded into the view: every image or sheet is empty.
@@ -93,8 +112,54 @@ class ChatView(QTextBrowser):
         cursor.setPosition(self._tail_start)
         cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
         cursor.removeSelectedText()
-        cursor.insertMarkdown(self._header + self._tail + (f"\n\n*{self._note}*" if self._note else ""), MARKDOWN)
+        note = f"\n\n*{self._note}*" if self._note else ""
+        cursor.insertMarkdown(self._header + with_line_breaks(self._tail) + note, MARKDOWN)
+        self._dress_code()
         self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
+    def _dress_code(self) -> None:
+        """The last message's code blocks: shaded, each under a line with its language and a Copy link."""
+        for number in self._tail_codes:
+            self._codes.pop(number, None)
+        self._tail_codes = []
+        shade = self.palette().color(QPalette.ColorRole.AlternateBase)
+        block = self.document().findBlock(self._tail_start)
+        while block.isValid():
+            if not _is_code(block):
+                block = block.next()
+                continue
+            first, lines = block, []
+            while block.isValid() and _is_code(block):
+                lines.append(block.text())
+                shaded = block.blockFormat()
+                shaded.setBackground(shade)
+                QTextCursor(block).setBlockFormat(shaded)
+                block = block.next()
+            number, self._next_code = self._next_code, self._next_code + 1
+            self._codes[number] = "\n".join(lines)
+            self._tail_codes.append(number)
+            self._label(first, number)
+
+    def _label(self, code: QTextBlock, number: int) -> None:
+        """A plain line above ``code``: its language, and Copy (a copy: link this view handles)."""
+        language = code.blockFormat().stringProperty(QTextFormat.Property.BlockCodeLanguage) or "code"
+        cursor = QTextCursor(code)
+        cursor.insertBlock(code.blockFormat())  # the code moves down a block; this one becomes the label
+        cursor.movePosition(QTextCursor.MoveOperation.PreviousBlock)
+        cursor.setBlockFormat(QTextBlockFormat())
+        muted = QTextCharFormat()
+        muted.setForeground(self.palette().color(QPalette.ColorRole.PlaceholderText))
+        cursor.insertText(f"{language}  ", muted)
+        link = QTextCharFormat()
+        link.setAnchor(True)
+        link.setAnchorHref(f"copy:{number}")
+        link.setForeground(self.palette().color(QPalette.ColorRole.Link))
+        cursor.insertText("Copy", link)
+
+    def _clicked(self, url: QUrl) -> None:
+        """Only Copy links do anything: every other link in a message stays inert."""
+        if url.scheme() == "copy" and (code := self._codes.get(int(url.path() or -1))) is not None:
+            QApplication.clipboard().setText(code)
 
     def texts(self) -> list[str]:
         """The Markdown source of every message shown, in order."""
@@ -102,6 +167,8 @@ class ChatView(QTextBrowser):
 
     def clear(self) -> None:
         self._render_timer.stop()
+        self._codes.clear()
+        self._tail_codes = []
         super().clear()
         self._starts.clear()
         self._texts.clear()

@@ -41,6 +41,14 @@ class Conversation:
     updated: float
 
 
+@dataclass(frozen=True)
+class Removed:
+    """A deleted conversation's rows, as ``restore`` puts them back (Undo)."""
+
+    conversation: tuple
+    messages: list[tuple]
+
+
 class ConversationStore:
     """One SQLite file; every write is its own transaction and never raises for a failing disk."""
 
@@ -181,8 +189,24 @@ class ConversationStore:
             "(SELECT id FROM messages WHERE conversation = ? ORDER BY id LIMIT ?)",
             (conversation, conversation, keep)))
 
-    def delete(self, conversation: int) -> None:
+    def delete(self, conversation: int) -> Removed | None:
+        """Delete a conversation; returns its rows for ``restore`` (None: there was none)."""
+        row = self.db.execute("SELECT id, title, system, created, updated FROM conversations WHERE id = ?",
+                              (conversation,)).fetchone()
+        messages = self.db.execute("SELECT id, conversation, role, content, created, finish FROM messages "
+                                   "WHERE conversation = ? ORDER BY id", (conversation,)).fetchall()
         self._write(lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (conversation,)))
+        return Removed(row, messages) if row is not None else None
+
+    def restore(self, removed: Removed) -> None:
+        """Put a deleted conversation back as it was, under its own id."""
+        def change(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO conversations (id, title, system, created, updated) VALUES (?, ?, ?, ?, ?)",
+                       removed.conversation)
+            db.executemany("INSERT INTO messages (id, conversation, role, content, created, finish) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", removed.messages)
+
+        self._write(change)
 
     # ---- reads -----------------------------------------------------------------------------------
     def messages(self, conversation: int) -> list[dict[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -9,8 +10,10 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt, QTimer
 from PySide6.QtGui import QImage, QPainter
 from PySide6.QtWidgets import QToolTip, QWidget
 
-FLASH_S = 0.8
+FLASH_S = 0.5  # an expert swapped in shows orange this long (only the one coming in: at the minimum budget
+# every token swaps, and flashing both ends turned the map into a wall of orange)
 FRAME_MS = 100  # flashes fade at 10 frames a second: a repaint per paint starved the decoder of the interpreter
+LEFT, TOP = 34, 16  # the margins that hold the layer numbers and the expert numbers
 
 
 class ExpertMap(QWidget):
@@ -56,10 +59,10 @@ class ExpertMap(QWidget):
         """A frame's swaps, oldest first: their cells flash, and the residents follow them."""
         now = time.monotonic()
         for event in events:
-            for expert in (event.expert_in, event.expert_out):
-                if expert >= 0:
-                    self.flashes[(event.layer, expert)] = now
+            if event.expert_in >= 0:
+                self.flashes[(event.layer, event.expert_in)] = now
             if event.expert_out >= 0:
+                self.flashes.pop((event.layer, event.expert_out), None)
                 self.resident.setdefault(event.layer, set()).discard(event.expert_out)
             if event.expert_in >= 0:
                 self.resident.setdefault(event.layer, set()).add(event.expert_in)
@@ -75,16 +78,25 @@ class ExpertMap(QWidget):
             self._frames.stop()
         self.update()
 
+    def _grid(self) -> QRectF:
+        """Where the cells go: the widget less the margins of numbers."""
+        return QRectF(LEFT, TOP, max(self.width() - LEFT, 1), max(self.height() - TOP, 1))
+
     def _cell(self) -> tuple[float, float]:
         rows, cols = max(len(self.layers), 1), max(self.num_experts, 1)
-        return self.width() / cols, self.height() / rows
+        grid = self._grid()
+        return grid.width() / cols, grid.height() / rows
+
+    def cell_rect(self, layer: int, expert: int) -> QRectF:
+        w, h = self._cell()
+        return QRectF(LEFT + expert * w, TOP + self._rows[layer] * h, w, h)
 
     def cell_at(self, x: float, y: float) -> tuple[int, int] | None:
         if not self.layers:
             return None
         w, h = self._cell()
-        row, col = int(y // h), int(x // w)
-        if 0 <= row < len(self.layers) and 0 <= col < self.num_experts:
+        row, col = int((y - TOP) // h), int((x - LEFT) // w)
+        if y >= TOP and x >= LEFT and 0 <= row < len(self.layers) and 0 <= col < self.num_experts:
             return self.layers[row], col
         return None
 
@@ -98,21 +110,39 @@ class ExpertMap(QWidget):
                              int(Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap),
                              f"Expert map not available: {self.reason}")
         if self.layers and self.num_experts:
-            painter.drawImage(QRectF(self.rect()), self._cells(palette))  # one cell a pixel, scaled up
+            grid = self._grid()
+            painter.drawImage(grid, self._cells(palette))  # one cell a pixel, scaled up
             w, h = self._cell()
             painter.setPen(palette.base().color())  # the gaps between cells, where they are wide enough to show
             if w >= 4:
                 for expert in range(1, self.num_experts):
-                    painter.drawLine(QPointF(expert * w, 0), QPointF(expert * w, self.height()))
+                    painter.drawLine(QPointF(LEFT + expert * w, TOP), QPointF(LEFT + expert * w, self.height()))
             if h >= 4:
                 for row in range(1, len(self.layers)):
-                    painter.drawLine(QPointF(0, row * h), QPointF(self.width(), row * h))
+                    painter.drawLine(QPointF(LEFT, TOP + row * h), QPointF(self.width(), TOP + row * h))
             painter.setPen(palette.text().color())
-            for row, layer in enumerate(self.layers):
+            for layer in self.layers:
                 for expert in self.last_token.get(layer, ()):
                     if expert < self.num_experts:
-                        painter.drawRect(QRectF(expert * w + 1, row * h + 1, max(w - 3, 1), max(h - 3, 1)))
+                        cell = self.cell_rect(layer, expert)
+                        painter.drawRect(cell.adjusted(1, 1, -2, -2))
+            self._numbers(painter, w, h)
         painter.end()
+
+    def _numbers(self, painter: QPainter, w: float, h: float) -> None:
+        """Layer numbers down the left, expert numbers across the top, as many as fit without crowding."""
+        font = painter.font()
+        font.setPointSizeF(max(font.pointSizeF() * 0.8, 6.0))
+        painter.setFont(font)
+        painter.setPen(self.palette().placeholderText().color())
+        right = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        every = max(1, math.ceil(12 / h))  # a label at least 12 px from the next
+        for row in range(0, len(self.layers), every):
+            painter.drawText(QRectF(0, TOP + row * h, LEFT - 4, h), right, f"L{self.layers[row]}")
+        every = _round_step(math.ceil(22 / w))
+        centre = int(Qt.AlignmentFlag.AlignCenter)
+        for expert in range(0, self.num_experts, every):
+            painter.drawText(QRectF(LEFT + expert * w - 10, 0, w + 20, TOP), centre, str(expert))
 
     def _cells(self, palette) -> QImage:
         """Every cell's colour as one pixel of an image (a cell a ``fillRect`` cost 7 ms a frame at 8 x 32).
@@ -155,3 +185,8 @@ class ExpertMap(QWidget):
         cell = self.cell_at(event.position().x(), event.position().y())
         if cell is not None:
             QToolTip.showText(event.globalPosition().toPoint(), self.cell_text(*cell), self)
+
+
+def _round_step(step: int) -> int:
+    """1, 2, 4, 8, 16, ...: expert numbers at round intervals."""
+    return 1 << max(step - 1, 0).bit_length()

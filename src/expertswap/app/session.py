@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import socket
+import threading
 import urllib.parse
 from collections.abc import Sequence
 
@@ -45,7 +46,7 @@ class EngineSession(QObject):
     """Owns at most one Engine; every state change is announced by a signal."""
 
     build_progress = Signal(str, int, int)
-    load_failed = Signal(str)
+    load_failed = Signal(str)  # why, in words ("": the user cancelled the build)
     reply_chunk = Signal(str)
     reply_finished = Signal(str)  # "done" | "stopped" | an error in words
     swaps = Signal(list)  # one frame's SwapEvents, oldest first
@@ -62,6 +63,7 @@ class EngineSession(QObject):
         self.server: BackgroundServer | None = None
         self.device = default_device()  # where models load: a GPU when there is one
         self._stopping = False
+        self._cancel_build = threading.Event()
         self._subscription: Subscription | None = None
         self._timer = QTimer(self)
         self._timer.setInterval(DRAIN_MS)
@@ -73,16 +75,28 @@ class EngineSession(QObject):
                    quantize: str | None = None) -> bool:
         """Build (if "default") and load ``model``; on any failure the old engine stays and ``load_failed`` says why."""
 
-        def work() -> Engine:
-            return Engine.load(resolve_model(model, self.build_progress.emit), budget, self.device, policy,
-                               quantize=quantize)
+        cancel = self._cancel_build = threading.Event()
 
-        failed = lambda exc: self.load_failed.emit(describe(exc))  # noqa: E731
+        def progress(stage: str, done: int, total: int) -> None:
+            if cancel.is_set():  # on the loading thread: the build stops here, its partial folder is swept later
+                raise BuildCancelled("the default model's build was cancelled")
+            self.build_progress.emit(stage, done, total)
+
+        def work() -> Engine:
+            return Engine.load(resolve_model(model, progress), budget, self.device, policy, quantize=quantize)
+
+        def failed(exc: BaseException) -> None:
+            self.load_failed.emit("" if isinstance(exc, BuildCancelled) else describe(exc))
+
         # Collect unreachable Qt wrappers (closed dialogs, menus) here, on the GUI thread: left to the loading
         # thread's garbage collection, their C++ deletion there deadlocked against a paint event on the GUI
         # thread (it held the GIL and waited for a QObject mutex the loader held while waiting for the GIL).
         gc.collect()
         return await run_op(None, work).success(self._adopt).failure(failed).run()
+
+    def cancel_build(self) -> None:
+        """Stop the default model's build in progress (the load then fails with no message)."""
+        self._cancel_build.set()
 
     async def connect_server(self, url: str, api_key: str | None = None) -> bool:
         """Chat through the OpenAI-compatible server at ``url``; on failure the old engine stays (``load_failed``).
@@ -155,6 +169,11 @@ class EngineSession(QObject):
     @property
     def policies(self) -> tuple[str, ...]:
         return self._loaded.policies
+
+    @property
+    def policy(self) -> str:
+        """The miss policy in force (a server's: as of its last poll)."""
+        return self._loaded.policy
 
     def committee_size(self, budget_bytes: int) -> int:
         """Experts the engine's planner keeps resident at ``budget_bytes``, all MoE layers together."""
@@ -288,6 +307,10 @@ class EngineSession(QObject):
             self.engine.close()
             self.engine = None
             self._subscription = None
+
+
+class BuildCancelled(ExpertSwapError):
+    """The user cancelled the default model's build."""
 
 
 def _names(url: str, server: BackgroundServer) -> bool:

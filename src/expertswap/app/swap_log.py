@@ -17,6 +17,12 @@ from expertswap.protocol import format_bytes
 
 MAX_ROWS = 500
 COLUMNS = ["time", "layer", "in", "out", "bytes", "ms", "reason"]
+REASONS = {
+    "miss": "a token was routed to it and it was not resident: loaded before the token went on",
+    "grow": "the budget grew: an empty slot was filled with the next most important expert",
+    "prefetch": "the swapper brought it in between tokens, in place of a less important one",
+    "shrink": "the budget shrank: the least important experts left",
+}
 
 
 class SwapLog(QWidget):
@@ -30,6 +36,9 @@ class SwapLog(QWidget):
         self.filter.setAccessibleName("Swap log layer filter")
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
+        header = QTableWidgetItem("reason")
+        header.setToolTip("\n".join(f"{name}: {why}" for name, why in REASONS.items()))
+        self.table.setHorizontalHeaderItem(COLUMNS.index("reason"), header)
         self.table.setAccessibleName("Swap log")
         self.table.verticalHeader().setVisible(False)
         # sized to the first rows, then left alone: fitting every column to 500 rows on each frame's rows cost more
@@ -71,6 +80,9 @@ class SwapLog(QWidget):
                           format_bytes(event.bytes), f"{event.ms:.1f}", event.reason]
                 for column, value in enumerate(values):
                     table.setItem(row, column, QTableWidgetItem(value))
+                reason = QTableWidgetItem(event.reason)
+                reason.setToolTip(REASONS.get(event.reason, ""))
+                table.setItem(row, len(values) - 1, reason)
                 table.setRowHidden(row, wanted is not None and event.layer != wanted)
             if table.rowCount() > MAX_ROWS:
                 table.model().removeRows(MAX_ROWS, table.rowCount() - MAX_ROWS)

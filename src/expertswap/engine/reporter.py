@@ -21,6 +21,7 @@ class Reporter:
         self.runtime = runtime
         self.watcher = watcher
         self.peak_resident_bytes = resident_bytes(committees)
+        self._first: Totals | None = None  # the counts at this reply's first token: its decode starts there
 
     def counts(self) -> Totals:
         """Every count so far, in one device read."""
@@ -33,13 +34,18 @@ class Reporter:
         if not telemetry.active:  # nobody listens: skip the device sync and the snapshot
             return
         counts = self.counts()
-        telemetry.emit(TokenStats(tokens=pace.tokens, tokens_per_s=pace.tokens_per_s, hit_rate=counts.hit_rate,
+        if self._first is None:
+            self._first = counts
+        decoded = counts.hits - self._first.hits, counts.misses - self._first.misses
+        hit_rate = decoded[0] / sum(decoded) if sum(decoded) else 1.0
+        telemetry.emit(TokenStats(tokens=pace.tokens, tokens_per_s=pace.tokens_per_s, hit_rate=hit_rate,
                                   expert_loads=counts.loads, skipped=counts.skipped, substituted=counts.substituted,
                                   cpu_computed=counts.cpu_computed))
         with self.runtime.lock:
             telemetry.emit(residency(self.committees))
 
     def reply_edge(self) -> None:
+        self._first = None
         self.watcher.publish()
 
     def chunk_scored(self) -> None:

@@ -71,7 +71,8 @@ class MemorySample(Event):
 
 @dataclass(frozen=True)
 class TokenStats(Event):
-    """After every generated token: speed and routing outcomes so far."""
+    """After every generated token: the reply's speed, its decode's hit rate (lookups since its first token: the
+    prompt's loads are not the committee's doing) and the engine's routing outcomes so far."""
 
     type: ClassVar[str] = "token"
     tokens: int
