@@ -226,7 +226,7 @@ def test_loading_counts_its_seconds_keeps_send_off_and_the_build_shows_an_estima
 
     async def drive() -> bool:
         task = window.spawn(window.load_model(DEFAULT_MODEL))
-        while not (warnings or window._progress is not None and "s left" in window._progress.labelText()):
+        while not (warnings or (window._progress is not None and "s left" in window._progress.labelText())):
             await asyncio.sleep(0.02)  # until the build has reported for a second
         assert not warnings
         assert window.statusBar().currentMessage().startswith("Loading built-in model")

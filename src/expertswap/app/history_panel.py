@@ -49,8 +49,8 @@ class HistoryPanel(QWidget):
         self.search.setPlaceholderText("Search conversations (Ctrl+F)")
         self.search.setAccessibleName("Search conversations")
         self.search.setClearButtonEnabled(True)
-        for button in self.search.findChildren(QToolButton):  # the clear button Qt adds
-            button.setAccessibleName("Clear the search")
+        for clear in self.search.findChildren(QToolButton):  # the clear button Qt adds
+            clear.setAccessibleName("Clear the search")
         self.list = QListWidget()
         self.list.setAccessibleName("Conversations")
         self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # long titles are elided
