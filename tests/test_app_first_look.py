@@ -37,7 +37,7 @@ def test_file_and_help_menus_and_quit_with_ctrl_q(qtbot, tmp_path: Path) -> None
     window = make_window(qtbot, tmp_path)
     window.show()
     menus = {a.text(): a.menu() for a in window.menuBar().actions()}
-    assert list(menus) == ["&File", "&Model", "&Help"]
+    assert list(menus) == ["&File", "&Model", "&View", "&Help"]
     file = {a.text(): a for a in menus["&File"].actions() if a.text()}
     assert set(file) == {"&New chat", "&Export conversation…", "&Quit"}
     assert file["&Quit"].shortcut() == QKeySequence(QKeySequence.StandardKey.Quit)
@@ -241,3 +241,28 @@ def test_loading_counts_its_seconds_keeps_send_off_and_the_build_shows_an_estima
     assert loop.run_until_complete(asyncio.wait_for(drive(), 30)) is False
     assert "build was cancelled" in window.notice.text() and window._progress is None
     assert window.send_button.isEnabled() and not window.loading_bar.isVisible() and not warnings  # no error box
+
+
+def test_view_offers_light_dark_or_the_systems_and_remembers_it(qtbot, tmp_path: Path) -> None:
+    from PySide6.QtGui import QPalette
+
+    window = make_window(qtbot, tmp_path)
+    window.show()
+    view = next(a.menu() for a in window.menuBar().actions() if a.text() == "&View")
+    assert [a.text() for a in view.actions()] == ["Follow the &system", "&Light", "&Dark"]
+    assert window.theme_actions["system"].isChecked()  # the default
+
+    def window_lightness() -> int:
+        return QApplication.palette().color(QPalette.ColorRole.Window).lightness()
+
+    light = window_lightness()
+    window.theme_actions["dark"].trigger()
+    assert window_lightness() < 100 < light
+    qtbot.waitUntil(lambda: window.map.palette().color(QPalette.ColorRole.Base).lightness() < 100)  # the panels too
+    window.close()
+    again = make_window(qtbot, tmp_path)
+    assert again.theme == "dark" and again.theme_actions["dark"].isChecked() and window_lightness() < 100
+    again.theme_actions["light"].trigger()
+    assert window_lightness() == light
+    again.theme_actions["system"].trigger()  # offscreen there is no system scheme: light
+    assert window_lightness() == light

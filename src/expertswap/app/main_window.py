@@ -7,6 +7,7 @@ reached only through ``EngineSession``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Coroutine
 from importlib.metadata import version
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer, Signal
-from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtGui import QAction, QActionGroup, QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QApplication,
     QFileDialog,
@@ -31,6 +32,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from expertswap.app import theme
 from expertswap.app.budget_panel import BudgetPanel
 from expertswap.app.charts import Charts
 from expertswap.app.chat_controller import ChatController
@@ -116,6 +118,7 @@ class MainWindow(QMainWindow):
         self.state = settings or QSettings("ExpertSwap", "ExpertSwap")
         self.model_name = ""  # what load_model was given: reopened at the next start
         self.model_label = ""  # what the user reads: the model's name
+        self.theme = "system"
         self._pace = ""  # the latest reply's speed and hit rate, kept in the status bar until the next reply
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
@@ -246,6 +249,15 @@ class MainWindow(QMainWindow):
         self.serve_action = menu.addAction("&Serve over the OpenAI API", self.toggle_serving)
         self.serve_action.setCheckable(True)
         self.serve_action.setEnabled(False)
+        view = self.menuBar().addMenu("&View")
+        themes = QActionGroup(self)
+        self.theme_actions: dict[str, QAction] = {}
+        for name, label in zip(theme.THEMES, ("Follow the &system", "&Light", "&Dark"), strict=True):
+            choice = view.addAction(label, functools.partial(self.set_theme, name))
+            choice.setCheckable(True)
+            themes.addAction(choice)
+            self.theme_actions[name] = choice
+        QGuiApplication.styleHints().colorSchemeChanged.connect(lambda _scheme: self.set_theme(self.theme))
         help_menu = self.menuBar().addMenu("&Help")
         help_menu.addAction("&Key ideas", lambda: QMessageBox.information(self, "Key ideas", KEY_IDEAS))
         help_menu.addAction("&About ExpertSwap", lambda: QMessageBox.about(self, "About ExpertSwap", about()))
@@ -280,16 +292,26 @@ class MainWindow(QMainWindow):
         if (splitter := self.state.value("splitter")) is not None:
             self.splitter.restoreState(splitter)
         self.reply_settings.enter_sends.setChecked(bool(self.state.value("enter_sends", False, type=bool)))
+        chosen = str(self.state.value("theme", "system"))
+        self.set_theme(chosen if chosen in theme.THEMES else "system")
 
     def _save_state(self) -> None:
         self.state.setValue("geometry", self.saveGeometry())
         self.state.setValue("splitter", self.splitter.saveState())
         self.state.setValue("enter_sends", self.reply_settings.enter_sends.isChecked())
+        self.state.setValue("theme", self.theme)
         if self.session.is_local:  # a remote model is not reopened at the next start
             stats = self.session.stats()
             self.state.setValue("model", self.model_name)
             self.state.setValue("budget", f"{100 * stats.budget_bytes / stats.total_expert_bytes:.2f}%")
         self.state.sync()
+
+    def set_theme(self, name: str) -> None:
+        """View > light, dark or the system's; every panel repaints from the new palette."""
+        self.theme = name
+        self.theme_actions[name].setChecked(True)
+        theme.apply(name)
+        self.map.update()
 
     # ---- model ---------------------------------------------------------------------------------
     async def load_model(self, model: str, budget: str | None = None, quantize: str | None = None) -> bool:
