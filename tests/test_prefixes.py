@@ -152,3 +152,18 @@ def test_a_failed_reply_keeps_nothing(tiny_model, open_engine, monkeypatch) -> N
     monkeypatch.undo()
     reply(engine, chat)
     assert engine.stats().cached_prompt_tokens == 0
+
+
+def test_a_recorded_trace_holds_every_prompt_token_so_nothing_is_reused_while_it_records(tiny_model, open_engine,
+                                                                                         tmp_path) -> None:
+    engine = open_engine(tiny_model("mixtral"), budget="50%")
+    chat = [{"role": "user", "content": "What is a tuple?"}]
+    reply(engine, chat)
+    with engine.record_trace(tmp_path / "t.jsonl"):
+        reply(engine, chat)
+        assert engine.stats().cached_prompt_tokens == 0
+        reply(engine, chat)
+        assert engine.stats().cached_prompt_tokens == 0
+    reply(engine, chat)
+    reply(engine, chat)
+    assert engine.stats().cached_prompt_tokens > 0  # reused again once the recording ends

@@ -11,7 +11,7 @@ server's clients take turns, and chat front ends ask for a title between two tur
 The kept keys and values were computed by the same model from the same tokens; only their grouping into
 forwards differs (a decode step, a prefill), so they match a fresh prefill to rounding. Under a policy whose
 output depends on what is resident (substitute, cpu, lowbit) a budget change drops them all, and so does
-any policy change (``Runtime.output_key``).
+any policy change (``Runtime.output_key``); while a trace is recorded nothing is reused.
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ class Prefixes:
         was, and the reply starts from a copy of what they share.
         """
         key = self.output_key()
-        if key != self._key:
+        if key != self._key or key is None:
             self.clear()
             self._key = key
+        if key is None:
+            return self.sessions.new(capacity), 0
         best, shared = None, 0
         for kept in ([self.live] if self.live else []) + self.parked:
             common = min(common_prefix(kept.ids, ids), len(ids) - 1)

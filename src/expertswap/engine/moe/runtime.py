@@ -61,9 +61,12 @@ class Runtime:
             raise PolicyError("release the pinned committee (pin_committee(None)) before leaving substitute")
         self.policy = policy
 
-    def output_key(self, budget_bytes: int) -> tuple[object, ...]:
+    def output_key(self, budget_bytes: int) -> tuple[object, ...] | None:
         """What a forward's output depends on besides its tokens: the policy, and the budget under a policy that
-        reads the residency. Keys and values kept for a later turn are reused only while it is the same."""
+        reads the residency. Keys and values kept for a later turn are reused only while it is the same; None
+        (a trace is being recorded: every token's routing must be in it) reuses nothing."""
+        if self.trace is not None:
+            return None
         policy = self.policy
         return (policy.name, policy.routing_threshold, self.pinned, budget_bytes if policy.by_residency else None)
 
