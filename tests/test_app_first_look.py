@@ -266,3 +266,15 @@ def test_view_offers_light_dark_or_the_systems_and_remembers_it(qtbot, tmp_path:
     assert window_lightness() == light
     again.theme_actions["system"].trigger()  # offscreen there is no system scheme: light
     assert window_lightness() == light
+
+
+def test_the_app_can_show_that_it_is_starting_before_torch_is_imported() -> None:
+    """torch and transformers take seconds to import (more from a cold disk): the entry point imports neither, so
+    its splash shows first."""
+    import subprocess
+    import sys
+
+    code = ("import sys, expertswap.app.main; "
+            "print(sorted(m for m in ('torch', 'transformers', 'expertswap.engine') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
-"""``expertswap``: the desktop app. Opens the window at once and loads the default model in the background."""
+"""``expertswap``: the desktop app. Shows that it is starting within a second (a splash, before torch is imported:
+that alone takes seconds, more from a cold disk), then opens the window and loads the model in the background."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import os
 import sys
 from importlib.resources import files
 
-from PySide6.QtGui import QIcon
-from PySide6.QtWidgets import QApplication
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QIcon, QPixmap
+from PySide6.QtWidgets import QApplication, QSplashScreen
 
-from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget
+from expertswap.protocol import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget
 
 
 def version() -> str:
@@ -26,8 +28,6 @@ def version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import qasync
-
-    from .main_window import MainWindow
 
     parser = argparse.ArgumentParser(prog="expertswap", description="Chat with MoE models on small machines.")
     parser.add_argument(
@@ -51,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     app.setApplicationName("ExpertSwap")
     app.setWindowIcon(QIcon(str(files("expertswap.app") / "icons" / "expertswap.png")))
     app.setStyle("Fusion")  # Fusion takes the platform's light or dark palette the same way on every OS
+    splash = None
+    if not args.self_test:
+        splash = QSplashScreen(QPixmap(str(files("expertswap.app") / "icons" / "expertswap.png")).scaledToWidth(256))
+        splash.show()
+        splash.showMessage("Starting ExpertSwap…", int(Qt.AlignmentFlag.AlignBottom | Qt.AlignmentFlag.AlignHCenter))
+        app.processEvents()
+    from .main_window import MainWindow  # torch and transformers come in here
+
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
     if args.self_test:
@@ -63,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         window.session.device = args.device
     window.show()
+    if splash is not None:
+        splash.finish(window)
     model = args.model or str(window.state.value("model", DEFAULT_MODEL))
     budget = args.budget or str(window.state.value("budget", default_budget(model)))
     # the loop outlives the window until its tasks (a reply stopped by closing, a load) have unwound:

@@ -4,7 +4,15 @@ The client and the app's remote side import only this; ``expertswap.engine`` bui
 """
 
 from expertswap.protocol import wire
-from expertswap.protocol.budget import DEFAULT_BUDGET, DEFAULT_BUDGET_PERCENT, parse_budget
+from expertswap.protocol.budget import (
+    DEFAULT_BUDGET,
+    DEFAULT_BUDGET_PERCENT,
+    DEFAULT_BUDGET_RULE,
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_BUDGET,
+    default_budget,
+    parse_budget,
+)
 from expertswap.protocol.engine_like import Chunk, EngineLike
 from expertswap.protocol.errors import (
     BudgetError,
@@ -44,7 +52,10 @@ __all__ = [
     "CHAT_SAMPLING",
     "DEFAULT_BUDGET",
     "DEFAULT_BUDGET_PERCENT",
+    "DEFAULT_BUDGET_RULE",
     "DEFAULT_EVICTION",
+    "DEFAULT_MODEL",
+    "DEFAULT_MODEL_BUDGET",
     "EVICTIONS",
     "POLICIES",
     "QUANTIZATIONS",
@@ -78,6 +89,7 @@ __all__ = [
     "TokenStats",
     "UnsupportedArchitectureError",
     "committee_size",
+    "default_budget",
     "event_from_json",
     "format_bytes",
     "minimum_bytes",

@@ -9,6 +9,18 @@ from expertswap.protocol.errors import BudgetError
 
 DEFAULT_BUDGET_PERCENT = 50  # a model's starting budget (the built-in one has its own), as a share of expert bytes
 DEFAULT_BUDGET = f"{DEFAULT_BUDGET_PERCENT}%"
+DEFAULT_MODEL = "default"  # what names the built-in model (``models.resolve_model`` builds it)
+# Under `exact` every budget gives the same tokens, so the built-in model starts at the smallest budget that is
+# as fast as any: on its measured curve (benchmarks/results/speed-default-cpu.md) that is all of its experts.
+DEFAULT_MODEL_BUDGET = "100%"
+DEFAULT_BUDGET_RULE = f"{DEFAULT_MODEL_BUDGET} for the built-in model, else {DEFAULT_BUDGET}"  # for help texts
+
+
+def default_budget(spec: object) -> str:
+    """The budget a model starts at when the user names none: the built-in model's measured choice, else the
+    engine's default share for models that may not fit. Here, apart from model management, so that the app's
+    entry point reads it without importing torch."""
+    return DEFAULT_MODEL_BUDGET if str(spec) == DEFAULT_MODEL else DEFAULT_BUDGET
 
 _UNITS = {
     "": 1, "b": 1,
