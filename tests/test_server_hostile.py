@@ -511,7 +511,7 @@ def test_a_reply_the_context_cuts_ends_with_finish_reason_length(serve, monkeypa
     reply = json.loads(_events(answer)[-2] if stream else answer)  # a stream's last chunk has the reason and usage
     assert reply["choices"][0]["finish_reason"] == "length"
     assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": room,
-                              "total_tokens": engine.context_tokens}
+                              "total_tokens": engine.context_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_a_websocket_is_refused_before_the_app_sees_it() -> None:

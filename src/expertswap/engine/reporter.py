@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from expertswap.engine.budget.watcher import MemoryWatcher
@@ -11,6 +12,9 @@ from expertswap.engine.moe.residency import residency, resident_bytes
 from expertswap.engine.moe.runtime import Runtime
 from expertswap.engine.observe.counters import Totals, totals
 from expertswap.protocol.events import TokenStats
+
+EMIT_S = 0.1  # a listener hears a reply's stats and the committees at most this often, and at its first and last
+# token: a snapshot of every layer on every token cost the decoder a fifth of its speed with the window open
 
 
 class Reporter:
@@ -22,6 +26,8 @@ class Reporter:
         self.watcher = watcher
         self.peak_resident_bytes = resident_bytes(committees)
         self._first: Totals | None = None  # the counts at this reply's first token: its decode starts there
+        self._emitted = 0.0  # when the last stats and snapshot went out
+        self._pending: ReplyStats | None = None  # a token's stats held back, as the frame's went out already
 
     def counts(self) -> Totals:
         """Every count so far, in one device read."""
@@ -30,9 +36,17 @@ class Reporter:
     def token_done(self, pace: ReplyStats) -> None:
         self.peak_resident_bytes = max(self.peak_resident_bytes, resident_bytes(self.committees))
         self.runtime.swaps_due.set()
-        telemetry = self.runtime.telemetry
-        if not telemetry.active:  # nobody listens: skip the device sync and the snapshot
+        if not self.runtime.telemetry.active:  # nobody listens: skip the device sync and the snapshot
             return
+        if pace.tokens > 1 and time.monotonic() - self._emitted < EMIT_S:
+            self._pending = pace  # told with the next frame's, or as the reply ends
+            return
+        self._emit(pace)
+
+    def _emit(self, pace: ReplyStats) -> None:
+        """The reply's stats and the committees as they are, to every listener."""
+        self._emitted, self._pending = time.monotonic(), None
+        telemetry = self.runtime.telemetry
         counts = self.counts()
         if self._first is None:
             self._first = counts
@@ -45,7 +59,9 @@ class Reporter:
             telemetry.emit(residency(self.committees))
 
     def reply_edge(self) -> None:
-        self._first = None
+        if self._pending is not None and self.runtime.telemetry.active:  # the reply's last token, not yet told
+            self._emit(self._pending)
+        self._first, self._pending = None, None
         self.watcher.publish()
 
     def chunk_scored(self) -> None:
