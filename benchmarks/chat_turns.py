@@ -43,7 +43,7 @@ def chat(folder: str, budget: str, turns: int, tokens: int, reuse: bool) -> list
             fitted = fit_history([*messages, {"role": "user", "content": question}], engine.encode_chat,
                                  engine.context_tokens, tokens)
             if not reuse:
-                engine.decoder.prefixes.clear()
+                engine.forget_kept_caches()
             reply = list(engine.generate(fitted.ids, settings))
             stats = engine.stats()
             rows.append({"prompt": stats.prompt_tokens, "cached": stats.cached_prompt_tokens,

@@ -67,6 +67,7 @@ def main(model: str, device: str, layers: int, budgets: list[str], tokens: int, 
         ) as engine:
             speeds, same = [], []
             for _ in range(repeats):
+                engine.forget_kept_caches()  # each repeat prefills the whole prompt, as a fresh chat does
                 out = list(engine.generate(ids, SamplingSettings(max_new_tokens=tokens)))
                 speeds.append(engine.stats().tokens_per_s)
                 reference = reference if reference is not None else out

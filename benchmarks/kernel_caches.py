@@ -34,10 +34,12 @@ torch.set_num_threads(2)
 process, one = psutil.Process(), SamplingSettings(max_new_tokens=1, temperature=0)
 with Engine.load(sys.argv[1], budget="50%") as engine:
     for n in range(1, 121):
+        engine.forget_kept_caches()  # every length a prompt of its own, not the last one's continuation
         list(engine.generate(list(range(10, 10 + n)), one))
         if n == 20:
             settled = process.memory_info().rss
     grown = process.memory_info().rss - settled
+    engine.forget_kept_caches()
     start = time.perf_counter()
     list(engine.generate(list(range(10, 266)), one))
     prefill = 256 / (time.perf_counter() - start)

@@ -68,6 +68,7 @@ def measure(tokens: int) -> dict[str, Counts]:
             block.router = recorder
         for prompt in EVAL_PROMPTS:
             ids = engine.encode_chat([{"role": "user", "content": prompt}])
+            engine.forget_kept_caches()  # the recorders see every prompt token
             list(engine.generate(ids, SamplingSettings(max_new_tokens=tokens, temperature=0.0)))
         with torch.no_grad():
             for here, following in itertools.pairwise(recorders):

@@ -169,6 +169,7 @@ def run(folder: str, trace: str, layers: int, budget: str, device: str, repeats:
         for _ in range(repeats):
             for router in routers:
                 router.position.zero_()  # in place: the graphs' buffer, back to the trace's first token
+            engine.forget_kept_caches()  # every repeat routes the whole prompt, as the first did
             tokens = engine.generate(list(range(3, 3 + prompt)), SamplingSettings(max_new_tokens=total - prompt))
             out = [next(tokens)]  # the prefill: its lookups are not the decode's
             before, loaded = engine.stats(), engine.runtime.counters.bytes_loaded
@@ -200,6 +201,7 @@ def profile_decode(engine: Engine, prompt: int, tokens: int = 16) -> tuple[float
 
     from expertswap.protocol import SamplingSettings
 
+    engine.forget_kept_caches()
     reply = engine.generate(list(range(3, 3 + prompt)), SamplingSettings(max_new_tokens=tokens + 1))
     next(reply)  # the prefill is not decode
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -224,6 +226,7 @@ def prefill_speed(engine: Engine, length: int, repeats: int) -> float:
     for _ in range(repeats + 1):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        engine.forget_kept_caches()  # the whole prompt each time, not the last run's cache
         started = time.perf_counter()
         reply = engine.generate(ids, SamplingSettings(max_new_tokens=1))
         next(reply)
@@ -268,7 +271,9 @@ def main(trace: Path, layers: int | None, budgets: list[str], device: str, repea
             code = ("import json, sys; from benchmarks.trace_routing import run; "
                     f"print(json.dumps(run({str(folder)!r}, {str(trace)!r}, {depth}, {budget!r}, {device!r}, "
                     f"{repeats}, {kind == 'trace'}, {lengths!r})))")
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if done.returncode:  # the child's own traceback, not only its exit status
+                raise SystemExit(f"{kind} routing at {budget} failed:\n{done.stderr[-4000:]}")
             rows[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"trace-decode-{trace.stem}-{device}.md"

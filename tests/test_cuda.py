@@ -420,7 +420,7 @@ def test_conversations_continue_from_their_caches_through_the_graphed_steps_shar
                 ids = engine.encode_chat(chat)
                 got = list(engine.generate(ids, settings))
                 cached = engine.stats().cached_prompt_tokens
-                fresh.decoder.prefixes.clear()
+                fresh.forget_kept_caches()
                 assert got == list(fresh.generate(ids, settings)), f"turn {turn}"
                 assert not turn or cached > len(ids) // 2
                 assert engine.graphed is not None and engine.graphed.graphs_per_token == 1

@@ -154,7 +154,7 @@ def test_greedy_steps_queued_ahead_give_the_host_picks(tiny_model, budget: str) 
         plain = _reply(engine, ids, settings)
         graphed = GraphedDecode(engine.compact, engine.runtime)
         engine.sessions.graphed = graphed
-        engine.decoder.prefixes.clear()  # the kept session is the plain step's
+        engine.forget_kept_caches()  # the kept session is the plain step's
         steps = engine.guard.steps
         assert _reply(engine, ids, settings) == plain
         assert engine.guard.steps - steps == 12 and graphed.cache is not None  # a prefill and 11 steps ahead

@@ -21,7 +21,7 @@ def reply(engine: Engine, messages: list[dict[str, str]], fresh: bool = False,
           settings: SamplingSettings = SETTINGS) -> list[int]:
     """The reply's tokens; ``fresh``: with every kept cache dropped first, as an engine without reuse runs it."""
     if fresh:
-        engine.decoder.prefixes.clear()
+        engine.forget_kept_caches()
     return list(engine.generate(engine.encode_chat(messages), settings))
 
 

@@ -246,6 +246,11 @@ class Engine:
         """Stop the reply in progress after its current token; safe from any thread."""
         self.decoder.cancel()
 
+    def forget_kept_caches(self) -> None:
+        """Drop every conversation's kept KV cache: the next prompt runs whole. For measuring a prefill, or a
+        replay that must route every prompt token; a chat never needs it."""
+        self.decoder.prefixes.clear()
+
     @property
     def last_reply(self) -> ReplyStats:
         """The latest reply's pace and how much of its prompt came from a kept cache (no device read)."""
