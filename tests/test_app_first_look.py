@@ -156,6 +156,17 @@ def test_the_budget_panel_explains_its_controls_and_says_whether_the_model_fits(
     QApplication.processEvents()
 
 
+def _code_blocks(view) -> list:
+    from PySide6.QtGui import QTextFormat
+
+    blocks, block = [], view.document().begin()
+    while block.isValid():
+        if block.blockFormat().hasProperty(QTextFormat.Property.BlockCodeLanguage):
+            blocks.append(block)
+        block = block.next()
+    return blocks
+
+
 def test_code_blocks_are_shaded_labelled_and_copied_and_typed_line_breaks_stay(qtbot) -> None:
     from PySide6.QtCore import QUrl
     from PySide6.QtGui import QPalette, QTextFormat
@@ -185,6 +196,12 @@ def test_code_blocks_are_shaded_labelled_and_copied_and_typed_line_breaks_stay(q
     view.anchorClicked.emit(QUrl("https://example.com/"))  # a link in a message stays inert
     assert QApplication.clipboard().text() == "unchanged"
     assert view.texts()[-1].startswith("Like this:\n\n```python")  # the source, as the model wrote it
+    from expertswap.app.theme import dark_palette
+
+    view.setPalette(dark_palette())  # a theme change: the shade follows, the code stays readable on it
+    qtbot.waitUntil(lambda: view.document().findBlockByLineNumber(0).isValid() and all(
+        b.blockFormat().background().color() == dark_palette().color(QPalette.ColorRole.AlternateBase)
+        for b in _code_blocks(view)))
 
 
 def test_the_expert_map_numbers_its_layers_and_experts_and_flashes_only_what_comes_in(qtbot) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 
-from PySide6.QtCore import QByteArray, QTimer, QUrl
+from PySide6.QtCore import QByteArray, QEvent, QTimer, QUrl
 from PySide6.QtGui import (
     QPalette,
     QTextBlock,
@@ -147,14 +147,25 @@ class ChatView(QTextBrowser):
         cursor.insertBlock(code.blockFormat())  # the code moves down a block; this one becomes the label
         cursor.movePosition(QTextCursor.MoveOperation.PreviousBlock)
         cursor.setBlockFormat(QTextBlockFormat())
-        muted = QTextCharFormat()
-        muted.setForeground(self.palette().color(QPalette.ColorRole.PlaceholderText))
-        cursor.insertText(f"{language}  ", muted)
+        cursor.insertText(f"{language}  ", QTextCharFormat())  # the palette's colours, so a theme change holds
         link = QTextCharFormat()
         link.setAnchor(True)
         link.setAnchorHref(f"copy:{number}")
-        link.setForeground(self.palette().color(QPalette.ColorRole.Link))
+        link.setFontUnderline(True)
         cursor.insertText("Copy", link)
+
+    def changeEvent(self, event: QEvent) -> None:
+        """A new palette (light or dark): the code blocks' shade follows it."""
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange:
+            shade = self.palette().color(QPalette.ColorRole.AlternateBase)
+            block = self.document().begin()
+            while block.isValid():
+                if _is_code(block):
+                    shaded = block.blockFormat()
+                    shaded.setBackground(shade)
+                    QTextCursor(block).setBlockFormat(shaded)
+                block = block.next()
 
     def _clicked(self, url: QUrl) -> None:
         """Only Copy links do anything: every other link in a message stays inert."""

@@ -195,8 +195,8 @@ class MainWindow(QMainWindow):
         left.setSizes([640, 120])
         accent = self.palette().highlight().color().name()
         legend = QLabel(f"<span style='color:{accent}'>■</span> resident (stronger: more important) &nbsp; "
-                        "<span style='color:#ffaa00'>■</span> just swapped in &nbsp; □ used by the latest token "
-                        "&nbsp; rows: layers (L), columns: experts")
+                        "<span style='color:#ffaa00'>■</span> just swapped in &nbsp; □ the latest token's "
+                        "&nbsp; rows: layers, columns: experts")
         legend.setAccessibleName("Expert map legend")
         legend.setToolTip("A row per MoE layer, a cell per expert; hover a cell for its counts")
         legend.setWordWrap(True)
@@ -212,7 +212,7 @@ class MainWindow(QMainWindow):
         tabs.addTab(self.log, "Swap log")
         tabs.addTab(self.charts, "Memory and speed")
         right.addWidget(tabs)
-        right.setSizes([150, 260, 260])
+        right.setSizes([200, 250, 230])  # the budget panel's rows need their height: squeezed, its labels overlap
         self.splitter = QSplitter()
         self.splitter.addWidget(self.history)
         self.splitter.addWidget(left)
