@@ -80,7 +80,7 @@ async def _checks(window: MainWindow, report, start: float) -> int:
         (quantised and nf4 is not None and nf4.quantize == "nf4", "the default model did not load with nf4 experts"),
         (bool(reply), "the reply was empty"),
         (bool(remote_reply), "no reply through the app's own server"),
-        (finished[-1:] == ["done"], f"the reply ended with {finished[-1:]}"),
+        (finished[-1:] in (["done"], ["length"]), f"the reply ended with {finished[-1:]}"),
         (engine.budget_bytes == engine.minimum_budget_bytes, "the budget slider did not reach the engine"),
         (resident <= engine.budget_bytes, "resident experts exceed the budget"),
     ) if not ok]

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     writer_stop = threading.Event()
     writer = None
     if events is not None:
-        subscription = engine.subscribe()  # the committees as they start come first
+        subscription = engine.subscribe(every_token=True)  # the committees as they start come first
         writer = threading.Thread(target=_write_events, args=(subscription, events, writer_stop))
         writer.start()
     pending = [(n, b) for n, b in schedule if n > 0]

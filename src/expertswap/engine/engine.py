@@ -290,11 +290,14 @@ class Engine:
             recorder.close()
 
     # ---- live committee -----------------------------------------------------------------------
-    def subscribe(self, maxsize: int = 100_000) -> Subscription:
+    def subscribe(self, maxsize: int = 100_000, every_token: bool = False) -> Subscription:
         """A queue of every telemetry event from now on, the committees as they are first; ``drain()`` it from any
-        thread. Under the step lock, so no swap falls between the snapshot and the events that follow it."""
+        thread. Under the step lock, so no swap falls between the snapshot and the events that follow it.
+
+        A reply's token stats and committee snapshots come at most every 100 ms (and at its first and last token),
+        which is what a window draws; ``every_token`` asks for them after each token (a log of the reply)."""
         with self.runtime.lock:
-            subscription = self.telemetry.subscribe(maxsize)
+            subscription = self.telemetry.subscribe(maxsize, every_token)
             subscription.put(self.residency())
         return subscription
 

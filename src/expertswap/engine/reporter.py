@@ -36,9 +36,10 @@ class Reporter:
     def token_done(self, pace: ReplyStats) -> None:
         self.peak_resident_bytes = max(self.peak_resident_bytes, resident_bytes(self.committees))
         self.runtime.swaps_due.set()
-        if not self.runtime.telemetry.active:  # nobody listens: skip the device sync and the snapshot
+        telemetry = self.runtime.telemetry
+        if not telemetry.active:  # nobody listens: skip the device sync and the snapshot
             return
-        if pace.tokens > 1 and time.monotonic() - self._emitted < EMIT_S:
+        if pace.tokens > 1 and not telemetry.every_token and time.monotonic() - self._emitted < EMIT_S:
             self._pending = pace  # told with the next frame's, or as the reply ends
             return
         self._emit(pace)

@@ -119,9 +119,10 @@ def event_from_json(data: dict[str, Any]) -> Event:
 class Subscription:
     """A bounded queue of events for one consumer; the oldest events go first when it overflows."""
 
-    def __init__(self, hub: Telemetry, maxsize: int) -> None:
+    def __init__(self, hub: Telemetry, maxsize: int, every_token: bool = False) -> None:
         self._hub = hub
         self._queue: queue.Queue[Event] = queue.Queue(maxsize)
+        self.every_token = every_token  # each token's stats and snapshot, not a frame's (a log, not a window)
 
     def put(self, event: Event) -> None:
         while True:
@@ -158,8 +159,8 @@ class Telemetry:
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
 
-    def subscribe(self, maxsize: int = 100_000) -> Subscription:
-        sub = Subscription(self, maxsize)
+    def subscribe(self, maxsize: int = 100_000, every_token: bool = False) -> Subscription:
+        sub = Subscription(self, maxsize, every_token)
         with self._lock:
             self._subscribers.append(sub)
         return sub
@@ -172,6 +173,11 @@ class Telemetry:
     @property
     def active(self) -> bool:
         return bool(self._subscribers)
+
+    @property
+    def every_token(self) -> bool:
+        """Whether a subscriber wants every token's stats and snapshot (else a frame's do)."""
+        return any(sub.every_token for sub in self._subscribers)
 
     def emit(self, event: Event) -> None:
         with self._lock:
