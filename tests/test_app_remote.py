@@ -176,3 +176,15 @@ def test_connecting_to_the_windows_own_server_is_refused_and_serving_goes_on(win
     window.reply_settings.max_tokens.setValue(4)
     chunks, finished, _ = _run_reply(loop, window, "And here?")
     assert finished == ["length"] and len(chunks) == 4
+
+
+def test_the_window_shows_the_servers_policy_not_its_own_last_choice(qtbot, loop, tmp_path: Path,
+                                                                      server: BackgroundServer) -> None:
+    win = make_window(qtbot, tmp_path)
+    win.show()
+    win.budget.policy.setCurrentText("skip")  # what this window last chose, for its own engines
+    assert loop.run_until_complete(win.connect_server(server.url, "sk-k"))
+    assert server.engine.policy == "exact"
+    assert win.budget.policy.currentText() == "exact"
+    assert " · exact" in win.statusBar().currentMessage() and "skip" not in win.statusBar().currentMessage()
+    win.session.close()

@@ -235,3 +235,16 @@ def test_app_speed_times_the_real_window_beside_the_engine_alone(tiny_model, tmp
     for row in rows:
         alone, window = float(row[1]), float(row[2])
         assert alone > 0 and window > 0 and row[3].endswith("x |")
+
+
+def test_chat_turns_times_each_turn_from_the_cache_beside_the_whole_history(tiny_model, tmp_path) -> None:
+    """Both contenders in fresh processes; from the second turn on the cached one reads most of its prompt from the
+    last turn's cache, the other none of it."""
+    from benchmarks.chat_turns import main
+
+    table = main(tiny_model("qwen3_moe"), "50%", turns=3, tokens=4, repeats=1, out=tmp_path).read_text()
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
+    assert len(rows) == 3 and rows[0][2] == "0"
+    for row in rows[1:]:
+        prompt, cached = int(row[1]), int(row[2])
+        assert prompt // 2 < cached < prompt and float(row[3]) > 0 and float(row[4].rstrip(" |")) > 0

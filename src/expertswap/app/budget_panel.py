@@ -87,10 +87,10 @@ class BudgetPanel(QWidget):
         self.setEnabled(False)
 
     def configure(self, minimum: int, total: int, current: int, experts: int, committee_size: Callable[[int], int],
-                  policies: Sequence[str]) -> None:
-        """The loaded engine's figures: byte range, expert count, its planner's committee size, its policies."""
+                  policies: Sequence[str], chosen: str) -> None:
+        """The loaded engine's figures: byte range, expert count, its planner's committee size, its policies and
+        the one in force (a server's own, which this window did not choose)."""
         self.minimum, self.total, self.experts, self.committee_size = minimum, total, experts, committee_size
-        chosen = self.policy.currentText()
         self.policy.blockSignals(True)
         self.policy.clear()
         self.policy.addItems(list(policies))

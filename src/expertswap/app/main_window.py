@@ -365,7 +365,7 @@ class MainWindow(QMainWindow):
         else:
             stats = s.stats()
             self.budget.configure(stats.minimum_budget_bytes, stats.total_expert_bytes, stats.budget_bytes,
-                                  s.total_experts, s.committee_size, s.policies)
+                                  s.total_experts, s.committee_size, s.policies, s.policy)
         self._status()
         s.drain()
 
