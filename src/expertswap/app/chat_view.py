@@ -12,6 +12,7 @@ import bisect
 
 from PySide6.QtCore import QByteArray, QEvent, QTimer, QUrl
 from PySide6.QtGui import (
+    QColor,
     QPalette,
     QTextBlock,
     QTextBlockFormat,
@@ -40,6 +41,12 @@ def with_line_breaks(text: str) -> str:
 
 def _is_code(block: QTextBlock) -> bool:
     return block.blockFormat().hasProperty(QTextFormat.Property.BlockCodeLanguage)
+
+
+def _shade(block: QTextBlock, colour: QColor) -> None:
+    shaded = block.blockFormat()
+    shaded.setBackground(colour)
+    QTextCursor(block).setBlockFormat(shaded)
 
 
 class ChatView(QTextBrowser):
@@ -131,9 +138,7 @@ class ChatView(QTextBrowser):
             first, lines = block, []
             while block.isValid() and _is_code(block):
                 lines.append(block.text())
-                shaded = block.blockFormat()
-                shaded.setBackground(shade)
-                QTextCursor(block).setBlockFormat(shaded)
+                _shade(block, shade)
                 block = block.next()
             number, self._next_code = self._next_code, self._next_code + 1
             self._codes[number] = "\n".join(lines)
@@ -162,9 +167,7 @@ class ChatView(QTextBrowser):
             block = self.document().begin()
             while block.isValid():
                 if _is_code(block):
-                    shaded = block.blockFormat()
-                    shaded.setBackground(shade)
-                    QTextCursor(block).setBlockFormat(shaded)
+                    _shade(block, shade)
                 block = block.next()
 
     def _clicked(self, url: QUrl) -> None:
