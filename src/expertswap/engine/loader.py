@@ -150,7 +150,7 @@ def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, fam
     context = getattr(model.config, "max_position_embeddings", None)
     sessions = Sessions(model, compact, graphed, context if isinstance(context, int) else None)
     guard = StepGuard(runtime.lock, BetweenSteps(budget, runtime))
-    prefixes = Prefixes(sessions, lambda: runtime.output_key(budget.budget_bytes))
+    prefixes = Prefixes(sessions, lambda: runtime.output_key(budget.next_bytes))
     decoder = Decoder(prefixes, guard, _stop_ids(model, tokenizer), reporter)
     return Parts(model=model, tokenizer=tokenizer, family=family, committees=committees, routers=routers,
                  row_path=row_path, store=store, runtime=runtime, copier=copier, budget=budget, swapper=swapper,

@@ -40,6 +40,12 @@ class BudgetController:
     def minimum_bytes(self) -> int:
         return minimum_bytes([c.shape for c in self.committees])
 
+    @property
+    def next_bytes(self) -> int:
+        """The budget the next step runs under: a request still pending, else the one in force."""
+        with self._lock:
+            return self._pending[0] if self._pending is not None else self.budget_bytes
+
     def request(self, budget: str | int, reason: str = "user") -> int:
         """Record a new budget (from any thread); applied now if no step runs, else before the next one."""
         new = parse_budget(budget, self.total_expert_bytes)
