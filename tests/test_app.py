@@ -192,6 +192,49 @@ def test_flashing_swaps_repaint_at_the_frame_rate_and_then_stop(qtbot) -> None:
     assert cell(1) == view.palette().alternateBase().color().getRgb() != cell(5)  # out; 5 resident, in the accent
 
 
+def test_the_map_paints_at_most_once_a_frame_however_fast_telemetry_comes(qtbot) -> None:
+    """Snapshots and swaps every 5 ms (faster than any drain) still paint the map once a ``FRAME_MS``."""
+    import time
+
+    from PySide6.QtCore import QEvent, QObject, QTimer
+
+    from expertswap.app.expert_map import FRAME_MS, ExpertMap
+
+    class Paints(QObject):
+        count = 0
+
+        def eventFilter(self, _obj, event) -> bool:
+            Paints.count += event.type() == QEvent.Type.Paint
+            return False
+
+    view = ExpertMap()
+    qtbot.addWidget(view)
+    view.resize(400, 300)
+    view.show()
+    snapshot = SimpleNamespace(resident={0: [0, 1]}, importance={0: [1.0] * 8}, capacity={}, routed={0: [1] * 8},
+                               last_token={0: [0]})
+    view.show_residency(snapshot)
+    qtbot.waitUntil(lambda: not view._frames.isActive(), timeout=3000)
+    view.installEventFilter(paints := Paints())
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        sent += 1
+        view.show_residency(snapshot) if sent % 2 else view.flash_swaps(
+            [SimpleNamespace(layer=0, expert_in=sent % 8, expert_out=(sent + 3) % 8)])
+
+    feeder = QTimer(interval=5)
+    feeder.timeout.connect(send)
+    start = time.monotonic()
+    feeder.start()
+    qtbot.waitUntil(lambda: sent >= 120, timeout=10_000)
+    feeder.stop()
+    elapsed_ms = (time.monotonic() - start) * 1000
+    assert 1 <= Paints.count <= elapsed_ms / FRAME_MS + 2, (Paints.count, elapsed_ms)
+    del paints
+
+
 def test_a_frames_telemetry_reaches_the_window_batched_and_in_order(qapp) -> None:
     """Swaps arrive as one list a frame, snapshots and token stats newest only, and swaps before a snapshot land
     before it (the map applies swaps on top of the snapshot)."""

@@ -15,7 +15,7 @@ from expertswap.app.conversations import FINISH_NOTES, ConversationStore
 from expertswap.app.history_panel import when
 from expertswap.app.main_window import MainWindow, export_path, model_label
 from expertswap.models import DEFAULT_MODEL
-from expertswap.protocol import POLICIES, MemorySample
+from expertswap.protocol import POLICIES, MemorySample, format_bytes
 
 from .conftest import make_window
 from .test_app import _run_reply
@@ -153,6 +153,14 @@ def test_the_budget_panel_explains_its_controls_and_says_whether_the_model_fits(
                                      cuda_reserved_bytes=0, cuda_free_bytes=0, budget_bytes=2**30,
                                      resident_expert_bytes=2**29))
     assert panel.fit.text() == "App 3.00 GiB · experts 512.0 MiB of 1.00 GiB · 20.00 GiB RAM free"
+    sample = window.session.engine.watcher.sample()  # the engine's own: what following free memory would set
+    assert 0 < sample.follow_bytes <= window.session.engine.total_expert_bytes
+    window._show_memory(sample)
+    assert panel.fit.text().splitlines()[1] == \
+        f"follow free memory would set {format_bytes(sample.follow_bytes)} (free less a margin)"
+    panel.follow.setChecked(True)
+    window._show_memory(sample)
+    assert panel.fit.text().splitlines()[1].startswith("following free memory: budget ")
     QApplication.processEvents()
 
 
@@ -272,10 +280,13 @@ def test_view_offers_light_dark_or_the_systems_and_remembers_it(qtbot, tmp_path:
     def window_lightness() -> int:
         return QApplication.palette().color(QPalette.ColorRole.Window).lightness()
 
-    light = window_lightness()
+    light, light_legend = window_lightness(), window.legend.text()
     window.theme_actions["dark"].trigger()
     assert window_lightness() < 100 < light
     qtbot.waitUntil(lambda: window.map.palette().color(QPalette.ColorRole.Base).lightness() < 100)  # the panels too
+    dark_accent = QApplication.palette().color(QPalette.ColorRole.Highlight).name()
+    assert f"color:{dark_accent}" not in light_legend
+    qtbot.waitUntil(lambda: f"color:{dark_accent}" in window.legend.text())  # the map's key in the map's colours
     window.close()
     again = make_window(qtbot, tmp_path)
     assert again.theme == "dark" and again.theme_actions["dark"].isChecked() and window_lightness() < 100

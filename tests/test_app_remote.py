@@ -14,6 +14,7 @@ import pytest
 from PySide6.QtWidgets import QMessageBox
 
 from expertswap.app.connect_dialog import ConnectDialog
+from expertswap.app.conversations import FINISH_NOTES
 from expertswap.app.main_window import MainWindow
 from expertswap.client import RemoteError
 from expertswap.server import BackgroundServer
@@ -60,7 +61,10 @@ def test_a_remote_expertswap_chats_and_its_panels_follow_it(remote_window: MainW
 
     win.reply_settings.max_tokens.setValue(8)
     chunks, finished, _ = _run_reply(loop, win, "Hello over there")
-    assert finished == ["done"] and len("".join(chunks)) > 0
+    # a reply the server cut at its limit is marked so, as a local one is (finish_reason "length")
+    assert engine.last_finish in ("stop", "length") and len("".join(chunks)) > 0
+    assert finished == [{"stop": "done", "length": "length"}[engine.last_finish]]
+    assert (FINISH_NOTES["length"] in win.chat.toPlainText()) == (engine.last_finish == "length")
     rows = sqlite3.connect(tmp_path / "conversations.sqlite3").execute(
         "SELECT role, content FROM messages ORDER BY id").fetchall()
     assert rows == [("user", "Hello over there"), ("assistant", "".join(chunks))]

@@ -6,13 +6,15 @@ import math
 import time
 
 import numpy as np
-from PySide6.QtCore import QPointF, QRectF, QSize, Qt, QTimer
+from PySide6.QtCore import QEvent, QPointF, QRectF, QSize, Qt, QTimer
 from PySide6.QtGui import QImage, QPainter
-from PySide6.QtWidgets import QToolTip, QWidget
+from PySide6.QtWidgets import QLabel, QToolTip, QWidget
 
+FLASH_RGB = (255, 170, 0)  # orange, in either theme
 FLASH_S = 0.5  # an expert swapped in shows orange this long (only the one coming in: at the minimum budget
 # every token swaps, and flashing both ends turned the map into a wall of orange)
-FRAME_MS = 100  # flashes fade at 10 frames a second: a repaint per paint starved the decoder of the interpreter
+FRAME_MS = 100  # the map repaints at most 10 times a second, whatever comes (a snapshot, swaps, a fading flash):
+# a repaint per paint, then one per telemetry frame on top of the flashes' own, took the decoder's interpreter
 LEFT, TOP = 34, 16  # the margins that hold the layer numbers and the expert numbers
 
 
@@ -34,6 +36,7 @@ class ExpertMap(QWidget):
         self.last_token: dict[int, set[int]] = {}
         self.flashes: dict[tuple[int, int], float] = {}
         self.reason = ""  # why there is nothing to show, painted in place of the grid
+        self._dirty = False  # changed since the last frame
         self._frames = QTimer(self)
         self._frames.setInterval(FRAME_MS)
         self._frames.timeout.connect(self._frame)
@@ -53,7 +56,7 @@ class ExpertMap(QWidget):
         self.routed = dict(snapshot.routed)
         self.last_token = {layer: set(experts) for layer, experts in snapshot.last_token.items()}
         self.num_experts = max((len(v) for v in snapshot.importance.values()), default=0)
-        self.update()
+        self._changed()
 
     def flash_swaps(self, events: list) -> None:
         """A frame's swaps, oldest first: their cells flash, and the residents follow them."""
@@ -66,17 +69,25 @@ class ExpertMap(QWidget):
                 self.resident.setdefault(event.layer, set()).discard(event.expert_out)
             if event.expert_in >= 0:
                 self.resident.setdefault(event.layer, set()).add(event.expert_in)
-        self.update()
+        self._changed()
+
+    def _changed(self) -> None:
+        """Paint now if no frame is due, else at the next frame: at most one paint a ``FRAME_MS``."""
         if not self._frames.isActive():
+            self.update()
             self._frames.start()
+        else:
+            self._dirty = True
 
     def _frame(self) -> None:
-        """One frame of fading flashes; the timer stops once none is left."""
+        """One frame: what changed since the last, and the flashes fading; the timer stops once both are done."""
         now = time.monotonic()
         self.flashes = {cell: t for cell, t in self.flashes.items() if now - t < FLASH_S}
-        if not self.flashes:
+        if self._dirty or self.flashes:
+            self.update()
+        else:
             self._frames.stop()
-        self.update()
+        self._dirty = False
 
     def _grid(self) -> QRectF:
         """Where the cells go: the widget less the margins of numbers."""
@@ -166,7 +177,7 @@ class ExpertMap(QWidget):
         now = time.monotonic()
         for (layer, expert), at in self.flashes.items():
             if now - at < FLASH_S and expert < cols and layer in self._rows:
-                rgb[self._rows[layer], expert] = (255, 170, 0)
+                rgb[self._rows[layer], expert] = FLASH_RGB
         pixels = np.empty((rows, cols, 4), dtype=np.uint8)
         pixels[..., :3] = rgb.round().clip(0, 255)
         pixels[..., 3] = 255
@@ -185,6 +196,28 @@ class ExpertMap(QWidget):
         cell = self.cell_at(event.position().x(), event.position().y())
         if cell is not None:
             QToolTip.showText(event.globalPosition().toPoint(), self.cell_text(*cell), self)
+
+
+class MapLegend(QLabel):
+    """The map's key, in the map's colours: the resident swatch follows the palette (light or dark)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setAccessibleName("Expert map legend")
+        self.setToolTip("A row per MoE layer, a cell per expert; hover a cell for its counts")
+        self.setWordWrap(True)
+        self._write()
+
+    def _write(self) -> None:
+        accent, flash = self.palette().highlight().color().name(), "#%02x%02x%02x" % FLASH_RGB
+        self.setText(f"<span style='color:{accent}'>■</span> resident (stronger: more important) &nbsp; "
+                     f"<span style='color:{flash}'>■</span> just swapped in &nbsp; □ the latest token's "
+                     "&nbsp; rows: layers, columns: experts")
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange:
+            self._write()
 
 
 def _round_step(step: int) -> int:

@@ -39,7 +39,7 @@ from expertswap.app.chat_controller import ChatController
 from expertswap.app.chat_view import ChatView
 from expertswap.app.connect_dialog import ConnectDialog
 from expertswap.app.conversations import ConversationStore, Removed
-from expertswap.app.expert_map import ExpertMap
+from expertswap.app.expert_map import ExpertMap, MapLegend
 from expertswap.app.history_panel import HistoryPanel
 from expertswap.app.message_box import MessageBox
 from expertswap.app.models_dialog import ModelsDialog
@@ -193,18 +193,12 @@ class MainWindow(QMainWindow):
         left.addWidget(chat_box)
         left.addWidget(self.reply_settings)
         left.setSizes([640, 120])
-        accent = self.palette().highlight().color().name()
-        legend = QLabel(f"<span style='color:{accent}'>■</span> resident (stronger: more important) &nbsp; "
-                        "<span style='color:#ffaa00'>■</span> just swapped in &nbsp; □ the latest token's "
-                        "&nbsp; rows: layers, columns: experts")
-        legend.setAccessibleName("Expert map legend")
-        legend.setToolTip("A row per MoE layer, a cell per expert; hover a cell for its counts")
-        legend.setWordWrap(True)
+        self.legend = MapLegend()
         map_box = QWidget()
         map_layout = QVBoxLayout(map_box)
         map_layout.setContentsMargins(0, 0, 0, 0)
         map_layout.addWidget(self.map, 1)
-        map_layout.addWidget(legend)
+        map_layout.addWidget(self.legend)
         right = QSplitter(Qt.Orientation.Vertical)
         right.addWidget(self.budget)
         right.addWidget(map_box)

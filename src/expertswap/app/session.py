@@ -222,7 +222,7 @@ class EngineSession(QObject):
             outcome = describe(exc)
         if outcome == "done" and self._stopping:
             outcome = "stopped"
-        elif outcome == "done" and isinstance(self.engine, Engine) and self.engine.last_reply.finish == "length":
+        elif outcome == "done" and engine.last_finish == "length":
             outcome = "length"  # the token limit or the context ended it
         self.drain()
         self.reply_finished.emit(outcome)

@@ -77,12 +77,12 @@ class SwapLog(QWidget):
             table.model().insertRows(0, len(new))
             for row, event in enumerate(reversed(new)):
                 values = [stamp, str(event.layer), _expert(event.expert_in), _expert(event.expert_out),
-                          format_bytes(event.bytes), f"{event.ms:.1f}", event.reason]
+                          format_bytes(event.bytes), f"{event.ms:.1f}"]
                 for column, value in enumerate(values):
                     table.setItem(row, column, QTableWidgetItem(value))
                 reason = QTableWidgetItem(event.reason)
                 reason.setToolTip(REASONS.get(event.reason, ""))
-                table.setItem(row, len(values) - 1, reason)
+                table.setItem(row, len(values), reason)
                 table.setRowHidden(row, wanted is not None and event.layer != wanted)
             if table.rowCount() > MAX_ROWS:
                 table.model().removeRows(MAX_ROWS, table.rowCount() - MAX_ROWS)

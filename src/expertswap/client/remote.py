@@ -89,6 +89,7 @@ class RemoteEngine:
         self._poller: concurrent.futures.Future[None] | None = None
         self._newcomers: list[Subscription] = []  # subscribed after the poller started: owed a residency
         self._reply: concurrent.futures.Future[None] | None = None
+        self.last_finish = ""  # the latest reply's finish_reason: "stop", "length", ... ("": none given)
 
     @classmethod
     def connect(cls, url: str, api_key: str | None = None) -> RemoteEngine:
@@ -285,6 +286,7 @@ class RemoteEngine:
                                 "top_p": settings.top_p, "repetition_penalty": settings.repetition_penalty}
         if settings.seed is not None:
             body["seed"] = settings.seed
+        self.last_finish = ""
         try:
             async with self._http.stream("POST", "chat/completions", json=body) as response:
                 if response.status_code >= 400:
@@ -295,8 +297,10 @@ class RemoteEngine:
                     if data == "[DONE]":
                         break
                     if data:
-                        for text in _delta_texts(json.loads(data)):
+                        payload = json.loads(data)
+                        for text in _delta_texts(payload):
                             put(text)
+                        self.last_finish = _finish(payload) or self.last_finish
         except asyncio.CancelledError:
             raise
         except httpx.HTTPError as exc:
@@ -355,6 +359,12 @@ def _delta_texts(payload: dict[str, Any]) -> list[str]:
         if isinstance(text, str) and text:
             texts.append(text)
     return texts
+
+
+def _finish(payload: dict[str, Any]) -> str:
+    """The chunk's ``finish_reason`` (OpenAI sends it on the last chunk with content), or ""."""
+    reasons = [c.get("finish_reason") for c in payload.get("choices") or [] if isinstance(c, dict)]
+    return next((r for r in reasons if isinstance(r, str)), "")
 
 
 def _refusal(response: httpx.Response, path: str, rejected: type[ExpertSwapError]) -> ExpertSwapError:

@@ -252,6 +252,11 @@ class Engine:
         self.decoder.prefixes.clear()
 
     @property
+    def last_finish(self) -> str:
+        """How the latest reply ended: "stop", "length" (the token limit or the context) or "cancelled"."""
+        return self.decoder.last.finish
+
+    @property
     def last_reply(self) -> ReplyStats:
         """The latest reply's pace and how much of its prompt came from a kept cache (no device read)."""
         return self.decoder.last

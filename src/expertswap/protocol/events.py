@@ -67,6 +67,7 @@ class MemorySample(Event):
     cuda_free_bytes: int
     budget_bytes: int
     resident_expert_bytes: int
+    follow_bytes: int = 0  # the budget "follow free memory" sets (or would): resident + free - margin; 0: unknown
 
 
 @dataclass(frozen=True)

@@ -104,10 +104,14 @@ class BudgetController:
         """Bytes the committees hold now (a resize lands between tokens, so this may lag ``budget_bytes``)."""
         return resident_bytes(self.committees)
 
-    def follow(self, free_bytes: int) -> None:
-        """Track free memory: aim at what is resident plus what is free, less the margin."""
+    def follow_target(self, free_bytes: int) -> int:
+        """The budget following free memory aims at: what is resident plus what is free, less the margin."""
         target = self.resident_bytes + free_bytes - self.follow_margin
-        target = max(self.minimum_bytes, min(self.total_expert_bytes, target))
+        return max(self.minimum_bytes, min(self.total_expert_bytes, target))
+
+    def follow(self, free_bytes: int) -> None:
+        """Track free memory: move to ``follow_target`` once it is an expert or more away."""
+        target = self.follow_target(free_bytes)
         step = max(c.spec.expert_bytes for c in self.committees)
         if abs(target - self.budget_bytes) >= step:
             self.request(target, reason="follow")

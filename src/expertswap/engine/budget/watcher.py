@@ -53,6 +53,7 @@ class MemoryWatcher:
             cuda_free_bytes=int(torch.cuda.mem_get_info(self.device)[0]) if cuda else 0,
             budget_bytes=self.budget.budget_bytes,
             resident_expert_bytes=self.budget.resident_bytes,
+            follow_bytes=self.budget.follow_target(self.free_bytes()),
         )
 
     def publish(self) -> None:
