@@ -106,8 +106,8 @@ def main(folder: Path | None, budgets: list[str], tokens: int, repeats: int, out
     path = out / "app-speed-cpu.md"
     lines = [f"# The app's decode speed against the engine alone, {Path(model).name}", "",
              (f"{stamp()}. Greedy, {tokens} new tokens, medians of {repeats} fresh processes, round-robin. The window: "
-              "offscreen, 1400 x 900, the swap log showing, the prompt sent through it; the engine alone: the CLI's loop "
-              "(`generate`, each token's text decoded and written); tok/s as the engine measures the reply "
+              "offscreen, 1400 x 900, the swap log showing, the prompt sent through it; the engine alone: the CLI's "
+              "loop (`generate`, each token's text decoded and written); tok/s as the engine measures the reply "
               "(`stats().tokens_per_s`). Written by `python -m benchmarks app-speed`."), "",
              "| budget | engine alone tok/s | in the window tok/s | window / alone |", "| --- | ---: | ---: | ---: |"]
     for budget in budgets:

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 from PySide6.QtCore import QEvent, QPointF, QRectF, QSize, Qt, QTimer
-from PySide6.QtGui import QImage, QPainter
+from PySide6.QtGui import QColor, QImage, QPainter
 from PySide6.QtWidgets import QLabel, QToolTip, QWidget
 
 FLASH_RGB = (255, 170, 0)  # orange, in either theme
@@ -209,7 +209,7 @@ class MapLegend(QLabel):
         self._write()
 
     def _write(self) -> None:
-        accent, flash = self.palette().highlight().color().name(), "#%02x%02x%02x" % FLASH_RGB
+        accent, flash = self.palette().highlight().color().name(), QColor(*FLASH_RGB).name()
         self.setText(f"<span style='color:{accent}'>■</span> resident (stronger: more important) &nbsp; "
                      f"<span style='color:{flash}'>■</span> just swapped in &nbsp; □ the latest token's "
                      "&nbsp; rows: layers, columns: experts")
