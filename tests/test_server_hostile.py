@@ -237,9 +237,10 @@ def _held_until_cancelled(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> No
     generate = engine.decoder.generate
     first = [True]
 
-    def held(ids: list[int], settings: SamplingSettings, cancel: threading.Event) -> Iterator[int]:
+    def held(ids: list[int], settings: SamplingSettings, cancel: threading.Event,
+             logprobs: list | None = None) -> Iterator[int]:
         hold, first[0] = first[0], False
-        for token in generate(ids, settings, cancel):
+        for token in generate(ids, settings, cancel, logprobs):
             yield token
             if hold:
                 cancel.wait(TIMEOUT)
@@ -433,9 +434,9 @@ def test_a_full_queue_is_a_429_before_the_prompt_is_encoded(serve, monkeypatch, 
     started, release = _blocking(server.engine, "encode_chat", monkeypatch)
     held, encoded = server.engine.encode_chat, []
 
-    def counted(messages: list[dict[str, str]]) -> list[int]:
+    def counted(messages: list[dict[str, str]], tools: list | None = None) -> list[int]:
         encoded.append(messages)
-        return list(held(messages))
+        return list(held(messages, tools))
 
     monkeypatch.setattr(server.engine, "encode_chat", counted)
     with Wire(server) as first, Wire(server) as refused:
@@ -505,12 +506,14 @@ def test_a_reply_the_context_cuts_ends_with_finish_reason_length(serve, monkeypa
     ids = (engine.encode("The sea is wide and deep. ") * engine.context_tokens)[: engine.context_tokens - room]
     monkeypatch.setattr(engine, "encode", lambda _text: ids)
     with Wire(server) as wire:
-        body = _json({"model": "tiny", "prompt": "The sea", "max_tokens": 500, "temperature": 0, "stream": stream})
-        status, _, answer = wire.exchange("POST", "/v1/completions", body)
+        body = {"model": "tiny", "prompt": "The sea", "max_tokens": 500, "temperature": 0, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        status, _, answer = wire.exchange("POST", "/v1/completions", _json(body))
     assert status == 200
-    reply = json.loads(_events(answer)[-2] if stream else answer)  # a stream's last chunk has the reason and usage
-    assert reply["choices"][0]["finish_reason"] == "length"
-    assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": room,
+    events = [json.loads(e) for e in _events(answer)[:-1]] if stream else [json.loads(answer)]
+    assert events[-2 if stream else -1]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["usage"] == {"prompt_tokens": len(ids), "completion_tokens": room,
                               "total_tokens": engine.context_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
 
 

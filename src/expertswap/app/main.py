@@ -13,17 +13,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QIcon, QPixmap
 from PySide6.QtWidgets import QApplication, QSplashScreen
 
+from expertswap import __version__
 from expertswap.protocol import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("expertswap")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="offscreen: load the default model, stream a short reply, move the budget; exit 0 if all works",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args, qt_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.self_test:

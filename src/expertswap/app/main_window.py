@@ -10,7 +10,6 @@ import asyncio
 import functools
 import time
 from collections.abc import Coroutine
-from importlib.metadata import version
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,6 +31,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from expertswap import __version__
 from expertswap.app import theme
 from expertswap.app.budget_panel import BudgetPanel
 from expertswap.app.charts import Charts
@@ -84,7 +84,7 @@ KEY_IDEAS = (
 
 
 def about() -> str:
-    return (f"<b>ExpertSwap {version('expertswap')}</b><p>Chat with Mixture-of-Experts models on machines too "
+    return (f"<b>ExpertSwap {__version__}</b><p>Chat with Mixture-of-Experts models on machines too "
             "small to hold them: a committee of experts per layer under a memory budget, the rest swapped in "
             "as needed.</p>"
             "<p>Runs on this machine; nothing is sent anywhere. Models: safetensors only, no remote code.</p>")

@@ -9,6 +9,7 @@ filling the committees), ``decode/`` (turning prompts into tokens), ``observe/``
 from expertswap.engine.decode.decoder import TokenChunk, TokenScores
 from expertswap.engine.decode.generation import IncrementalDecoder
 from expertswap.engine.decode.history import FittedHistory, dropped_notice, fit_history, reply_limit
+from expertswap.engine.decode.sampler import TokenLogprob
 from expertswap.engine.device import default_device, resolve_device
 from expertswap.engine.engine import Engine
 from expertswap.engine.observe.trace import TraceError, TraceHeader, TraceToken, read_trace
@@ -23,6 +24,7 @@ __all__ = [
     "FittedHistory",
     "IncrementalDecoder",
     "TokenChunk",
+    "TokenLogprob",
     "TokenScores",
     "TraceError",
     "TraceHeader",

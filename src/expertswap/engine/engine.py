@@ -9,6 +9,7 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -170,17 +171,36 @@ class Engine:
         _check_text(text)
         return list(self._require_tokenizer()(text, add_special_tokens=True)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of a conversation wrapped in the tokenizer's chat template, ready for the reply."""
+    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+                    ) -> list[int]:
+        """Token ids of a conversation wrapped in the tokenizer's chat template, ready for the reply; ``tools``
+        (OpenAI's function objects) go to a template that renders them (``speaks_tools``)."""
         tokenizer = self._require_tokenizer()
         for message in messages:
-            _check_text(message.get("content", ""))
+            _check_text(message.get("content") or "")
         if not getattr(tokenizer, "chat_template", None):
             raise ModelFormatError("this model's tokenizer has no chat template; use plain prompts")
-        return list(tokenizer(chat_template.render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+        text = chat_template.render(tokenizer, messages, tools=tools)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template (None without one): whether it renders tools is the server's question."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._require_tokenizer().decode(list(ids), skip_special_tokens=True))
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text, special tokens included (what a log-probability is reported against)."""
+        tokenizer = self._require_tokenizer()
+        return [str(tokenizer.decode([token], skip_special_tokens=False)) for token in ids]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to this, less one: the rows of the model's logits."""
+        return self.decoder.vocab
 
     # ---- generation --------------------------------------------------------------------------
     def logits(self, input_ids: Sequence[int]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from expertswap.engine.decode.attention_shapes import use_stepped_attention
 from expertswap.engine.decode.compact_step import CompactModel
 from expertswap.engine.decode.compact_step import supports as supports_compact
 from expertswap.engine.decode.decoder import Decoder
+from expertswap.engine.decode.grammar import GrammarCompiler
 from expertswap.engine.decode.graphed_step import GraphedDecode
 from expertswap.engine.decode.prefixes import Prefixes
 from expertswap.engine.decode.session import Sessions
@@ -151,7 +152,9 @@ def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, fam
     sessions = Sessions(model, compact, graphed, context if isinstance(context, int) else None)
     guard = StepGuard(runtime.lock, BetweenSteps(budget, runtime))
     prefixes = Prefixes(sessions, lambda: runtime.output_key(budget.next_bytes))
-    decoder = Decoder(prefixes, guard, _stop_ids(model, tokenizer), reporter)
+    stop_ids = _stop_ids(model, tokenizer)
+    grammars = GrammarCompiler(tokenizer, stop_ids) if tokenizer is not None else None
+    decoder = Decoder(prefixes, guard, stop_ids, reporter, int(model.config.vocab_size), grammars)
     return Parts(model=model, tokenizer=tokenizer, family=family, committees=committees, routers=routers,
                  row_path=row_path, store=store, runtime=runtime, copier=copier, budget=budget, swapper=swapper,
                  watcher=watcher, reporter=reporter, sessions=sessions, guard=guard, decoder=decoder)

@@ -44,8 +44,9 @@ from expertswap.protocol.events import (
 )
 from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS, POLICIES, QUANTIZATIONS, THRESHOLD_POLICIES
 from expertswap.protocol.plan import LayerShape, committee_size, minimum_bytes, plan_capacities
-from expertswap.protocol.sampling import CHAT_SAMPLING, SamplingSettings
+from expertswap.protocol.sampling import CHAT_SAMPLING, Constraint, SamplingSettings
 from expertswap.protocol.stats import EngineStats
+from expertswap.protocol.tools import MAX_CALLS, CallReader, ToolCall, call_grammar, for_template, speaks_tools
 from expertswap.protocol.units import format_bytes
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_BUDGET",
     "EVICTIONS",
+    "MAX_CALLS",
     "POLICIES",
     "QUANTIZATIONS",
     "THRESHOLD_POLICIES",
@@ -64,8 +66,10 @@ __all__ = [
     "BudgetError",
     "BudgetTooSmallError",
     "CacheError",
+    "CallReader",
     "ChatTemplateError",
     "Chunk",
+    "Constraint",
     "DeviceError",
     "EngineBusyError",
     "EngineClosedError",
@@ -87,13 +91,17 @@ __all__ = [
     "SwapEvent",
     "Telemetry",
     "TokenStats",
+    "ToolCall",
     "UnsupportedArchitectureError",
+    "call_grammar",
     "committee_size",
     "default_budget",
     "event_from_json",
+    "for_template",
     "format_bytes",
     "minimum_bytes",
     "parse_budget",
     "plan_capacities",
+    "speaks_tools",
     "wire",
 ]

@@ -82,7 +82,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}")
     field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None  # after where: body, query, path
-    return APIError(400, f"{field or 'request'}: {first.get('msg', 'invalid request')}", param=field)
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"{field}: this server does not implement this field", param=field)
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return APIError(400, f"{field or 'request'}: {message}", param=field)
 
 
 def _http_error(request: Request, exc: HTTPException) -> APIError:

@@ -8,6 +8,7 @@ the engine's turn (``turns.py``), is encoded in that turn on a worker thread, an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,10 +16,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from expertswap.engine import Engine
-from expertswap.protocol import ExpertSwapError, SamplingSettings
+from expertswap.protocol import Constraint, ExpertSwapError, SamplingSettings
 
+from .chat_turn import chat_turn
 from .errors import APIError
-from .reply import Reply, ReplyStream, unless_disconnected
+from .reply import Reply, ReplyStream, Shape, unless_disconnected
 from .schemas import ChatRequest, CompletionRequest, Sampling
 from .turns import Turns
 
@@ -40,17 +42,17 @@ class Replies:
         if name != self.model:
             raise APIError(404, f"model {name!r} does not exist: this server has {self.model!r}", param="model")
 
-    async def reply(self, body: Sampling, chars: int, encode: Callable[[], list[int]], request: Request,
-                    chat: bool) -> Any:
+    async def reply(self, body: Sampling, chars: int, encode: Callable[[], list[list[int]]], request: Request,
+                    shape: Shape, settings: SamplingSettings) -> Any:
         """Check what is cheap to check, wait for the engine's turn, then answer whole or streamed. A client
         that disconnects before its reply starts gives its place in the queue up, streamed or not."""
         self.require_model(body.model)
-        field = "messages" if chat else "prompt"
+        field = "messages" if shape.chat else "prompt"
         context = self.engine.context_tokens
         if context is not None and chars > CHARS_PER_TOKEN * context:
             raise APIError(413, f"the prompt has {chars} characters: more than this model's context of {context} "
                                 "tokens can hold", param=field)
-        reply = await unless_disconnected(request.receive, self._in_turn(body, encode, field, chat))
+        reply = await unless_disconnected(request.receive, self._in_turn(encode, field, shape, settings))
         if body.stream:
             return ReplyStream(reply, self.turns)  # holds the turn, given back when its response ends
         try:
@@ -58,40 +60,55 @@ class Replies:
         finally:
             self.turns.give_back()
 
-    async def _in_turn(self, body: Sampling, encode: Callable[[], list[int]], field: str, chat: bool) -> Reply:
-        """Take the engine's turn, then encode the prompt: a full queue is refused before anything is encoded,
+    async def _in_turn(self, encode: Callable[[], list[list[int]]], field: str, shape: Shape,
+                       settings: SamplingSettings) -> Reply:
+        """Take the engine's turn, then encode the prompts: a full queue is refused before anything is encoded,
         and prompts are encoded one at a time (issue 27: each can be 8 MiB). The turn is given back if no reply
         comes of it."""
         await self.turns.take()
         try:
-            ids = await self._encoded(encode, field)
-            return Reply(self.engine, ids, self._settings(body, len(ids)), body.stop or [], self.model, chat)
+            prompts = await self._encoded(encode, field)
+            longest = max(len(ids) for ids in prompts)
+            return Reply(self.engine, prompts, self._limited(settings, longest), shape)
         except BaseException:  # a refused prompt, or the client gone (cancelled)
             self.turns.give_back()
             raise
 
-    async def _encoded(self, encode: Callable[[], list[int]], field: str) -> list[int]:
-        """The prompt's ids, encoded on ``encoder``'s one thread (off the event loop): an encode that outlives
+    async def _encoded(self, encode: Callable[[], list[list[int]]], field: str) -> list[list[int]]:
+        """The prompts' ids, encoded on ``encoder``'s one thread (off the event loop): an encode that outlives
         its request, whose client left, still finishes before the next one starts."""
         try:
-            ids = list(await asyncio.get_running_loop().run_in_executor(self.encoder, encode))
+            prompts = await asyncio.get_running_loop().run_in_executor(self.encoder, encode)
         except ExpertSwapError as exc:  # not text, or a chat template that refuses these messages
             raise APIError(400, str(exc), param=field) from None
-        context = self.engine.context_tokens
-        if context is not None and len(ids) >= context:  # the engine refuses it too, but once a stream is open
-            raise APIError(413, f"the prompt has {len(ids)} tokens; this model's context is {context}", param=field)
-        return ids
+        context, vocab = self.engine.context_tokens, self.engine.vocab_size
+        for ids in prompts:
+            if context is not None and len(ids) >= context:  # the engine refuses it too, but once a stream is open
+                raise APIError(413, f"the prompt has {len(ids)} tokens; this model's context is {context}",
+                               param=field)
+            if any(not 0 <= token < vocab for token in ids):
+                raise APIError(400, f"the prompt holds token ids outside this model's vocabulary of {vocab}",
+                               param=field)
+        return prompts
 
-    def _settings(self, body: Sampling, prompt_tokens: int) -> SamplingSettings:
-        """The request's sampling. The reply's limit is cut at the context here although the engine cuts it
-        too: the engine does so silently, and a reply knows it ended at its limit (finish_reason "length",
-        not "stop") only by counting its tokens against ``max_new_tokens``."""
-        limit = body.max_completion_tokens or body.max_tokens or MAX_NEW_TOKENS
+    def _limited(self, settings: SamplingSettings, prompt_tokens: int) -> SamplingSettings:
+        """The reply's limit cut at the context here although the engine cuts it too: the engine does so
+        silently, and a reply knows it ended at its limit (finish_reason "length", not "stop") only by counting
+        its tokens against ``max_new_tokens``."""
         context = self.engine.context_tokens
-        if context is not None:
-            limit = min(limit, context - prompt_tokens)
-        return SamplingSettings(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
-                                seed=body.seed, repetition_penalty=body.repetition_penalty)
+        if context is None:
+            return settings
+        return dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, context - prompt_tokens))
+
+
+def sampling(body: Sampling, limit: int | None, logprobs: int | None,
+             constraint: Constraint | None = None) -> SamplingSettings:
+    """The request's sampling, checked again by the engine's own rules."""
+    bias = tuple(sorted((body.logit_bias or {}).items()))
+    return SamplingSettings(max_new_tokens=limit or MAX_NEW_TOKENS, temperature=body.temperature, top_p=body.top_p,
+                            seed=body.seed, repetition_penalty=body.repetition_penalty,
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                            logit_bias=bias, logprobs=logprobs, constraint=constraint)
 
 
 def router(replies: Replies) -> APIRouter:
@@ -115,12 +132,25 @@ def router(replies: Replies) -> APIRouter:
 
     @routes.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Any:
-        messages = [m.model_dump() for m in body.messages]
-        chars = sum(len(m.content) for m in body.messages)
-        return await replies.reply(body, chars, lambda: engine.encode_chat(messages), request, chat=True)
+        turn = chat_turn(body, engine.chat_template)
+        settings = sampling(body, body.max_completion_tokens or body.max_tokens,
+                            (body.top_logprobs or 0) if body.logprobs else None, turn.constraint)
+        shape = Shape(replies.model, chat=True, stops=tuple(body.stop or ()), n=body.n, reads_calls=turn.reads_calls,
+                      include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                      logprobs=body.logprobs)
+        chars = sum(len(m.get("content") or "") for m in turn.messages)
+        return await replies.reply(body, chars, lambda: [engine.encode_chat(turn.messages, turn.tools)], request,
+                                   shape, settings)
 
     @routes.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await replies.reply(body, len(body.prompt), lambda: engine.encode(body.prompt), request, chat=False)
+        prompts = body.prompts()
+        settings = sampling(body, body.max_tokens, body.logprobs)
+        shape = Shape(replies.model, chat=False, stops=tuple(body.stop or ()), n=body.n,
+                      include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                      logprobs=body.logprobs is not None)
+        chars = sum(len(p) for p in prompts if isinstance(p, str))
+        return await replies.reply(body, chars, lambda: [engine.encode(p) if isinstance(p, str) else p
+                                                         for p in prompts], request, shape, settings)
 
     return routes

@@ -129,7 +129,8 @@ class _OutOfBounds(Exception):
     pass
 
 
-def render(tokenizer: Any, messages: Sequence[dict], seconds: float = TEMPLATE_SECONDS) -> str:
+def render(tokenizer: Any, messages: Sequence[dict], seconds: float = TEMPLATE_SECONDS,
+           tools: Sequence[dict] | None = None) -> str:
     """The conversation as the template writes it, ending with the assistant's turn opened."""
     process = psutil.Process()
     deadline, ceiling = time.monotonic() + seconds, process.memory_info().rss + TEMPLATE_BYTES
@@ -149,7 +150,8 @@ def render(tokenizer: Any, messages: Sequence[dict], seconds: float = TEMPLATE_S
 
     sys.settrace(on_call)
     try:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(list(messages), tools=list(tools) if tools else None, tokenize=False,
+                                             add_generation_prompt=True)
     except _OutOfBounds as exc:
         raise ChatTemplateError(f"the model's chat template {exc}") from None
     except TemplateSyntaxError as exc:

@@ -21,9 +21,11 @@ from typing import Protocol
 import torch
 
 from expertswap.engine.decode.generation import IncrementalDecoder, decode_loop
+from expertswap.engine.decode.grammar import Grammar, GrammarCompiler
 from expertswap.engine.decode.prefixes import Prefixes
+from expertswap.engine.decode.sampler import Sampler, TokenLogprob
 from expertswap.engine.decode.step import StepGuard
-from expertswap.protocol.errors import EngineBusyError, EngineClosedError, PromptError
+from expertswap.protocol.errors import EngineBusyError, EngineClosedError, PromptError, SettingsError
 from expertswap.protocol.sampling import SamplingSettings
 
 
@@ -37,10 +39,12 @@ class TokenScores:
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """One generated token and the text it completed (empty while a character is still partial)."""
+    """One generated token, the text it completed (empty while a character is still partial), and its
+    log-probability when the settings asked for them."""
 
     token_id: int
     text: str
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,9 @@ class ReplyListener(Protocol):
 class Decoder:
     """Runs the model for the engine: one reply or score at a time, every forward through ``guard``."""
 
-    def __init__(self, prefixes: Prefixes, guard: StepGuard, stop_ids: set[int], listener: ReplyListener) -> None:
+    def __init__(self, prefixes: Prefixes, guard: StepGuard, stop_ids: set[int], listener: ReplyListener,
+                 vocab: int, grammars: GrammarCompiler | None) -> None:
+        self.vocab, self.grammars = vocab, grammars
         self.prefixes = prefixes
         self.sessions = prefixes.sessions
         self.guard = guard
@@ -109,10 +115,14 @@ class Decoder:
             return TokenScores(torch.nn.functional.cross_entropy(scored, targets, reduction="none"), scored.argmax(-1))
 
     def generate(self, input_ids: Sequence[int], settings: SamplingSettings,
-                 cancel: threading.Event | None = None) -> Iterator[int]:
-        """Yield new token ids (synchronously) until EOS, ``max_new_tokens`` or cancellation."""
+                 cancel: threading.Event | None = None,
+                 logprobs: list[TokenLogprob] | None = None) -> Iterator[int]:
+        """Yield new token ids (synchronously) until EOS, ``max_new_tokens`` or cancellation; each token's
+        log-probability goes to ``logprobs`` as it is picked, when the settings ask for them."""
         if not input_ids:
             raise PromptError("the prompt is empty: there is nothing to reply to")
+        if any(token >= self.vocab for token, _bias in settings.logit_bias):
+            raise SettingsError(f"logit_bias names a token past this model's vocabulary of {self.vocab}")
         limit = self.sessions.context
         if limit is not None and len(input_ids) >= limit:
             raise PromptError(f"the prompt has {len(input_ids)} tokens; this model's context holds {limit}")
@@ -127,9 +137,11 @@ class Decoder:
             self.listener.reply_edge()
             fed = list(input_ids)  # every id run through the session, in order: the prompt, then the reply's
             try:
+                sampler = Sampler(settings, fed, self._grammar(settings), logprobs)
                 session, cached = self.prefixes.session(fed, len(fed) + settings.max_new_tokens)
                 self.last = ReplyStats(prompt_tokens=len(input_ids), cached_prompt_tokens=cached)
-                reply = decode_loop(session, fed[cached:], settings, self.stop_ids, cancel, self.guard, fed[:cached])
+                reply = decode_loop(session, fed[cached:], sampler, settings.max_new_tokens, self.stop_ids, cancel,
+                                    self.guard)
                 with contextlib.closing(reply):  # its steps queued ahead are taken back before the cache is kept
                     for token in reply:
                         now = time.perf_counter()
@@ -162,10 +174,13 @@ class Decoder:
         cancel = threading.Event()
         done = object()
 
+        picks: list[TokenLogprob] = []
+
         def work() -> None:
             try:
-                for token in self.generate(input_ids, settings, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, TokenChunk(token, text.push(token)))
+                for token in self.generate(input_ids, settings, cancel, picks):
+                    chunk = TokenChunk(token, text.push(token), picks[-1] if picks else None)
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except BaseException as exc:  # handed to the consumer, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
@@ -181,6 +196,13 @@ class Decoder:
         finally:
             cancel.set()
             await future  # work() never raises; a plain await also unwinds when the app's loop is quitting
+
+    def _grammar(self, settings: SamplingSettings) -> Grammar | None:
+        if settings.constraint is None:
+            return None
+        if self.grammars is None:
+            raise SettingsError("constrained output needs the model's tokenizer, and this model has none")
+        return self.grammars.compile(settings.constraint)
 
     def cancel(self) -> None:
         """Stop the reply in progress after its current token; safe from any thread."""

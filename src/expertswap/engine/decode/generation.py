@@ -2,67 +2,38 @@
 
 from __future__ import annotations
 
-import collections
 import functools
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
-import torch
-
-from expertswap.protocol.sampling import REPEAT_WINDOW, SamplingSettings
-
 if TYPE_CHECKING:
+    from expertswap.engine.decode.sampler import Sampler
     from expertswap.engine.decode.session import Session
     from expertswap.engine.decode.step import StepGuard
-
-
-def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None,
-               recent: Sequence[int] = ()) -> int:
-    """Greedy, or temperature + nucleus sampling, from one row of logits; the ``recent`` tokens penalised first
-    (a positive logit divided by the penalty, a negative one multiplied)."""
-    if settings.repetition_penalty != 1.0 and recent:
-        seen = torch.tensor(sorted(set(recent)), device=logits.device)
-        scores = logits[seen].float()
-        penalty = settings.repetition_penalty
-        logits = logits.float().index_copy(0, seen, torch.where(scores > 0, scores / penalty, scores * penalty))
-    if settings.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
-    if settings.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < settings.top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def decode_loop(
     session: Session,
     input_ids: list[int],
-    settings: SamplingSettings,
+    sampler: Sampler,
+    max_new_tokens: int,
     stop_ids: set[int],
     cancel: threading.Event,
     guard: StepGuard,
-    before: Sequence[int] = (),
 ) -> Generator[int, None, None]:
-    """Yield new token ids: a prefill of ``input_ids`` (after ``before``, already in the cache), then one token at
-    a time on the session's cache, each through ``guard``; greedy tokens one step ahead where the session can
-    (``_greedy_ahead``)."""
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator().manual_seed(settings.seed)
-    recent = collections.deque([*before[-REPEAT_WINDOW:], *input_ids[-REPEAT_WINDOW:]], maxlen=REPEAT_WINDOW)
-    plain_greedy = settings.temperature <= 0 and settings.repetition_penalty == 1.0
+    """Yield new token ids: a prefill of ``input_ids`` (after what the cache holds), then one token at a time on
+    the session's cache, each through ``guard`` and picked by ``sampler``; plain greedy tokens one step ahead
+    where the session can (``_greedy_ahead``)."""
     tokens = input_ids
-    for step in range(settings.max_new_tokens):
+    for step in range(max_new_tokens):
         if cancel.is_set():
             return
-        if step == 1 and plain_greedy and session.runs_ahead():
-            yield from _greedy_ahead(session, tokens[0], settings.max_new_tokens - 1, stop_ids, cancel, guard)
+        if step == 1 and sampler.plain_greedy and session.runs_ahead():
+            yield from _greedy_ahead(session, tokens[0], max_new_tokens - 1, stop_ids, cancel, guard)
             return
         logits = guard.run(functools.partial(session.run, tokens), is_prefill=step == 0, session=session)
-        token = pick_token(logits[-1], settings, generator, recent)
-        recent.append(token)
+        token = sampler.pick(logits[-1])
         yield token
         if token in stop_ids:
             return

@@ -1,0 +1,168 @@
+"""Tool calls in a chat: how a request's tools reach the model, and how the model's calls are read back.
+
+One format for every model: a call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (the Hermes
+format, which Qwen2.5, Qwen3 and many others were trained on). A chat template that speaks it is given the tools
+and the history's calls as the template expects them (``tools=``, ``tool_calls`` with parsed arguments, ``tool``
+turns). Any other template is given them as text: a system turn that lists the tools and shows the format, earlier
+calls written out in it, and tool results as user turns. A reply that must call a tool is held to the format by a
+grammar (``call_grammar``), so its call always parses.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MAX_CALLS = 4  # calls one reply may make when it must call (parallel_tool_calls); one when parallel is off
+COMPACT = {"whitespace_flexible": False}  # JSON as json.dumps writes it: no run of spaces the model can loop in
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+    id: str = ""
+
+    @staticmethod
+    def new_id() -> str:
+        return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def speaks_tools(template: str | None) -> bool:
+    """The chat template renders tools and calls itself, in this module's format."""
+    return bool(template) and "tools" in template and OPEN in template  # type: ignore[operator]
+
+
+def tools_prompt(tools: Sequence[dict[str, Any]]) -> str:
+    """The system text that offers ``tools`` (OpenAI's ``function`` objects) to a template without tools."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("You may call one or more functions to answer. Their signatures are within <tools></tools>:\n"
+            f"<tools>\n{listed}\n</tools>\n"
+            f'To call a function, answer with only {OPEN}{{"name": <function name>, "arguments": <arguments object>}}'
+            f"{CLOSE}, one such block per call.")
+
+
+def call_text(name: str, arguments: str) -> str:
+    """A call as the model writes it."""
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        parsed = arguments  # a client's malformed arguments are shown to the model as they came
+    return OPEN + json.dumps({"name": name, "arguments": parsed}, ensure_ascii=False) + CLOSE
+
+
+def for_template(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
+                 native: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The conversation and tools as the chat template gets them: as they are for a ``native`` template (the
+    calls' arguments parsed, as Hugging Face templates expect), else folded into plain turns."""
+    if native:
+        out = []
+        for message in messages:
+            message = dict(message)
+            if message.get("tool_calls"):
+                message["tool_calls"] = [{"type": "function", "id": c["id"], "function": {
+                    "name": c["name"], "arguments": _parsed(c["arguments"])}} for c in message["tool_calls"]]
+            out.append(message)
+        return out, list(tools) if tools else None
+    folded: list[dict[str, Any]] = []
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        if message.get("tool_calls"):
+            calls = "\n".join(call_text(c["name"], c["arguments"]) for c in message["tool_calls"])
+            folded.append({"role": "assistant", "content": "\n".join(filter(None, [content, calls]))})
+        elif role == "tool":
+            folded.append({"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"})
+        else:
+            folded.append({"role": role, "content": content})
+    if tools:
+        offer = tools_prompt(tools)
+        if folded and folded[0]["role"] == "system":
+            folded[0] = {"role": "system", "content": folded[0]["content"] + "\n\n" + offer}
+        else:
+            folded.insert(0, {"role": "system", "content": offer})
+    return folded, None
+
+
+def _parsed(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def call_grammar(tools: Sequence[dict[str, Any]], only: str | None = None, most: int = MAX_CALLS) -> str:
+    """A Lark grammar (llguidance's dialect) whose sentences are one to ``most`` calls of ``tools`` (of ``only``,
+    when named), each with arguments matching its function's parameters. Bounded, so that a model that would
+    call on and on still ends its turn."""
+    shapes = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+               "properties": {"name": {"const": t["name"]},
+                              "arguments": t.get("parameters") or {"type": "object"}}}
+              for t in tools if only is None or t["name"] == only]
+    schema = {"anyOf": shapes, "x-guidance": COMPACT} if len(shapes) > 1 else {**shapes[0], "x-guidance": COMPACT}
+    calls = " | ".join(" \"\\n\" ".join(["call"] * k) for k in range(1, most + 1))
+    return (f"start: {calls}\ncall: {json.dumps(OPEN)} body {json.dumps(CLOSE)}\n"
+            f"body: %json {json.dumps(schema)}\n")
+
+
+class CallReader:
+    """Reads a reply as it streams: the text outside calls passes on (less what may be the start of a call, held
+    back until it is known), each complete call comes out parsed."""
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str) -> str:
+        """The text that is surely not part of a call, after ``text`` arrived; complete calls join ``calls``."""
+        self.buffer += text
+        out = []
+        while True:
+            start = self.buffer.find(OPEN)
+            if start < 0:
+                keep = _partial_tag(self.buffer)
+                out.append(self.buffer[: len(self.buffer) - keep])
+                self.buffer = self.buffer[len(self.buffer) - keep :]
+                return "".join(out)
+            out.append(self.buffer[:start])
+            end = self.buffer.find(CLOSE, start)
+            if end < 0:
+                self.buffer = self.buffer[start:]
+                return "".join(out)
+            body = self.buffer[start + len(OPEN) : end]
+            call = _call(body)
+            if call is None:  # not a call after all: it stays text
+                out.append(self.buffer[: end + len(CLOSE)][start:])
+            else:
+                self.calls.append(call)
+            self.buffer = self.buffer[end + len(CLOSE) :]
+
+    def finish(self) -> str:
+        """The text still held at the end (an unfinished call stays text)."""
+        rest, self.buffer = self.buffer, ""
+        return rest
+
+
+def _partial_tag(text: str) -> int:
+    """How many characters at the end of ``text`` could begin ``OPEN``."""
+    for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
+        if OPEN.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def _call(body: str) -> ToolCall | None:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(value["name"], text, ToolCall.new_id())
