@@ -17,7 +17,8 @@ import pytest
 from llm_comply.schema import SpecLoader
 
 from expertswap.engine import Engine
-from expertswap.protocol import SamplingSettings
+from expertswap.protocol import MAX_CALLS, SamplingSettings
+from expertswap.server import BackgroundServer
 
 from .test_server import KEY, MESSAGES, Server
 
@@ -230,6 +231,26 @@ def test_a_required_tool_call_is_always_valid_and_finishes_as_tool_calls(server:
     assert {c.function.name for c in named.choices[0].message.tool_calls} == {"get_time"}
 
 
+def test_a_call_takes_only_the_parameters_its_function_names_and_one_call_unless_parallel(server: Server) -> None:
+    """A schema that does not close its objects (most clients send none) still gets calls of its own properties,
+    as OpenAI's are; several calls in one reply only when the request allows parallel calls."""
+    open_schema = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "required": ["term"], "properties": {"term": {"type": "string", "maxLength": 8}}}}}
+    client = server.client()
+    counts = set()
+    for seed in range(4):
+        for parallel in (None, True):
+            extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+            reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Look up"}],
+                                                   tools=[open_schema], tool_choice="required", max_tokens=400,
+                                                   temperature=1.0, seed=seed, **extra)
+            calls = reply.choices[0].message.tool_calls
+            assert all(set(json.loads(c.function.arguments)) == {"term"} for c in calls)
+            assert len(calls) == 1 if parallel is None else 1 <= len(calls) <= MAX_CALLS
+            counts.add(len(calls))
+    assert max(counts) > 1  # a random model asked for parallel calls makes some
+
+
 def test_tool_calls_stream_and_a_tool_result_continues_the_chat(server: Server) -> None:
     client = server.client()
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
@@ -272,3 +293,18 @@ def test_completions_take_lists_of_prompts_and_token_ids_and_give_legacy_logprob
     assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
     outside = _post(server, "completions", {"model": "tiny", "prompt": [server.engine.vocab_size]})
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "prompt"
+
+
+def test_a_server_started_with_a_seed_samples_unseeded_requests_reproducibly(tiny_model, open_engine) -> None:
+    """``expertswap serve --seed N``: requests without a seed draw N, N+1, ... in order, so two servers started
+    alike answer alike (llama.cpp's ``--seed``); without it, each request samples afresh."""
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 10, "temperature": 1.0}
+    answers = []
+    for _ in range(2):
+        server = BackgroundServer(open_engine(tiny_model("qwen3_moe"), budget="100%"), "tiny", port=0, seed=7)
+        try:
+            answers.append([httpx.post(f"{server.url}/chat/completions", json=body, timeout=60).json()["choices"][0]
+                            ["message"]["content"] for _ in range(3)])
+        finally:
+            server.stop()
+    assert answers[0] == answers[1] and len(set(answers[0])) > 1  # alike across servers, apart across requests

@@ -1,5 +1,5 @@
-"""``expertswap serve [load options] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-body-bytes N]``: the
-engine behind an OpenAI-compatible API, loaded from the same options as ``expertswap-cli``."""
+"""``expertswap serve [load options] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-body-bytes N]
+[--seed N]``: the engine behind an OpenAI-compatible API, loaded from the same options as ``expertswap-cli``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
                    "one, only requests to localhost from pages on localhost (Host, Origin) are answered")
     p.add_argument("--max-body-bytes", type=_positive, default=MAX_BODY_BYTES,
                    help=f"larger request bodies are refused with 413 (default: {MAX_BODY_BYTES})")
+    p.add_argument("--seed", type=int, default=None, help="sample requests that set no seed from N, N+1, ... in "
+                   "the order they come: a reproducible server (default: a fresh random seed each)")
     return p
 
 
@@ -49,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = DEFAULT_MODEL if args.model == DEFAULT_MODEL else Path(args.model).name
     print(f"serving {name} at http://{args.host}:{args.port}/v1", flush=True)
     try:
-        app = create_app(engine, name, args.api_key, max_body_bytes=args.max_body_bytes)
+        app = create_app(engine, name, args.api_key, max_body_bytes=args.max_body_bytes, seed=args.seed)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-MAX_CALLS = 4  # calls one reply may make when it must call (parallel_tool_calls); one when parallel is off
+MAX_CALLS = 4  # calls one reply may make when it must call and the request allows parallel calls (else one)
 COMPACT = {"whitespace_flexible": False}  # JSON as json.dumps writes it: no run of spaces the model can loop in
 
 
@@ -96,18 +96,31 @@ def _parsed(arguments: str) -> Any:
         return arguments
 
 
-def call_grammar(tools: Sequence[dict[str, Any]], only: str | None = None, most: int = MAX_CALLS) -> str:
+def call_grammar(tools: Sequence[dict[str, Any]], only: str | None = None, most: int = 1) -> str:
     """A Lark grammar (llguidance's dialect) whose sentences are one to ``most`` calls of ``tools`` (of ``only``,
     when named), each with arguments matching its function's parameters. Bounded, so that a model that would
-    call on and on still ends its turn."""
+    call on and on still ends its turn; and an object's properties are the ones its schema names unless it says
+    otherwise (``additionalProperties``), as OpenAI's calls are, so that a call is what the function takes."""
     shapes = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                "properties": {"name": {"const": t["name"]},
-                              "arguments": t.get("parameters") or {"type": "object"}}}
+                              "arguments": _closed(t.get("parameters") or {"type": "object", "properties": {}})}}
               for t in tools if only is None or t["name"] == only]
     schema = {"anyOf": shapes, "x-guidance": COMPACT} if len(shapes) > 1 else {**shapes[0], "x-guidance": COMPACT}
     calls = " | ".join(" \"\\n\" ".join(["call"] * k) for k in range(1, most + 1))
     return (f"start: {calls}\ncall: {json.dumps(OPEN)} body {json.dumps(CLOSE)}\n"
             f"body: %json {json.dumps(schema)}\n")
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with every object that lists its properties and says nothing of others closed to others."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if "properties" in closed and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
 
 
 class CallReader:

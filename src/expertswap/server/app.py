@@ -19,12 +19,13 @@ from .turns import QUEUE, Turns
 
 
 def create_app(engine: Engine, model: str, api_key: str | None = None, queue: int = QUEUE,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, seed: int | None = None) -> FastAPI:
     """The API for ``engine``, which it calls ``model``; ``api_key`` (if given) is required as a Bearer token,
     else only loopback Host and Origin values are answered; bodies over ``max_body_bytes`` are refused; at most
-    ``queue`` requests wait for the engine."""
+    ``queue`` requests wait for the engine; requests that set no seed are sampled from ``seed``, ``seed`` + 1, ...
+    in the order they run (None: each from a fresh random seed)."""
     log = expertswap_routes.EventLog(engine)
-    replies = openai_routes.Replies(engine, model, Turns(queue))
+    replies = openai_routes.Replies(engine, model, Turns(queue), seed)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

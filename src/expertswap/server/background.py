@@ -23,7 +23,8 @@ class BackgroundServer:
     """
 
     def __init__(self, engine: Engine, model: str, host: str = "127.0.0.1", port: int = 8000,
-                 api_key: str | None = None, queue: int = QUEUE, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 api_key: str | None = None, queue: int = QUEUE, max_body_bytes: int = MAX_BODY_BYTES,
+                 seed: int | None = None) -> None:
         import uvicorn
 
         self.engine = engine
@@ -35,7 +36,7 @@ class BackgroundServer:
             self.socket.close()
             raise
         self.host, self.port = host, self.socket.getsockname()[1]
-        config = uvicorn.Config(create_app(engine, model, api_key, queue, max_body_bytes), log_level="warning")
+        config = uvicorn.Config(create_app(engine, model, api_key, queue, max_body_bytes, seed), log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        name="expertswap-server", daemon=True)

@@ -53,8 +53,7 @@ def _constraint(body: ChatRequest, offered: list[dict[str, Any]]) -> Constraint 
         raise APIError(400, "a required tool call and a JSON response_format cannot both shape one reply",
                        param="response_format")
     if must_call:
-        return Constraint("lark", call_grammar(offered, named, most=1 if body.parallel_tool_calls is False
-                                                else MAX_CALLS))
+        return Constraint("lark", call_grammar(offered, named, most=MAX_CALLS if body.parallel_tool_calls else 1))
     if body.response_format is None or body.response_format.type == "text":
         return None
     if body.response_format.type == "json_object":

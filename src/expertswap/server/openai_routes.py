@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,8 +32,9 @@ MAX_NEW_TOKENS = 256  # a reply's limit when the request sets none
 class Replies:
     """The completions of ``engine``, which the API calls ``model``: one at a time, in ``turns``."""
 
-    def __init__(self, engine: Engine, model: str, turns: Turns) -> None:
+    def __init__(self, engine: Engine, model: str, turns: Turns, seed: int | None = None) -> None:
         self.engine, self.model, self.turns = engine, model, turns
+        self.seeds = itertools.count(seed) if seed is not None else None  # for requests that set none
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertswap-encode")
 
     def close(self) -> None:
@@ -69,6 +71,8 @@ class Replies:
         try:
             prompts = await self._encoded(encode, field)
             longest = max(len(ids) for ids in prompts)
+            if settings.seed is None and self.seeds is not None:  # in the order requests run: reproducible
+                settings = dataclasses.replace(settings, seed=next(self.seeds))
             return Reply(self.engine, prompts, self._limited(settings, longest), shape)
         except BaseException:  # a refused prompt, or the client gone (cancelled)
             self.turns.give_back()
