@@ -32,6 +32,7 @@ class SamplingSettings:
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # above 0: only the k likeliest tokens are sampled from (0: all)
     seed: int | None = None
     repetition_penalty: float = 1.0  # above 1: the last ``REPEAT_WINDOW`` tokens' logits are pushed down (CTRL's rule)
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token the reply already holds
@@ -48,6 +49,8 @@ class SamplingSettings:
             raise SettingsError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _number(self.top_p) or not 0 < self.top_p <= 1:
             raise SettingsError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _whole(self.top_k) or self.top_k < 0:
+            raise SettingsError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
         if not _number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise SettingsError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and not _whole(self.seed):

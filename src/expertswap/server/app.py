@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over one engine (FastAPI), assembled from its parts.
 
 Who may ask and how much it may send is ``guard.py``'s; every error is in OpenAI's JSON shape (``errors.py``);
-OpenAI's routes are ``openai_routes.py``'s and ExpertSwap's own (``/v1/expertswap/*``) ``expertswap_routes.py``'s.
+OpenAI's routes are ``openai_routes.py``'s, Anthropic's (``/v1/messages``) ``anthropic_routes.py``'s, in one queue,
+and ExpertSwap's own (``/v1/expertswap/*``) ``expertswap_routes.py``'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from fastapi import FastAPI
 
 from expertswap.engine import Engine
 
-from . import errors, expertswap_routes, openai_routes
+from . import anthropic_routes, errors, expertswap_routes, openai_routes
 from .guard import MAX_BODY_BYTES, Guard
 from .turns import QUEUE, Turns
 
@@ -38,5 +39,6 @@ def create_app(engine: Engine, model: str, api_key: str | None = None, queue: in
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_middleware(errors.ServerErrors)  # added last, so outermost: the guard's failures are answered too
     app.include_router(openai_routes.router(replies))
+    app.include_router(anthropic_routes.router(replies))
     app.include_router(expertswap_routes.router(engine, log))
     return app

@@ -38,22 +38,37 @@ def chat_turn(body: ChatRequest, template: str | None) -> ChatTurn:
         messages.append(turn)
     offered = [t.function.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" \
         else []
-    native = speaks_tools(template)
-    rendered, tools = for_template(messages, offered, native)
-    constraint = _constraint(body, offered)
-    return ChatTurn(rendered, tools, constraint, reads_calls=bool(offered))
-
-
-def _constraint(body: ChatRequest, offered: list[dict[str, Any]]) -> Constraint | None:
-    """A required or named tool call, or the response format, as the grammar the sampler keeps to."""
     named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
     must_call = body.tool_choice == "required" or named is not None
     wants_json = body.response_format is not None and body.response_format.type != "text"
     if must_call and wants_json:
         raise APIError(400, "a required tool call and a JSON response_format cannot both shape one reply",
                        param="response_format")
-    if must_call:
-        return Constraint("lark", call_grammar(offered, named, most=MAX_CALLS if body.parallel_tool_calls else 1))
+    calls = Calls(must_call, named, bool(body.parallel_tool_calls))
+    return prepared(messages, offered, template, calls, None if must_call else _format(body))
+
+
+@dataclass(frozen=True)
+class Calls:
+    """What the request asks of the reply's calls: that it make one (of ``named``), and whether several."""
+
+    required: bool = False
+    named: str | None = None
+    parallel: bool = False
+
+
+def prepared(messages: list[dict[str, Any]], offered: list[dict[str, Any]], template: str | None, calls: Calls,
+             constraint: Constraint | None) -> ChatTurn:
+    """A conversation (OpenAI's turns, already text) and its offered tools, as the engine takes them: a required
+    call becomes the grammar the sampler keeps to."""
+    rendered, tools = for_template(messages, offered, speaks_tools(template))
+    if calls.required and offered:
+        constraint = Constraint("lark", call_grammar(offered, calls.named, most=MAX_CALLS if calls.parallel else 1))
+    return ChatTurn(rendered, tools, constraint, reads_calls=bool(offered))
+
+
+def _format(body: ChatRequest) -> Constraint | None:
+    """The response format as the grammar the sampler keeps to."""
     if body.response_format is None or body.response_format.type == "text":
         return None
     if body.response_format.type == "json_object":

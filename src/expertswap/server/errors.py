@@ -1,7 +1,8 @@
-"""Every answer that is not a reply, in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""Every answer that is not a reply, in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``,
+or Anthropic's (``{"type": "error", "error": {"type", "message"}}``) under ``/v1/messages``.
 
 FastAPI's own answers (``{"detail": ...}`` for a 404, a 405 or a body it cannot parse) and any exception a route
-lets out are turned into it here, so that an OpenAI client always gets an error it can read.
+lets out are turned into it here, so that a client always gets an error it can read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ from expertswap.protocol import EngineBusyError, ExpertSwapError, PromptError, S
 log = logging.getLogger("expertswap.server")
 
 
+ANTHROPIC_PATH = "/v1/messages"
+ANTHROPIC_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_path(path: str) -> bool:
+    """A path of Anthropic's API, whose errors take Anthropic's shape."""
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
 class APIError(Exception):
     """An error to answer in OpenAI's shape: ``kind`` is its ``type``, ``param`` the request field at fault."""
 
@@ -32,8 +43,16 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), self.status, headers=self.headers)
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = ANTHROPIC_KINDS.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        message = f"{self.param}: {self.message}" if self.param and not self.message.startswith(self.param) \
+            else self.message
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The answer, in the shape of the API ``path`` belongs to."""
+        body = self.anthropic_body() if anthropic_path(path) else self.body()
+        return JSONResponse(body, self.status, headers=self.headers)
 
 
 def from_exception(exc: Exception) -> APIError:
@@ -73,7 +92,7 @@ class ServerErrors:
         except Exception as exc:
             if scope["type"] != "http" or started:  # a stream ends its own errors with an error event
                 raise
-            await from_exception(exc).response()(scope, receive, send)
+            await from_exception(exc).response(scope.get("path", ""))(scope, receive, send)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -103,13 +122,13 @@ def install(app: FastAPI) -> None:
     them is ``ServerErrors``' to answer)."""
 
     @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response(request.url.path)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _http_error(request, exc).response()
+        return _http_error(request, exc).response(request.url.path)

@@ -77,7 +77,7 @@ class Guard:
             self._admit(scope, headers)
             body = await self._body(headers, receive)
         except APIError as refused:
-            await refused.response()(scope, receive, send)
+            await refused.response(scope["path"])(scope, receive, send)
             return
         if body is not None:  # else the client left while sending it: nobody to answer
             await self.app(scope, _replay(body, receive), send)
@@ -90,9 +90,11 @@ class Guard:
                                     "localhost from pages on localhost (Host and Origin)", "permission_error")
         elif scope["path"].startswith("/v1"):
             scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+                token = headers.get("x-api-key", "")
             # Starlette reads headers as latin-1: encoded back, they are the bytes the client sent
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
-                raise APIError(401, "missing or wrong API key (Authorization: Bearer KEY)")
+            if not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
+                raise APIError(401, "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)")
 
     async def _body(self, headers: Headers, receive: Receive) -> bytes | None:
         """The whole body, or None if the client disconnected; a body over the limit is refused, by its

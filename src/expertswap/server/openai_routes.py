@@ -44,26 +44,34 @@ class Replies:
         if name != self.model:
             raise APIError(404, f"model {name!r} does not exist: this server has {self.model!r}", param="model")
 
-    async def reply(self, body: Sampling, chars: int, encode: Callable[[], list[list[int]]], request: Request,
-                    shape: Shape, settings: SamplingSettings) -> Any:
-        """Check what is cheap to check, wait for the engine's turn, then answer whole or streamed. A client
-        that disconnects before its reply starts gives its place in the queue up, streamed or not."""
-        self.require_model(body.model)
+    async def prepare(self, model: str, chars: int, encode: Callable[[], list[list[int]]], request: Request,
+                      shape: Shape, settings: SamplingSettings, kind: type[Reply] = Reply) -> Reply:
+        """Check what is cheap to check, wait for the engine's turn and encode the prompts in it: the reply, of
+        ``kind`` (OpenAI's or Anthropic's shape), holding the turn. A client that disconnects first gives its
+        place in the queue up."""
+        self.require_model(model)
         field = "messages" if shape.chat else "prompt"
         context = self.engine.context_tokens
         if context is not None and chars > CHARS_PER_TOKEN * context:
             raise APIError(413, f"the prompt has {chars} characters: more than this model's context of {context} "
                                 "tokens can hold", param=field)
-        reply = await unless_disconnected(request.receive, self._in_turn(encode, field, shape, settings))
-        if body.stream:
+        return await unless_disconnected(request.receive, self._in_turn(encode, field, shape, settings, kind))
+
+    async def answer(self, reply: Reply, stream: bool, request: Request) -> Any:
+        """The reply whole, or streamed; the turn is given back when it is done, however it ends."""
+        if stream:
             return ReplyStream(reply, self.turns)  # holds the turn, given back when its response ends
         try:
             return await unless_disconnected(request.receive, reply.whole())
         finally:
             self.turns.give_back()
 
+    async def encode_now(self, encode: Callable[[], list[int]], field: str) -> list[int]:
+        """One prompt's ids without waiting for a turn (counting tokens runs no reply)."""
+        return (await self._encoded(lambda: [encode()], field))[0]
+
     async def _in_turn(self, encode: Callable[[], list[list[int]]], field: str, shape: Shape,
-                       settings: SamplingSettings) -> Reply:
+                       settings: SamplingSettings, kind: type[Reply]) -> Reply:
         """Take the engine's turn, then encode the prompts: a full queue is refused before anything is encoded,
         and prompts are encoded one at a time (issue 27: each can be 8 MiB). The turn is given back if no reply
         comes of it."""
@@ -73,7 +81,7 @@ class Replies:
             longest = max(len(ids) for ids in prompts)
             if settings.seed is None and self.seeds is not None:  # in the order requests run: reproducible
                 settings = dataclasses.replace(settings, seed=next(self.seeds))
-            return Reply(self.engine, prompts, self._limited(settings, longest), shape)
+            return kind(self.engine, prompts, self._limited(settings, longest), shape)
         except BaseException:  # a refused prompt, or the client gone (cancelled)
             self.turns.give_back()
             raise
@@ -110,7 +118,7 @@ def sampling(body: Sampling, limit: int | None, logprobs: int | None,
     """The request's sampling, checked again by the engine's own rules."""
     bias = tuple(sorted((body.logit_bias or {}).items()))
     return SamplingSettings(max_new_tokens=limit or MAX_NEW_TOKENS, temperature=body.temperature, top_p=body.top_p,
-                            seed=body.seed, repetition_penalty=body.repetition_penalty,
+                            top_k=body.top_k, seed=body.seed, repetition_penalty=body.repetition_penalty,
                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                             logit_bias=bias, logprobs=logprobs, constraint=constraint)
 
@@ -143,8 +151,9 @@ def router(replies: Replies) -> APIRouter:
                       include_usage=bool(body.stream_options and body.stream_options.include_usage),
                       logprobs=body.logprobs)
         chars = sum(len(m.get("content") or "") for m in turn.messages)
-        return await replies.reply(body, chars, lambda: [engine.encode_chat(turn.messages, turn.tools)], request,
-                                   shape, settings)
+        reply = await replies.prepare(body.model, chars, lambda: [engine.encode_chat(turn.messages, turn.tools)],
+                                      request, shape, settings)
+        return await replies.answer(reply, body.stream, request)
 
     @routes.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -154,7 +163,8 @@ def router(replies: Replies) -> APIRouter:
                       include_usage=bool(body.stream_options and body.stream_options.include_usage),
                       logprobs=body.logprobs is not None)
         chars = sum(len(p) for p in prompts if isinstance(p, str))
-        return await replies.reply(body, chars, lambda: [engine.encode(p) if isinstance(p, str) else p
-                                                         for p in prompts], request, shape, settings)
+        reply = await replies.prepare(body.model, chars, lambda: [engine.encode(p) if isinstance(p, str) else p
+                                                                  for p in prompts], request, shape, settings)
+        return await replies.answer(reply, body.stream, request)
 
     return routes

@@ -61,6 +61,7 @@ class Choice:
     tokens: int = 0
     cached: int = 0
     finish: str = "length"
+    stop_sequence: str | None = None  # the one that ended it
     calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
 
@@ -92,7 +93,8 @@ class Reply:
                 if chunk.logprob is not None:
                     held.append((chunk.token_id, chunk.logprob))
                 text += chunk.text
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
+                cut, choice.stop_sequence = min(found) if found else (-1, None)
                 end = cut if cut >= 0 else len(text) - self.keep
                 piece = _outside_calls(reader, text[sent:end]) if end > sent else ""
                 sent = max(sent, end)

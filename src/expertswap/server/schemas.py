@@ -162,6 +162,7 @@ class Sampling(Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Bias | None = None
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's and llama.cpp's extension (1: none)
+    top_k: int = Field(0, ge=0)  # vLLM's and llama.cpp's extension (0: all tokens)
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None

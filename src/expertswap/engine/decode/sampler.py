@@ -2,8 +2,8 @@
 
 The model's own log-probabilities are read first (what OpenAI's ``logprobs`` report); then the repetition
 penalty (CTRL's rule, over the last ``REPEAT_WINDOW`` tokens, prompt included), OpenAI's presence and frequency
-penalties (over the reply's tokens), the logit bias and a grammar's mask shape the logits, and greedy or nucleus
-sampling picks from what is left.
+penalties (over the reply's tokens), the logit bias and a grammar's mask shape the logits, and greedy or top-k and
+nucleus sampling picks from what is left.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class Sampler:
         if self.settings.temperature <= 0:
             token = int(scores.argmax())
         else:
+            if 0 < self.settings.top_k < scores.shape[-1]:
+                floor = scores.topk(self.settings.top_k).values[-1]
+                scores = scores.masked_fill(scores < floor, float("-inf"))
             probs = torch.softmax(scores / self.settings.temperature, dim=-1)
             if self.settings.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
