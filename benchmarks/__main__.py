@@ -3,7 +3,7 @@ only where its --out says).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
 replay, trace-decode, app-speed, chat-turns, record-traces, quantized, quantized-gpu, lowbit, fit-real,
-default-checkpoints, kernel-caches.
+default-checkpoints, kernel-caches, grammar-mask.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("record-traces", help="record the committed routing traces (benchmarks/traces/)")
     caches = sub.add_parser("kernel-caches", help="resident set and speed with oneDNN's kernel caches capped or not")
     caches.add_argument("--repeats", type=int, default=3)
+    mask = sub.add_parser("grammar-mask", help="constrained decoding's mask per token: llguidance and xgrammar (CPU)")
+    mask.add_argument("--out", type=Path, required=True, help="folder for the table")
     args, rest = parser.parse_known_args(argv)
     RUNS[args.command](args, rest)
 
@@ -186,6 +188,7 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "fit-real": _printed("fit_real", lambda run, a: run()),
     "record-traces": _record_traces,
     "kernel-caches": _printed("kernel_caches", lambda run, a: run(a.repeats)),
+    "grammar-mask": _printed("grammar_mask", lambda run, a: run(a.out)),
     "default-model": _default_model,
     "default-checkpoints": _printed("default_checkpoints", lambda run, a: run(a.folders)),
     "core-sweep": _core_sweep,

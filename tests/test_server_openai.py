@@ -308,3 +308,54 @@ def test_a_server_started_with_a_seed_samples_unseeded_requests_reproducibly(tin
         finally:
             server.stop()
     assert answers[0] == answers[1] and len(set(answers[0])) > 1  # alike across servers, apart across requests
+
+
+NATIVE = ("{%- if tools %}<|system|>\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\nCall as "
+          "<tool_call>{...}</tool_call><|end|>\n{% endif %}"
+          "{%- for m in messages %}"
+          "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>\n{% for c in m.tool_calls %}<tool_call>"
+          "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}<|end|>\n"
+          "{%- elif m.role == 'tool' %}<|user|>\n<tool_response>{{ m.content }}</tool_response><|end|>\n"
+          "{%- else %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{%- endif %}{%- endfor %}"
+          "{%- if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_a_template_that_speaks_tools_renders_them_itself_with_parsed_arguments(server: Server,
+                                                                               monkeypatch) -> None:
+    """Qwen-style templates take ``tools=`` and calls whose arguments are objects; other templates are told of the
+    tools in a system turn this server writes (``tools_prompt``), which must not appear here."""
+    engine = server.engine
+    monkeypatch.setattr(engine.tokenizer, "chat_template", NATIVE)
+    prompts: list[str] = []
+    encode = engine.encode_chat
+    monkeypatch.setattr(engine, "encode_chat", lambda m, t=None: (ids := encode(m, t), prompts.append(
+        engine.tokenizer.decode(ids)))[0])
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    answer = _post(server, "chat/completions", {"model": "tiny", "messages": history, "tools": [WEATHER],
+                                                "max_tokens": 2})
+    assert answer.status_code == 200, answer.text
+    prompt = prompts[-1]
+    assert '<tools>{"name": "get_weather"' in prompt and "You may call" not in prompt
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in prompt
+    assert "<tool_response>21 C</tool_response>" in prompt
+
+
+def test_calls_are_read_out_of_a_stream_however_it_is_cut_and_text_around_them_passes() -> None:
+    from expertswap.protocol import CallReader, for_template
+
+    reply = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call> <tool_' \
+            'call>not json</tool_call> done <tool'
+    for size in (1, 3, 7, len(reply)):
+        reader, text = CallReader(), []
+        for start in range(0, len(reply), size):
+            text.append(reader.feed(reply[start : start + size]))
+        text.append(reader.finish())
+        assert "".join(text) == "Let me check.  <tool_call>not json</tool_call> done <tool", size
+        assert [(c.name, json.loads(c.arguments)) for c in reader.calls] == [("get_weather", {"city": "Oslo"})]
+    folded, tools = for_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                 [WEATHER["function"]], native=False)
+    assert tools is None and folded[0]["content"].startswith("Be brief.\n\nYou may call")
+    assert '"name": "get_weather"' in folded[0]["content"] and folded[1] == {"role": "user", "content": "Hi"}
