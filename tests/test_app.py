@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
@@ -773,3 +774,42 @@ def test_a_model_opened_without_a_budget_starts_at_its_own(qtbot, loop, tiny_mod
     assert engine.budget_bytes == parse_budget(DEFAULT_BUDGET, engine.total_expert_bytes)
     assert f"{engine.budget_bytes / engine.total_expert_bytes:.0%} of expert bytes" in win.budget.label.text()
     win.session.close()
+
+
+def test_reply_in_json_holds_the_reply_to_json_locally_and_through_a_server(window: MainWindow, loop,
+                                                                          tiny_model, open_engine) -> None:
+    """The reply settings' JSON toggle: the engine masks every token that would break the object (a random model
+    writes a long string, so the test reads the reply as a JSON prefix, or whole when it ended)."""
+    from expertswap.server import BackgroundServer
+
+    settings = window.reply_settings
+    settings.json_mode.setChecked(True)
+    settings.max_tokens.setValue(60)
+    assert settings.sampling().constraint is not None and settings.json_mode.toolTip()
+    chunks, finished, _ = _run_reply(loop, window, "Give me JSON")
+    assert "".join(chunks).startswith("{")
+    if finished == ["done"]:
+        assert isinstance(json.loads("".join(chunks)), dict)
+    server = BackgroundServer(open_engine(tiny_model("qwen3_moe"), budget="100%"), "tiny", port=0)
+    try:
+        assert loop.run_until_complete(window.connect_server(server.url, None))
+        chunks, _, _ = _run_reply(loop, window, "Give me JSON")
+        assert "".join(chunks).startswith("{")  # sent as response_format, held to it there
+    finally:
+        window.session.close()
+        server.stop()
+    settings.json_mode.setChecked(False)
+    assert settings.sampling().constraint is None
+
+
+def test_a_reply_that_calls_a_tool_shows_the_call_not_its_tags(qtbot) -> None:
+    from expertswap.app.chat_view import ChatView
+
+    view = ChatView()
+    qtbot.addWidget(view)
+    view.add_message("assistant", 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+                                  "</tool_call>")
+    text = view.toPlainText()
+    assert "Tool call: get_weather" in text and '"city": "Oslo"' in text and "<tool_call>" not in text
+    written = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    assert view.texts() == [written]  # what is kept and copied is what the model wrote

@@ -346,8 +346,8 @@ def test_a_template_that_speaks_tools_renders_them_itself_with_parsed_arguments(
 def test_calls_are_read_out_of_a_stream_however_it_is_cut_and_text_around_them_passes() -> None:
     from expertswap.protocol import CallReader, for_template
 
-    reply = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call> <tool_' \
-            'call>not json</tool_call> done <tool'
+    reply = ('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call> '
+             "<tool_call>not json</tool_call> done <tool")
     for size in (1, 3, 7, len(reply)):
         reader, text = CallReader(), []
         for start in range(0, len(reply), size):

@@ -2,8 +2,8 @@
 
 Laying out a growing reply's Markdown on every token took the GUI thread's time from decoding (the two share
 the interpreter): chunks gather, and the tail is rendered at most every ``RENDER_MS`` and as the reply ends.
-A line break typed or written stays a line break (Markdown would join the lines), and a code block is
-shaded, with its language and a Copy link above it.
+A line break typed or written stays a line break (Markdown would join the lines), a code block is shaded, with
+its language and a Copy link above it, and a tool call is shown as one: the function's name and its arguments.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QApplication, QTextBrowser
 
 from expertswap.app.conversations import FINISH_NOTES
+from expertswap.protocol import calls_shown
 
 RENDER_MS = 80  # a streaming reply's tail is laid out at most this often
 
@@ -120,7 +121,7 @@ class ChatView(QTextBrowser):
         cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
         cursor.removeSelectedText()
         note = f"\n\n*{self._note}*" if self._note else ""
-        cursor.insertMarkdown(self._header + with_line_breaks(self._tail) + note, MARKDOWN)
+        cursor.insertMarkdown(self._header + with_line_breaks(calls_shown(self._tail)) + note, MARKDOWN)
         self._dress_code()
         self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QLineEdit, QSpinBox, QWidget
 
-from expertswap.protocol import CHAT_SAMPLING, SamplingSettings
+from expertswap.protocol import CHAT_SAMPLING, Constraint, SamplingSettings
 
 
 class ReplySettings(QWidget):
@@ -30,6 +30,10 @@ class ReplySettings(QWidget):
         self.max_tokens.setAccessibleName("Maximum new tokens")
         self.max_tokens.setToolTip("A reply stops here at the latest, or sooner where the model's context ends; "
                                    "a reply cut so is marked")
+        self.json_mode = QCheckBox("Reply in JSON")
+        self.json_mode.setAccessibleName("Reply in JSON")
+        self.json_mode.setToolTip("The reply is held to one valid JSON object, token by token (constrained "
+                                  "decoding): what a script reading the reply needs")
         self.enter_sends = QCheckBox("Enter sends (Shift+Enter: new line)")
         self.enter_sends.setAccessibleName("Enter sends the message")
         form = QFormLayout(self)
@@ -39,8 +43,10 @@ class ReplySettings(QWidget):
         form.addRow("Top-p", self.top_p)
         form.addRow("Repetition penalty", self.repetition)
         form.addRow("Max new tokens", self.max_tokens)
+        form.addRow("Output", self.json_mode)
         form.addRow("", self.enter_sends)
 
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(max_new_tokens=self.max_tokens.value(), temperature=self.temperature.value(),
-                                top_p=self.top_p.value(), repetition_penalty=self.repetition.value())
+                                top_p=self.top_p.value(), repetition_penalty=self.repetition.value(),
+                                constraint=Constraint("json") if self.json_mode.isChecked() else None)

@@ -25,11 +25,13 @@ import httpx
 
 from expertswap.protocol import (
     BudgetError,
+    Constraint,
     EngineStats,
     ExpertSwapError,
     PolicyError,
     ResidencySnapshot,
     SamplingSettings,
+    SettingsError,
     Subscription,
     Telemetry,
     committee_size,
@@ -288,6 +290,8 @@ class RemoteEngine:
             body["seed"] = settings.seed
         self.last_finish = ""
         try:
+            if settings.constraint is not None:
+                body["response_format"] = _response_format(settings.constraint)
             async with self._http.stream("POST", "chat/completions", json=body) as response:
                 if response.status_code >= 400:
                     await response.aread()
@@ -359,6 +363,15 @@ def _delta_texts(payload: dict[str, Any]) -> list[str]:
         if isinstance(text, str) and text:
             texts.append(text)
     return texts
+
+
+def _response_format(constraint: Constraint) -> dict[str, Any]:
+    """A constraint as OpenAI's ``response_format``; a grammar has no OpenAI form."""
+    if constraint.kind == "json":
+        return {"type": "json_object"}
+    if constraint.kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "reply", "schema": json.loads(constraint.text)}}
+    raise SettingsError("a grammar cannot be sent to a server: OpenAI's API takes JSON or a JSON schema only")
 
 
 def _finish(payload: dict[str, Any]) -> str:

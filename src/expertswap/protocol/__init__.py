@@ -46,7 +46,15 @@ from expertswap.protocol.options import DEFAULT_EVICTION, EVICTIONS, POLICIES, Q
 from expertswap.protocol.plan import LayerShape, committee_size, minimum_bytes, plan_capacities
 from expertswap.protocol.sampling import CHAT_SAMPLING, Constraint, SamplingSettings
 from expertswap.protocol.stats import EngineStats
-from expertswap.protocol.tools import MAX_CALLS, CallReader, ToolCall, call_grammar, for_template, speaks_tools
+from expertswap.protocol.tools import (
+    MAX_CALLS,
+    CallReader,
+    ToolCall,
+    call_grammar,
+    calls_shown,
+    for_template,
+    speaks_tools,
+)
 from expertswap.protocol.units import format_bytes
 
 __all__ = [
@@ -94,6 +102,7 @@ __all__ = [
     "ToolCall",
     "UnsupportedArchitectureError",
     "call_grammar",
+    "calls_shown",
     "committee_size",
     "default_budget",
     "event_from_json",

@@ -11,6 +11,7 @@ grammar (``call_grammar``), so its call always parses.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ class CallReader:
                 self.buffer = self.buffer[start:]
                 return "".join(out)
             body = self.buffer[start + len(OPEN) : end]
-            call = _call(body)
+            call = parse_call(body)
             if call is None:  # not a call after all: it stays text
                 out.append(self.buffer[: end + len(CLOSE)][start:])
             else:
@@ -161,6 +162,23 @@ class CallReader:
         return rest
 
 
+def calls_shown(text: str) -> str:
+    """``text`` with each complete call as Markdown a person reads: the function's name, its arguments as a JSON
+    block (what the app shows of a reply that called a tool)."""
+
+    def shown(match: re.Match[str]) -> str:
+        call = parse_call(match.group(1))
+        if call is None:
+            return match.group(0)
+        arguments = json.dumps(json.loads(call.arguments), indent=2, ensure_ascii=False) if call.arguments else "{}"
+        return f"\n\n**Tool call:** `{call.name}`\n\n```json\n{arguments}\n```\n\n"
+
+    return _CALL.sub(shown, text)
+
+
+_CALL = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+
+
 def _partial_tag(text: str) -> int:
     """How many characters at the end of ``text`` could begin ``OPEN``."""
     for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
@@ -169,7 +187,8 @@ def _partial_tag(text: str) -> int:
     return 0
 
 
-def _call(body: str) -> ToolCall | None:
+def parse_call(body: str) -> ToolCall | None:
+    """The call written between the tags, or None when it is not one (not JSON, no name)."""
     try:
         value = json.loads(body)
     except ValueError:
