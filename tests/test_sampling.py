@@ -128,3 +128,7 @@ def test_a_bad_schema_or_grammar_or_bias_is_refused_before_any_token(tiny_model)
                 next(engine.generate(ids, settings))
         assert engine.stats().tokens_generated == 0
         assert list(engine.generate(ids, SamplingSettings(max_new_tokens=2)))  # and the engine is free
+        with pytest.raises(SettingsError):
+            next(engine.generate(ids, SamplingSettings(constraint=Constraint("lark", "start: ("))))
+        list(engine.generate(ids, SamplingSettings(max_new_tokens=2)))
+        assert engine.last_reply.cached_prompt_tokens == len(ids) - 1  # the refusal kept the conversation's cache

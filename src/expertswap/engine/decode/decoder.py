@@ -134,10 +134,10 @@ class Decoder:
             start = time.perf_counter()
             first = start
             count = 0
-            self.listener.reply_edge()
             fed = list(input_ids)  # every id run through the session, in order: the prompt, then the reply's
+            sampler = Sampler(settings, fed, self._grammar(settings), logprobs)  # a bad grammar: nothing is lost
+            self.listener.reply_edge()
             try:
-                sampler = Sampler(settings, fed, self._grammar(settings), logprobs)
                 session, cached = self.prefixes.session(fed, len(fed) + settings.max_new_tokens)
                 self.last = ReplyStats(prompt_tokens=len(input_ids), cached_prompt_tokens=cached)
                 reply = decode_loop(session, fed[cached:], sampler, settings.max_new_tokens, self.stop_ids, cancel,
