@@ -133,6 +133,8 @@ def test_a_field_the_server_does_not_implement_is_refused_by_name_bookkeeping_is
     accepted = {**base, "user": "u1", "store": False, "metadata": {"k": "v"}, "parallel_tool_calls": True,
                 "service_tier": "auto"}
     assert _post(server, "chat/completions", accepted).status_code == 200
+    nulls = {**base, "temperature": None, "top_p": None, "n": None, "stop": None, "tools": None, "seed": None}
+    assert _post(server, "chat/completions", nulls).status_code == 200  # null: the field left out, as OpenAI's
 
 
 def test_n_choices_each_a_reply_seeded_apart_and_capped(server: Server) -> None:

@@ -168,6 +168,12 @@ class Sampling(Strict):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        """A field sent as null is the field left out: OpenAI's spec marks them nullable, and clients send them."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _options_need_a_stream(self) -> Sampling:
         if self.stream_options is not None and not self.stream:
