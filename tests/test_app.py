@@ -82,7 +82,7 @@ def test_slider_resizes_the_committee_and_telemetry_reaches_map_and_log(window: 
     window.reply_settings.max_tokens.setValue(16)
     _run_reply(loop, window, "Swap some experts please")
     window.session.drain()
-    assert window.log.table.rowCount() > 0  # swap events arrived
+    assert window.log.rows.rowCount() > 0  # swap events arrived
     shown = dict(window.map.resident.items())
     assert shown == {layer: set(experts) for layer, experts in engine.residency().resident.items()}
     assert all(len(v) <= engine.residency().capacity[k] for k, v in shown.items())
@@ -813,3 +813,30 @@ def test_a_reply_that_calls_a_tool_shows_the_call_not_its_tags(qtbot) -> None:
     assert "Tool call: get_weather" in text and '"city": "Oslo"' in text and "<tool_call>" not in text
     written = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
     assert view.texts() == [written]  # what is kept and copied is what the model wrote
+
+
+def test_the_swap_log_keeps_the_newest_rows_newest_first_and_filters_by_layer(qtbot) -> None:
+    from PySide6.QtCore import Qt
+
+    from expertswap.app.swap_log import COLUMNS, MAX_ROWS, REASONS, SwapLog
+
+    log = SwapLog()
+    qtbot.addWidget(log)
+    log.set_layers([0, 1])
+    swap = COLUMNS.index("in")
+    for frame in range(3):  # frames of 400 swaps, as the minimum budget sends
+        log.add([SimpleNamespace(layer=i % 2, expert_in=frame * 400 + i, expert_out=-1, bytes=1024, ms=0.5,
+                                 reason="miss") for i in range(400)])
+    rows = log.rows
+    assert rows.rowCount() == MAX_ROWS
+    shown = [int(rows.data(rows.index(r, swap))) for r in range(rows.rowCount())]
+    assert shown == list(range(1199, 1199 - MAX_ROWS, -1))  # the newest first, the oldest gone
+    reason = rows.index(0, COLUMNS.index("reason"))
+    assert rows.data(reason) == "miss" and rows.data(reason, Qt.ItemDataRole.ToolTipRole) == REASONS["miss"]
+    assert "prefetch:" in rows.headerData(COLUMNS.index("reason"), Qt.Orientation.Horizontal,
+                                          Qt.ItemDataRole.ToolTipRole)
+    log.filter.setCurrentIndex(2)  # layer 1
+    layers = {rows.data(rows.index(r, COLUMNS.index("layer"))) for r in range(rows.rowCount())}
+    assert layers == {"1"} and rows.rowCount() == MAX_ROWS // 2
+    log.set_layers([0, 1])  # a new engine: the old swaps go
+    assert rows.rowCount() == 0 and log.filter.currentData() is None

@@ -68,7 +68,7 @@ def test_a_remote_expertswap_chats_and_its_panels_follow_it(remote_window: MainW
     rows = sqlite3.connect(tmp_path / "conversations.sqlite3").execute(
         "SELECT role, content FROM messages ORDER BY id").fetchall()
     assert rows == [("user", "Hello over there"), ("assistant", "".join(chunks))]
-    qtbot.waitUntil(lambda: (win.session.drain(), win.log.table.rowCount())[1] > 0, timeout=5000)  # remote swaps
+    qtbot.waitUntil(lambda: (win.session.drain(), win.log.rows.rowCount())[1] > 0, timeout=5000)  # remote swaps
 
     win.budget.slider.setValue(0)  # the minimum committee, asked of the server off the GUI thread
     loop.run_until_complete(_until(lambda: engine.budget_bytes == engine.minimum_budget_bytes))
