@@ -156,11 +156,10 @@ def test_the_budget_panel_explains_its_controls_and_says_whether_the_model_fits(
     sample = window.session.engine.watcher.sample()  # the engine's own: what following free memory would set
     assert 0 < sample.follow_bytes <= window.session.engine.total_expert_bytes
     window._show_memory(sample)
-    assert panel.fit.text().splitlines()[1] == \
-        f"follow free memory would set {format_bytes(sample.follow_bytes)} (free less a margin)"
+    assert panel.follow.text() == f"Follow free memory (would set {format_bytes(sample.follow_bytes)})"
     panel.follow.setChecked(True)
     window._show_memory(sample)
-    assert panel.fit.text().splitlines()[1].startswith("following free memory: budget ")
+    assert panel.follow.text() == f"Follow free memory (budget {format_bytes(sample.follow_bytes)})"
     QApplication.processEvents()
 
 

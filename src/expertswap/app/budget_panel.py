@@ -129,12 +129,11 @@ class BudgetPanel(QWidget):
         """Whether the model fits: the app's memory, the experts against the budget, what is free (VRAM on a GPU)."""
         free = (f"{format_bytes(sample.cuda_free_bytes)} VRAM free" if cuda
                 else f"{format_bytes(sample.available_ram_bytes)} RAM free")
-        text = (f"App {format_bytes(sample.rss_bytes)} · experts {format_bytes(sample.resident_expert_bytes)}"
-                f" of {format_bytes(sample.budget_bytes)} · {free}")
+        self.fit.setText(f"App {format_bytes(sample.rss_bytes)} · experts {format_bytes(sample.resident_expert_bytes)}"
+                         f" of {format_bytes(sample.budget_bytes)} · {free}")
         if sample.follow_bytes:  # what the checkbox does, in this machine's figures, before it is ticked
-            verb = "following free memory: budget" if self.follow.isChecked() else "follow free memory would set"
-            text += f"\n{verb} {format_bytes(sample.follow_bytes)} (free less a margin)"
-        self.fit.setText(text)
+            aim = format_bytes(sample.follow_bytes)
+            self.follow.setText(f"Follow free memory ({'budget' if self.follow.isChecked() else 'would set'} {aim})")
 
     def _policy_moved(self) -> None:
         policy = self.policy.currentText()
