@@ -361,3 +361,28 @@ def test_calls_are_read_out_of_a_stream_however_it_is_cut_and_text_around_them_p
                                  [WEATHER["function"]], native=False)
     assert tools is None and folded[0]["content"].startswith("Be brief.\n\nYou may call")
     assert '"name": "get_weather"' in folded[0]["content"] and folded[1] == {"role": "user", "content": "Hi"}
+
+
+def test_the_async_client_streams_tool_calls_json_and_logprobs(server: Server) -> None:
+    import asyncio
+
+    async def run() -> tuple[list, str, list]:
+        async with openai.AsyncOpenAI(base_url=server.url, api_key=KEY, max_retries=0) as client:
+            calls: list = []
+            async for chunk in await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                    tool_choice="required", max_tokens=400, stream=True):
+                calls += chunk.choices[0].delta.tool_calls or [] if chunk.choices else []
+            text = ""
+            async for chunk in await client.chat.completions.create(
+                    model="tiny", messages=MESSAGES, max_tokens=80, stream=True, response_format={
+                        "type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA}}):
+                text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            whole = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3,
+                                                         temperature=0, logprobs=True, top_logprobs=1)
+            return calls, text, whole.choices[0].logprobs.content
+
+    calls, text, logprobs = asyncio.run(run())
+    assert [c.function.name for c in calls] == ["get_weather"] and "city" in json.loads(calls[0].function.arguments)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert len(logprobs) == 3 and all(len(e.top_logprobs) == 1 for e in logprobs)
