@@ -340,7 +340,7 @@ def test_a_template_that_speaks_tools_renders_them_itself_with_parsed_arguments(
                                                 "max_tokens": 2})
     assert answer.status_code == 200, answer.text
     prompt = prompts[-1]
-    assert '<tools>{"name": "get_weather"' in prompt and "You may call" not in prompt
+    assert '<tools>{"type": "function", "function": {"name": "get_weather"' in prompt and "You may call" not in prompt
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in prompt
     assert "<tool_response>21 C</tool_response>" in prompt
 
@@ -386,3 +386,49 @@ def test_the_async_client_streams_tool_calls_json_and_logprobs(server: Server) -
     assert [c.function.name for c in calls] == ["get_weather"] and "city" in json.loads(calls[0].function.arguments)
     jsonschema.validate(json.loads(text), SCHEMA)
     assert len(logprobs) == 3 and all(len(e.top_logprobs) == 1 for e in logprobs)
+
+
+def test_tool_schemas_with_references_and_all_of_give_valid_calls(server: Server) -> None:
+    """Pydantic writes ``$defs`` and ``$ref``; a call's grammar keeps them pointing where they went, and leaves an
+    ``allOf``'s parts open (each closed would refuse the others' properties)."""
+    where = {"type": "function", "function": {"name": "where", "parameters": {
+        "type": "object", "required": ["place"], "properties": {"place": {"$ref": "#/$defs/Place"}},
+        "$defs": {"Place": {"type": "object", "required": ["city"], "properties": {
+            "city": {"type": "string", "maxLength": 8}}}}}}}
+    both = {"type": "function", "function": {"name": "both", "parameters": {"allOf": [
+        {"type": "object", "required": ["a"], "properties": {"a": {"enum": ["x", "y"]}}},
+        {"type": "object", "required": ["b"], "properties": {"b": {"type": "boolean"}}}]}}}
+    client = server.client()
+    for tool in (where, both):
+        for seed in range(2):
+            reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Go"}],
+                                                   tools=[tool], tool_choice="required", max_tokens=400,
+                                                   temperature=1.0, seed=seed)
+            call = reply.choices[0].message.tool_calls[0]
+            resolved = {**tool["function"]["parameters"]}
+            jsonschema.validate(json.loads(call.function.arguments), resolved)
+
+
+def test_what_the_engine_would_refuse_is_a_400_before_a_stream_opens_and_requests_are_bounded(server: Server) -> None:
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    for body in ({"response_format": bad_schema}, {"logit_bias": {str(server.engine.vocab_size): 1}}):
+        answer = _post(server, "chat/completions", {"model": "tiny", "messages": MESSAGES, "stream": True, **body})
+        assert answer.status_code == 400 and answer.json()["error"]["message"], body
+    many = _post(server, "chat/completions", {"model": "tiny", "messages": MESSAGES,
+                                              "logit_bias": {str(i): 1 for i in range(2000)}})
+    assert many.status_code == 400 and many.json()["error"]["param"] == "logit_bias"
+    prompts = _post(server, "completions", {"model": "tiny", "prompt": ["a"] * 5, "n": 4})
+    assert prompts.status_code == 400 and "at most 16" in prompts.json()["error"]["message"]
+    cold = _post(server, "chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 3,
+                                              "temperature": 1e-39})
+    assert cold.status_code == 200  # as good as greedy, and no overflow
+
+
+def test_a_call_whose_arguments_are_not_an_object_stays_text() -> None:
+    from expertswap.protocol import CallReader
+
+    reader = CallReader()
+    text = reader.feed('<tool_call>{"name": "f", "arguments": "city=Paris"}</tool_call>') + reader.finish()
+    assert not reader.calls and text == '<tool_call>{"name": "f", "arguments": "city=Paris"}</tool_call>'
+    reader.feed('<tool_call>{"name": "f", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>')
+    assert [json.loads(c.arguments) for c in reader.calls] == [{"city": "Paris"}]  # JSON text of an object

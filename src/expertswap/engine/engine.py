@@ -197,6 +197,16 @@ class Engine:
         tokenizer = self._require_tokenizer()
         return [str(tokenizer.decode([token], skip_special_tokens=False)) for token in ids]
 
+    def check_settings(self, settings: SamplingSettings) -> None:
+        """Raise the ``SettingsError`` a reply with ``settings`` would (a bias past the vocabulary, a grammar
+        that cannot be used), before one starts."""
+        self.decoder.check(settings)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The tokens that end a reply (the model's end of turn)."""
+        return frozenset(self.decoder.stop_ids)
+
     @property
     def vocab_size(self) -> int:
         """Token ids run from 0 to this, less one: the rows of the model's logits."""

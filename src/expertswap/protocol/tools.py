@@ -70,7 +70,7 @@ def for_template(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, A
                 message["tool_calls"] = [{"type": "function", "id": c["id"], "function": {
                     "name": c["name"], "arguments": _parsed(c["arguments"])}} for c in message["tool_calls"]]
             out.append(message)
-        return out, list(tools) if tools else None
+        return out, [{"type": "function", "function": dict(t)} for t in tools] if tools else None
     folded: list[dict[str, Any]] = []
     for message in messages:
         role, content = message["role"], message.get("content") or ""
@@ -101,27 +101,59 @@ def call_grammar(tools: Sequence[dict[str, Any]], only: str | None = None, most:
     """A Lark grammar (llguidance's dialect) whose sentences are one to ``most`` calls of ``tools`` (of ``only``,
     when named), each with arguments matching its function's parameters. Bounded, so that a model that would
     call on and on still ends its turn; and an object's properties are the ones its schema names unless it says
-    otherwise (``additionalProperties``), as OpenAI's calls are, so that a call is what the function takes."""
-    shapes = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-               "properties": {"name": {"const": t["name"]},
-                              "arguments": _closed(t.get("parameters") or {"type": "object", "properties": {}})}}
-              for t in tools if only is None or t["name"] == only]
-    schema = {"anyOf": shapes, "x-guidance": COMPACT} if len(shapes) > 1 else {**shapes[0], "x-guidance": COMPACT}
+    otherwise (``additionalProperties``), as OpenAI's calls are, so that a call is what the function takes.
+
+    Each function has a rule of its own (``%json`` of its call), its parameters under ``arguments`` with their
+    local references (``$ref: "#/$defs/..."``, ``"#"``) moved there with them."""
+    chosen = [t for t in tools if only is None or t["name"] == only]
+    bodies = []
+    for n, tool in enumerate(chosen):
+        parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+        shape = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                 "properties": {"name": {"const": tool["name"]},
+                                "arguments": _rebased(_closed(parameters), "#/properties/arguments")},
+                 "x-guidance": COMPACT}
+        bodies.append(f"body{n}: %json {json.dumps(shape)}")
     calls = " | ".join(" \"\\n\" ".join(["call"] * k) for k in range(1, most + 1))
-    return (f"start: {calls}\ncall: {json.dumps(OPEN)} body {json.dumps(CLOSE)}\n"
-            f"body: %json {json.dumps(schema)}\n")
+    choices = " | ".join(f"body{n}" for n in range(len(bodies)))
+    return f"start: {calls}\ncall: {json.dumps(OPEN)} ({choices}) {json.dumps(CLOSE)}\n" + "\n".join(bodies) + "\n"
+
+
+SUBSCHEMAS = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
+SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")  # alternatives each closed; allOf's parts are not (see _closed)
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 
 
 def _closed(schema: Any) -> Any:
-    """``schema`` with every object that lists its properties and says nothing of others closed to others."""
-    if isinstance(schema, list):
-        return [_closed(item) for item in schema]
+    """``schema`` with every object that lists its properties and says nothing of others closed to others. Only
+    schema positions are visited: a literal (``const``, ``enum``, ``default``) stays as written, and ``allOf``'s
+    parts stay open, since each closed would refuse the others' properties."""
     if not isinstance(schema, dict):
         return schema
-    closed = {key: _closed(value) for key, value in schema.items()}
-    if "properties" in closed and "additionalProperties" not in closed:
+    closed = dict(schema)
+    for key in SUBSCHEMAS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = _closed(closed[key])
+    for key in SCHEMA_LISTS:
+        if isinstance(closed.get(key), list):
+            closed[key] = [_closed(item) for item in closed[key]]
+    for key in SCHEMA_MAPS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = {name: _closed(sub) for name, sub in closed[key].items()}
+    if "properties" in closed and "additionalProperties" not in closed and "allOf" not in closed:
         closed["additionalProperties"] = False
     return closed
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """``schema`` moved under ``root``: every local ``$ref`` (``#...``) points where its target went."""
+    if isinstance(schema, list):
+        return [_rebased(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    moved = {key: (root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+                   else _rebased(value, root)) for key, value in schema.items()}
+    return moved
 
 
 class CallReader:
@@ -188,7 +220,8 @@ def _partial_tag(text: str) -> int:
 
 
 def parse_call(body: str) -> ToolCall | None:
-    """The call written between the tags, or None when it is not one (not JSON, no name)."""
+    """The call written between the tags, or None when it is not one: not JSON, no name, or arguments that are
+    not an object (nor a JSON text of one), which no client could pass to its function."""
     try:
         value = json.loads(body)
     except ValueError:
@@ -196,5 +229,8 @@ def parse_call(body: str) -> ToolCall | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(value["name"], text, ToolCall.new_id())
+    if isinstance(arguments, str):
+        arguments = _parsed(arguments)
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False), ToolCall.new_id())

@@ -100,8 +100,9 @@ class AnthropicReply(Reply):
         async with contextlib.aclosing(self.pieces(choice)) as pieces:
             async for piece, _held in pieces:
                 text.append(piece)
-        content: list[dict[str, Any]] = [{"type": "text", "text": "".join(text), "citations": None}] \
-            if "".join(text) else []
+        whole = "".join(text)
+        shown = whole.strip() or (whole and not choice.calls)  # the newline between calls is no text block
+        content: list[dict[str, Any]] = [{"type": "text", "text": whole, "citations": None}] if shown else []
         content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": json.loads(c.arguments),
                      "caller": {"type": "direct"}} for c in choice.calls]
         return {**self._start(), "content": content, **self._stop(choice), "usage": self.usage()}

@@ -78,6 +78,8 @@ class Replies:
         await self.turns.take()
         try:
             prompts = await self._encoded(encode, field)
+            # a grammar or bias the engine would refuse is a 400 here, before a stream's headers go out
+            await asyncio.get_running_loop().run_in_executor(self.encoder, self.engine.check_settings, settings)
             longest = max(len(ids) for ids in prompts)
             if settings.seed is None and self.seeds is not None:  # in the order requests run: reproducible
                 settings = dataclasses.replace(settings, seed=next(self.seeds))

@@ -62,6 +62,7 @@ class Choice:
     cached: int = 0
     finish: str = "length"
     stop_sequence: str | None = None  # the one that ended it
+    offset: int = 0  # characters of text the legacy logprobs have counted
     calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
 
@@ -76,6 +77,7 @@ class Reply:
         self.keep = max((len(s) - 1 for s in stops), default=0)  # text held back: a stop may be forming
         self.choices = [Choice(p * shape.n + i, ids, _seeded(settings, i)) for p, ids in enumerate(prompts)
                         for i in range(shape.n)]
+        self.stop_ids = engine.stop_ids
         self.id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -90,7 +92,7 @@ class Reply:
                 if choice.tokens == 0:
                     choice.cached = self.engine.last_reply.cached_prompt_tokens
                 choice.tokens += 1
-                if chunk.logprob is not None:
+                if chunk.logprob is not None and chunk.token_id not in self.stop_ids:  # OpenAI lists no end token
                     held.append((chunk.token_id, chunk.logprob))
                 text += chunk.text
                 found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
@@ -103,8 +105,8 @@ class Reply:
                     held = []
                 if cut >= 0:
                     break
-        if cut >= 0 or choice.tokens < choice.settings.max_new_tokens:
-            choice.finish = "stop"  # a stop sequence, or the model ended its reply
+        if cut >= 0 or choice.tokens < choice.settings.max_new_tokens or self.engine.last_finish == "stop":
+            choice.finish = "stop"  # a stop sequence, or the model ended its reply (at the limit too)
         rest = _outside_calls(reader, text[sent:]) if cut < 0 else ""  # the tail held back for a stop
         if reader is not None:
             rest += reader.finish()
@@ -140,8 +142,8 @@ class Reply:
     def _whole_choice(self, choice: Choice, text: str, logprobs: list[tuple[int, TokenLogprob]]) -> dict[str, Any]:
         if not self.shape.chat:
             return {"index": choice.index, "text": text, "finish_reason": choice.finish,
-                    "logprobs": self._legacy_logprobs(logprobs) if self.shape.logprobs else None}
-        message: dict[str, Any] = {"role": "assistant", "content": text if text or not choice.calls else None,
+                    "logprobs": self._legacy_logprobs(logprobs, choice) if self.shape.logprobs else None}
+        message: dict[str, Any] = {"role": "assistant", "content": text if text.strip() or not choice.calls else None,
                                    "refusal": None, "annotations": []}
         if choice.calls:
             message["tool_calls"] = [_call(call) for call in choice.calls]
@@ -173,7 +175,7 @@ class Reply:
                finish: str | None = None) -> str:
         if not self.shape.chat:
             body = {"index": choice.index, "text": delta.get("content", ""), "finish_reason": finish,
-                    "logprobs": self._legacy_logprobs(held or []) if self.shape.logprobs else None}
+                    "logprobs": self._legacy_logprobs(held or [], choice) if self.shape.logprobs else None}
             return self._event([body])
         logprobs = self._chat_logprobs(held or []) if held else None
         return self._event([{"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
@@ -199,13 +201,14 @@ class Reply:
         return {"content": [{**entry(token, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
                             for token, lp in held], "refusal": None}
 
-    def _legacy_logprobs(self, held: list[tuple[int, TokenLogprob]]) -> dict[str, Any]:
-        """The completions API's form: parallel lists of tokens, their log-probabilities and top alternatives."""
+    def _legacy_logprobs(self, held: list[tuple[int, TokenLogprob]], choice: Choice) -> dict[str, Any]:
+        """The completions API's form: parallel lists of tokens, their log-probabilities and top alternatives;
+        offsets count from the start of the choice's text, across a stream's chunks."""
         texts = self._texts([t for t, _ in held] + [i for _, lp in held for i, _ in lp.top])
-        offsets, at = [], 0
+        offsets = []
         for token, _ in held:
-            offsets.append(at)
-            at += len(texts[token])
+            offsets.append(choice.offset)
+            choice.offset += len(texts[token])
         return {"tokens": [texts[t] for t, _ in held], "token_logprobs": [lp.logprob for _, lp in held],
                 "top_logprobs": [{texts[i]: v for i, v in lp.top} for _, lp in held], "text_offset": offsets}
 

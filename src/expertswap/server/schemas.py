@@ -14,6 +14,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 MAX_STOPS = 4  # stop sequences per request, as OpenAI takes
 SEED = 2**63  # seeds are 64-bit signed integers, as OpenAI's
 MAX_CHOICES = 4  # ``n``: choices per request; each is a reply of its own, one after another
+MAX_PROMPTS = 16  # completions: prompts x n per request (each a reply, all in one turn of the engine)
+MAX_BIASES = 1024  # logit_bias entries
 
 
 class Strict(BaseModel):
@@ -143,7 +145,8 @@ def _listed(stop: object) -> object:
 
 
 Stops = Annotated[list[str] | None, BeforeValidator(_listed), Field(max_length=MAX_STOPS)]
-Bias = dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]]
+Bias = Annotated[dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]],
+                 Field(max_length=MAX_BIASES)]
 
 
 class Sampling(Strict):
@@ -214,6 +217,8 @@ class CompletionRequest(Sampling):
     def _not_empty(self) -> CompletionRequest:
         if not self.prompt or any(not p for p in self.prompt if isinstance(p, (str, list))):
             raise ValueError("the prompt is empty")
+        if len(self.prompts()) * self.n > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} replies a request: prompts times n")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -121,8 +121,7 @@ class Decoder:
         log-probability goes to ``logprobs`` as it is picked, when the settings ask for them."""
         if not input_ids:
             raise PromptError("the prompt is empty: there is nothing to reply to")
-        if any(token >= self.vocab for token, _bias in settings.logit_bias):
-            raise SettingsError(f"logit_bias names a token past this model's vocabulary of {self.vocab}")
+        self._check_bias(settings)
         limit = self.sessions.context
         if limit is not None and len(input_ids) >= limit:
             raise PromptError(f"the prompt has {len(input_ids)} tokens; this model's context holds {limit}")
@@ -196,6 +195,16 @@ class Decoder:
         finally:
             cancel.set()
             await future  # work() never raises; a plain await also unwinds when the app's loop is quitting
+
+    def check(self, settings: SamplingSettings) -> None:
+        """What ``generate`` would refuse of ``settings`` (a bias past the vocabulary, a grammar llguidance
+        cannot use), found before a reply starts: a server answers it with a 400, not a broken stream."""
+        self._check_bias(settings)
+        self._grammar(settings)
+
+    def _check_bias(self, settings: SamplingSettings) -> None:
+        if any(token >= self.vocab for token, _bias in settings.logit_bias):
+            raise SettingsError(f"logit_bias names a token past this model's vocabulary of {self.vocab}")
 
     def _grammar(self, settings: SamplingSettings) -> Grammar | None:
         if settings.constraint is None:

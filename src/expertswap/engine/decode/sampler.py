@@ -20,6 +20,8 @@ from expertswap.protocol.sampling import REPEAT_WINDOW, SamplingSettings
 if TYPE_CHECKING:
     from expertswap.engine.decode.grammar import Grammar
 
+MIN_TEMPERATURE = 1e-4  # below it the logits over the temperature overflow: as good as greedy, and finite
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -55,7 +57,7 @@ class Sampler:
             if 0 < self.settings.top_k < scores.shape[-1]:
                 floor = scores.topk(self.settings.top_k).values[-1]
                 scores = scores.masked_fill(scores < floor, float("-inf"))
-            probs = torch.softmax(scores / self.settings.temperature, dim=-1)
+            probs = torch.softmax(scores / max(self.settings.temperature, MIN_TEMPERATURE), dim=-1)
             if self.settings.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 keep = sorted_probs.cumsum(0) - sorted_probs < self.settings.top_p
