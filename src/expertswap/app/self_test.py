@@ -107,7 +107,7 @@ async def _served_and_remote(window: MainWindow, report) -> str:
         client.reply_chunk.connect(texts.append)
         outcome = await client.reply([{"role": "user", "content": PROMPT}], window.reply_settings.sampling())
         report(f"served at {server.url}; a remote session's reply ({outcome}): {''.join(texts).strip()[:40]!r}")
-        return "".join(texts).strip() if outcome == "done" else ""
+        return "".join(texts).strip() if outcome in ("done", "length") else ""  # length: cut at its limit
     finally:
         client.close()
         window.serve_action.trigger()

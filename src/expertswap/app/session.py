@@ -48,7 +48,7 @@ class EngineSession(QObject):
     build_progress = Signal(str, int, int)
     load_failed = Signal(str)  # why, in words ("": the user cancelled the build)
     reply_chunk = Signal(str)
-    reply_finished = Signal(str)  # "done" | "stopped" | an error in words
+    reply_finished = Signal(str)  # "done" | "length" | "stopped" | an error in words
     swaps = Signal(list)  # one frame's SwapEvents, oldest first
     residency = Signal(object)
     token_stats = Signal(object)
