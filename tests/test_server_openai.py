@@ -432,3 +432,15 @@ def test_a_call_whose_arguments_are_not_an_object_stays_text() -> None:
     assert not reader.calls and text == '<tool_call>{"name": "f", "arguments": "city=Paris"}</tool_call>'
     reader.feed('<tool_call>{"name": "f", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>')
     assert [json.loads(c.arguments) for c in reader.calls] == [{"city": "Paris"}]  # JSON text of an object
+
+
+def test_a_request_without_a_limit_replies_until_the_context_is_full(server: Server) -> None:
+    """No ``max_tokens``: OpenAI's, llama.cpp's and vLLM's servers reply until the model ends or the context is
+    full, not to a cap of the server's own."""
+    engine = server.engine
+    ids = (engine.encode("The sea is wide and deep. ") * engine.context_tokens)[: engine.context_tokens - 300]
+    answer = _post(server, "completions", {"model": "tiny", "prompt": ids, "temperature": 0}).json()
+    choice, usage = answer["choices"][0], answer["usage"]
+    assert usage["completion_tokens"] > 256 or choice["finish_reason"] == "stop"
+    assert usage["total_tokens"] <= engine.context_tokens
+    assert (choice["finish_reason"] == "length") == (usage["total_tokens"] == engine.context_tokens)

@@ -26,7 +26,8 @@ from .schemas import ChatRequest, CompletionRequest, Sampling
 from .turns import Turns
 
 CHARS_PER_TOKEN = 64  # more than any tokenizer packs in one token: a longer prompt cannot fit, and is not encoded
-MAX_NEW_TOKENS = 256  # a reply's limit when the request sets none
+UNTIL_CONTEXT = 2**31 - 1  # a request that sets no limit replies until it ends or the context does, as OpenAI's
+NO_CONTEXT_LIMIT = 4096  # ... or, for a model whose context is not known, this many tokens
 
 
 class Replies:
@@ -111,7 +112,8 @@ class Replies:
         its tokens against ``max_new_tokens``."""
         context = self.engine.context_tokens
         if context is None:
-            return settings
+            return settings if settings.max_new_tokens != UNTIL_CONTEXT else dataclasses.replace(
+                settings, max_new_tokens=NO_CONTEXT_LIMIT)
         return dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, context - prompt_tokens))
 
 
@@ -119,7 +121,7 @@ def sampling(body: Sampling, limit: int | None, logprobs: int | None,
              constraint: Constraint | None = None) -> SamplingSettings:
     """The request's sampling, checked again by the engine's own rules."""
     bias = tuple(sorted((body.logit_bias or {}).items()))
-    return SamplingSettings(max_new_tokens=limit or MAX_NEW_TOKENS, temperature=body.temperature, top_p=body.top_p,
+    return SamplingSettings(max_new_tokens=limit or UNTIL_CONTEXT, temperature=body.temperature, top_p=body.top_p,
                             top_k=body.top_k, seed=body.seed, repetition_penalty=body.repetition_penalty,
                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                             logit_bias=bias, logprobs=logprobs, constraint=constraint)
