@@ -444,3 +444,19 @@ def test_a_request_without_a_limit_replies_until_the_context_is_full(server: Ser
     assert usage["completion_tokens"] > 256 or choice["finish_reason"] == "stop"
     assert usage["total_tokens"] <= engine.context_tokens
     assert (choice["finish_reason"] == "length") == (usage["total_tokens"] == engine.context_tokens)
+
+
+def test_logprob_bytes_are_each_tokens_own_even_inside_a_character(server: Server) -> None:
+    """An emoji split over tokens: each token's ``bytes`` is its part, and the parts make the character."""
+    engine = server.engine
+    ids = engine.encode("é😀 sea")
+    parts = engine.token_bytes(ids)
+    assert b"".join(parts).decode() == "é😀 sea" and any(not _decodes(p) for p in parts)
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

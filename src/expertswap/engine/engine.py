@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from expertswap.engine.decode import chat_template
 from expertswap.engine.decode.compact_step import CompactModel
@@ -196,6 +197,11 @@ class Engine:
         """Each token's own text, special tokens included (what a log-probability is reported against)."""
         tokenizer = self._require_tokenizer()
         return [str(tokenizer.decode([token], skip_special_tokens=False)) for token in ids]
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each token's own bytes: a token that holds part of a character (an emoji in pieces) has its part, which
+        its text alone cannot say (OpenAI's logprob ``bytes``)."""
+        return token_bytes(self._require_tokenizer(), ids)
 
     def check_settings(self, settings: SamplingSettings) -> None:
         """Raise the ``SettingsError`` a reply with ``settings`` would (a bias past the vocabulary, a grammar
@@ -434,6 +440,25 @@ def _close_live_engines() -> None:
     """Background threads must not be inside torch when the interpreter tears down."""
     for engine in list(_LIVE):
         engine.close()
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[bytes]:
+    """The bytes of each token: byte-level BPE (GPT-2's alphabet) mapped back, SentencePiece's ``<0xNN>`` byte
+    pieces as their byte and its ``▁`` as a space, anything else as its UTF-8."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+    out = []
+    for piece in tokenizer.convert_ids_to_tokens(list(ids)):
+        if byte_level and all(c in _BYTE_OF for c in piece):
+            out.append(bytes(_BYTE_OF[c] for c in piece))
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+_BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2's byte-level alphabet, inverted
 
 
 def _check_text(text: str) -> None:

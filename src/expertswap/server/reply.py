@@ -193,10 +193,11 @@ class Reply:
         """``{"content": [...], "refusal": None}``: each token's text, log-probability, UTF-8 bytes and rivals."""
         if not self.shape.logprobs:
             return None
-        texts = self._texts([t for t, _ in held] + [i for _, lp in held for i, _ in lp.top])
+        ids = [t for t, _ in held] + [i for _, lp in held for i, _ in lp.top]
+        texts, raw = self._texts(ids), dict(zip(ids, self.engine.token_bytes(ids), strict=True))
 
         def entry(token: int, logprob: float) -> dict[str, Any]:
-            return {"token": texts[token], "logprob": logprob, "bytes": list(texts[token].encode("utf-8"))}
+            return {"token": texts[token], "logprob": logprob, "bytes": list(raw[token])}
 
         return {"content": [{**entry(token, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
                             for token, lp in held], "refusal": None}
