@@ -217,3 +217,19 @@ def _record(outcome: list[BaseException], call: Callable[[], object]) -> None:
         call()
     except BaseException as exc:  # the test looks at what the caller got
         outcome.append(exc)
+
+
+def test_a_remote_reply_takes_the_settings_a_local_one_does(server: Server, remote: RemoteEngine) -> None:
+    """Penalties, bias, top-k and a JSON constraint reach the server; a grammar, which OpenAI's API cannot carry,
+    is a one-line refusal, not a hang."""
+    from expertswap.protocol import Constraint, SettingsError
+
+    engine = server.engine
+    shaped = SamplingSettings(max_new_tokens=8, presence_penalty=2.0, frequency_penalty=1.0, top_k=5,
+                              logit_bias=((7, -100.0),))
+    ids = engine.encode_chat(MESSAGES)
+    want = engine.decode(list(engine.generate(ids, shaped)))
+    assert _reply(remote, shaped) == want
+    assert _reply(remote, SamplingSettings(max_new_tokens=20, constraint=Constraint("json"))).startswith("{")
+    with pytest.raises(SettingsError, match="grammar"):
+        _reply(remote, SamplingSettings(constraint=Constraint("lark", 'start: "x"')))

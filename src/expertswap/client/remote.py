@@ -288,6 +288,10 @@ class RemoteEngine:
                                 "top_p": settings.top_p, "repetition_penalty": settings.repetition_penalty}
         if settings.seed is not None:
             body["seed"] = settings.seed
+        optional = {"top_k": settings.top_k, "presence_penalty": settings.presence_penalty,
+                    "frequency_penalty": settings.frequency_penalty,
+                    "logit_bias": {str(t): b for t, b in settings.logit_bias}}
+        body.update({name: value for name, value in optional.items() if value})  # OpenAI's servers may not take them
         self.last_finish = ""
         try:
             if settings.constraint is not None:
