@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer
 from PySide6.QtWidgets import QMessageBox, QTabWidget
 
 from expertswap.app.conversations import FINISH_NOTES, ConversationStore
@@ -157,19 +157,20 @@ def test_expert_map_survives_long_painting(qtbot) -> None:
     assert view.resident[0]  # still alive, state intact
 
 
+class Paints(QObject):
+    """Counts the paint events of the widgets it filters."""
+
+    count = 0
+
+    def eventFilter(self, _obj, event) -> bool:
+        Paints.count += event.type() == QEvent.Type.Paint
+        return False
+
+
 def test_flashing_swaps_repaint_at_the_frame_rate_and_then_stop(qtbot) -> None:
     """A repaint asked for by every paint kept the GUI thread busy and decoding slow: flashes fade on a frame timer,
     which stops once they are gone."""
-    from PySide6.QtCore import QEvent, QObject
-
     from expertswap.app.expert_map import FLASH_S, FRAME_MS, ExpertMap
-
-    class Paints(QObject):
-        count = 0
-
-        def eventFilter(self, _obj, event) -> bool:
-            Paints.count += event.type() == QEvent.Type.Paint
-            return False
 
     view = ExpertMap()
     qtbot.addWidget(view)
@@ -197,16 +198,7 @@ def test_the_map_paints_at_most_once_a_frame_however_fast_telemetry_comes(qtbot)
     """Snapshots and swaps every 5 ms (faster than any drain) still paint the map once a ``FRAME_MS``."""
     import time
 
-    from PySide6.QtCore import QEvent, QObject, QTimer
-
     from expertswap.app.expert_map import FRAME_MS, ExpertMap
-
-    class Paints(QObject):
-        count = 0
-
-        def eventFilter(self, _obj, event) -> bool:
-            Paints.count += event.type() == QEvent.Type.Paint
-            return False
 
     view = ExpertMap()
     qtbot.addWidget(view)
@@ -216,6 +208,7 @@ def test_the_map_paints_at_most_once_a_frame_however_fast_telemetry_comes(qtbot)
                                last_token={0: [0]})
     view.show_residency(snapshot)
     qtbot.waitUntil(lambda: not view._frames.isActive(), timeout=3000)
+    Paints.count = 0
     view.installEventFilter(paints := Paints())
     sent = 0
 

@@ -151,9 +151,8 @@ def _rebased(schema: Any, root: str) -> Any:
         return [_rebased(item, root) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    moved = {key: (root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
-                   else _rebased(value, root)) for key, value in schema.items()}
-    return moved
+    return {key: (root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+                  else _rebased(value, root)) for key, value in schema.items()}
 
 
 class CallReader:

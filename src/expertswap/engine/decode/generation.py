@@ -29,7 +29,7 @@ def decode_loop(
     for step in range(max_new_tokens):
         if cancel.is_set():
             return
-        if step == 1 and sampler.plain_greedy and session.runs_ahead():
+        if step == 1 and sampler.settings.plain_greedy and session.runs_ahead():
             yield from _greedy_ahead(session, tokens[0], max_new_tokens - 1, stop_ids, cancel, guard)
             return
         logits = guard.run(functools.partial(session.run, tokens), is_prefill=step == 0, session=session)

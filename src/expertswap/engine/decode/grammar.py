@@ -42,11 +42,6 @@ class Grammar:
         self.matcher.consume_token(token)
         self._check()
 
-    @property
-    def complete(self) -> bool:
-        """The reply so far is a whole sentence of the grammar."""
-        return bool(self.matcher.is_accepting())
-
     def _check(self) -> None:
         if self.matcher.is_error():
             raise SettingsError(f"the output grammar failed: {self.matcher.get_error()}")

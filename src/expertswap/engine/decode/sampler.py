@@ -43,10 +43,6 @@ class Sampler:
         self.logprobs = logprobs  # appended to, one per pick, when the settings ask for them
         self._bias: torch.Tensor | None = None
 
-    @property
-    def plain_greedy(self) -> bool:
-        return self.settings.plain_greedy
-
     def pick(self, logits: torch.Tensor) -> int:
         """The next token from one row of logits; it is then counted, and fed to the grammar."""
         raw = logits.float()
