@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     llama.add_argument("--repeats", type=int, default=3)
     llama.add_argument("--budgets", nargs="+", default=["100%", "50%", "25%"])
     llama.add_argument("--cap-mib", type=int, default=None, help="run every contender under this memory cap")
-    llama.add_argument("--quantize", nargs="*", default=[], help="also ExpertSwap with its experts quantised so")
+    llama.add_argument("--quantize", nargs="*", default=[],
+                       help="also ExpertSwap with its experts quantised so (KIND+dense: the other weights in int8 too)")
     exact = sub.add_parser("exact-budgets", help="greedy tokens at every budget vs full residency, at full depth")
     exact.add_argument("--model", choices=["olmoe-shape", "qwen3-shape"], default="olmoe-shape")
     exact.add_argument("--device", choices=["cpu", "cuda"], default="cuda")

@@ -5,7 +5,8 @@
 KIND is ``floor`` (the runtime alone: torch, transformers, the engine and the tokenizer, no weights),
 ``full``, ``accelerate`` (device_map="auto" with max_memory = non-expert bytes + budget, the rest
 offloaded the Hugging Face way), ``lru`` (on-demand loading into a per-layer LRU cache, no importance, no
-background swapper: mixtral-offloading's design, on ExpertSwap's loader) or ``expertswap:POLICY[:QUANTISATION]``.
+background swapper: mixtral-offloading's design, on ExpertSwap's loader) or ``expertswap:POLICY[:QUANTISATION]``
+(QUANTISATION ``KIND+dense``: the weights outside the experts in int8 too, ``--dense int8``).
 """
 
 from __future__ import annotations
@@ -92,13 +93,15 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
 
 def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str, lru: bool = False,
                    quantize: str | None = None) -> dict:
+    kind, _, dense = (quantize or "").partition("+")
     from expertswap.engine import Engine
     from expertswap.protocol import SamplingSettings
 
     # on a GPU every expert waits in pinned host RAM, as accelerate keeps its offloaded layers in RAM
     engine = Engine.load(folder, budget=budget, policy=policy, device=device, dtype=run_dtype(device),
                          ram_tier=device.startswith("cuda"), skip_threshold=0.3 if policy == "skip" else 0.0,
-                         swapper=not lru, eviction="lru" if lru else "importance", quantize=quantize)
+                         swapper=not lru, eviction="lru" if lru else "importance", quantize=kind or None,
+                         dense="int8" if dense else None)
     ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
     out, times = [], []
     last = time.perf_counter()

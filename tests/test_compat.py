@@ -51,3 +51,14 @@ def test_transformers_still_reads_the_config_and_module_flags(tiny_model) -> Non
     assert hasattr(experts, "_is_expert_parallel")
     compat.set_expert_parallel(experts, True)
     assert experts._is_expert_parallel is True
+
+
+@pytest.mark.parametrize("op", ["aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+                                "aten::_convert_weight_to_int4pack_for_cpu", "quantized::linear_prepack",
+                                "quantized::linear_dynamic", "quantized::linear_unpack"])
+def test_the_integer_kernels_are_still_there(op: str) -> None:
+    """packed.py's int8 and int4 kernels are torch's private (or deprecated) ops: tests/test_quantize.py checks their
+    arithmetic, this names the one a torch upgrade removed."""
+    namespace, name = op.split("::")
+    assert hasattr(getattr(torch.ops, namespace), name), f"torch {torch.__version__} has no {op}"
+    assert hasattr(torch, "_make_per_channel_quantized_tensor")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM
 
+from expertswap.engine.weights.packed import INT8_ACTIVATIONS, Int8Matrix
 from expertswap.engine.weights.quantize import dequantize, quantize, quantized_nbytes
 from expertswap.models import fit_report
 from expertswap.protocol import QUANTIZATIONS, SettingsError, UnsupportedArchitectureError
@@ -17,7 +22,7 @@ IDS = [1, 5, 9, 13, 2, 7, 11, 3]
 
 def _dequantised_reference(folder, kind: str):
     """transformers' model with every expert matrix replaced by what quantising and dequantising it gives."""
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager").eval()
     for module in model.modules():
         if not isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
             continue
@@ -30,6 +35,39 @@ def _dequantised_reference(folder, kind: str):
     return model
 
 
+def _seven_bits(rows: torch.Tensor) -> torch.Tensor:
+    """Each row as the int8 kernel sees it: quantised alone to 0..127 with torch's own scale and zero point."""
+    out = []
+    for row in rows.reshape(-1, rows.shape[-1]).float():
+        step, zero = torch._choose_qparams_per_tensor(row, True)
+        out.append((torch.clamp(torch.round(row.double() / step) + zero, 0, 127) - zero) * step)
+    return torch.stack(out).reshape(rows.shape).to(rows.dtype)
+
+
+class _SevenBitExperts(TorchFunctionMode):
+    """The reference's expert matmuls (transformers' eager loop, ``F.linear`` on one expert's matrix) see their
+    activations as the int8 kernel does."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.storages = {p.untyped_storage().data_ptr() for m in model.modules() if hasattr(m, "gate_up_proj")
+                         for n, p in m.named_parameters(recurse=False) if not n.endswith("_bias")}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and args[1].untyped_storage().data_ptr() in self.storages:
+            args = (_seven_bits(args[0]), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
+def _reference_logits(folder, kind: str) -> torch.Tensor:
+    """The dequantised model's logits, with int8's 7-bit activations where the engine's int8 kernel computes."""
+    model = _dequantised_reference(folder, kind)
+    transposed = any(getattr(m, "is_transposed", False) for m in model.modules())
+    with torch.no_grad(), (_SevenBitExperts(model) if kind == "int8" and INT8_ACTIVATIONS and not transposed
+                           else contextlib.nullcontext()):
+        return model(torch.tensor([IDS])).logits[0]
+
+
 TINY_KINDS = [k for k in QUANTIZATIONS if k not in ("int4-g64", "int4-g128")]  # the tiny experts are 32 wide
 
 
@@ -37,8 +75,7 @@ TINY_KINDS = [k for k in QUANTIZATIONS if k not in ("int4-g64", "int4-g128")]  #
 @pytest.mark.parametrize("kind", TINY_KINDS)
 def test_quantised_slots_give_the_dequantised_models_logits(tiny_model, open_engine, family: str, kind: str) -> None:
     folder = tiny_model(family)
-    with torch.no_grad():
-        want = _dequantised_reference(folder, kind)(torch.tensor([IDS])).logits[0]
+    want = _reference_logits(folder, kind)
     for budget in ("100%", "50%"):
         engine = open_engine(folder, budget=budget, quantize=kind, swapper=False)
         torch.testing.assert_close(engine.logits(IDS), want, rtol=1e-4, atol=1e-4)
@@ -113,24 +150,56 @@ def test_lowbit_computes_misses_from_the_nf4_copy_and_loads_nothing_while_decodi
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_int8_experts_go_to_the_int8_kernel_as_they_lie_on_the_cpu(tiny_model, open_engine) -> None:
-    """No dequantising per token: the slots hold int8 codes and bf16 row scales, the kernel multiplies them, and
-    every budget gives the bits of 100% (same bytes, same kernel, same rows per expert)."""
-    from expertswap.engine.weights.packed import Int8Matrix
+def _seven_bit_reference(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernel computes, by hand: 7-bit rows times the codes, summed exactly, then the row scales."""
+    return (_seven_bits(rows.double()) @ codes.double().t()) * scale.double()
 
+
+@pytest.mark.skipif(not INT8_ACTIVATIONS, reason="torch here has no int8 x int8 kernel")
+def test_int8_kernel_quantises_each_row_alone_and_sums_integers() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256) * 0.05
+    packed = quantize({"w": weight}, "int8")
+    codes, scale = packed["w.q"], packed["w.scale"]
+    matrix = Int8Matrix.pack(codes, scale)
+    rows = torch.randn(5, 256) * torch.tensor([[0.1], [1.0], [10.0], [3.0], [0.5]])
+    got = matrix(rows)
+    torch.testing.assert_close(got.double(), _seven_bit_reference(rows, codes, scale), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[2:3], matrix(rows[2:3]))  # a row's result does not depend on the rows beside it
+    back_codes, back_scale = matrix.portable()  # the store's form comes back bit for bit from the kernel's copy
+    assert torch.equal(back_codes, codes) and torch.equal(back_scale, scale)
+
+
+def test_int8_experts_go_to_the_int8_kernel_as_they_lie_on_the_cpu(tiny_model, open_engine) -> None:
+    """No dequantising per token: the slots hold the int8 kernel's copy of the codes and bf16 row scales, and every
+    budget gives the bits of 100% (same bytes, same kernel, each row computed alone). The store lends its copy to
+    the slot that holds an expert, so an expert is held once, and gets it back when the expert leaves."""
     folder = tiny_model("qwen3_moe")
     full = open_engine(folder, budget="100%", quantize="int8", dtype="bfloat16", swapper=False)
     half = open_engine(folder, budget="50%", quantize="int8", dtype="bfloat16", swapper=False)
     logits = full.logits(IDS)
     committee = full.committees[0]
     weights = committee.storage.weights(0)
-    assert isinstance(weights["gate_up_proj"], Int8Matrix) and weights["gate_up_proj"].codes.dtype == torch.int8
-    assert weights["gate_up_proj"].scale.dtype == torch.bfloat16
+    assert isinstance(weights["gate_up_proj"], Int8Matrix) and weights["gate_up_proj"].scale.dtype == torch.bfloat16
     assert committee.resident_bytes == committee.capacity * committee.spec.expert_bytes  # codes + scales, no more
+    if INT8_ACTIVATIONS:
+        assert full.store.host_bytes == 0  # every expert is in a slot: none is held twice
     assert torch.equal(half.logits(IDS), logits)
-    with torch.no_grad():
-        want = _dequantised_reference(folder, "int8").to(torch.bfloat16)(torch.tensor([IDS])).logits[0]
-    torch.testing.assert_close(logits.float(), want.float(), atol=0.05, rtol=0.05)  # bf16 arithmetic, two orders
+    small = half.committees[0]
+    assert small.capacity < small.num_experts and small.storage.lends == INT8_ACTIVATIONS
+    before = set(small.resident_experts)
+    half.set_budget(half.minimum_budget_bytes)  # a shrink evicts residents: the store gets them back
+    half.logits(IDS)
+    after = set(small.resident_experts)
+    assert before - after
+    for expert in before | after:
+        kept = half.store.kept(small.layer, expert)
+        if expert in after:
+            assert (kept is None) == INT8_ACTIVATIONS  # lent while resident
+        else:  # given back as a fresh read gives it
+            assert kept is not None
+            fresh = quantize(small.spec.unpack(kept), "int8")
+            assert all(torch.equal(kept[name], fresh[name]) for name in kept)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +237,47 @@ def test_int4_groups_that_do_not_tile_the_experts_are_refused_before_a_read(tiny
 
     with pytest.raises(UnsupportedArchitectureError, match="int4-g64 needs a multiple of 16 rows"):
         Engine.load(tiny_model("qwen3_moe"), quantize="int4-g64")
+
+
+def _dense_int8_reference(folder) -> torch.Tensor:
+    """``--quantize int8 --dense int8`` by hand: transformers' model with its experts and every matrix outside them
+    but the routers (attention, shared experts, the output layer) quantised and dequantised, each of them fed
+    7-bit activations as the int8 kernel sees them. In float64: a rounding step is a cliff, and float32's own
+    rounding can push an activation over one (a test model showed it) where the engine's does not."""
+    model = _dequantised_reference(folder, "int8").double()
+    if model.lm_head.weight is model.get_input_embeddings().weight:  # the head gets its own copy, the embedding stays
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    dense = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and name.rpartition(".")[2] not in ("gate", "shared_expert_gate")]
+    for module in dense:
+        plain = quantize({"w": module.weight.data}, "int8")
+        module.weight.data = dequantize(plain, "int8", {"w": tuple(module.weight.shape)}, module.weight.dtype)["w"]
+    mode = _SevenBitExperts(model)
+    mode.storages |= {m.weight.untyped_storage().data_ptr() for m in dense}
+    with torch.no_grad(), mode:
+        return model(torch.tensor([IDS])).logits[0].float()
+
+
+@pytest.mark.skipif(not INT8_ACTIVATIONS, reason="torch here has no int8 x int8 kernel")
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral"])
+def test_dense_int8_quantises_every_matrix_outside_the_experts_but_the_routers(tiny_model, open_engine,
+                                                                             family: str) -> None:
+    folder = tiny_model(family)
+    want = _dense_int8_reference(folder)
+    full = open_engine(folder, budget="100%", quantize="int8", dense="int8", swapper=False)
+    logits = full.logits(IDS)
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    assert isinstance(full.compact.layers[0].attention.qkv.weight, Int8Matrix)
+    half = open_engine(folder, budget="50%", quantize="int8", dense="int8", swapper=False)
+    assert torch.equal(half.logits(IDS), logits)
+
+
+def test_dense_int8_needs_quantised_experts_the_cpu_and_the_compact_step(tiny_model) -> None:
+    from expertswap.engine import Engine
+
+    with pytest.raises(SettingsError, match="goes with quantised experts"):
+        Engine.load(tiny_model("olmoe"), dense="int8")
+    with pytest.raises(SettingsError, match="unknown dense quantisation"):
+        Engine.load(tiny_model("olmoe"), quantize="int8", dense="int4")
+    with pytest.raises(UnsupportedArchitectureError, match="--dense int8 is not supported for"):
+        Engine.load(tiny_model("deepseek_v3"), quantize="int8", dense="int8")

@@ -22,6 +22,9 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=POLICIES, default=POLICIES[0], help="what a missing expert does")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                         help="quantise the experts when read: more of them per byte, but no longer the original model")
+    parser.add_argument("--dense", choices=("int8",), default=None,
+                        help="with --quantize, on the CPU: int8 for the weights outside the experts too (attention, "
+                        "dense MLPs, the output layer), as llama.cpp's Q8_0")
     parser.add_argument("--device", default=default_device(),
                         help="cpu or cuda (default: %(default)s, cuda where torch sees a GPU)")
     parser.add_argument("--skip-threshold", type=float, default=0.0,
@@ -55,4 +58,5 @@ def load_engine(args: argparse.Namespace, budget: str | None = None) -> Engine:
     folder = resolve_model(args.model, _BuildBar())
     return Engine.load(folder, budget=budget or args.budget or default_budget(args.model), device=args.device,
                        policy=args.policy, ram_tier=args.ram_tier, skip_threshold=args.skip_threshold,
-                       swapper=not args.no_swapper, eviction=args.eviction, quantize=args.quantize)
+                       swapper=not args.no_swapper, eviction=args.eviction, quantize=args.quantize,
+                       dense=args.dense)

@@ -80,15 +80,17 @@ class Engine:
         swapper: bool = True,
         eviction: str = DEFAULT_EVICTION,
         quantize: str | None = None,
+        dense: str | None = None,
     ) -> Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``.
 
         ``quantize`` (one of ``QUANTIZATIONS``: int8, int4 in groups of 32/64/128, nf4, fp4) quantises every expert
         when it is read: the budget then counts quantised bytes, and the output is the quantised model's, not the
-        original's.
+        original's. ``dense="int8"`` (on the CPU, beside quantised experts) also quantises the weights outside the
+        experts (attention, dense and shared MLPs, the output layer), as llama.cpp's Q8_0 does.
         """
         engine = cls(build(model_dir, budget, device, policy, ram_tier, dtype, skip_threshold, swapper, eviction,
-                           quantize))
+                           quantize, dense))
         try:
             engine.swapper.start()
             engine.watcher.start()

@@ -17,6 +17,7 @@ from expertswap.engine.budget.controller import BudgetController
 from expertswap.engine.budget.swapper import Swapper
 from expertswap.engine.budget.watcher import MemoryWatcher
 from expertswap.engine.decode.attention_shapes import use_stepped_attention
+from expertswap.engine.decode.compact_step import SUPPORTED as COMPACT_FAMILIES
 from expertswap.engine.decode.compact_step import CompactModel
 from expertswap.engine.decode.compact_step import supports as supports_compact
 from expertswap.engine.decode.decoder import Decoder
@@ -71,7 +72,7 @@ class Parts:
 
 
 def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ram_tier: bool, dtype: str | torch.dtype,
-          skip_threshold: float, swapper: bool, eviction: str, quantize: str | None) -> Parts:
+          skip_threshold: float, swapper: bool, eviction: str, quantize: str | None, dense: str | None = None) -> Parts:
     """Every part of an engine for ``model_dir`` (the arguments are ``Engine.load``'s)."""
     return_large_frees()
     torch_device = resolve_device(device)
@@ -79,6 +80,7 @@ def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ra
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise SettingsError(f"unknown quantisation {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
     check_eviction(eviction)
+    _check_dense(dense, quantize, torch_device)
     folder, config, family = read_config(model_dir)
     native, block = native_packing(config)
     if native is not None and quantize is not None:
@@ -115,10 +117,23 @@ def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ra
             setattr(site.parent, site.name.rpartition(".")[2], committee)  # the committee replaces the experts
         tokenizer = _load_tokenizer(folder)
         return _wire(model, tokenizer, family, committees, row_path, store, runtime, copier, budget_bytes, swapper,
-                     routers)
+                     routers, dense)
     except BaseException:  # a broken folder, or no memory for the compact step: no safetensors file left open
         checkpoint.close()
         raise
+
+
+def _check_dense(dense: str | None, quantize: str | None, device: torch.device) -> None:
+    """``--dense int8`` quantises the weights outside the experts for the CPU's int8 kernel, beside quantised
+    experts (so the model is marked as not the original wherever its quantisation is shown)."""
+    if dense is None:
+        return
+    if dense != "int8":
+        raise SettingsError(f"unknown dense quantisation {dense!r}: use int8")
+    if quantize is None:
+        raise SettingsError("--dense int8 goes with quantised experts: add --quantize (int8, for example)")
+    if device.type != "cpu":
+        raise SettingsError("--dense int8 runs on the CPU's int8 kernel; on a GPU leave it out")
 
 
 def _check_int4_shapes(quantize: str | None, layers: Iterable[LayerExperts]) -> None:
@@ -133,10 +148,15 @@ def _check_int4_shapes(quantize: str | None, layers: Iterable[LayerExperts]) -> 
 
 def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, family: Family,
           committees: list[Committee], row_path: bool, store: ExpertStore, runtime: Runtime, copier: Copier,
-          budget_bytes: int, swaps: bool, routers: list[nn.Module | None]) -> Parts:
+          budget_bytes: int, swaps: bool, routers: list[nn.Module | None], dense: str | None) -> Parts:
     """The parts above the committees, each given the ones it talks to."""
     device = model.device
     compact = CompactModel(model) if supports_compact(model) else None
+    if dense is not None:
+        if compact is None:
+            raise UnsupportedArchitectureError(f"--dense int8 is not supported for {family.name} yet (it is for "
+                                               f"{', '.join(COMPACT_FAMILIES)})")
+        compact.quantize_dense()
     graphed = GraphedDecode(compact, runtime) if compact is not None and device.type == "cuda" else None
     if compact is None:
         use_stepped_attention(model)

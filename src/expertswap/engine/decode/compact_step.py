@@ -14,6 +14,7 @@ transformers' forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,8 @@ from expertswap.engine.decode import fused
 from expertswap.engine.decode.attention_shapes import round_up, shape_step
 from expertswap.engine.device import triton_serves
 from expertswap.engine.weights.host_memory import drop_file_pages, owned
-from expertswap.engine.weights.packed import linear, pack, packing_pays
+from expertswap.engine.weights.packed import Int8Matrix, Matrix, linear, pack, packing_pays
+from expertswap.engine.weights.quantize import int8_rows
 
 if TYPE_CHECKING:
     from expertswap.engine.moe.committee import Committee
@@ -59,14 +61,28 @@ class Linear:
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         biases = [m.bias for m in modules]
         self.bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+        self.device, self.dtype = weight.device, weight.dtype
         packed = packing_pays(weight.device, weight.dtype)
-        self.weight = pack(weight) if packed else owned(weight)  # kept here only: never a view of the file
+        self.weight: Matrix = pack(weight) if packed else owned(weight)  # kept here only: never a view of the file
         self.splits = [m.out_features for m in modules]
         if packed or len(modules) > 1:  # the originals are no longer read: their mapped file pages can go
             drop_file_pages(weights)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def to_int8(self) -> None:
+        """int8 codes with a scale per row, for the CPU's int8 kernel (``--dense int8``)."""
+        assert isinstance(self.weight, torch.Tensor)
+        self.weight = Int8Matrix.pack(*int8_rows(self.weight.to_dense() if self.weight.is_mkldnn else self.weight))
+
+    @classmethod
+    def int8_copy(cls, weight: torch.Tensor) -> Linear:
+        """An int8 copy of a weight that stays in use as it is (an output layer tied to the embedding)."""
+        copy = cls.__new__(cls)
+        copy.bias, copy.splits, copy.device, copy.dtype = None, [weight.shape[0]], weight.device, weight.dtype
+        copy.weight = Int8Matrix.pack(*int8_rows(weight.detach()))
+        return copy
 
 
 @dataclass
@@ -177,7 +193,7 @@ class _Attention:
         self.qk_norms = (Norm(q_norm), Norm(k_norm)) if q_norm is not None and k_norm is not None else None
         # Qwen3 normalises each head, OLMoE the whole projection
         self.norm_per_head = q_norm is not None and q_norm.weight.shape[0] == self.head_dim
-        fast = triton_serves(self.o.weight.device, self.o.weight.dtype) and self.head_dim & (self.head_dim - 1) == 0
+        fast = triton_serves(self.o.device, self.o.dtype) and self.head_dim & (self.head_dim - 1) == 0
         self.rotate = fused.rotate if fast else _rotate
         self.fused_decode = fast  # one kernel for q/k/v, one query's attention reads the filled blocks only
         self.clip = getattr(config, "clip_qkv", None)
@@ -308,13 +324,30 @@ class CompactModel:
         self.layers = [Layer(layer, config) for layer in inner.layers]
         head: Any = model.lm_head
         tied = head.weight is self.embed.weight
-        self.head = (lambda x: F.linear(x, self.embed.weight)) if tied else Linear([head])
+        self.head: Callable[[torch.Tensor], torch.Tensor] = (
+            (lambda x: F.linear(x, self.embed.weight)) if tied else Linear([head]))
         if not tied:
             model.lm_head = nn.Identity()
         first = self.layers[0].attention
         self.kv_shape = (1, first.kv_heads, 0, first.head_dim)
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
         self.shape_step = shape_step(self.device, self.dtype)
+
+    def quantize_dense(self) -> None:
+        """int8 for every matrix outside the experts, as llama.cpp's Q8_0 quantises them: attention, dense and
+        shared-expert MLPs and the output layer (a head tied to the embedding gets its own int8 copy). Routers,
+        the shared expert's one-row gate, embeddings and norms stay as they are."""
+        if isinstance(self.head, Linear):
+            self.head.to_int8()
+        else:
+            self.head = Linear.int8_copy(self.embed.weight)
+        for layer in self.layers:
+            mlps = [layer.mlp.shared.mlp] if isinstance(layer.mlp, MoEBlock) and layer.mlp.shared else []
+            if isinstance(layer.mlp, _MLP):
+                mlps.append(layer.mlp)
+            for matrix in (layer.attention.qkv, layer.attention.o, *(m.gate_up for m in mlps),
+                           *(m.down for m in mlps)):
+                matrix.to_int8()
 
     def new_cache(self, capacity: int, zeroed: bool = False) -> KVCache:
         """``zeroed`` for a cache read whole under a mask: a masked garbage NaN would still poison 0 * value."""

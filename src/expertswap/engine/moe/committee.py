@@ -85,6 +85,7 @@ class Committee(nn.Module):
             self.storage.write([(slot, first.tensors)])()
             self._learn_norms([first])
             self.slots.install(slot, expert)
+            self._hand_over([expert], {})
         self.slots.publish()
 
     def release(self) -> None:
@@ -270,10 +271,12 @@ class Committee(nn.Module):
             return
         if self.runtime.active_layers and any(swap.reason != "miss" for swap in swaps):
             self.runtime.swaps_during_forward += 1
+        leaving = self._leaving([swap.slot for swap in swaps])
         finish = self.storage.write([(swap.slot, swap.tensors) for swap in swaps], background)
         self._learn_norms(swaps)
         evicted = [self.slots.install(swap.slot, swap.expert) for swap in swaps]
         finish()
+        self._hand_over([swap.expert for swap in swaps], leaving)
         self.slots.publish()
         self._record(swaps, evicted, (time.perf_counter() - start) * 1000 / len(swaps))
 
@@ -317,10 +320,29 @@ class Committee(nn.Module):
             if expert >= 0:
                 self.runtime.telemetry.emit(SwapEvent(layer=self.layer, expert_in=-1, expert_out=expert,
                                                       bytes=self.spec.expert_bytes, ms=0.0, reason="shrink"))
+        self._hand_over([], self._leaving(evicted))
         self.storage.reshape(kept, capacity)
         self.slots.reshape(kept, capacity)
         self.slots.publish()
         self.version += 1
+
+    def _leaving(self, slots: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """The experts in these slots as the store keeps them, where the slots hold lent experts (int8): taken
+        before the slots are overwritten."""
+        storage = self.storage
+        if not isinstance(storage, RowSlots) or not storage.lends:
+            return {}
+        held = self.slots.slot_to_expert
+        return {held[s]: storage.portable(s) for s in slots if held[s] >= 0}
+
+    def _hand_over(self, arrived: Sequence[int], leaving: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Lent experts: those that left their slots go back to the store, those that arrived leave it."""
+        if not self.storage.lends:
+            return
+        for expert, tensors in leaving.items():
+            self.store.take_back(self.layer, expert, tensors)
+        for expert in arrived:
+            self.store.lend(self.layer, expert)
 
     def _learn_norms(self, swaps: Sequence[Swap], where_held: bool = False) -> None:
         """|expert| of the newly seen experts, from their slots on the device in one fused kernel.

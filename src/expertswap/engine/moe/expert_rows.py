@@ -56,7 +56,7 @@ def kernel_matrices(tensors: dict[str, torch.Tensor], kind: str) -> Weights:
         if scale is None:
             out[name] = tensor
         elif kind == "int8":
-            out[name] = Int8Matrix(tensor, scale)
+            out[name] = Int8Matrix.pack(tensor, scale)
         else:
             out[name] = Int4Matrix.pack(int4_codes(tensor), INT4_GROUPS[kind], scale)
     return out

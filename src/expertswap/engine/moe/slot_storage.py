@@ -26,6 +26,8 @@ Writes = Sequence[tuple[int, Mapping[str, torch.Tensor]]]
 class StackedSlots:
     """Slots as the experts module's own [C, ...] parameters."""
 
+    lends = False  # its slots are copies: the store keeps its own
+
     def __init__(self, inner: Any, spec: LayerExperts, device: torch.device, copier: Copier) -> None:
         self.inner, self.spec, self.device, self.copier = inner, spec, device, copier
 
@@ -75,6 +77,9 @@ class RowSlots:
         self.packed = packed and spec.quantize is None
         # int8 and int4 codes go to their kernels as they lie (rows are output channels unless transposed)
         self.kernels = not inner.is_transposed and integer_kernel_pays(spec.quantize, device, spec.params[0].dtype)
+        # an int8 slot holds its expert in the kernel's own copy, from which the store's form comes back exactly:
+        # the store lends it its copy (see Committee._hand_over), so the expert is held once
+        self.lends = self.kernels and spec.quantize == "int8"
         self.slots: list[Weights] = []
         self.uses: list[int] = []
         self.sizes: list[int] = []  # each slot's bytes, read off its tensors as they land: counted per token
@@ -125,6 +130,17 @@ class RowSlots:
         for name, tensor in self._tensors(slot).items():
             plain = tensor.to_dense() if tensor.is_mkldnn else tensor
             out[name] = plain.t() if self.inner.is_transposed and not name.endswith("_bias") else plain
+        return out
+
+    def portable(self, slot: int) -> dict[str, torch.Tensor]:
+        """An int8 slot's expert as the store keeps it (codes and scales, bit for bit), to give it back."""
+        out: dict[str, torch.Tensor] = {}
+        for name, matrix in self.slots[slot].items():
+            if isinstance(matrix, Int8Matrix):
+                out[f"{name}.q"], out[f"{name}.scale"] = matrix.portable()
+            else:
+                assert isinstance(matrix, torch.Tensor)
+                out[name] = matrix
         return out
 
     def views(self, slot: int, host: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -6,20 +6,28 @@ per step that reorder is most of the work: over 100 distinct weights from RAM, p
 weight is packed once, at load (non-expert linears) or when an expert enters a slot, and the
 plain copy is dropped, so memory does not grow.
 
-int8 and int4 experts on the CPU are kept as their codes and scales (``Int8Matrix``, ``Int4Matrix``) and
-multiplied by torch's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) as they
-lie: no dequantising per token. On the 2-core dev machine a bf16 row times a 2048x2048 matrix took 105 us in
-int8 and 96-102 us in int4 (groups of 32-128), against 201 us packed bf16. The int4 kernel's layout depends
-on the CPU's vector width, so it is made when an expert enters a slot (``Int4Matrix.pack``), from the portable
-two-codes-a-byte form the store keeps.
+int8 experts on the CPU are multiplied by torch's int8 x int8 kernel (fbgemm on x86, ``quantized::linear_dynamic``),
+as llama.cpp multiplies Q8_0: each row of activations is quantised to 7 bits (its own scale and zero point, so a
+row's result never depends on the rows beside it: prefill, decode and every budget give the same bits), the
+products are summed as integers, then scaled. The weight-only kernel (``_weight_int8pack_mm``) converts every
+code to a float and is compute-bound on a few cores: on the 2-core dev machine a row times a 2048x2048 matrix took
+150 us against its 250 us (bf16 packed: 330 us). Seven bits, not eight: on CPUs without VNNI the kernel's 16-bit
+pair sums would saturate at eight, so seven keeps the result the same on every x86 CPU. The int8 model is thus
+int8 weights and 7-bit activations (its quality is measured in benchmarks/results/quantized-default-cpu.md).
+Where torch has no such kernel (``INT8_ACTIVATIONS`` false), the weight-only kernel multiplies the codes.
 
-These are torch's private ops (checked with torch 2.13); ``compat_check`` in the tests fails loudly if a
+int4 experts are multiplied by ``_weight_int4pack_mm_for_cpu`` as they lie (96-102 us, groups of 32-128). The
+int4 kernel's layout depends on the CPU's vector width, so it is made when an expert enters a slot
+(``Int4Matrix.pack``), from the portable two-codes-a-byte form the store keeps.
+
+These are torch's private or deprecated ops (checked with torch 2.13); ``tests/test_compat.py`` fails loudly if a
 torch upgrade removes them.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +47,60 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return reorder_linear_weight(weight)
 
 
-class Int8Matrix(NamedTuple):
-    """An [out, in] weight as int8 ``codes`` and a ``scale`` per output row, in the activations' dtype."""
+def _int8_activations() -> bool:
+    """Whether torch here has the int8 x int8 kernel (its quantised engine is fbgemm's, as on every x86 build)."""
+    return torch.backends.quantized.engine in ("x86", "fbgemm")
 
-    codes: torch.Tensor
+
+INT8_ACTIVATIONS = _int8_activations()
+_SEVEN_BITS = True  # ``reduce_range``: activations in 0..127 (see the module's docstring)
+
+
+class Int8Matrix(NamedTuple):
+    """An [out, in] weight as int8 codes with a ``scale`` per output row (the activations' dtype), held in the
+    int8 kernel's own prepacked form where there is one (``weight``), else as the codes."""
+
+    weight: Any  # fbgemm's prepacked weight, or the [out, in] int8 codes
     scale: torch.Tensor
+    inputs: int
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scale: torch.Tensor) -> Int8Matrix:
+        """From the codes and scales the store keeps (the kernel copies them into its layout)."""
+        if not INT8_ACTIVATIONS:
+            return cls(codes, scale, codes.shape[1])
+        zeros = torch.zeros(codes.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch marks its quantised tensors deprecated (tests/test_compat.py)
+            warnings.simplefilter("ignore")
+            quantised = torch._make_per_channel_quantized_tensor(codes, scale.double(), zeros, 0)
+            return cls(torch.ops.quantized.linear_prepack(quantised, None), scale, codes.shape[1])
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes
+        """What the budget counts: a byte per code and a scale per row (the kernel's own layout adds a few bytes
+        a row: column sums and the scales in float64)."""
+        return self.scale.numel() * self.inputs + self.scale.nbytes
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scale)
+        if not INT8_ACTIVATIONS:
+            return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
+        x = rows.float()  # one row per call: the kernel quantises all the rows it is given with one scale
+        kernel = torch.ops.quantized.linear_dynamic
+        if x.shape[0] == 1:
+            return kernel(x, self.weight, _SEVEN_BITS).to(rows.dtype)
+        return torch.cat([kernel(row, self.weight, _SEVEN_BITS) for row in x.split(1)]).to(rows.dtype)
+
+    def portable(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes and scales back, as the store keeps them (bit for bit)."""
+        if not INT8_ACTIVATIONS:
+            return self.weight, self.scale
+        quantised, _ = torch.ops.quantized.linear_unpack(self.weight)
+        return quantised.int_repr(), quantised.q_per_channel_scales().to(self.scale.dtype)
 
     def plain(self) -> torch.Tensor:
-        """The matrix the kernel multiplies by (for checks and norms)."""
-        return (self.codes.float() * self.scale.float()[:, None]).to(self.scale.dtype)
+        """The weight the kernel multiplies by (for checks and norms)."""
+        codes, scale = self.portable()
+        return (codes.float() * scale.float()[:, None]).to(scale.dtype)
 
 
 class Int4Matrix(NamedTuple):

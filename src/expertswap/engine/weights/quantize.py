@@ -83,7 +83,7 @@ def quantize(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Ten
         if not _is_matrix(name, tensor):
             out[name] = tensor
         elif kind == "int8":
-            out[f"{name}.q"], out[f"{name}.scale"] = _int8_rows(tensor)
+            out[f"{name}.q"], out[f"{name}.scale"] = int8_rows(tensor)
         elif kind in INT4_GROUPS:
             out[f"{name}.q"], out[f"{name}.scale"] = _int4_groups(tensor, INT4_GROUPS[kind])
         else:
@@ -94,7 +94,7 @@ def quantize(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Ten
     return out
 
 
-def _int8_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes per row (the last dimension is the input) and each row's scale, in the tensor's dtype:
     the scale is rounded first and the codes computed against the rounded one."""
     rows = tensor.float().reshape(-1, tensor.shape[-1])

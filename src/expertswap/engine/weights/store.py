@@ -132,6 +132,15 @@ class ExpertStore:
                 self._ram[(layer, expert)] = cached
         return spec.unpack(cached) if spec.slots_plain else cached
 
+    def lend(self, layer: int, expert: int) -> None:
+        """A slot now holds this expert in a form it can give back (int8's kernel copy): the RAM copy goes, so the
+        expert is held once."""
+        self._ram.pop((layer, expert), None)
+
+    def take_back(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """A lent expert that left its slot, as ``read`` returns it: kept in RAM again for its next miss."""
+        self._ram[(layer, expert)] = tensors
+
     def low_precision(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's plain tensors from an nf4 copy (quantised on first use, kept in host RAM at a quarter of
         bf16's bytes): what the ``lowbit`` policy computes a miss from while the swapper brings the expert in."""
