@@ -745,7 +745,9 @@ def test_a_natively_fp8_model_says_what_it_holds(qtbot, loop, tiny_model, tmp_pa
     win.session.close()
 
 
-def test_a_quantised_model_says_so_and_the_slider_counts_its_bytes(qtbot, loop, tiny_model, tmp_path: Path) -> None:
+def test_a_quantised_model_says_so_and_the_slider_counts_its_bytes(qtbot, loop, tiny_model, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXPERTSWAP_CACHE", str(tmp_path / "cache"))  # where its packed experts are written
     win = _make_window(qtbot, tmp_path)
     win.show()
     assert loop.run_until_complete(win.load_model(str(tiny_model("qwen3_moe")), "50%", "nf4"))
@@ -753,6 +755,16 @@ def test_a_quantised_model_says_so_and_the_slider_counts_its_bytes(qtbot, loop, 
     assert engine.quantize == "nf4"
     assert "nf4 experts: not the original model" in win.statusBar().currentMessage()
     assert win.budget.total == engine.total_expert_bytes  # the quantised bytes, not the checkpoint's
+    assert engine.packer is not None and engine.packer.wait(timeout=60)  # its packed experts, in the cache given
+    assert list((tmp_path / "cache" / "packed").rglob("layer-*.safetensors"))
+    from expertswap.protocol import PackProgress
+
+    win.session.packing.emit(PackProgress(layers_done=1, layers=4, bytes_written=0))
+    assert "packing experts 1/4 layers" in win.statusBar().currentMessage()
+    win.session.packing.emit(PackProgress(layers_done=1, layers=4, bytes_written=0, error="disk full"))
+    assert "packed experts not written: disk full" in win.statusBar().currentMessage()
+    win.session.packing.emit(PackProgress(layers_done=4, layers=4, bytes_written=0))
+    assert "pack" not in win.statusBar().currentMessage()
     win.session.close()
 
 

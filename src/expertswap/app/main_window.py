@@ -52,6 +52,7 @@ from expertswap.protocol import (
     BudgetChange,
     ExpertSwapError,
     MemorySample,
+    PackProgress,
     ResidencySnapshot,
     TokenStats,
     format_bytes,
@@ -120,6 +121,7 @@ class MainWindow(QMainWindow):
         self.model_label = ""  # what the user reads: the model's name
         self.theme = "system"
         self._pace = ""  # the latest reply's speed and hit rate, kept in the status bar until the next reply
+        self._packing = ""  # the packed expert file's progress, or why it stopped, while it is news
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
         self._progress: QProgressDialog | None = None
@@ -275,6 +277,7 @@ class MainWindow(QMainWindow):
         s.memory.connect(self.charts.add_memory)
         s.memory.connect(self._show_memory)
         s.budget.connect(self._budget_changed)
+        s.packing.connect(self._show_packing)
         s.load_failed.connect(self._load_failed)
         s.build_progress.connect(self._build_progress)
         s.problem.connect(self.notify)
@@ -346,7 +349,7 @@ class MainWindow(QMainWindow):
         """Set the panels up for the engine just adopted, local or remote; the map fills from its first residency,
         which a local engine has already queued (shown here at once) and a server sends with its first poll."""
         s = self.session
-        self._pace = ""
+        self._pace = self._packing = ""
         self.setWindowTitle(f"ExpertSwap · {self.model_label}")
         self._stop_serving()
         self.serve_action.setEnabled(s.is_local)
@@ -566,8 +569,18 @@ class MainWindow(QMainWindow):
             parts.append(f"{s.quantize} experts: not the original model")
         elif s.native_format:
             parts.append(f"{s.native_format} experts, as the checkpoint ships them")
-        parts += [self._pace] if self._pace else []
+        parts += [p for p in (self._pace, self._packing) if p]
         self.statusBar().showMessage(" · ".join(parts))
+
+    def _show_packing(self, progress: PackProgress) -> None:
+        """Packed experts are written in the background; the status bar says how far, or why it stopped."""
+        if progress.error:
+            self._packing = f"packed experts not written: {progress.error}"
+        elif progress.layers_done < progress.layers:
+            self._packing = f"packing experts {progress.layers_done}/{progress.layers} layers"
+        else:
+            self._packing = ""
+        self._status()
 
     def spawn(self, coroutine: Coroutine[object, object, T]) -> asyncio.Task[T]:
         """Run ``coroutine`` on the loop, remembered until it ends so that closing can wait for it."""

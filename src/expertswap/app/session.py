@@ -22,7 +22,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from expertswap.app.ops import describe, run_op
 from expertswap.client import RemoteEngine, RemoteError, api_root
 from expertswap.engine import Engine, default_device, dropped_notice, fit_history
-from expertswap.models import resolve_model
+from expertswap.models import cache_root, resolve_model
 from expertswap.protocol import (
     POLICIES,
     BudgetChange,
@@ -30,6 +30,7 @@ from expertswap.protocol import (
     EngineStats,
     ExpertSwapError,
     MemorySample,
+    PackProgress,
     ResidencySnapshot,
     SamplingSettings,
     Subscription,
@@ -54,6 +55,7 @@ class EngineSession(QObject):
     token_stats = Signal(object)
     memory = Signal(object)
     budget = Signal(object)
+    packing = Signal(object)  # PackProgress: the packed expert file being written (quantised experts)
     problem = Signal(str)  # a background request to a remote engine failed, in words
     trimmed = Signal(str)  # which oldest turns were left out of a reply's prompt, in words (``dropped_notice``)
 
@@ -69,7 +71,7 @@ class EngineSession(QObject):
         self._timer.setInterval(DRAIN_MS)
         self._timer.timeout.connect(self.drain)
         self._signals = {ResidencySnapshot: self.residency, TokenStats: self.token_stats, MemorySample: self.memory,
-                         BudgetChange: self.budget}
+                         BudgetChange: self.budget, PackProgress: self.packing}
 
     async def load(self, model: str, budget: str, policy: str = POLICIES[0],
                    quantize: str | None = None) -> bool:
@@ -83,7 +85,8 @@ class EngineSession(QObject):
             self.build_progress.emit(stage, done, total)
 
         def work() -> Engine:
-            return Engine.load(resolve_model(model, progress), budget, self.device, policy, quantize=quantize)
+            return Engine.load(resolve_model(model, progress), budget, self.device, policy, quantize=quantize,
+                               pack_root=cache_root() / "packed")
 
         def failed(exc: BaseException) -> None:
             self.load_failed.emit("" if isinstance(exc, BuildCancelled) else describe(exc))

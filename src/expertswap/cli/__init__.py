@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from expertswap.cli import chat, generate
+from expertswap.cli import chat, generate, pack
 from expertswap.protocol import ExpertSwapError
 
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_arguments(sub.add_parser("generate", help="greedy reply to one prompt"))
     chat.add_arguments(sub.add_parser("chat", help="interactive chat in the terminal"))
+    pack.add_arguments(sub.add_parser("pack", help="write the packed expert file of --quantize now"))
     return parser
 
 

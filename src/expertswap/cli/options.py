@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from expertswap.engine import Engine, default_device
-from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, default_budget, resolve_model
+from expertswap.models import DEFAULT_BUDGET_RULE, DEFAULT_MODEL, cache_root, default_budget, resolve_model
 from expertswap.protocol import DEFAULT_EVICTION, EVICTIONS, POLICIES, QUANTIZATIONS
 
 
@@ -59,4 +59,4 @@ def load_engine(args: argparse.Namespace, budget: str | None = None) -> Engine:
     return Engine.load(folder, budget=budget or args.budget or default_budget(args.model), device=args.device,
                        policy=args.policy, ram_tier=args.ram_tier, skip_threshold=args.skip_threshold,
                        swapper=not args.no_swapper, eviction=args.eviction, quantize=args.quantize,
-                       dense=args.dense)
+                       dense=args.dense, pack_root=cache_root() / "packed")

@@ -65,6 +65,7 @@ class Engine:
         self.sessions = parts.sessions
         self.guard = parts.guard
         self.decoder = parts.decoder
+        self.packer = parts.packer
         self.device = self.model.device
 
     @classmethod
@@ -81,19 +82,24 @@ class Engine:
         eviction: str = DEFAULT_EVICTION,
         quantize: str | None = None,
         dense: str | None = None,
+        pack_root: str | Path | None = None,
     ) -> Engine:
         """Load ``model_dir`` with only a budget's worth of experts resident on ``device``.
 
         ``quantize`` (one of ``QUANTIZATIONS``: int8, int4 in groups of 32/64/128, nf4, fp4) quantises every expert
         when it is read: the budget then counts quantised bytes, and the output is the quantised model's, not the
         original's. ``dense="int8"`` (on the CPU, beside quantised experts) also quantises the weights outside the
-        experts (attention, dense and shared MLPs, the output layer), as llama.cpp's Q8_0 does.
+        experts (attention, dense and shared MLPs, the output layer), as llama.cpp's Q8_0 does. With quantised
+        experts and a ``pack_root`` (the front ends give their cache's ``packed`` folder), the packed experts are
+        written there once, in the background, and misses read them (``weights/packed_file.py``).
         """
         engine = cls(build(model_dir, budget, device, policy, ram_tier, dtype, skip_threshold, swapper, eviction,
-                           quantize, dense))
+                           quantize, dense, Path(pack_root) if pack_root is not None else None))
         try:
             engine.swapper.start()
             engine.watcher.start()
+            if engine.packer is not None:
+                engine.packer.start()
         except BaseException:  # no thread to be had: give the memory and the files back
             engine.close()
             raise
@@ -410,6 +416,8 @@ class Engine:
         self.decoder.close()
         self.watcher.stop()
         self.swapper.stop()
+        if self.packer is not None:
+            self.packer.stop()
         with self.runtime.lock:
             self.sessions.release()  # the graphs, their memory pool, the KV cache, the fused weights
             for committee in self.committees:

@@ -39,6 +39,8 @@ from expertswap.engine.weights.checkpoint import Checkpoint, read_config
 from expertswap.engine.weights.families import Family
 from expertswap.engine.weights.host_memory import own_weights, return_large_frees
 from expertswap.engine.weights.packed import pack_linears, packing_pays
+from expertswap.engine.weights.packed_file import packed_folder
+from expertswap.engine.weights.packer import Packer
 from expertswap.engine.weights.quantize import INT4_GROUPS, int4_shape_error, native_packing
 from expertswap.engine.weights.skeleton import ExpertsSite, load_skeleton
 from expertswap.engine.weights.store import ExpertStore, LayerExperts, resolve_layer
@@ -69,10 +71,12 @@ class Parts:
     sessions: Sessions
     guard: StepGuard
     decoder: Decoder
+    packer: Packer | None  # writes the packed expert file (quantised experts, a pack_root given)
 
 
 def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ram_tier: bool, dtype: str | torch.dtype,
-          skip_threshold: float, swapper: bool, eviction: str, quantize: str | None, dense: str | None = None) -> Parts:
+          skip_threshold: float, swapper: bool, eviction: str, quantize: str | None, dense: str | None = None,
+          pack_root: Path | None = None) -> Parts:
     """Every part of an engine for ``model_dir`` (the arguments are ``Engine.load``'s)."""
     return_large_frees()
     torch_device = resolve_device(device)
@@ -105,10 +109,14 @@ def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ra
         store = ExpertStore(checkpoint, layers, pin_memory=torch_device.type == "cuda")
         budget_bytes = parse_budget(budget, store.total_expert_bytes)
         capacities = plan_capacities(budget_bytes, [spec.shape for spec in layers.values()])
-        if ram_tier:
-            store.fill_ram_tier()
         runtime = Runtime(policy=miss_policy, eviction=eviction,
                           packed_slots=any(spec.quantize for spec in layers.values()))
+        packer = None
+        if pack_root is not None and quantize is not None:  # written layers count before the first experts are read
+            packer = Packer(store, packed_folder(pack_root, checkpoint, quantize), runtime.telemetry, runtime.lock)
+            packer.attach_written()
+        if ram_tier:
+            store.fill_ram_tier()
         copier = Copier(torch_device)
         routers = [_router(site) for site in sites]
         committees = [Committee(site.module, layers[site.layer], store, runtime, capacity, torch_device, router,
@@ -117,7 +125,7 @@ def build(model_dir: str | Path, budget: str | int, device: str, policy: str, ra
             setattr(site.parent, site.name.rpartition(".")[2], committee)  # the committee replaces the experts
         tokenizer = _load_tokenizer(folder)
         return _wire(model, tokenizer, family, committees, row_path, store, runtime, copier, budget_bytes, swapper,
-                     routers, dense)
+                     routers, dense, packer)
     except BaseException:  # a broken folder, or no memory for the compact step: no safetensors file left open
         checkpoint.close()
         raise
@@ -148,7 +156,8 @@ def _check_int4_shapes(quantize: str | None, layers: Iterable[LayerExperts]) -> 
 
 def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, family: Family,
           committees: list[Committee], row_path: bool, store: ExpertStore, runtime: Runtime, copier: Copier,
-          budget_bytes: int, swaps: bool, routers: list[nn.Module | None], dense: str | None) -> Parts:
+          budget_bytes: int, swaps: bool, routers: list[nn.Module | None], dense: str | None,
+          packer: Packer | None) -> Parts:
     """The parts above the committees, each given the ones it talks to."""
     device = model.device
     compact = CompactModel(model) if supports_compact(model) else None
@@ -177,7 +186,7 @@ def _wire(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, fam
     decoder = Decoder(prefixes, guard, stop_ids, reporter, int(model.config.vocab_size), grammars)
     return Parts(model=model, tokenizer=tokenizer, family=family, committees=committees, routers=routers,
                  row_path=row_path, store=store, runtime=runtime, copier=copier, budget=budget, swapper=swapper,
-                 watcher=watcher, reporter=reporter, sessions=sessions, guard=guard, decoder=decoder)
+                 watcher=watcher, reporter=reporter, sessions=sessions, guard=guard, decoder=decoder, packer=packer)
 
 
 def _router(site: ExpertsSite) -> nn.Module | None:

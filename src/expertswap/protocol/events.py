@@ -97,8 +97,20 @@ class BudgetChange(Event):
     reason: str = "user"  # "user", "follow" (free memory moved) or "oom" (a step ran out of memory)
 
 
+@dataclass(frozen=True)
+class PackProgress(Event):
+    """The packed expert file (``--quantize``): ``layers_done`` of ``layers`` written; ``error`` says why packing
+    stopped (a full or read-only disk), and the engine then quantises misses as it reads them."""
+
+    type: ClassVar[str] = "pack"
+    layers_done: int
+    layers: int
+    bytes_written: int
+    error: str = ""
+
+
 EVENTS: dict[str, type[Event]] = {c.type: c for c in (SwapEvent, ResidencySnapshot, MemorySample, TokenStats,
-                                                     BudgetChange)}
+                                                     BudgetChange, PackProgress)}
 
 
 def event_from_json(data: dict[str, Any]) -> Event:

@@ -30,6 +30,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -69,17 +70,22 @@ def read_config(model_dir: str | os.PathLike) -> tuple[Path, Any, Family]:  # An
 
 
 class Checkpoint:
-    """Index of every tensor in a folder's safetensors files, validated against the file sizes."""
+    """Index of every tensor in a folder's safetensors files (or in ``files`` of it), validated against the file
+    sizes."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, files: list[Path] | None = None) -> None:
         self.folder = folder
         self.entries: dict[str, TensorEntry] = {}
         self._stamps: dict[Path, tuple[int, int, int]] = {}  # each file as indexed: a rewrite or a replacement
-        for file in sorted(folder.glob("*.safetensors")):
+        for file in sorted(folder.glob("*.safetensors")) if files is None else files:
             self._stamps[file] = _stamp(file.stat())
             self.entries.update(_read_header(file))
         self._handles: dict[Path, tuple[threading.Lock, io.FileIO]] = {}
         self._handles_lock = threading.Lock()
+
+    def stamps(self) -> list[tuple[str, int, int]]:
+        """Each file's name, size and modification time (ns), as indexed."""
+        return [(file.name, size, mtime) for file, (_, size, mtime) in sorted(self._stamps.items())]
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries

@@ -13,6 +13,7 @@ import torch
 
 from expertswap.engine.weights.checkpoint import Checkpoint
 from expertswap.engine.weights.families import Family, Layout
+from expertswap.engine.weights.packed_file import PackedLayer
 from expertswap.engine.weights.quantize import LOW_PRECISION, NATIVE_FORMATS, dequantize, quantize, quantized_nbytes
 from expertswap.protocol.errors import ModelFormatError
 from expertswap.protocol.plan import LayerShape
@@ -86,6 +87,8 @@ class ExpertStore:
         self.pin_memory = pin_memory
         self._ram: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._low: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._packed: dict[int, PackedLayer] = {}  # layers whose packed file is written (packed_file.py)
+        self._ram_tier = False
 
     @property
     def total_expert_bytes(self) -> int:
@@ -93,14 +96,38 @@ class ExpertStore:
 
     def fill_ram_tier(self) -> None:
         """Copy every expert into host RAM (pinned on CUDA) so later swaps never touch the disk."""
+        self._ram_tier = True
         for layer, spec in self.layers.items():
+            written = self._packed.get(layer)
             for expert in range(spec.num_experts):
-                self._ram[(layer, expert)] = self._read_disk(layer, expert, pin=self.pin_memory)
+                if written is None:
+                    self._ram[(layer, expert)] = self._read_disk(layer, expert, pin=self.pin_memory)
+                else:
+                    self._ram[(layer, expert)] = _pinned(written.read(expert), self.pin_memory)
 
     def release(self) -> None:
-        """Drop the host copies (the engine is closing)."""
+        """Drop the host copies and close the packed files (the engine is closing)."""
         self._ram.clear()
         self._low.clear()
+        for packed in self._packed.values():
+            packed.close()
+        self._packed.clear()
+
+    def attach_packed(self, layer: int, packed: PackedLayer) -> None:
+        """Misses of ``layer`` now read its packed file: the RAM copies made as experts were first read go (the
+        page cache holds what is read often, and gives it back under pressure), unless the RAM tier keeps them."""
+        self._packed[layer] = packed
+        if not self._ram_tier:
+            for key in [key for key in self._ram if key[0] == layer]:
+                self._ram.pop(key, None)
+
+    def packed_layers(self) -> set[int]:
+        return set(self._packed)
+
+    def for_packing(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert as the store keeps it, for the packed file: the RAM copy if there is one, else quantised from
+        the checkpoint (the same bits: quantising is deterministic)."""
+        return self._ram.get((layer, expert)) or self._read_disk(layer, expert, pin=False)
 
     @property
     def host_bytes(self) -> int:
@@ -120,16 +147,22 @@ class ExpertStore:
         """Host tensors of one expert, per in-memory parameter, as its committee's slots hold them.
 
         A packed expert is kept in host RAM after its first read: it is quantised (or read) once, and a later
-        miss costs a copy of its packed bytes (all of them together are what the fit report counts). Where the
+        miss costs a copy of its packed bytes (all of them together are what the fit report counts). Once its
+        layer's packed file is written (packed_file.py), it is read from there instead and not kept. Where the
         slots hold experts plain, each read unpacks the kept copy.
         """
         spec = self.layers[layer]
         cached = self._ram.get((layer, expert))
         if cached is None:
             packed = spec.packing is not None
-            cached = self._read_disk(layer, expert, pin=packed and self.pin_memory and not spec.slots_plain)
-            if packed:
-                self._ram[(layer, expert)] = cached
+            pin = packed and self.pin_memory and not spec.slots_plain
+            written = self._packed.get(layer)
+            if written is not None:  # read from the packed file each time, not kept
+                cached = _pinned(written.read(expert), pin)
+            else:
+                cached = self._read_disk(layer, expert, pin=pin)
+                if packed:
+                    self._ram[(layer, expert)] = cached
         return spec.unpack(cached) if spec.slots_plain else cached
 
     def lend(self, layer: int, expert: int) -> None:
@@ -138,8 +171,10 @@ class ExpertStore:
         self._ram.pop((layer, expert), None)
 
     def take_back(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        """A lent expert that left its slot, as ``read`` returns it: kept in RAM again for its next miss."""
-        self._ram[(layer, expert)] = tensors
+        """A lent expert that left its slot, as ``read`` returns it: kept in RAM again for its next miss (unless its
+        layer's packed file is written: the miss reads it there)."""
+        if layer not in self._packed or self._ram_tier:
+            self._ram[(layer, expert)] = tensors
 
     def low_precision(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's plain tensors from an nf4 copy (quantised on first use, kept in host RAM at a quarter of
@@ -179,13 +214,18 @@ class ExpertStore:
             out[param.name] = tensor
         if spec.packing is not None and not spec.native:
             out = quantize(out, spec.packing)
-        return {name: t.pin_memory() for name, t in out.items()} if pin else out
+        return _pinned(out, pin)
 
     def _read_parts(self, templates: Sequence[str], expert: int) -> torch.Tensor:
         """One expert's slices of these tensors as stored, joined along their first dimension."""
         parts = [self.checkpoint.read(self.checkpoint.entry(t.format(expert=expert)),
                                       index=None if "{expert}" in t else expert) for t in templates]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _pinned(tensors: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+    """The tensors in pinned host memory when ``pin`` (a copy from there to a GPU runs beside the compute)."""
+    return {name: t.pin_memory() for name, t in tensors.items()} if pin else tensors
 
 
 def scale_key(codes: str, packing: str | None) -> str:
