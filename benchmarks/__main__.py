@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     llama.add_argument("--cap-mib", type=int, default=None, help="run every contender under this memory cap")
     llama.add_argument("--quantize", nargs="*", default=[],
                        help="also ExpertSwap with its experts quantised so (KIND+dense: the other weights in int8 too)")
+    llama.add_argument("--no-plain", action="store_true",
+                       help="leave out plain transformers and ExpertSwap in the checkpoint's dtype (under a cap)")
+    llama.add_argument("--name", default=None, help="the results file's name (default llama-cpp-cpu[-capN])")
     exact = sub.add_parser("exact-budgets", help="greedy tokens at every budget vs full residency, at full depth")
     exact.add_argument("--model", choices=["olmoe-shape", "qwen3-shape"], default="olmoe-shape")
     exact.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
@@ -173,7 +176,8 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "budget-latency": _printed("budget_latency", lambda run, a: run(a.model, a.device)),
     "quality": _printed("quality", lambda run, a: run()),
     "llama-cpp": _printed("llama_cpp", lambda run, a: run(a.folder, a.gguf, a.llama_bench, a.tokens, a.repeats,
-                                                          a.budgets, a.cap_mib, a.quantize)),
+                                                          a.budgets, a.cap_mib, a.quantize, not a.no_plain,
+                                                          a.name)),
     "exact-budgets": _printed("exact_budgets", lambda run, a: run(a.model, a.device, a.layers, a.budgets, a.tokens,
                                                                   a.repeats)),
     "app-speed": _printed("app_speed", lambda run, a: run(a.model, a.budgets, a.tokens, a.repeats, a.out)),

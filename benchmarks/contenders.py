@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,6 +94,8 @@ def run_transformers(folder: str, budget: str, tokens: int, device: str, offload
 
 def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: str, lru: bool = False,
                    quantize: str | None = None) -> dict:
+    from expertswap.models import cache_root
+
     kind, _, dense = (quantize or "").partition("+")
     from expertswap.engine import Engine
     from expertswap.protocol import SamplingSettings
@@ -101,7 +104,7 @@ def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: s
     engine = Engine.load(folder, budget=budget, policy=policy, device=device, dtype=run_dtype(device),
                          ram_tier=device.startswith("cuda"), skip_threshold=0.3 if policy == "skip" else 0.0,
                          swapper=not lru, eviction="lru" if lru else "importance", quantize=kind or None,
-                         dense="int8" if dense else None)
+                         dense="int8" if dense else None, pack_root=cache_root() / "packed")  # as the CLI loads
     ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
     out, times = [], []
     last = time.perf_counter()
@@ -115,6 +118,14 @@ def run_expertswap(folder: str, policy: str, budget: str, tokens: int, device: s
     return {"ids": out, "times": times, "peak_rss": s.peak_rss_bytes, "hit_rate": s.hit_rate,
             "bytes_loaded": s.bytes_loaded,
             "peak_vram": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}
+
+
+def prepack(folder: str, quantize: list[str]) -> None:
+    """Write the packed expert file of each quantisation before anything is timed (``expertswap-cli pack``, in
+    the cache the contenders load from as the CLI does): a contender never writes it while it is measured."""
+    for kind in sorted({q.partition("+")[0] for q in quantize if q}):
+        subprocess.run([sys.executable, "-m", "expertswap.cli", "pack", "--model", folder, "--quantize", kind,
+                        "--device", "cpu"], check=True, capture_output=True, timeout=3600)
 
 
 def run_floor(folder: str) -> dict:

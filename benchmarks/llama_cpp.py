@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .contenders import prepack
 from .speed import RESULTS
 from .stamp import stamp
 
@@ -68,17 +69,21 @@ def _ours(kind: str, folder: str, budget: str, tokens: int, cap: list[str]) -> d
     if done.returncode != 0 or not lines:
         return {"error": f"exit {done.returncode}" + (" (killed: over the cap)" if done.returncode < 0 else "")}
     row = json.loads(lines[-1])
-    return {"tok_s": row["tok_s"], "peak_rss": row["peak_rss"]}
+    return {"tok_s": row["tok_s"], "peak_rss": row["peak_rss"], "ids": row["ids"], "hit_rate": row["hit_rate"]}
 
 
 def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, budgets: list[str],
-         cap_mib: int | None, quantize: list[str] | None = None) -> Path:
-    """Every contender ``repeats`` times round-robin; ExpertSwap at each budget, as stored and in each of
-    ``quantize`` (its experts quantised when read, as ``--quantize`` does)."""
+         cap_mib: int | None, quantize: list[str] | None = None, plain: bool = True, name: str | None = None) -> Path:
+    """Every contender ``repeats`` times round-robin; ExpertSwap at each budget, as stored (and plain
+    transformers) unless not ``plain``, and in each of ``quantize`` (its experts quantised when read, as
+    ``--quantize`` does; their packed expert files written first). Raw results, token ids included, go to a
+    JSON file beside the table."""
+    prepack(folder, quantize or [])
     cap = _cgroup(cap_mib)
     plan = [(f"llama.cpp {Path(g).stem}", lambda g=g: _llama(bench, g, tokens, cap)) for g in ggufs]
-    plan.append(("plain transformers (bf16, eager)", lambda: _ours("full", folder, "100%", tokens, cap)))
-    for kind in [None, *(quantize or [])]:
+    if plain:
+        plan.append(("plain transformers (bf16, eager)", lambda: _ours("full", folder, "100%", tokens, cap)))
+    for kind in [None, *(quantize or [])] if plain else quantize or []:
         label, contender = (f"{kind} ", f"expertswap:exact:{kind}") if kind else ("", "expertswap:exact")
         plan += [(f"ExpertSwap exact {label}{b}", lambda b=b, c=contender: _ours(c, folder, b, tokens, cap))
                  for b in budgets]
@@ -88,21 +93,24 @@ def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, b
             runs[name].append(measure())
             print(name, runs[name][-1], flush=True)
     suffix = f"-cap{cap_mib}" if cap_mib else ""
-    path = RESULTS / f"llama-cpp-cpu{suffix}.md"
+    path = RESULTS / f"{name or 'llama-cpp-cpu'}{suffix}.md"
+    path.with_suffix(".json").write_text(json.dumps(runs, indent=1) + "\n")
     lines = [f"# ExpertSwap and llama.cpp on the CPU{f', total memory capped at {cap_mib} MiB' if cap_mib else ''}",
              "", stamp("cpu"), "",
              (f"Model: `{Path(folder).name}` (its GGUFs converted by llama.cpp's own `convert_hf_to_gguf.py`). "
              f"Decode only ({tokens} tokens; llama-bench `-p 0 -n {tokens} -t 2`), 2 threads, medians of {repeats} "
              "fresh processes, contenders round-robin."), "",
-             "| contender | decode tok/s | peak RSS MiB |", "| --- | ---: | ---: |"]
-    for name, results in runs.items():
+             "| contender | decode tok/s | peak RSS MiB | decode hit rate |", "| --- | ---: | ---: | ---: |"]
+    for label, results in runs.items():
         failed = next((r["error"] for r in results if "error" in r), None)
         if failed:
-            lines.append(f"| {name} | failed: {failed} | |")
+            lines.append(f"| {label} | failed: {failed} | | |")
             continue
         tok_s = statistics.median(r["tok_s"] for r in results)
         rss = statistics.median(r["peak_rss"] for r in results) / 2**20
-        lines.append(f"| {name} | {tok_s:.1f} | {rss:.0f} |")
+        hits = [r["hit_rate"] for r in results if r.get("hit_rate") is not None]
+        lines.append(f"| {label} | {tok_s:.1f} | {rss:.0f} | {statistics.median(hits):.2f} |" if hits
+                     else f"| {label} | {tok_s:.1f} | {rss:.0f} | |")
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -21,6 +21,7 @@ from expertswap.models.default_model.gguf_source import find_gguf, load_tokenize
 from expertswap.protocol import QUANTIZATIONS
 from tools.recipe.data import heldout
 
+from .contenders import prepack
 from .speed import measure
 from .stamp import stamp
 
@@ -55,6 +56,7 @@ def quality(folder: Path, kinds: list[str | None]) -> dict[str | None, dict[str,
 
 
 def speed(folder: Path, repeats: int, kinds: list[str | None]) -> list[dict]:
+    prepack(str(folder), [k for k in kinds if k])
     with Engine.load(folder, budget="100%", swapper=False) as engine:
         plain_total = engine.total_expert_bytes
     plan = [(kind, share) for share in SHARES for kind in kinds]

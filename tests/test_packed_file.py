@@ -119,3 +119,15 @@ def test_cli_pack_writes_every_layer_and_wants_a_quantisation(model, tmp_path: P
     files = _files(tmp_path / "packed")
     assert files and all(f.suffix == ".safetensors" for f in files)
     assert f"{len(files)}/{len(files)} layers" in err and "packed experts in" in err
+
+
+def test_cli_pack_says_why_when_the_cache_cannot_be_written(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys) -> None:
+    from expertswap.cli import main
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("EXPERTSWAP_CACHE", str(blocked))
+    assert main(["pack", "--model", str(model), "--device", "cpu", "--quantize", "int8"]) == 1
+    err = capsys.readouterr().err
+    assert "expertswap-cli: error: cannot write packed experts to" in err and "Not a directory" in err

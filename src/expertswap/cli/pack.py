@@ -25,12 +25,12 @@ def run(args: argparse.Namespace) -> int:
         packer = engine.packer
         assert packer is not None  # load_engine gives a pack root, and --quantize is set
         _show(packer.progress())
-        while not packer.wait(timeout=0.2) and not packer.error:
+        while not packer.wait(timeout=0.2) and packer.writing:
             _show(packer.progress())
         _show(packer.progress())
         print(file=sys.stderr)
-        if packer.error:
-            print(f"expertswap-cli: error: {packer.error}", file=sys.stderr)
+        if packer.done < packer.layers:
+            print(f"expertswap-cli: error: {packer.error or 'packing stopped'}", file=sys.stderr)
             return 1
         print(f"packed experts in {packer.folder}", file=sys.stderr)
     return 0

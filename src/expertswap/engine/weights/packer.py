@@ -51,6 +51,10 @@ class Packer:
         if self._thread.is_alive():
             self._thread.join()
 
+    @property
+    def writing(self) -> bool:
+        return self._thread.is_alive()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Until every layer is written, or writing stopped; whether it is all written."""
         if self._thread.is_alive():
@@ -79,8 +83,9 @@ class Packer:
                 read = functools.partial(self.store.for_packing, layer)
                 if not write_layer(self.folder, layer, spec.num_experts, read, self._stop.is_set):
                     return
-            except OSError as exc:  # a full or read-only disk: misses keep being quantised as they are read
-                self.error = f"cannot write packed experts to {self.folder}: {exc.strerror or exc}"
+            except Exception as exc:  # a full or read-only disk, a checkpoint changed under us: misses are quantised
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                self.error = f"cannot write packed experts to {self.folder}: {why}"
                 self.telemetry.emit(self.progress())
                 return
             packed = read_layer(self.folder, layer, spec.num_experts)
