@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from expertswap.cli.options import add_load_options, load_engine
+from expertswap.models import fit_report, resolve_model
 from expertswap.protocol import PackProgress, SettingsError
 
 
@@ -21,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.quantize is None:
         raise SettingsError("pack writes quantised experts: give --quantize (int8, int4, ...)")
-    with load_engine(args, budget=None) as engine:
+    budget = args.budget  # the experts are read for the file, not kept: the smallest committee does, by default
+    if budget is None:
+        budget = f"{fit_report(resolve_model(args.model), '100%', quantize=args.quantize).minimum_budget_bytes}B"
+    with load_engine(args, budget=budget) as engine:
         packer = engine.packer
         assert packer is not None  # load_engine gives a pack root, and --quantize is set
         _show(packer.progress())
