@@ -87,11 +87,11 @@ def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, b
         label, contender = (f"{kind} ", f"expertswap:exact:{kind}") if kind else ("", "expertswap:exact")
         plan += [(f"ExpertSwap exact {label}{b}", lambda b=b, c=contender: _ours(c, folder, b, tokens, cap))
                  for b in budgets]
-    runs: dict[str, list[dict]] = {name: [] for name, _ in plan}
+    runs: dict[str, list[dict]] = {label: [] for label, _ in plan}
     for _ in range(repeats):
-        for name, measure in plan:
-            runs[name].append(measure())
-            print(name, runs[name][-1], flush=True)
+        for label, measure in plan:
+            runs[label].append(measure())
+            print(label, runs[label][-1], flush=True)
     suffix = f"-cap{cap_mib}" if cap_mib else ""
     path = RESULTS / f"{name or 'llama-cpp-cpu'}{suffix}.md"
     path.with_suffix(".json").write_text(json.dumps(runs, indent=1) + "\n")
@@ -100,7 +100,14 @@ def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, b
              (f"Model: `{Path(folder).name}` (its GGUFs converted by llama.cpp's own `convert_hf_to_gguf.py`). "
              f"Decode only ({tokens} tokens; llama-bench `-p 0 -n {tokens} -t 2`), 2 threads, medians of {repeats} "
              "fresh processes, contenders round-robin."), "",
-             "| contender | decode tok/s | peak RSS MiB | decode hit rate |", "| --- | ---: | ---: | ---: |"]
+             *table(runs)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def table(runs: dict[str, list[dict]]) -> list[str]:
+    """The results table: medians per contender (tok/s to two decimals below 10)."""
+    lines = ["| contender | decode tok/s | peak RSS MiB | decode hit rate |", "| --- | ---: | ---: | ---: |"]
     for label, results in runs.items():
         failed = next((r["error"] for r in results if "error" in r), None)
         if failed:
@@ -109,10 +116,9 @@ def main(folder: str, ggufs: list[str], bench: str, tokens: int, repeats: int, b
         tok_s = statistics.median(r["tok_s"] for r in results)
         rss = statistics.median(r["peak_rss"] for r in results) / 2**20
         hits = [r["hit_rate"] for r in results if r.get("hit_rate") is not None]
-        lines.append(f"| {label} | {tok_s:.1f} | {rss:.0f} | {statistics.median(hits):.2f} |" if hits
-                     else f"| {label} | {tok_s:.1f} | {rss:.0f} | |")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        speed = f"{tok_s:.2f}" if tok_s < 10 else f"{tok_s:.1f}"
+        lines.append(f"| {label} | {speed} | {rss:.0f} | {f'{statistics.median(hits):.2f}' if hits else ''} |")
+    return lines
 
 
 def convert(source: Path, folder: Path, outtype: str) -> Path:
