@@ -13,7 +13,7 @@ products are summed as integers, then scaled. The weight-only kernel (``_weight_
 code to a float and is compute-bound on a few cores: on the 2-core dev machine a row times a 2048x2048 matrix took
 150 us against its 250 us (bf16 packed: 330 us). Seven bits, not eight: on CPUs without VNNI the kernel's 16-bit
 pair sums would saturate at eight, so seven keeps the result the same on every x86 CPU. The int8 model is thus
-int8 weights and 7-bit activations (its quality is measured in benchmarks/results/quantized-default-cpu.md).
+int8 weights and 7-bit activations (its quality on the default model: docs/quantisation.md).
 Where torch has no such kernel (``INT8_ACTIVATIONS`` false), the weight-only kernel multiplies the codes.
 
 int4 experts are multiplied by ``_weight_int4pack_mm_for_cpu`` as they lie (96-102 us, groups of 32-128). The
