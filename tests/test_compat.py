@@ -53,12 +53,29 @@ def test_transformers_still_reads_the_config_and_module_flags(tiny_model) -> Non
     assert experts._is_expert_parallel is True
 
 
-@pytest.mark.parametrize("op", ["aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-                                "aten::_convert_weight_to_int4pack_for_cpu", "quantized::linear_prepack",
-                                "quantized::linear_dynamic", "quantized::linear_unpack"])
+@pytest.mark.parametrize("op", ["aten::_int_mm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+                                "aten::_convert_weight_to_int4pack_for_cpu"])
 def test_the_integer_kernels_are_still_there(op: str) -> None:
-    """packed.py's int8 and int4 kernels are torch's private (or deprecated) ops: tests/test_quantize.py checks their
-    arithmetic, this names the one a torch upgrade removed."""
+    """packed.py's int8 and int4 kernels are torch's private ops: tests/test_quantize.py checks their arithmetic, this
+    names the one a torch upgrade removed."""
     namespace, name = op.split("::")
     assert hasattr(getattr(torch.ops, namespace), name), f"torch {torch.__version__} has no {op}"
-    assert hasattr(torch, "_make_per_channel_quantized_tensor")
+
+
+def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An int8 kernel as CPUs without VNNI run one: activations shifted to u8, products paired in saturating 16-bit
+    sums, the shift taken back out."""
+    shifted = a.long() + 128
+    products = shifted[:, :, None] * b.long()[None]  # [M, K, N]
+    pairs = products.view(a.shape[0], -1, 2, b.shape[1]).sum(2).clamp(-32768, 32767)
+    return (pairs.sum(1) - 128 * b.long().sum(0)).int()
+
+
+def test_int8_activations_fall_back_where_the_kernel_would_saturate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from expertswap.engine.weights import packed
+
+    assert packed._int_mm_is_exact() == packed.INT8_ACTIVATIONS
+    small = torch.randint(-20, 21, (3, 64), dtype=torch.int8)
+    assert torch.equal(_saturating_int_mm(small, small.t()), small.int() @ small.int().t())  # exact where it fits
+    monkeypatch.setattr(torch, "_int_mm", _saturating_int_mm)
+    assert not packed._int_mm_is_exact()

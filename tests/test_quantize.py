@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM
 
-from expertswap.engine.weights.packed import INT8_ACTIVATIONS, Int8Matrix
+from expertswap.engine.weights.packed import INT8_ACTIVATIONS, Int8Matrix, Int8Rows
 from expertswap.engine.weights.quantize import dequantize, quantize, quantized_nbytes
 from expertswap.models import fit_report
 from expertswap.protocol import QUANTIZATIONS, SettingsError, UnsupportedArchitectureError
@@ -35,16 +35,15 @@ def _dequantised_reference(folder, kind: str):
     return model
 
 
-def _seven_bits(rows: torch.Tensor) -> torch.Tensor:
-    """Each row as the int8 kernel sees it: quantised alone to 0..127 with torch's own scale and zero point."""
-    out = []
-    for row in rows.reshape(-1, rows.shape[-1]).float():
-        step, zero = torch._choose_qparams_per_tensor(row, True)
-        out.append((torch.clamp(torch.round(row.double() / step) + zero, 0, 127) - zero) * step)
-    return torch.stack(out).reshape(rows.shape).to(rows.dtype)
+def _eight_bits(rows: torch.Tensor) -> torch.Tensor:
+    """Each row as the int8 kernel sees it: symmetric 8-bit codes against the row's own step (largest magnitude over
+    127), times that step; in float64 for a float64 reference, else in float32 as the engine makes them."""
+    x = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    step = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return (torch.round(x / step) * step).to(rows.dtype)
 
 
-class _SevenBitExperts(TorchFunctionMode):
+class _EightBitRows(TorchFunctionMode):
     """The reference's expert matmuls (transformers' eager loop, ``F.linear`` on one expert's matrix) see their
     activations as the int8 kernel does."""
 
@@ -55,15 +54,15 @@ class _SevenBitExperts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.linear and args[1].untyped_storage().data_ptr() in self.storages:
-            args = (_seven_bits(args[0]), *args[1:])
+            args = (_eight_bits(args[0]), *args[1:])
         return func(*args, **(kwargs or {}))
 
 
 def _reference_logits(folder, kind: str) -> torch.Tensor:
-    """The dequantised model's logits, with int8's 7-bit activations where the engine's int8 kernel computes."""
+    """The dequantised model's logits, with int8's 8-bit activations where the engine's int8 kernel computes."""
     model = _dequantised_reference(folder, kind)
     transposed = any(getattr(m, "is_transposed", False) for m in model.modules())
-    with torch.no_grad(), (_SevenBitExperts(model) if kind == "int8" and INT8_ACTIVATIONS and not transposed
+    with torch.no_grad(), (_EightBitRows(model) if kind == "int8" and INT8_ACTIVATIONS and not transposed
                            else contextlib.nullcontext()):
         return model(torch.tensor([IDS])).logits[0]
 
@@ -150,9 +149,9 @@ def test_lowbit_computes_misses_from_the_nf4_copy_and_loads_nothing_while_decodi
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def _seven_bit_reference(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """What the int8 kernel computes, by hand: 7-bit rows times the codes, summed exactly, then the row scales."""
-    return (_seven_bits(rows.double()) @ codes.double().t()) * scale.double()
+def _eight_bit_reference(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernel computes, by hand: 8-bit rows times the codes, summed exactly, then the row scales."""
+    return (_eight_bits(rows.double()) @ codes.double().t()) * scale.double()
 
 
 @pytest.mark.skipif(not INT8_ACTIVATIONS, reason="torch here has no int8 x int8 kernel")
@@ -161,19 +160,21 @@ def test_int8_kernel_quantises_each_row_alone_and_sums_integers() -> None:
     weight = torch.randn(96, 256) * 0.05
     packed = quantize({"w": weight}, "int8")
     codes, scale = packed["w.q"], packed["w.scale"]
-    matrix = Int8Matrix.pack(codes, scale)
+    matrix = Int8Matrix(codes, scale)  # the store's codes as they lie: nothing packed, nothing copied
     rows = torch.randn(5, 256) * torch.tensor([[0.1], [1.0], [10.0], [3.0], [0.5]])
+    rows[3] = 0  # a row of zeros stays zeros
     got = matrix(rows)
-    torch.testing.assert_close(got.double(), _seven_bit_reference(rows, codes, scale), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), _eight_bit_reference(rows, codes, scale), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[3], torch.zeros(96))
     assert torch.equal(got[2:3], matrix(rows[2:3]))  # a row's result does not depend on the rows beside it
-    back_codes, back_scale = matrix.portable()  # the store's form comes back bit for bit from the kernel's copy
-    assert torch.equal(back_codes, codes) and torch.equal(back_scale, scale)
+    assert torch.equal(matrix(Int8Rows.of(rows[1:2])), got[1:2])  # rows quantised once for several matrices
+    assert matrix.codes.data_ptr() == codes.data_ptr()
 
 
 def test_int8_experts_go_to_the_int8_kernel_as_they_lie_on_the_cpu(tiny_model, open_engine) -> None:
-    """No dequantising per token: the slots hold the int8 kernel's copy of the codes and bf16 row scales, and every
-    budget gives the bits of 100% (same bytes, same kernel, each row computed alone). The store lends its copy to
-    the slot that holds an expert, so an expert is held once, and gets it back when the expert leaves."""
+    """No dequantising per token: the slots hold the codes and bf16 row scales the int8 kernel multiplies, and every
+    budget gives the bits of 100% (same bytes, same kernel, each row computed alone). The store lends them to the
+    slot that holds an expert, so an expert is held once, and gets them back when the expert leaves."""
     folder = tiny_model("qwen3_moe")
     full = open_engine(folder, budget="100%", quantize="int8", dtype="bfloat16", swapper=False)
     half = open_engine(folder, budget="50%", quantize="int8", dtype="bfloat16", swapper=False)
@@ -182,11 +183,10 @@ def test_int8_experts_go_to_the_int8_kernel_as_they_lie_on_the_cpu(tiny_model, o
     weights = committee.storage.weights(0)
     assert isinstance(weights["gate_up_proj"], Int8Matrix) and weights["gate_up_proj"].scale.dtype == torch.bfloat16
     assert committee.resident_bytes == committee.capacity * committee.spec.expert_bytes  # codes + scales, no more
-    if INT8_ACTIVATIONS:
-        assert full.store.host_bytes == 0  # every expert is in a slot: none is held twice
+    assert full.store.host_bytes == 0  # every expert is in a slot: none is held twice
     assert torch.equal(half.logits(IDS), logits)
     small = half.committees[0]
-    assert small.capacity < small.num_experts and small.storage.lends == INT8_ACTIVATIONS
+    assert small.capacity < small.num_experts and small.storage.lends
     before = set(small.resident_experts)
     half.set_budget(half.minimum_budget_bytes)  # a shrink evicts residents: the store gets them back
     half.logits(IDS)
@@ -195,7 +195,7 @@ def test_int8_experts_go_to_the_int8_kernel_as_they_lie_on_the_cpu(tiny_model, o
     for expert in before | after:
         kept = half.store.kept(small.layer, expert)
         if expert in after:
-            assert (kept is None) == INT8_ACTIVATIONS  # lent while resident
+            assert kept is None  # lent while resident
         else:  # given back as a fresh read gives it
             assert kept is not None
             fresh = quantize(small.spec.unpack(kept), "int8")
@@ -242,7 +242,7 @@ def test_int4_groups_that_do_not_tile_the_experts_are_refused_before_a_read(tiny
 def _dense_int8_reference(folder) -> torch.Tensor:
     """``--quantize int8 --dense int8`` by hand: transformers' model with its experts and every matrix outside them
     but the routers (attention, shared experts, the output layer) quantised and dequantised, each of them fed
-    7-bit activations as the int8 kernel sees them. In float64: a rounding step is a cliff, and float32's own
+    8-bit activations as the int8 kernel sees them. In float64: a rounding step is a cliff, and float32's own
     rounding can push an activation over one (a test model showed it) where the engine's does not."""
     model = _dequantised_reference(folder, "int8").double()
     if model.lm_head.weight is model.get_input_embeddings().weight:  # the head gets its own copy, the embedding stays
@@ -252,7 +252,7 @@ def _dense_int8_reference(folder) -> torch.Tensor:
     for module in dense:
         plain = quantize({"w": module.weight.data}, "int8")
         module.weight.data = dequantize(plain, "int8", {"w": tuple(module.weight.shape)}, module.weight.dtype)["w"]
-    mode = _SevenBitExperts(model)
+    mode = _EightBitRows(model)
     mode.storages |= {m.weight.untyped_storage().data_ptr() for m in dense}
     with torch.no_grad(), mode:
         return model(torch.tensor([IDS])).logits[0].float()

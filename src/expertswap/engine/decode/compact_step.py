@@ -74,14 +74,14 @@ class Linear:
     def to_int8(self) -> None:
         """int8 codes with a scale per row, for the CPU's int8 kernel (``--dense int8``)."""
         assert isinstance(self.weight, torch.Tensor)
-        self.weight = Int8Matrix.pack(*int8_rows(self.weight.to_dense() if self.weight.is_mkldnn else self.weight))
+        self.weight = Int8Matrix(*int8_rows(self.weight.to_dense() if self.weight.is_mkldnn else self.weight))
 
     @classmethod
     def int8_copy(cls, weight: torch.Tensor) -> Linear:
         """An int8 copy of a weight that stays in use as it is (an output layer tied to the embedding)."""
         copy = cls.__new__(cls)
         copy.bias, copy.splits, copy.device, copy.dtype = None, [weight.shape[0]], weight.device, weight.dtype
-        copy.weight = Int8Matrix.pack(*int8_rows(weight.detach()))
+        copy.weight = Int8Matrix(*int8_rows(weight.detach()))
         return copy
 
 

@@ -185,7 +185,7 @@ class Committee(nn.Module):
         dropped = (expert_index < 0) | (slot < 0)
         if isinstance(self.storage, RowSlots):
             return routed_pairs(self.inner, self.storage.weights, hidden, slot.masked_fill(dropped, -1).tolist(),
-                                weights)
+                                weights, self.storage.int8_inputs)
         pair_hidden = hidden.repeat_interleave(width, dim=0)
         if self._sentinel_ok:  # grouped_mm skips sentinel ids: no host sync, capturable
             flat = self.inner(pair_hidden, slot.masked_fill(dropped, self.capacity).reshape(-1, 1),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from expertswap.engine.weights.packed import Int4Matrix, Int8Matrix, Matrix, linear, pack
+from expertswap.engine.weights.packed import Int4Matrix, Int8Matrix, Int8Rows, Matrix, linear, pack
 from expertswap.engine.weights.quantize import INT4_GROUPS, int4_codes, packed_parts
 
 Weights = Mapping[str, Matrix]  # one expert's weights as a forward takes them
@@ -56,19 +56,21 @@ def kernel_matrices(tensors: dict[str, torch.Tensor], kind: str) -> Weights:
         if scale is None:
             out[name] = tensor
         elif kind == "int8":
-            out[name] = Int8Matrix.pack(tensor, scale)
+            out[name] = Int8Matrix(tensor.contiguous(), scale)
         else:
             out[name] = Int4Matrix.pack(int4_codes(tensor), INT4_GROUPS[kind], scale)
     return out
 
 
 def routed_pairs(inner: Any, weights_of: Callable[[int], Weights], hidden: torch.Tensor,
-                 index: list[list[int]], weights: torch.Tensor) -> torch.Tensor:
+                 index: list[list[int]], weights: torch.Tensor, int8_inputs: bool = False) -> torch.Tensor:
     """[T, k, H]: ``weights[t, j] * expert(index[t][j])(hidden[t])``, zero where the slot id is -1.
 
     ``weights_of(s)`` gives slot s's weights (from ``slot_weights``, maybe packed); ``index`` (slot
     ids) is on the host. Each product is cast to ``hidden``'s dtype, as transformers does: DeepSeek routes in
-    float32 while a bf16 model computes its experts in bf16.
+    float32 while a bf16 model computes its experts in bf16. ``int8_inputs``: the experts' first matrices are
+    ``Int8Matrix`` that quantise their rows, so a decode token's row is quantised once for all of them (the same
+    codes each would make).
     """
     rows, width = len(index), len(index[0]) if index else 0
     up, has_bias = up_name(inner), bool(inner.has_bias)
@@ -78,14 +80,15 @@ def routed_pairs(inner: Any, weights_of: Callable[[int], Weights], hidden: torch
         assert not isinstance(value, Int8Matrix | Int4Matrix)
         return value
 
-    def expert(slot: int, x: torch.Tensor) -> torch.Tensor:
+    def expert(slot: int, x: torch.Tensor | Int8Rows) -> torch.Tensor:
         weight = weights_of(slot)
         y = linear(x, weight[up], bias(weight, up))
         y = inner._apply_gate(y) if inner.has_gate else inner.act_fn(y)
         return linear(y, weight["down_proj"], bias(weight, "down_proj"))
 
     if rows == 1:  # a decode token: no gathering
-        return torch.stack([(expert(s, hidden) * weights[0, j]).to(hidden.dtype) if s >= 0
+        row = Int8Rows.of(hidden) if int8_inputs and any(s >= 0 for s in index[0]) else hidden
+        return torch.stack([(expert(s, row) * weights[0, j]).to(hidden.dtype) if s >= 0
                             else hidden.new_zeros(hidden.shape)
                             for j, s in enumerate(index[0])], dim=1)
     pairs = hidden.new_zeros(rows * width, hidden.shape[-1])

@@ -17,7 +17,7 @@ from torch import nn
 
 from expertswap.engine.moe.copier import Copier
 from expertswap.engine.moe.expert_rows import Weights, kernel_matrices, packed_weights, slot_weights
-from expertswap.engine.weights.packed import Int4Matrix, Int8Matrix, integer_kernel_pays
+from expertswap.engine.weights.packed import INT8_ACTIVATIONS, Int4Matrix, Int8Matrix, integer_kernel_pays
 from expertswap.engine.weights.store import LayerExperts
 
 Writes = Sequence[tuple[int, Mapping[str, torch.Tensor]]]
@@ -77,12 +77,17 @@ class RowSlots:
         self.packed = packed and spec.quantize is None
         # int8 and int4 codes go to their kernels as they lie (rows are output channels unless transposed)
         self.kernels = not inner.is_transposed and integer_kernel_pays(spec.quantize, device, spec.params[0].dtype)
-        # an int8 slot holds its expert in the kernel's own copy, from which the store's form comes back exactly:
-        # the store lends it its copy (see Committee._hand_over), so the expert is held once
+        # an int8 slot holds the store's own codes and scales, which its kernel multiplies as they lie: the store
+        # lends them (see Committee._hand_over), so the expert is held once
         self.lends = self.kernels and spec.quantize == "int8"
         self.slots: list[Weights] = []
         self.uses: list[int] = []
         self.sizes: list[int] = []  # each slot's bytes, read off its tensors as they land: counted per token
+
+    @property
+    def int8_inputs(self) -> bool:
+        """Its experts' matrices quantise their rows for the int8 kernel (``packed.Int8Rows``)."""
+        return self.lends and INT8_ACTIVATIONS
 
     def allocate(self, capacity: int) -> None:
         self.slots = [{} for _ in range(capacity)]
@@ -133,11 +138,11 @@ class RowSlots:
         return out
 
     def portable(self, slot: int) -> dict[str, torch.Tensor]:
-        """An int8 slot's expert as the store keeps it (codes and scales, bit for bit), to give it back."""
+        """An int8 slot's expert as the store keeps it (its own codes and scales), to give it back."""
         out: dict[str, torch.Tensor] = {}
         for name, matrix in self.slots[slot].items():
             if isinstance(matrix, Int8Matrix):
-                out[f"{name}.q"], out[f"{name}.scale"] = matrix.portable()
+                out[f"{name}.q"], out[f"{name}.scale"] = matrix.codes, matrix.scale
             else:
                 assert isinstance(matrix, torch.Tensor)
                 out[name] = matrix

@@ -6,15 +6,16 @@ per step that reorder is most of the work: over 100 distinct weights from RAM, p
 weight is packed once, at load (non-expert linears) or when an expert enters a slot, and the
 plain copy is dropped, so memory does not grow.
 
-int8 experts on the CPU are multiplied by torch's int8 x int8 kernel (fbgemm on x86, ``quantized::linear_dynamic``),
-as llama.cpp multiplies Q8_0: each row of activations is quantised to 7 bits (its own scale and zero point, so a
-row's result never depends on the rows beside it: prefill, decode and every budget give the same bits), the
-products are summed as integers, then scaled. The weight-only kernel (``_weight_int8pack_mm``) converts every
-code to a float and is compute-bound on a few cores: on the 2-core dev machine a row times a 2048x2048 matrix took
-150 us against its 250 us (bf16 packed: 330 us). Seven bits, not eight: on CPUs without VNNI the kernel's 16-bit
-pair sums would saturate at eight, so seven keeps the result the same on every x86 CPU. The int8 model is thus
-int8 weights and 7-bit activations (its quality on the default model: docs/quantisation.md).
-Where torch has no such kernel (``INT8_ACTIVATIONS`` false), the weight-only kernel multiplies the codes.
+int8 weights on the CPU are multiplied by torch's int8 x int8 -> int32 kernel (``_int_mm``, oneDNN's) as their codes
+lie, as llama.cpp multiplies Q8_0: each row of activations is quantised alone to symmetric 8 bits (its own scale),
+the products are summed as integers, exactly, then scaled by the two scales. Integer sums are exact whatever the
+kernel's order or blocking, so a row's result never depends on the rows beside it (prefill, decode and every budget
+give the same bits), and nothing is prepacked: an expert costs nothing to bring into a slot beyond reading its codes.
+fbgemm's ``quantized::linear_dynamic``, used before, needed its own packed copy of each matrix, 13 ms to make for a
+2048x2048 matrix and 28 ms to undo, on every miss; its decode speed with the weights in RAM was within 8%. Where the
+kernel does not sum exactly (a CPU whose int8 path pairs products in 16 bits, checked once at import) or is missing
+(``INT8_ACTIVATIONS`` false), the weight-only kernel (``_weight_int8pack_mm``) multiplies the codes by the
+activations as they are.
 
 int4 experts are multiplied by ``_weight_int4pack_mm_for_cpu`` as they lie (96-102 us, groups of 32-128). The
 int4 kernel's layout depends on the CPU's vector width, so it is made when an expert enters a slot
@@ -26,8 +27,7 @@ torch upgrade removes them.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,60 +47,67 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return reorder_linear_weight(weight)
 
 
-def _int8_activations() -> bool:
-    """Whether torch here has the int8 x int8 kernel (its quantised engine is fbgemm's, as on every x86 build)."""
-    return torch.backends.quantized.engine in ("x86", "fbgemm")
+def _int_mm_is_exact() -> bool:
+    """Whether torch's int8 x int8 kernel is here and sums exactly at the codes' extremes (a kernel that pairs
+    products in 16 bits, on CPUs without VNNI, would saturate: 2 x 127 x 127 fits, 2 x 255 x 127 does not)."""
+    edge = torch.tensor([127, -127] * 64, dtype=torch.int8)
+    rows = torch.stack([edge.abs(), -edge.abs(), edge, torch.arange(-64, 64, dtype=torch.int8) * 2 - 1])
+    try:
+        return torch.equal(torch._int_mm(rows, rows.t()), rows.int() @ rows.int().t())
+    except (RuntimeError, AttributeError):
+        return False
 
 
-INT8_ACTIVATIONS = _int8_activations()
-_SEVEN_BITS = True  # ``reduce_range``: activations in 0..127 (see the module's docstring)
+INT8_ACTIVATIONS = _int_mm_is_exact()
+_TINY = torch.finfo(torch.float32).tiny
+# oneDNN's kernel takes one row of a 2048x2048 matrix in 35 us and 2 to 8 rows in 250-280 us (2 cores): a few rows
+# go one at a time
+_ROW_AT_A_TIME = 8
+
+
+class Int8Rows(NamedTuple):
+    """Rows of activations quantised for the int8 kernel: symmetric 8-bit codes and a float32 step per row."""
+
+    codes: torch.Tensor
+    step: torch.Tensor
+    dtype: torch.dtype  # what the products come back as
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> Int8Rows:
+        """Each row alone: its largest magnitude becomes 127 (a row of zeros stays zeros)."""
+        x = rows.float()
+        step = x.abs().amax(dim=-1, keepdim=True).clamp_(min=_TINY) / 127
+        return cls(torch.round(x / step).to(torch.int8), step, rows.dtype)
 
 
 class Int8Matrix(NamedTuple):
-    """An [out, in] weight as int8 codes with a ``scale`` per output row (the activations' dtype), held in the
-    int8 kernel's own prepacked form where there is one (``weight``), else as the codes."""
+    """An [out, in] weight as int8 ``codes`` with a ``scale`` per output row (the activations' dtype), multiplied as
+    they lie (module docstring)."""
 
-    weight: Any  # fbgemm's prepacked weight, or the [out, in] int8 codes
+    codes: torch.Tensor
     scale: torch.Tensor
-    inputs: int
-
-    @classmethod
-    def pack(cls, codes: torch.Tensor, scale: torch.Tensor) -> Int8Matrix:
-        """From the codes and scales the store keeps (the kernel copies them into its layout)."""
-        if not INT8_ACTIVATIONS:
-            return cls(codes, scale, codes.shape[1])
-        zeros = torch.zeros(codes.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # torch marks its quantised tensors deprecated (tests/test_compat.py)
-            warnings.simplefilter("ignore")
-            quantised = torch._make_per_channel_quantized_tensor(codes, scale.double(), zeros, 0)
-            return cls(torch.ops.quantized.linear_prepack(quantised, None), scale, codes.shape[1])
 
     @property
     def nbytes(self) -> int:
-        """What the budget counts: a byte per code and a scale per row (the kernel's own layout adds a few bytes
-        a row: column sums and the scales in float64)."""
-        return self.scale.numel() * self.inputs + self.scale.nbytes
+        """What the budget counts: a byte per code and a scale per row."""
+        return self.codes.nbytes + self.scale.nbytes
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor | Int8Rows) -> torch.Tensor:
+        """``rows`` times the matrix; rows already quantised (``Int8Rows``) when several matrices share them."""
         if not INT8_ACTIVATIONS:
-            return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
-        x = rows.float()  # one row per call: the kernel quantises all the rows it is given with one scale
-        kernel = torch.ops.quantized.linear_dynamic
-        if x.shape[0] == 1:
-            return kernel(x, self.weight, _SEVEN_BITS).to(rows.dtype)
-        return torch.cat([kernel(row, self.weight, _SEVEN_BITS) for row in x.split(1)]).to(rows.dtype)
-
-    def portable(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The codes and scales back, as the store keeps them (bit for bit)."""
-        if not INT8_ACTIVATIONS:
-            return self.weight, self.scale
-        quantised, _ = torch.ops.quantized.linear_unpack(self.weight)
-        return quantised.int_repr(), quantised.q_per_channel_scales().to(self.scale.dtype)
+            assert isinstance(rows, torch.Tensor)
+            return torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scale.to(rows.dtype))
+        quantised = rows if isinstance(rows, Int8Rows) else Int8Rows.of(rows)
+        codes, weight = quantised.codes, self.codes.t()
+        if 1 < codes.shape[0] <= _ROW_AT_A_TIME:  # the same integer sums (exact), one row's fast path each
+            sums = torch.cat([torch._int_mm(row, weight) for row in codes.split(1)])
+        else:
+            sums = torch._int_mm(codes, weight)
+        return torch.mul(sums, quantised.step).mul_(self.scale.float()).to(quantised.dtype)
 
     def plain(self) -> torch.Tensor:
         """The weight the kernel multiplies by (for checks and norms)."""
-        codes, scale = self.portable()
-        return (codes.float() * scale.float()[:, None]).to(scale.dtype)
+        return (self.codes.float() * self.scale.float()[:, None]).to(self.scale.dtype)
 
 
 class Int4Matrix(NamedTuple):
@@ -138,8 +145,13 @@ def integer_kernel_pays(kind: str | None, device: torch.device, dtype: torch.dty
             and dtype in (torch.bfloat16, torch.float32))
 
 
-def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for a plain, a packed, an int8 or an int4 weight."""
+def linear(x: torch.Tensor | Int8Rows, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a plain, a packed, an int8 or an int4 weight (``Int8Rows``: rows quantised for int8 already,
+    one row at a time)."""
+    if isinstance(x, Int8Rows):
+        assert isinstance(weight, Int8Matrix) and x.codes.shape[0] == 1
+        y = weight(x)
+        return y if bias is None else y + bias
     if isinstance(weight, Int8Matrix | Int4Matrix):
         y = weight(x.reshape(-1, x.shape[-1]))
         y = y.view(*x.shape[:-1], y.shape[-1])
