@@ -2,7 +2,7 @@
 only where its --out says).
 
 Commands: speed, swap-copy, budget-latency, quality, default-model, core-sweep, exact-budgets, llama-cpp, prediction,
-replay, trace-decode, app-speed, chat-turns, record-traces, quantized, quantized-gpu, lowbit, fit-real,
+replay, trace-decode, app-speed, chat-turns, record-traces, quantized, quantized-gpu, cpu-settings, lowbit, fit-real,
 default-checkpoints, kernel-caches, grammar-mask.
 """
 
@@ -94,6 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     quantized = sub.add_parser("quantized", help="quantised experts on the default model: quality and speed")
     quantized.add_argument("--repeats", type=int, default=3)
     quantized.add_argument("--kinds", nargs="+", default=None, help="bf16 and quantisations to run (all by default)")
+    settings = sub.add_parser("cpu-settings", help="CPU decode per thread count, allocator and OpenMP wait policy")
+    settings.add_argument("--folder", required=True, help="the model folder")
+    settings.add_argument("--quantize", default=None, help="KIND or KIND+dense (--dense int8 beside it)")
+    settings.add_argument("--budget", default="100%")
+    settings.add_argument("--tokens", type=int, default=64)
+    settings.add_argument("--repeats", type=int, default=3)
+    settings.add_argument("--name", default=None, help="the results file's name (default cpu-settings-FOLDER)")
     sub.add_parser("quantized-gpu", help="quantised experts on the GPU (OLMoE shapes): tokens/s per budget")
     sub.add_parser("lowbit", help="mixed precision for misses on the default model: quality cost and share")
     sub.add_parser("fit-real", help="real MoE models' sizes from their configs: what fits a laptop and a GPU")
@@ -188,6 +195,8 @@ RUNS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
                                                                  a.out, tuple(a.prefill), a.llama_cpp,
                                                                  tuple(a.routing))),
     "quantized": _printed("quantized", lambda run, a: run(a.repeats, a.kinds)),
+    "cpu-settings": _printed("cpu_settings", lambda run, a: run(a.folder, a.quantize, a.budget, a.tokens, a.repeats,
+                                                               a.name)),
     "quantized-gpu": _printed("quantized_gpu", lambda run, a: run()),
     "lowbit": _printed("lowbit", lambda run, a: run()),
     "fit-real": _printed("fit_real", lambda run, a: run()),

@@ -143,7 +143,6 @@ def run_floor(folder: str) -> dict:
 def main() -> None:
     kind, folder, budget, tokens, device = sys.argv[1:6]
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     if kind == "floor":
         result = run_floor(folder)
     elif kind in ("full", "accelerate"):
@@ -156,11 +155,15 @@ def main() -> None:
     times = result.pop("times")
     decode = times[1:]
     result |= {
+        "threads": torch.get_num_threads(),
         "ttft": times[0] if times else 0.0,
         "tok_s": len(decode) / sum(decode) if decode else 0.0,
         "p50_ms": 1000 * _percentile(decode, 0.5),
         "p99_ms": 1000 * _percentile(decode, 0.99),
     }
+    idle = time.process_time()  # every thread of the process, over half a second with nothing to do
+    time.sleep(0.5)
+    result["idle_cores"] = (time.process_time() - idle) / 0.5
     print(json.dumps(result))
 
 

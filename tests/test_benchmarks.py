@@ -248,3 +248,26 @@ def test_chat_turns_times_each_turn_from_the_cache_beside_the_whole_history(tiny
     for row in rows[1:]:
         prompt, cached = int(row[1]), int(row[2])
         assert prompt // 2 < cached < prompt and float(row[3]) > 0 and float(row[4].rstrip(" |")) > 0
+
+
+def test_cpu_settings_runs_each_variant_in_its_own_environment(tiny_model, tmp_path, monkeypatch) -> None:
+    """The variant's environment reaches the contender's process: one thread is one thread there."""
+    from benchmarks import cpu_settings
+
+    monkeypatch.setattr(cpu_settings, "RESULTS", tmp_path)
+    monkeypatch.setattr(cpu_settings, "variants", lambda: {"as loaded": {}, "1 thread": {"OMP_NUM_THREADS": "1"}})
+    table = cpu_settings.main(str(tiny_model("olmoe")), None, "50%", 4, 1, "settings").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    assert rows["as loaded"][1] == str(torch.get_num_threads()) and rows["as loaded"][3] == "1.00x"
+    assert rows["1 thread"][1] == "1" and float(rows["1 thread"][2]) > 0
+    assert all(0 <= float(rows[key][5].strip(" |")) < 4 for key in ("as loaded", "1 thread"))  # cores busy, idle
+
+
+def test_cpu_settings_offers_one_thread_and_the_engines_own_threads() -> None:
+    from benchmarks.cpu_settings import variants
+
+    offered = variants()
+    first = next(iter(offered))
+    assert first == f"as loaded ({torch.get_num_threads()} threads)" and offered[first] == {}
+    assert offered["1 thread"] == {"OMP_NUM_THREADS": "1"}
+    assert all(Path(env["LD_PRELOAD"]).exists() for env in offered.values() if "LD_PRELOAD" in env)
