@@ -1,6 +1,7 @@
 """Quantised experts on the default model: what each quantisation costs in quality, and what it buys per byte.
 
-``python -m benchmarks quantized [--repeats 3] [--kinds bf16 int8 ...]`` (CPU, bf16 as the app runs here).
+``python -m benchmarks quantized [--repeats 3] [--kinds bf16 int8 int8+dense ...]`` (CPU, bf16 as the app runs
+here; ``KIND+dense``: ``--dense int8`` beside ``--quantize KIND``, the weights outside the experts in int8 too).
 Quality: perplexity of held-out text (the first 128 tokens of each odd pydoc topic, the first 512 of the GPL-3) through
 ``Engine.score`` under ``exact``, and top-1 agreement with the unquantised model; under ``exact`` neither
 depends on the budget. Speed: greedy decode tokens/s in fresh processes (medians), at 100/50/25% of the
@@ -41,7 +42,7 @@ def quality(folder: Path, kinds: list[str | None]) -> dict[str | None, dict[str,
     docs = _texts()
     scored: dict[str | None, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for kind in kinds:
-        with Engine.load(folder, budget="100%", quantize=kind, dtype="bfloat16", swapper=False) as engine:
+        with Engine.load(folder, budget="100%", dtype="bfloat16", swapper=False, **_options(kind)) as engine:
             scores = {name: [engine.score(ids) for ids in items] for name, items in docs.items()}
         scored[kind] = {name: (torch.cat([s.nll for s in v]), torch.cat([s.top1 for s in v]))
                         for name, v in scores.items()}
@@ -68,7 +69,7 @@ def speed(folder: Path, repeats: int, kinds: list[str | None]) -> list[dict]:
             runs[(kind, share)].append(measure(contender, folder, budget, 48, "cpu"))
     rows = []
     for (kind, share), results in runs.items():
-        with Engine.load(folder, budget=f"{plain_total * share // 100}B", quantize=kind, swapper=False) as engine:
+        with Engine.load(folder, budget=f"{plain_total * share // 100}B", swapper=False, **_options(kind)) as engine:
             held = sum(c.capacity for c in engine.committees)
             total = engine.total_experts
         failed = next((r["error"] for r in results if "error" in r), None)
@@ -76,6 +77,12 @@ def speed(folder: Path, repeats: int, kinds: list[str | None]) -> list[dict]:
                      **({} if failed else {m: statistics.median(r[m] for r in results)
                                            for m in ("tok_s", "hit_rate", "peak_rss")})})
     return rows
+
+
+def _options(kind: str | None) -> dict[str, str | None]:
+    """``Engine.load``'s quantisation options for a kind of this benchmark (``KIND`` or ``KIND+dense``)."""
+    quantize, _, dense = (kind or "").partition("+")
+    return {"quantize": quantize or None, "dense": "int8" if dense else None}
 
 
 def write(quality_rows: dict[str | None, dict[str, float]], speed_rows: list[dict], repeats: int) -> Path:
@@ -113,7 +120,8 @@ def write(quality_rows: dict[str | None, dict[str, float]], speed_rows: list[dic
 
 def _targets(quality_rows: dict[str | None, dict[str, float]], speed_rows: list[dict]) -> list[str]:
     """Each target whose contenders ran: (kind, share, against share, speed ratio, perplexity cost)."""
-    wanted = [("int8", 100, 100, 1.3, 0.01), ("nf4", 25, 25, 1.0, 0.05), ("int4", 25, 25, 1.0, 0.05)]
+    wanted = [("int8", 100, 100, 1.3, 0.01), ("int8+dense", 100, 100, 1.3, 0.01), ("nf4", 25, 25, 1.0, 0.05),
+              ("int4", 25, 25, 1.0, 0.05)]
     rows = {(r["kind"], r["share"]): r for r in speed_rows if not r["error"]}
     base = quality_rows[None]
     lines = []
