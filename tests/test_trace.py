@@ -46,11 +46,12 @@ def test_the_cli_writes_a_trace(tiny_model, tmp_path: Path, capsys) -> None:
     assert sum(t.phase == "decode" for t in tokens) == len(out["token_ids"]) - 1
 
 
-@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+@pytest.mark.parametrize(("eviction", "swapper"), [("lru", False), ("lfu", False), ("lfu", True)])
 def test_replay_gives_the_live_runs_own_hits_and_misses(tiny_model, open_engine, tmp_path: Path,
-                                                        eviction: str) -> None:
-    """The replay runs the engine's residency code: same committee sizes, same decisions, same counts."""
-    engine = open_engine(tiny_model("qwen3_moe"), budget="50%", eviction=eviction, swapper=False)
+                                                        eviction: str, swapper: bool) -> None:
+    """The replay runs the engine's residency code: same committee sizes, same decisions, same counts; with the
+    swapper, by the engine's rule under ``exact`` (it fills empty slots and evicts nothing)."""
+    engine = open_engine(tiny_model("qwen3_moe"), budget="50%", eviction=eviction, swapper=swapper)
     with engine.record_trace(tmp_path / "t.jsonl"):
         for prompt in (PROMPT, "A second reply, to another prompt, on the same committee."):
             list(engine.generate(engine.encode(prompt), SamplingSettings(max_new_tokens=24)))
@@ -58,7 +59,7 @@ def test_replay_gives_the_live_runs_own_hits_and_misses(tiny_model, open_engine,
     header, tokens = read_trace(tmp_path / "t.jsonl")
     caps = capacities(header, "50%")
     assert caps == [c.capacity for c in engine.committees]
-    replayed = engine_replay(header, tokens, caps, eviction)
+    replayed = engine_replay(header, tokens, caps, eviction, swapper=swapper)
     assert stats.misses > 0 and stats.hits > 0
     assert replayed.hits + replayed.prompt_hits == stats.hits
     assert replayed.misses + replayed.prompt_misses == stats.misses
