@@ -21,7 +21,7 @@ int4 experts are multiplied by ``_weight_int4pack_mm_for_cpu`` as they lie (96-1
 int4 kernel's layout depends on the CPU's vector width, so it is made when an expert enters a slot
 (``Int4Matrix.pack``), from the portable two-codes-a-byte form the store keeps.
 
-These are torch's private or deprecated ops (checked with torch 2.13); ``tests/test_compat.py`` fails loudly if a
+These are torch's private ops (checked with torch 2.13); ``tests/test_compat.py`` fails loudly if a
 torch upgrade removes them.
 """
 
